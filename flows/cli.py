@@ -1,0 +1,197 @@
+"""``creditflow`` command line: run the pipeline or one stage, query the catalog, open the MLflow UI."""
+
+from __future__ import annotations
+
+from creditflow.flows.env import apply_defaults
+
+apply_defaults()  # before Prefect/MLflow/transformers read their settings
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Optional  # noqa: E402
+
+import typer  # noqa: E402
+import yaml  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+app = typer.Typer(help="CreditFlow: preference data -> reward model -> token rewards -> aligned policy.", no_args_is_help=True)
+data_app = typer.Typer(help="Bundled data.", no_args_is_help=True)
+catalog_app = typer.Typer(help="The DuckDB catalog over the artifact store.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(catalog_app, name="catalog")
+console = Console()
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline YAML (see configs/). Default: built-in demo settings.")
+WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="Workspace folder (default $CREDITFLOW_WORKSPACE or ./creditflow-workspace).")
+SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set curate.eval_fraction=0.2 (value parsed as YAML).")
+
+
+def _config_dict(config: Optional[Path], overrides: Optional[list[str]]) -> dict[str, Any]:
+    from creditflow.flows.config import load_config, to_dict
+
+    parsed = {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set expects KEY=VALUE, got {item!r}")
+        parsed[key.strip()] = yaml.safe_load(value)
+    return to_dict(load_config(config, parsed))
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+def _print_stages(result: dict[str, Any]) -> None:
+    table = Table(title="stages", show_lines=False)
+    for column in ("stage", "fingerprint", "cache", "rows", "mlflow run"):
+        table.add_column(column)
+    for name, stage in result["stages"].items():
+        manifest = stage["manifest"]
+        rows = ", ".join(f"{k}={v}" for k, v in manifest["row_counts"].items())
+        table.add_row(name, manifest["fingerprint"], "hit" if stage["cache_hit"] else "computed", rows, stage["mlflow_run_id"])
+    console.print(table)
+
+
+def _print_where_to_look(workspace: str) -> None:
+    ws = Path(workspace)
+    console.print(f"\n[bold]workspace[/]  {ws}")
+    console.print(f"[bold]MLflow[/]     creditflow ui -w {ws}   (or: mlflow ui --backend-store-uri sqlite:///{ws / 'mlflow.db'})")
+    console.print(f"[bold]DuckDB[/]     creditflow sql -w {ws} \"SELECT rule, count(*) FROM curate_quarantine GROUP BY rule\"")
+    console.print(f"           or: duckdb {ws / 'catalog.duckdb'}")
+
+
+@app.command()
+def run(
+    config: Optional[Path] = ConfigOpt,
+    workspace: Optional[str] = WorkspaceOpt,
+    from_stage: Optional[str] = typer.Option(None, "--from", help="Recompute from this stage on; earlier stages come from the cache."),
+    refresh: Optional[list[str]] = typer.Option(None, "--refresh", help="Recompute this stage even if cached (repeatable)."),
+    set_: Optional[list[str]] = SetOpt,
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Run the whole pipeline (cached stages are reused)."""
+    from creditflow.flows.pipeline import pipeline_flow
+
+    try:
+        cfg = _config_dict(config, set_)
+        result = pipeline_flow(config=cfg, workspace=workspace, from_stage=from_stage, refresh=refresh or [], progress=not quiet)
+    except (ValueError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    _print_stages(result)
+    _print_where_to_look(result["workspace"])
+
+
+@app.command()
+def demo(
+    workspace: Optional[str] = WorkspaceOpt,
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """The offline end-to-end demo on the bundled sample data (embedded defaults: local Prefect, MLflow on SQLite, DuckDB)."""
+    run(config=None, workspace=workspace, from_stage=None, refresh=None, set_=None, quiet=quiet)
+
+
+@app.command()
+def stage(
+    name: str = typer.Argument(..., help="Stage to run: curate."),
+    config: Optional[Path] = ConfigOpt,
+    workspace: Optional[str] = WorkspaceOpt,
+    refresh: bool = typer.Option(False, "--refresh", help="Recompute even if cached."),
+    set_: Optional[list[str]] = SetOpt,
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Run one stage alone; its upstream artifacts must already be in the workspace."""
+    from creditflow.flows.pipeline import STAGE_FLOWS
+
+    if name not in STAGE_FLOWS:
+        _fail(ValueError(f"unknown stage {name!r} (stages: {', '.join(STAGE_FLOWS)})"))
+    try:
+        cfg = _config_dict(config, set_)
+        result = STAGE_FLOWS[name](config=cfg, workspace=workspace, refresh=refresh, progress=not quiet)
+    except (ValueError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    _print_stages({"stages": {name: result}})
+    from creditflow.storage.workspace import Workspace
+
+    console.print(f"artifact: {Workspace.resolve(workspace).store.path(name, result['manifest']['fingerprint'])}")
+
+
+@app.command()
+def sql(
+    query: str = typer.Argument(..., help="SQL over the catalog's views, e.g. SELECT * FROM curate_pairs LIMIT 5"),
+    workspace: Optional[str] = WorkspaceOpt,
+    limit: int = typer.Option(50, help="Rows to print."),
+) -> None:
+    """Query the workspace's DuckDB catalog (views: <stage>_<table>, artifacts, stage_runs)."""
+    from creditflow.storage.catalog import Catalog
+    from creditflow.storage.workspace import Workspace
+
+    ws = Workspace.resolve(workspace)
+    try:
+        columns, rows = Catalog(ws.catalog_path, ws.store).query(query)
+    except Exception as exc:  # duckdb raises many error types; all are user errors here
+        _fail(exc)
+    table = Table(*columns)
+    for row in rows[:limit]:
+        table.add_row(*(str(v)[:80] for v in row))
+    console.print(table)
+    if len(rows) > limit:
+        console.print(f"... {len(rows) - limit} more rows")
+
+
+@app.command()
+def ui(
+    workspace: Optional[str] = WorkspaceOpt,
+    port: int = typer.Option(5000, help="Port on 127.0.0.1."),
+) -> None:
+    """Serve the MLflow UI for this workspace on 127.0.0.1 (Ctrl-C to stop)."""
+    from creditflow.storage.workspace import Workspace
+
+    ws = Workspace.resolve(workspace)
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    console.print(f"MLflow UI: http://127.0.0.1:{port}")
+    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", ws.mlflow_tracking_uri, "--host", "127.0.0.1", "--port", str(port)])
+
+
+@app.command("config")
+def show_config(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Print the full resolved config (defaults filled in), as the stages will see it."""
+    try:
+        console.print(yaml.safe_dump(_config_dict(config, set_), sort_keys=False), end="")
+    except ValueError as exc:
+        _fail(exc)
+
+
+@catalog_app.command("refresh")
+def catalog_refresh(workspace: Optional[str] = WorkspaceOpt) -> None:
+    """Rebuild the catalog's tables and views from the manifests on disk."""
+    from creditflow.storage.catalog import Catalog
+    from creditflow.storage.workspace import Workspace
+
+    ws = Workspace.resolve(workspace)
+    views = Catalog(ws.catalog_path, ws.store).refresh()
+    console.print(f"{ws.catalog_path}: views {', '.join(views) or '(none yet)'}")
+
+
+@data_app.command("sample")
+def data_sample(
+    out: Path = typer.Option(..., "--out", help="JSONL file to write."),
+    prompts: int = typer.Option(300, help="Number of prompts."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Regenerate the bundled synthetic preference set (vaderSentiment labels)."""
+    from creditflow.tasks.sample_data import write_sample
+
+    console.print(f"{out}: {write_sample(out, prompts, seed)} rows")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

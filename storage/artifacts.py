@@ -1,0 +1,211 @@
+"""Content-addressed artifact store: ``artifacts/<stage>/<fingerprint>/`` with Parquet outputs and a manifest.
+
+A stage writes into a private temporary folder and publishes it with one ``rename``, so readers only ever see
+complete artifacts: a crash (even SIGKILL) leaves at most a ``.tmp-*`` folder that the next writer sweeps away.
+The manifest is the last file written; its presence marks an artifact as complete.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import creditflow
+from creditflow.storage.hashing import git_commit, sha256_file, sha256_json
+from creditflow.storage.locks import file_lock
+
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, incomplete or corrupted."""
+
+
+@dataclass
+class Manifest:
+    stage: str
+    fingerprint: str
+    digest: str  # content digest of the outputs; downstream fingerprints use this, not the fingerprint
+    inputs: dict[str, Any]  # upstream artifact digests and source-data digests
+    config: dict[str, Any]  # normalized stage config
+    code_version: str
+    outputs: dict[str, dict[str, Any]]  # relative file -> {sha256, bytes, rows?}
+    row_counts: dict[str, int]
+    metrics: dict[str, float] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    created_at: str = ""
+    git_commit: str | None = None
+    creditflow_version: str = creditflow.__version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        return cls(**data)
+
+
+class ArtifactWriter:
+    """Collects a stage's outputs in a temporary folder; :meth:`ArtifactStore.publish` makes them visible."""
+
+    def __init__(self, tmp_dir: Path):
+        self.dir = tmp_dir
+        self.row_counts: dict[str, int] = {}
+
+    def write_table(self, name: str, table: pa.Table) -> Path:
+        path = self.dir / f"{name}.parquet"
+        pq.write_table(table, path, compression="zstd")
+        self.row_counts[name] = table.num_rows
+        return path
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        path = self.dir / name
+        path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        return path
+
+
+class ArtifactStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, stage: str, fingerprint: str) -> Path:
+        return self.root / stage / fingerprint
+
+    def exists(self, stage: str, fingerprint: str) -> bool:
+        return (self.path(stage, fingerprint) / MANIFEST).is_file()
+
+    def load(self, stage: str, fingerprint: str) -> Manifest:
+        path = self.path(stage, fingerprint) / MANIFEST
+        if not path.is_file():
+            raise ArtifactError(f"no {stage} artifact with fingerprint {fingerprint} (looked for {path})")
+        try:
+            return Manifest.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ArtifactError(f"{path}: unreadable manifest ({exc})") from exc
+
+    def manifests(self, stage: str | None = None) -> list[Manifest]:
+        pattern = f"{stage}/*/{MANIFEST}" if stage else f"*/*/{MANIFEST}"
+        return [self.load(p.parent.parent.name, p.parent.name) for p in sorted(self.root.glob(pattern))]
+
+    def find_by_digest(self, stage: str, digest: str) -> Manifest:
+        for manifest in self.manifests(stage):
+            if manifest.digest == digest:
+                return manifest
+        raise ArtifactError(f"no {stage} artifact with content digest {digest}")
+
+    def file(self, manifest: Manifest, name: str, verify: bool = True) -> Path:
+        """Path of one output file; with ``verify`` its bytes are checked against the manifest."""
+        path = self.path(manifest.stage, manifest.fingerprint) / name
+        expected = manifest.outputs.get(name)
+        if expected is None:
+            raise ArtifactError(f"{manifest.stage}/{manifest.fingerprint} has no output {name!r}")
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing (the artifact was modified after it was written)")
+        if verify and sha256_file(path) != expected["sha256"]:
+            raise ArtifactError(f"{path}: content does not match its manifest digest (corrupted or edited)")
+        return path
+
+    def read_table(self, manifest: Manifest, name: str, verify: bool = True) -> pa.Table:
+        return pq.read_table(self.file(manifest, f"{name}.parquet", verify=verify))
+
+    def writer(self, stage: str, fingerprint: str) -> ArtifactWriter:
+        stage_dir = self.root / stage
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        tmp = stage_dir / f".tmp-{fingerprint}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        return ArtifactWriter(tmp)
+
+    def discard(self, writer: ArtifactWriter) -> None:
+        shutil.rmtree(writer.dir, ignore_errors=True)
+
+    def publish(
+        self,
+        writer: ArtifactWriter,
+        *,
+        stage: str,
+        fingerprint: str,
+        inputs: dict[str, Any],
+        config: dict[str, Any],
+        code_version: str,
+        metrics: dict[str, float] | None = None,
+        mlflow_run_id: str | None = None,
+        replace: bool = False,
+    ) -> Manifest:
+        """Hash the outputs, write the manifest last and rename the folder into place.
+
+        If another process published the same fingerprint first, its artifact wins and ours is discarded
+        (same fingerprint means same inputs), unless ``replace`` asks for a forced recompute.
+        """
+        outputs = {}
+        for path in sorted(p for p in writer.dir.rglob("*") if p.is_file()):
+            rel = str(path.relative_to(writer.dir))
+            outputs[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        for name, rows in writer.row_counts.items():
+            outputs[f"{name}.parquet"]["rows"] = rows
+        manifest = Manifest(
+            stage=stage,
+            fingerprint=fingerprint,
+            digest=sha256_json({k: v["sha256"] for k, v in outputs.items()}),
+            inputs=inputs,
+            config=config,
+            code_version=code_version,
+            outputs=outputs,
+            row_counts=dict(writer.row_counts),
+            metrics=dict(metrics or {}),
+            mlflow_run_id=mlflow_run_id,
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            git_commit=git_commit(),
+        )
+        tmp_manifest = writer.dir / f".{MANIFEST}.tmp"
+        with open(tmp_manifest, "w") as handle:
+            json.dump(manifest.to_dict(), handle, indent=2, sort_keys=True, default=str)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(tmp_manifest, writer.dir / MANIFEST)
+
+        final = self.path(stage, fingerprint)
+        with file_lock(self.root / stage / f".{fingerprint}.lock"):
+            if final.exists():
+                if not replace and (final / MANIFEST).is_file():
+                    self.discard(writer)
+                    return self.load(stage, fingerprint)
+                trash = final.with_name(f".trash-{fingerprint}-{uuid.uuid4().hex[:8]}")
+                os.rename(final, trash)
+                os.rename(writer.dir, final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.rename(writer.dir, final)
+        return manifest
+
+    def sweep_stale_tmp(self, stage: str) -> int:
+        """Remove temporary folders left by writers that died (their pid is gone)."""
+        removed = 0
+        for tmp in (self.root / stage).glob(".tmp-*"):
+            pid = int(tmp.name.split("-")[2]) if tmp.name.count("-") >= 3 else -1
+            if pid != os.getpid() and not _pid_alive(pid):
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed += 1
+        for trash in (self.root / stage).glob(".trash-*"):
+            shutil.rmtree(trash, ignore_errors=True)
+        return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,64 @@
+"""Content hashing: canonical JSON, files, code versions. Every cache key in CreditFlow is built from these."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import subprocess
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterable
+
+import creditflow
+
+_CHUNK = 1 << 20
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace, so equal configs hash equally."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return sha256_text(canonical_json(obj))
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_tree(root: str | Path) -> str:
+    """Digest of every file under ``root`` (relative path + content), independent of walk order."""
+    root = Path(root)
+    entries = {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    return sha256_json(entries)
+
+
+def code_version(modules: Iterable[ModuleType]) -> str:
+    """Package version plus a digest of the source of the modules that shape a stage's rows."""
+    sources = {m.__name__: sha256_file(inspect.getsourcefile(m)) for m in modules}
+    return f"{creditflow.__version__}+{sha256_json(sources)[:12]}"
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, recorded for humans; never part of a cache key."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

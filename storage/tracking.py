@@ -1,0 +1,112 @@
+"""MLflow helpers: experiment setup and an explicit run handle (no global "active run" state)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from creditflow.storage.workspace import Workspace
+
+_BATCH = 100
+_PARAM_MAX = 6000
+
+
+def client_for(workspace: Workspace) -> MlflowClient:
+    return MlflowClient(tracking_uri=workspace.mlflow_tracking_uri)
+
+
+def ensure_experiment(workspace: Workspace, name: str) -> str:
+    client = client_for(workspace)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # A local SQLite store would otherwise put artifacts in ./mlruns of whatever directory we run from.
+    location = None
+    if workspace.mlflow_tracking_uri.startswith("sqlite:"):
+        location = (workspace.mlflow_artifacts_dir / name).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # another process created it between our lookup and create
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def flatten(prefix: str, value: Any) -> dict[str, str]:
+    """Nested config -> ``{"rules.max_length": "512"}`` for MLflow params."""
+    if isinstance(value, Mapping):
+        out: dict[str, str] = {}
+        for key, item in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), item))
+        return out
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return {prefix: text[:_PARAM_MAX]}
+
+
+class Run:
+    """One MLflow run, addressed by id; safe to use from any thread or Prefect task."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    @classmethod
+    def start(
+        cls,
+        workspace: Workspace,
+        experiment: str,
+        name: str,
+        tags: Mapping[str, str] | None = None,
+        parent_run_id: str | None = None,
+    ) -> "Run":
+        client = client_for(workspace)
+        all_tags = {MLFLOW_RUN_NAME: name, **(tags or {})}
+        if parent_run_id:
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        run = client.create_run(ensure_experiment(workspace, experiment), tags=all_tags, run_name=name)
+        return cls(client, run.info.run_id)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        items = [Param(k, v) for k, v in flatten("", dict(params)).items()]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i : i + _BATCH])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, tags=items[i : i + _BATCH])
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_artifacts(self, paths: Iterable[Path], artifact_path: str | None = None) -> None:
+        for path in paths:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_rows(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """A table shown by the MLflow UI's artifact viewer (JSON split format)."""
+        import pandas as pd
+
+        self.client.log_table(self.run_id, data=pd.DataFrame(rows), artifact_file=artifact_file)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)

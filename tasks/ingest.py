@@ -1,0 +1,355 @@
+"""Read preference data from files or Hugging Face datasets and convert each row to canonical messages.
+
+Supported layouts (``format: auto`` picks from the columns):
+
+- ``explicit``: TRL explicit prompt, ``prompt/chosen/rejected`` as strings or message lists.
+- ``ultrafeedback``: UltraFeedback-binarized, ``prompt`` plus full conversations in ``chosen/rejected``
+  (the prompt turns are stripped off) and ``score_chosen/score_rejected``.
+- ``implicit``: TRL implicit prompt, ``chosen/rejected`` full conversations; the prompt is their longest
+  common prefix that ends before an assistant turn.
+- ``hh_rlhf``: Anthropic HH-RLHF transcripts (``\\n\\nHuman: ... \\n\\nAssistant: ...`` strings); the prompt is the
+  common prefix up to the last shared ``\\n\\nAssistant:`` marker.
+
+File-level damage (unparseable JSON, a missing column, an unreadable file) raises :class:`MalformedInputError`
+naming the file and line/row. Row-level problems raise :class:`RowProblem`, which curation either re-raises as a
+``MalformedInputError`` (strict) or quarantines.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from creditflow.storage.hashing import sha256_file
+from creditflow.tasks.schema import ROLES, Messages
+
+FORMATS = ("auto", "explicit", "implicit", "ultrafeedback", "hh_rlhf")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+BUILTIN = {"sample": "sample_preferences.jsonl"}
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_ASSISTANT = "\n\nAssistant:"
+
+
+class MalformedInputError(ValueError):
+    """Input that cannot be read as preference data; the message names file, line/row and field."""
+
+    def __init__(self, source: str, location: str | None, field: str | None, message: str):
+        self.source, self.location, self.field = source, location, field
+        where = ": ".join(part for part in (source, location, f"field {field!r}" if field else None) if part)
+        super().__init__(f"{where}: {message}")
+
+
+class RowProblem(ValueError):
+    """One row violates the schema; ``field`` names the offending column."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
+@dataclass
+class SourceConfig:
+    """One input. Exactly one of ``path``, ``hf`` or ``builtin``."""
+
+    path: str | None = None  # .jsonl/.json/.parquet/.csv file, or a datasets.save_to_disk folder
+    hf: str | None = None  # datasets.load_dataset name (offline: must already be in the local HF cache)
+    builtin: str | None = None  # "sample": the synthetic preference set bundled with CreditFlow
+    format: str = "auto"
+    split: str = "train"  # for hf datasets and saved DatasetDicts
+    name: str | None = None  # hf dataset config name
+    limit: int | None = None  # read only the first N rows
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("path", "hf", "builtin") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"a source needs exactly one of path/hf/builtin, got {given or 'none'}")
+        if self.format not in FORMATS:
+            raise ValueError(f"source format {self.format!r} is not one of {FORMATS}")
+        if self.builtin and self.builtin not in BUILTIN:
+            raise ValueError(f"unknown builtin dataset {self.builtin!r} (known: {sorted(BUILTIN)})")
+
+    @property
+    def label(self) -> str:
+        if self.builtin:
+            return f"builtin:{self.builtin}"
+        if self.hf:
+            return f"hf:{self.hf}" + (f"/{self.name}" if self.name else "") + f"[{self.split}]"
+        return str(self.path)
+
+    def local_path(self) -> Path | None:
+        if self.builtin:
+            return Path(str(importlib.resources.files("creditflow.data") / BUILTIN[self.builtin]))
+        return Path(self.path).expanduser().resolve() if self.path else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading rows
+
+
+def source_digest(source: SourceConfig) -> str:
+    """Content digest of the source, so editing a file changes the curation fingerprint."""
+    path = source.local_path()
+    if path is not None and path.is_file():
+        return sha256_file(path)
+    return "hfds:" + _load_hf(source)._fingerprint
+
+
+def read_rows(source: SourceConfig) -> tuple[list[str], Iterator[tuple[str, dict[str, Any]]]]:
+    """Column names and an iterator of (location, row). Locations are ``line N`` or ``row N`` (both 1-based)."""
+    path = source.local_path()
+    if path is None or path.is_dir():
+        return _hf_rows(source)
+    if not path.exists():
+        raise MalformedInputError(source.label, None, None, "file does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = _jsonl_rows(path, source.label)
+    elif suffix == ".json":
+        rows = _json_rows(path, source.label)
+    elif suffix == ".parquet":
+        return _table_rows(_read_parquet(path, source.label), source)
+    elif suffix == ".csv":
+        return _table_rows(_read_csv(path, source.label), source, json_cells=True)
+    else:
+        raise MalformedInputError(source.label, None, None, f"unsupported file type {suffix!r} (use {FILE_SUFFIXES})")
+    rows = _limited(rows, source.limit)
+    first = next(rows, None)
+    if first is None:
+        return [], iter(())
+    return list(first[1]), _chain(first, rows)
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+def _limited(rows: Iterator[Any], limit: int | None) -> Iterator[Any]:
+    for i, row in enumerate(rows):
+        if limit is not None and i >= limit:
+            return
+        yield row
+
+
+def _jsonl_rows(path: Path, label: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MalformedInputError(label, f"line {number}", None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise MalformedInputError(label, f"line {number}", None, f"expected a JSON object, got {type(row).__name__}")
+            yield f"line {number}", row
+
+
+def _json_rows(path: Path, label: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MalformedInputError(label, f"line {exc.lineno}", None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(data, list):
+        raise MalformedInputError(label, None, None, "a .json file must hold a list of row objects (use .jsonl for one object per line)")
+    for number, row in enumerate(data, start=1):
+        if not isinstance(row, dict):
+            raise MalformedInputError(label, f"row {number}", None, f"expected an object, got {type(row).__name__}")
+        yield f"row {number}", row
+
+
+def _read_parquet(path: Path, label: str) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise MalformedInputError(label, None, None, f"not a readable Parquet file ({exc})") from None
+
+
+def _read_csv(path: Path, label: str) -> pa.Table:
+    try:
+        return pacsv.read_csv(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise MalformedInputError(label, None, None, f"not a readable CSV file ({exc})") from None
+
+
+def _table_rows(table: pa.Table, source: SourceConfig, json_cells: bool = False):
+    if source.limit is not None:
+        table = table.slice(0, source.limit)
+
+    def rows() -> Iterator[tuple[str, dict[str, Any]]]:
+        number = 0
+        for batch in table.to_batches(max_chunksize=4096):
+            for row in batch.to_pylist():
+                number += 1
+                yield f"row {number}", {k: _maybe_json(v) for k, v in row.items()} if json_cells else row
+
+    return table.column_names, rows()
+
+
+def _maybe_json(value: Any) -> Any:
+    """CSV cannot hold lists: a cell that is a JSON list of messages is decoded."""
+    if isinstance(value, str) and value.lstrip().startswith("[{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _load_hf(source: SourceConfig):
+    import datasets
+
+    try:
+        if source.path:
+            loaded = datasets.load_from_disk(str(source.local_path()))
+        else:
+            loaded = datasets.load_dataset(source.hf, source.name, split=source.split)
+    except FileNotFoundError as exc:
+        raise MalformedInputError(source.label, None, None, f"dataset not found ({exc})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if source.split not in loaded:
+            raise MalformedInputError(source.label, None, None, f"no split {source.split!r} (splits: {list(loaded)})")
+        loaded = loaded[source.split]
+    return loaded
+
+
+def _hf_rows(source: SourceConfig):
+    return _table_rows(_load_hf(source).with_format("arrow")[:], source)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Format detection and conversion
+
+
+def detect_format(columns: list[str], label: str) -> str:
+    cols = set(columns)
+    if {"prompt", "chosen", "rejected"} <= cols:
+        return "ultrafeedback" if {"score_chosen", "score_rejected"} <= cols else "explicit"
+    if {"chosen", "rejected"} <= cols:
+        return "implicit"
+    raise MalformedInputError(
+        label, None, None, f"cannot tell the preference format from columns {sorted(cols)}: "
+        "expected prompt/chosen/rejected (explicit, UltraFeedback) or chosen/rejected (implicit, HH-RLHF)"
+    )
+
+
+REQUIRED = {
+    "explicit": ("prompt", "chosen", "rejected"),
+    "ultrafeedback": ("prompt", "chosen", "rejected", "score_chosen", "score_rejected"),
+    "implicit": ("chosen", "rejected"),
+    "hh_rlhf": ("chosen", "rejected"),
+}
+
+
+def check_columns(fmt: str, columns: list[str], label: str) -> None:
+    missing = [c for c in REQUIRED[fmt] if c not in columns]
+    if missing and columns:
+        raise MalformedInputError(label, None, missing[0], f"missing column for format {fmt!r} (columns: {sorted(columns)})")
+
+
+def convert_row(fmt: str, row: dict[str, Any]) -> tuple[Messages, Messages, Messages, float | None, float | None]:
+    """(prompt, chosen, rejected, score_chosen, score_rejected) in canonical messages, or :class:`RowProblem`."""
+    for field in REQUIRED[fmt]:
+        if field not in row:
+            raise RowProblem(field, "missing")
+    if fmt in ("explicit", "ultrafeedback"):
+        prompt = to_messages(row["prompt"], "prompt", "user")
+        chosen = _strip_prompt(prompt, to_messages(row["chosen"], "chosen", "assistant"), "chosen")
+        rejected = _strip_prompt(prompt, to_messages(row["rejected"], "rejected", "assistant"), "rejected")
+    else:
+        prompt, chosen, rejected = _split_implicit(row["chosen"], row["rejected"], hh_only=fmt == "hh_rlhf")
+    return prompt, chosen, rejected, _score(row, "score_chosen"), _score(row, "score_rejected")
+
+
+def to_messages(value: Any, field: str, default_role: str) -> Messages:
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if not isinstance(value, list):
+        raise RowProblem(field, f"expected a string or a list of messages, got {type(value).__name__}")
+    if not value:
+        raise RowProblem(field, "empty message list")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise RowProblem(f"{field}[{i}]", f"expected a message object, got {type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise RowProblem(f"{field}[{i}].role", f"expected one of {ROLES}, got {role!r}")
+        if not isinstance(content, str):
+            raise RowProblem(f"{field}[{i}].content", f"expected a string, got {type(content).__name__}")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _strip_prompt(prompt: Messages, completion: Messages, field: str) -> Messages:
+    """UltraFeedback-style rows repeat the prompt turns at the start of chosen/rejected."""
+    if len(completion) > len(prompt) and completion[: len(prompt)] == prompt:
+        completion = completion[len(prompt) :]
+    if completion[0]["role"] != "assistant":
+        raise RowProblem(field, f"the completion must start with an assistant turn, got {completion[0]['role']!r}")
+    return completion
+
+
+def _split_implicit(chosen: Any, rejected: Any, hh_only: bool) -> tuple[Messages, Messages, Messages]:
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        return _split_hh(chosen, rejected)
+    if hh_only:
+        raise RowProblem("chosen", "hh_rlhf rows must be transcript strings")
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise RowProblem("rejected", "chosen and rejected must both be strings or both message lists")
+    c = to_messages(chosen, "chosen", "assistant")
+    r = to_messages(rejected, "rejected", "assistant")
+    shared = 0
+    while shared < min(len(c), len(r)) - 1 and c[shared] == r[shared]:
+        shared += 1
+    while shared > 0 and not (c[shared]["role"] == r[shared]["role"] == "assistant"):
+        shared -= 1
+    if shared == 0:
+        raise RowProblem("chosen", "chosen and rejected share no prompt turns before an assistant turn")
+    return c[:shared], c[shared:], r[shared:]
+
+
+def _split_hh(chosen: str, rejected: str) -> tuple[Messages, Messages, Messages]:
+    limit = 0
+    while limit < min(len(chosen), len(rejected)) and chosen[limit] == rejected[limit]:
+        limit += 1
+    cut = chosen.rfind(_HH_ASSISTANT, 0, limit)
+    if cut < 0 or not _HH_TURN.search(chosen):
+        raise RowProblem("chosen", "no shared '\\n\\nAssistant:' marker: implicit-prompt strings must be HH-RLHF transcripts")
+    end = cut + len(_HH_ASSISTANT)
+    prompt = _parse_hh(chosen[:end])
+    if not prompt:
+        raise RowProblem("chosen", "the transcript has no turns before the last assistant marker")
+    strip = lambda text: text[1:] if text.startswith(" ") else text  # noqa: E731 - the space after "Assistant:"
+    return prompt, [{"role": "assistant", "content": strip(chosen[end:])}], [{"role": "assistant", "content": strip(rejected[end:])}]
+
+
+def _parse_hh(transcript: str) -> Messages:
+    parts = _HH_TURN.split(transcript)  # [preamble, role, text, role, text, ...]
+    messages = []
+    for role, text in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": "user" if role == "Human" else "assistant", "content": text.strip()})
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()  # the open "Assistant:" marker the completion follows
+    return messages
+
+
+def _score(row: dict[str, Any], field: str) -> float | None:
+    value = row.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RowProblem(field, f"expected a number, got {type(value).__name__}")
+    if math.isnan(value):
+        return None
+    return float(value)

@@ -1,0 +1,73 @@
+"""The canonical preference-pair schema every stage reads, and the message helpers that build it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from creditflow.storage.hashing import sha256_json
+
+ROLES = ("system", "user", "assistant", "tool")
+ID_CHARS = 20  # 80-bit ids: collision-free far beyond any preference set we will see
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+MESSAGES = pa.list_(MESSAGE)
+
+PAIRS_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("prompt", MESSAGES),
+        ("chosen", MESSAGES),
+        ("rejected", MESSAGES),
+        ("score_chosen", pa.float64()),
+        ("score_rejected", pa.float64()),
+        ("margin", pa.float64()),
+        ("prompt_tokens", pa.int32()),
+        ("chosen_tokens", pa.int32()),
+        ("rejected_tokens", pa.int32()),
+        ("source", pa.string()),
+        ("source_row", pa.string()),
+        ("split", pa.string()),
+    ]
+)
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("source_row", pa.string()),
+        ("rule", pa.string()),
+        ("field", pa.string()),
+        ("reason", pa.string()),
+        ("pair_id", pa.string()),
+        ("raw", pa.string()),
+    ]
+)
+
+Messages = list[dict[str, str]]
+
+
+def normalize_text(text: str) -> str:
+    """Whitespace-insensitive form used for ids and dedupe (case and punctuation are kept: they change meaning)."""
+    return " ".join(text.split())
+
+
+def messages_key(messages: Messages) -> list[tuple[str, str]]:
+    return [(m["role"], normalize_text(m["content"])) for m in messages]
+
+
+def prompt_id(prompt: Messages) -> str:
+    return sha256_json(messages_key(prompt))[:ID_CHARS]
+
+
+def pair_id(prompt: Messages, chosen: Messages, rejected: Messages) -> str:
+    return sha256_json([messages_key(prompt), messages_key(chosen), messages_key(rejected)])[:ID_CHARS]
+
+
+def completion_text(messages: Messages) -> str:
+    return "\n".join(m["content"] for m in messages)
+
+
+def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()

@@ -1,0 +1,25 @@
+"""What a stage's compute function receives. Stages know nothing about Prefect; flows/stages.py wires them in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from creditflow.storage.artifacts import ArtifactWriter, Manifest
+from creditflow.storage.tracking import Run
+from creditflow.storage.workspace import Workspace
+
+
+@dataclass
+class StageContext:
+    config: Any  # the stage's config section (a dataclass)
+    workspace: Workspace
+    upstream: dict[str, Manifest]  # upstream stage name -> its manifest, verified on read
+    writer: ArtifactWriter  # outputs go here; they become visible only when the stage succeeds
+    run: Run  # this stage's MLflow child run
+    progress: bool = True
+
+    def read_upstream(self, stage: str, table: str) -> pa.Table:
+        return self.workspace.store.read_table(self.upstream[stage], table)
