@@ -43,30 +43,37 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         _resolve_source_paths(data, path.parent)
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
-    return from_dict(PipelineConfig, data, where=str(path) if path else "config")
+    try:
+        return from_dict(PipelineConfig, data, where="")
+    except ConfigError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from None
 
 
 def config_from_dict(data: dict[str, Any] | None) -> PipelineConfig:
-    return from_dict(PipelineConfig, data or {}, where="config")
+    return from_dict(PipelineConfig, data or {}, where="")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
 def from_dict(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
-    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()}
+        raise ConfigError(f"{_join(where, unknown[0])}: unknown key (known: {', '.join(sorted(known))})")
+    kwargs = {name: _coerce(hints[name], value, _join(where, name)) for name, value in data.items()}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+        raise ConfigError(f"{where or 'config'}: {exc}") from exc
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:

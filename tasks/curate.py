@@ -30,6 +30,7 @@ from creditflow.tasks.ingest import (
     check_columns,
     convert_row,
     detect_format,
+    has_columns,
     read_rows,
 )
 
@@ -106,7 +107,8 @@ def curate(config: CurateConfig, progress: bool = True) -> CurationResult:
     for source in config.sources:
         columns, rows = read_rows(source)
         fmt = source.format if source.format != "auto" else (detect_format(columns, source.label) if columns else "explicit")
-        check_columns(fmt, columns, source.label)
+        if has_columns(source):
+            check_columns(fmt, columns, source.label)
         for location, row in tqdm(rows, desc=f"curate {source.label}", unit="row", disable=not progress, leave=False):
             rows_in += 1
             record = _validate(fmt, row, source, location, config.rules, quarantine, seen)

@@ -251,6 +251,14 @@ REQUIRED = {
 }
 
 
+def has_columns(source: SourceConfig) -> bool:
+    """Tables (Parquet, CSV, datasets) have columns to check up front. JSON rows only have keys (the "columns" are
+    the first row's): :func:`convert_row` checks those row by row, so a bad first row is named by its line and can
+    be quarantined like any other."""
+    path = source.local_path()
+    return path is None or path.is_dir() or path.suffix.lower() not in (".jsonl", ".json")
+
+
 def check_columns(fmt: str, columns: list[str], label: str) -> None:
     missing = [c for c in REQUIRED[fmt] if c not in columns]
     if missing and columns:

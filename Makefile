@@ -1,0 +1,24 @@
+# The two commands a newcomer needs (see README): `make demo` and `make test`. Both create .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.creditflow-installed
+
+.PHONY: demo test install clean-workspace
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	# torch first: `pip install torch==2.13.0` takes the CPU wheel shipped on the machine; uv would fetch a CUDA build.
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 uv
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/creditflow demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean-workspace:
+	rm -rf creditflow-workspace

@@ -1,0 +1,504 @@
+"""Ingest: readers for every file type, format detection and conversion to canonical messages, and the errors
+that name the file, line/row and field for every class of malformed input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from creditflow.tasks.curate import CurateConfig, CurateRules, curate
+from creditflow.tasks.ingest import (
+    MalformedInputError,
+    RowProblem,
+    SourceConfig,
+    check_columns,
+    convert_row,
+    detect_format,
+    read_rows,
+    source_digest,
+)
+
+
+def U(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def A(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+def SYS(text: str) -> dict[str, str]:
+    return {"role": "system", "content": text}
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def load(source: SourceConfig) -> list[tuple]:
+    """What curation does per source: read, detect, check columns, convert every row."""
+    columns, rows = read_rows(source)
+    fmt = source.format if source.format != "auto" else detect_format(columns, source.label)
+    check_columns(fmt, columns, source.label)
+    return [(location, *convert_row(fmt, row)) for location, row in rows]
+
+
+def curate_strict(path: Path, fmt: str = "auto") -> None:
+    curate(CurateConfig(sources=[SourceConfig(path=str(path), format=fmt)], rules=CurateRules(strict_schema=True)), progress=False)
+
+
+EXPLICIT_ROWS = [
+    {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
+    {"prompt": "Name a primary colour.", "chosen": "Red.", "rejected": "Green is a vegetable."},
+]
+EXPLICIT_EXPECTED = [
+    ([U("What is 2+2?")], [A("4")], [A("5")]),
+    ([U("Name a primary colour.")], [A("Red.")], [A("Green is a vegetable.")]),
+]
+
+# ---------------------------------------------------------------------------------------------------------
+# Conversion per format
+
+
+def test_explicit_strings_become_user_and_assistant_turns():
+    prompt, chosen, rejected, sc, sr = convert_row("explicit", {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"})
+    assert prompt == [U("What is 2+2?")]
+    assert chosen == [A("4")]
+    assert rejected == [A("5")]
+    assert (sc, sr) == (None, None)
+
+
+def test_explicit_message_lists_are_kept_turn_for_turn():
+    row = {
+        "prompt": [SYS("Be brief."), U("Capital of France?")],
+        "chosen": [A("Paris.")],
+        "rejected": [A("Lyon, I think."), U("Sure?"), A("No.")],
+        "extra_column": "ignored",
+    }
+    prompt, chosen, rejected, sc, sr = convert_row("explicit", row)
+    assert prompt == [SYS("Be brief."), U("Capital of France?")]
+    assert chosen == [A("Paris.")]
+    assert rejected == [A("Lyon, I think."), U("Sure?"), A("No.")]
+    assert (sc, sr) == (None, None)
+
+
+def test_explicit_message_extra_keys_are_dropped():
+    row = {"prompt": [{"role": "user", "content": "Hi", "name": "bob"}], "chosen": [A("Hello")], "rejected": [A("Go away")]}
+    prompt, _, _, _, _ = convert_row("explicit", row)
+    assert prompt == [U("Hi")]
+
+
+def test_ultrafeedback_strips_the_repeated_prompt_turn_and_reads_scores():
+    row = {
+        "prompt": "Suggest a name for a cat.",
+        "prompt_id": "abc123",
+        "chosen": [U("Suggest a name for a cat."), A("How about Miso?")],
+        "rejected": [U("Suggest a name for a cat."), A("Dog.")],
+        "messages": [U("Suggest a name for a cat."), A("How about Miso?")],
+        "score_chosen": 8.5,
+        "score_rejected": 3,
+    }
+    prompt, chosen, rejected, sc, sr = convert_row("ultrafeedback", row)
+    assert prompt == [U("Suggest a name for a cat.")]
+    assert chosen == [A("How about Miso?")]
+    assert rejected == [A("Dog.")]
+    assert (sc, sr) == (8.5, 3.0)
+    assert isinstance(sr, float)
+
+
+def test_ultrafeedback_nan_score_reads_as_missing():
+    row = {"prompt": "Q", "chosen": [U("Q"), A("a")], "rejected": [U("Q"), A("b")], "score_chosen": float("nan"), "score_rejected": 1.0}
+    *_, sc, sr = convert_row("ultrafeedback", row)
+    assert sc is None and sr == 1.0
+
+
+def test_completion_that_does_not_start_with_assistant_is_a_row_problem():
+    row = {"prompt": "Q", "chosen": [U("a different question"), A("a")], "rejected": [A("b")]}
+    with pytest.raises(RowProblem, match="must start with an assistant turn") as info:
+        convert_row("explicit", row)
+    assert info.value.field == "chosen"
+
+
+def test_implicit_single_turn_prompt_is_the_shared_user_turn():
+    row = {"chosen": [U("Tell me a fact."), A("Octopuses have three hearts.")], "rejected": [U("Tell me a fact."), A("No.")]}
+    prompt, chosen, rejected, sc, sr = convert_row("implicit", row)
+    assert prompt == [U("Tell me a fact.")]
+    assert chosen == [A("Octopuses have three hearts.")]
+    assert rejected == [A("No.")]
+    assert (sc, sr) == (None, None)
+
+
+def test_implicit_multi_turn_prompt_is_the_longest_common_prefix():
+    shared = [SYS("You are kind."), U("Hi"), A("Hello! How can I help?"), U("Recommend a book.")]
+    row = {"chosen": shared + [A("Try 'Dune'.")], "rejected": shared + [A("Read anything.")]}
+    prompt, chosen, rejected, _, _ = convert_row("implicit", row)
+    assert prompt == shared
+    assert chosen == [A("Try 'Dune'.")]
+    assert rejected == [A("Read anything.")]
+
+
+def test_implicit_prefix_backs_off_to_end_before_an_assistant_turn():
+    # The conversations diverge at a user turn: the prompt must end right before an assistant turn.
+    chosen = [U("Q1"), A("A1"), U("Q2 (chosen)"), A("A2 (chosen)")]
+    rejected = [U("Q1"), A("A1"), U("Q2 (rejected)"), A("A2 (rejected)")]
+    prompt, c, r, _, _ = convert_row("implicit", {"chosen": chosen, "rejected": rejected})
+    assert prompt == [U("Q1")]
+    assert c == chosen[1:]
+    assert r == rejected[1:]
+
+
+def test_implicit_without_shared_prompt_is_a_row_problem():
+    with pytest.raises(RowProblem, match="share no prompt turns") as info:
+        convert_row("implicit", {"chosen": [U("A?"), A("a")], "rejected": [U("B?"), A("b")]})
+    assert info.value.field == "chosen"
+
+
+def test_hh_rlhf_single_turn_transcript():
+    chosen = "\n\nHuman: What is the capital of France?\n\nAssistant: Paris."
+    rejected = "\n\nHuman: What is the capital of France?\n\nAssistant: London, probably."
+    for fmt in ("hh_rlhf", "implicit"):
+        prompt, c, r, sc, sr = convert_row(fmt, {"chosen": chosen, "rejected": rejected})
+        assert prompt == [U("What is the capital of France?")]
+        assert c == [A("Paris.")]
+        assert r == [A("London, probably.")]
+        assert (sc, sr) == (None, None)
+
+
+def test_hh_rlhf_multi_turn_transcript_and_shared_response_prefix():
+    history = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke."
+    # The two answers share "Sure, " - the split must still happen at the last shared Assistant marker.
+    chosen = history + "\n\nAssistant: Sure, why did the chicken cross the road?"
+    rejected = history + "\n\nAssistant: Sure, no."
+    prompt, c, r, _, _ = convert_row("hh_rlhf", {"chosen": chosen, "rejected": rejected})
+    assert prompt == [U("Hi there"), A("Hello! How can I help?"), U("Tell me a joke.")]
+    assert c == [A("Sure, why did the chicken cross the road?")]
+    assert r == [A("Sure, no.")]
+
+
+def test_hh_rlhf_requires_transcript_strings():
+    with pytest.raises(RowProblem, match="transcript strings"):
+        convert_row("hh_rlhf", {"chosen": [U("q"), A("a")], "rejected": [U("q"), A("b")]})
+    with pytest.raises(RowProblem, match="Assistant"):
+        convert_row("implicit", {"chosen": "plain answer", "rejected": "other answer"})
+
+
+@pytest.mark.parametrize(
+    "columns, expected",
+    [
+        (["prompt", "chosen", "rejected"], "explicit"),
+        (["rejected", "chosen", "prompt", "source"], "explicit"),
+        (["prompt", "prompt_id", "chosen", "rejected", "messages", "score_chosen", "score_rejected"], "ultrafeedback"),
+        (["prompt", "chosen", "rejected", "score_chosen"], "explicit"),  # one score is not UltraFeedback
+        (["chosen", "rejected"], "implicit"),
+    ],
+)
+def test_detect_format_from_columns(columns, expected):
+    assert detect_format(columns, "some.jsonl") == expected
+
+
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        (EXPLICIT_ROWS[:1], ([U("What is 2+2?")], [A("4")], [A("5")], None, None)),
+        (
+            [{"prompt": "Q", "chosen": [U("Q"), A("yes")], "rejected": [U("Q"), A("no")], "score_chosen": 9, "score_rejected": 2}],
+            ([U("Q")], [A("yes")], [A("no")], 9.0, 2.0),
+        ),
+        ([{"chosen": [U("Q"), A("yes")], "rejected": [U("Q"), A("no")]}], ([U("Q")], [A("yes")], [A("no")], None, None)),
+        (
+            [{"chosen": "\n\nHuman: Q\n\nAssistant: yes", "rejected": "\n\nHuman: Q\n\nAssistant: no"}],
+            ([U("Q")], [A("yes")], [A("no")], None, None),
+        ),
+    ],
+    ids=["explicit", "ultrafeedback", "implicit", "hh_rlhf"],
+)
+def test_auto_detection_end_to_end(tmp_path, rows, expected):
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
+    assert load(SourceConfig(path=str(path))) == [("line 1", *expected)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# File types
+
+
+def test_jsonl_reader_skips_blank_lines_and_numbers_lines(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(EXPLICIT_ROWS[0]) + "\n\n" + json.dumps(EXPLICIT_ROWS[1]) + "\n")
+    columns, rows = read_rows(SourceConfig(path=str(path)))
+    assert columns == ["prompt", "chosen", "rejected"]
+    assert [(loc, row) for loc, row in rows] == [("line 1", EXPLICIT_ROWS[0]), ("line 3", EXPLICIT_ROWS[1])]
+
+
+def test_json_list_file(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(EXPLICIT_ROWS, indent=2))
+    assert load(SourceConfig(path=str(path))) == [
+        ("row 1", *EXPLICIT_EXPECTED[0], None, None),
+        ("row 2", *EXPLICIT_EXPECTED[1], None, None),
+    ]
+
+
+def test_parquet_with_message_list_columns(tmp_path):
+    rows = [
+        {"prompt": "Q1", "chosen": [U("Q1"), A("good")], "rejected": [U("Q1"), A("bad")], "score_chosen": 5.0, "score_rejected": 1.0},
+        {"prompt": "Q2", "chosen": [U("Q2"), A("fine")], "rejected": [U("Q2"), A("poor")], "score_chosen": 4.0, "score_rejected": None},
+    ]
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    assert load(SourceConfig(path=str(path))) == [
+        ("row 1", [U("Q1")], [A("good")], [A("bad")], 5.0, 1.0),
+        ("row 2", [U("Q2")], [A("fine")], [A("poor")], 4.0, None),
+    ]
+
+
+def test_csv_with_json_list_cell(tmp_path):
+    path = tmp_path / "data.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["prompt", "chosen", "rejected", "score_chosen", "score_rejected"])
+        writer.writerow([json.dumps([SYS("Be nice."), U("Hi, [friend]")]), "Hello!", json.dumps([A("Whatever.")]), 0.9, 0.1])
+        writer.writerow(["[not json", "Yes", "No", 0.5, 0.2])
+    assert load(SourceConfig(path=str(path))) == [
+        ("row 1", [SYS("Be nice."), U("Hi, [friend]")], [A("Hello!")], [A("Whatever.")], 0.9, 0.1),
+        ("row 2", [U("[not json")], [A("Yes")], [A("No")], 0.5, 0.2),
+    ]
+
+
+def _dataset(rows):
+    import datasets
+
+    return datasets.Dataset.from_list(rows)
+
+
+def test_saved_dataset_folder(tmp_path):
+    rows = [{"chosen": [U("Q"), A("yes")], "rejected": [U("Q"), A("no")]}, {"chosen": [U("R"), A("ok")], "rejected": [U("R"), A("ko")]}]
+    _dataset(rows).save_to_disk(str(tmp_path / "ds"))
+    source = SourceConfig(path=str(tmp_path / "ds"))
+    assert load(source) == [
+        ("row 1", [U("Q")], [A("yes")], [A("no")], None, None),
+        ("row 2", [U("R")], [A("ok")], [A("ko")], None, None),
+    ]
+    assert source_digest(source).startswith("hfds:")
+
+
+def test_saved_dataset_dict_folder_selects_split(tmp_path):
+    import datasets
+
+    train = _dataset(EXPLICIT_ROWS)
+    test = _dataset([{"prompt": "Held out?", "chosen": "Yes.", "rejected": "No."}])
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "dd"))
+    assert load(SourceConfig(path=str(tmp_path / "dd"))) == [
+        ("row 1", *EXPLICIT_EXPECTED[0], None, None),
+        ("row 2", *EXPLICIT_EXPECTED[1], None, None),
+    ]
+    assert load(SourceConfig(path=str(tmp_path / "dd"), split="test")) == [("row 1", [U("Held out?")], [A("Yes.")], [A("No.")], None, None)]
+    with pytest.raises(MalformedInputError, match=r"no split 'validation'") as info:
+        read_rows(SourceConfig(path=str(tmp_path / "dd"), split="validation"))
+    assert str(tmp_path / "dd") in str(info.value)
+
+
+def test_limit_reads_only_the_first_rows(tmp_path):
+    rows = [{"prompt": f"Q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
+    jsonl = write_jsonl(tmp_path / "data.jsonl", rows)
+    json_file = tmp_path / "data.json"
+    json_file.write_text(json.dumps(rows))
+    parquet = tmp_path / "data.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    _dataset(rows).save_to_disk(str(tmp_path / "ds"))
+    for path in (jsonl, json_file, parquet, tmp_path / "ds"):
+        converted = load(SourceConfig(path=str(path), limit=2))
+        assert [prompt for _, prompt, *_ in converted] == [[U("Q0")], [U("Q1")]], path
+    columns, it = read_rows(SourceConfig(path=str(jsonl), limit=0))
+    assert (columns, list(it)) == ([], [])
+    result = curate(CurateConfig(sources=[SourceConfig(path=str(jsonl), limit=3)]), progress=False)
+    assert result.metrics["rows_in"] == 3 and result.metrics["pairs_out"] == 3
+
+
+def test_source_digest_follows_file_content(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", EXPLICIT_ROWS)
+    source = SourceConfig(path=str(path))
+    first = source_digest(source)
+    assert first == source_digest(SourceConfig(path=str(path)))  # stable while the file is unchanged
+    write_jsonl(path, EXPLICIT_ROWS[:1])
+    second = source_digest(source)
+    assert second != first
+    write_jsonl(path, EXPLICIT_ROWS)
+    assert source_digest(source) == first
+
+
+def test_builtin_sample_is_readable():
+    source = SourceConfig(builtin="sample")
+    assert source.label == "builtin:sample"
+    columns, rows = read_rows(source)
+    assert detect_format(columns, source.label) == "ultrafeedback"
+    location, row = next(rows)
+    assert location == "line 1" and isinstance(row["prompt"], str)
+    assert len(source_digest(source)) == 64
+
+
+def test_source_config_validation():
+    with pytest.raises(ValueError, match="exactly one of"):
+        SourceConfig()
+    with pytest.raises(ValueError, match="exactly one of"):
+        SourceConfig(path="a.jsonl", builtin="sample")
+    with pytest.raises(ValueError, match="format"):
+        SourceConfig(path="a.jsonl", format="sharegpt")
+    with pytest.raises(ValueError, match="unknown builtin"):
+        SourceConfig(builtin="nope")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Malformed input: one test per class; the message names the file, the line/row and the field
+
+
+def test_invalid_json_line_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(EXPLICIT_ROWS[0]) + "\n" + json.dumps(EXPLICIT_ROWS[1]) + '\n{"prompt": "Q", "chosen": \n')
+    with pytest.raises(MalformedInputError) as info:
+        curate_strict(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: line 3: invalid JSON")
+    assert info.value.source == str(path) and info.value.location == "line 3"
+
+
+def test_invalid_json_file_names_line(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[\n  {"prompt": "Q", "chosen": "a", "rejected": "b"},\n  {"prompt": \n]')
+    with pytest.raises(MalformedInputError) as info:
+        read_rows(SourceConfig(path=str(path)))
+    assert str(info.value).startswith(f"{path}: line 4: invalid JSON")
+
+
+def test_json_file_must_hold_a_list(tmp_path):
+    path = tmp_path / "object.json"
+    path.write_text(json.dumps(EXPLICIT_ROWS[0]))
+    with pytest.raises(MalformedInputError, match="must hold a list") as info:
+        read_rows(SourceConfig(path=str(path)))
+    assert str(path) in str(info.value)
+
+
+def test_non_object_json_line(tmp_path):
+    path = tmp_path / "list_line.jsonl"
+    path.write_text(json.dumps(EXPLICIT_ROWS[0]) + '\n["What is 2+2?", "4", "5"]\n')
+    with pytest.raises(MalformedInputError) as info:
+        curate_strict(path)
+    assert str(info.value) == f"{path}: line 2: expected a JSON object, got list"
+
+
+def test_non_object_json_list_item(tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps([EXPLICIT_ROWS[0], "just a string"]))
+    with pytest.raises(MalformedInputError) as info:
+        curate_strict(path)
+    assert str(info.value) == f"{path}: row 2: expected an object, got str"
+
+
+def test_missing_column_in_parquet(tmp_path):
+    path = tmp_path / "no_rejected.parquet"
+    pq.write_table(pa.table({"prompt": ["Q"], "chosen": ["a"], "score_chosen": [1.0]}), path)
+    with pytest.raises(MalformedInputError) as info:
+        curate_strict(path, fmt="explicit")
+    message = str(info.value)
+    assert message.startswith(f"{path}: field 'rejected': missing column for format 'explicit'")
+    assert info.value.field == "rejected"
+
+
+def test_missing_score_column_for_ultrafeedback_parquet(tmp_path):
+    path = tmp_path / "no_score.parquet"
+    pq.write_table(pa.table({"prompt": ["Q"], "chosen": ["a"], "rejected": ["b"], "score_chosen": [1.0]}), path)
+    with pytest.raises(MalformedInputError) as info:
+        curate_strict(path, fmt="ultrafeedback")
+    assert str(info.value).startswith(f"{path}: field 'score_rejected': missing column")
+
+
+def test_missing_key_in_jsonl_line(tmp_path):
+    path = write_jsonl(tmp_path / "missing.jsonl", [EXPLICIT_ROWS[0], EXPLICIT_ROWS[1], {"prompt": "Q", "chosen": "a"}])
+    with pytest.raises(MalformedInputError) as info:
+        curate_strict(path)
+    assert str(info.value).startswith(f"{path}: line 3: field 'rejected': missing")
+    assert (info.value.location, info.value.field) == ("line 3", "rejected")
+
+
+def test_missing_column_in_every_jsonl_line(tmp_path):
+    # A JSONL file has no header: its first object stands for the columns, so the error names that line.
+    path = write_jsonl(tmp_path / "missing.jsonl", [{"prompt": "Q", "chosen": "a"}, {"prompt": "R", "chosen": "b"}])
+    with pytest.raises(MalformedInputError) as info:
+        curate_strict(path, fmt="explicit")
+    assert str(info.value).startswith(f"{path}: line 1: field 'rejected': missing")
+
+
+@pytest.mark.parametrize(
+    "bad_row, field, text",
+    [
+        ({"prompt": "Q", "chosen": 42, "rejected": "b"}, "chosen", "expected a string or a list of messages, got int"),
+        ({"prompt": "Q", "chosen": [{"role": "assistant"}], "rejected": "b"}, "chosen[0].content", "expected a string, got NoneType"),
+        ({"prompt": "Q", "chosen": [{"role": "assistant", "content": 7}], "rejected": "b"}, "chosen[0].content", "expected a string, got int"),
+        ({"prompt": [{"role": "human", "content": "Q"}], "chosen": "a", "rejected": "b"}, "prompt[0].role", "expected one of"),
+        ({"prompt": ["Q"], "chosen": "a", "rejected": "b"}, "prompt[0]", "expected a message object, got str"),
+        ({"prompt": [], "chosen": "a", "rejected": "b"}, "prompt", "empty message list"),
+        ({"prompt": "Q", "chosen": "a", "rejected": "b", "score_chosen": "high", "score_rejected": 1.0}, "score_chosen", "expected a number, got str"),
+        ({"prompt": "Q", "chosen": "a", "rejected": "b", "score_chosen": 1.0, "score_rejected": True}, "score_rejected", "expected a number, got bool"),
+    ],
+    ids=["chosen-int", "message-without-content", "content-int", "bad-role", "message-not-object", "empty-list", "score-string", "score-bool"],
+)
+def test_wrong_types_name_file_line_and_field(tmp_path, bad_row, field, text):
+    good = {"prompt": "P", "chosen": "c", "rejected": "r", "score_chosen": 1.0, "score_rejected": 0.0}
+    fmt = "ultrafeedback" if "score_chosen" in bad_row else "explicit"
+    path = write_jsonl(tmp_path / "types.jsonl", [good, bad_row])
+    with pytest.raises(MalformedInputError) as info:
+        curate_strict(path, fmt=fmt)
+    message = str(info.value)
+    assert message.startswith(f"{path}: line 2: field {field!r}: {text}")
+    assert (info.value.location, info.value.field) == ("line 2", field)
+
+
+def test_wrong_type_in_parquet_names_row(tmp_path):
+    path = tmp_path / "scores.parquet"
+    table = pa.table({"prompt": ["Q1", "Q2"], "chosen": ["a", "b"], "rejected": ["c", "d"], "score_chosen": ["1.0", "high"], "score_rejected": [0.0, 0.0]})
+    pq.write_table(table, path)
+    with pytest.raises(MalformedInputError) as info:
+        curate_strict(path)
+    assert str(info.value).startswith(f"{path}: row 1: field 'score_chosen': expected a number, got str")
+
+
+def test_unsupported_extension(tmp_path):
+    path = tmp_path / "data.tsv"
+    path.write_text("prompt\tchosen\trejected\nQ\ta\tb\n")
+    with pytest.raises(MalformedInputError) as info:
+        curate_strict(path)
+    assert str(info.value).startswith(f"{path}: unsupported file type '.tsv'")
+
+
+def test_file_that_is_not_really_parquet(tmp_path):
+    path = tmp_path / "fake.parquet"
+    write_jsonl(path, EXPLICIT_ROWS)
+    with pytest.raises(MalformedInputError) as info:
+        curate_strict(path)
+    assert str(info.value).startswith(f"{path}: not a readable Parquet file")
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nowhere.jsonl"
+    with pytest.raises(MalformedInputError) as info:
+        read_rows(SourceConfig(path=str(path)))
+    assert str(info.value) == f"{path}: file does not exist"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_columns_without_a_detectable_format(tmp_path, suffix):
+    rows = [{"question": "Q", "answer": "a", "label": 1}]
+    path = tmp_path / f"unknown{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(path, rows)
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(MalformedInputError) as info:
+        curate_strict(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: cannot tell the preference format from columns ['answer', 'label', 'question']")

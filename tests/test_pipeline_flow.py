@@ -1,0 +1,165 @@
+"""Integration: real Prefect flows, MLflow on SQLite, DuckDB and Parquet, end to end on the bundled sample."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from creditflow.flows.config import PipelineConfig, to_dict
+from creditflow.flows.pipeline import curate_flow, pipeline_flow
+from creditflow.storage.workspace import Workspace
+from creditflow.tasks.ingest import MalformedInputError
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _config(**curate_overrides) -> dict:
+    cfg = to_dict(PipelineConfig())
+    cfg["curate"].update(curate_overrides)
+    return cfg
+
+
+def _child_runs(workspace: Path, parent_run_id: str):
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("creditflow")
+    return client, client.search_runs([experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+def test_pipeline_writes_artifacts_catalog_and_mlflow_tree_then_hits_cache(tmp_path):
+    first = pipeline_flow(config=_config(), workspace=str(tmp_path), progress=False)
+    stage = first["stages"]["curate"]
+    manifest = stage["manifest"]
+    assert stage["cache_hit"] is False
+    artifact = tmp_path / "artifacts" / "curate" / manifest["fingerprint"]
+    assert (artifact / "manifest.json").is_file()
+    pairs = pq.read_table(artifact / "pairs.parquet")
+    quarantine = pq.read_table(artifact / "quarantine.parquet")
+    assert pairs.num_rows == manifest["row_counts"]["pairs"] > 300
+    assert quarantine.num_rows == manifest["row_counts"]["quarantine"] > 0
+    assert manifest["metrics"]["rows_in"] == pairs.num_rows + quarantine.num_rows
+    assert manifest["mlflow_run_id"] == stage["mlflow_run_id"]
+    assert manifest["config"]["eval_fraction"] == 0.1 and manifest["inputs"]["sources"][0]
+    assert not list((tmp_path / "artifacts" / "curate").glob(".tmp-*"))
+
+    # MLflow: one parent, one child per stage, tagged; metrics and manifest logged on the child.
+    client, children = _child_runs(tmp_path, first["mlflow_run_id"])
+    assert [r.data.tags["creditflow.stage"] for r in children] == ["curate"]
+    child = children[0]
+    assert child.data.tags["creditflow.fingerprint"] == manifest["fingerprint"]
+    assert child.data.tags["creditflow.cache_hit"] == "false"
+    assert child.data.metrics["quarantined.duplicate"] == manifest["metrics"]["quarantined.duplicate"] > 0
+    assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"manifest.json", "curate"}
+    assert client.get_run(first["mlflow_run_id"]).info.status == "FINISHED"
+
+    # DuckDB: views over the Parquet outputs, with the artifact's fingerprint on every row.
+    with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
+        n, fingerprints = con.execute("SELECT count(*), list(DISTINCT fingerprint) FROM curate_pairs").fetchone()
+        assert n == pairs.num_rows and fingerprints == [manifest["fingerprint"]]
+        rules = dict(con.execute("SELECT rule, count(*) FROM curate_quarantine GROUP BY rule").fetchall())
+        assert rules["duplicate"] == manifest["metrics"]["quarantined.duplicate"]
+        leaked = con.execute(
+            "SELECT count(*) FROM (SELECT prompt_id FROM curate_pairs GROUP BY prompt_id HAVING count(DISTINCT split) > 1)"
+        ).fetchone()[0]
+        assert leaked == 0
+
+    second = pipeline_flow(config=_config(), workspace=str(tmp_path), progress=False)
+    again = second["stages"]["curate"]
+    assert again["cache_hit"] is True
+    assert again["manifest"] == manifest  # the very same artifact, not a recomputation
+    _, children = _child_runs(tmp_path, second["mlflow_run_id"])
+    assert children[0].data.tags["creditflow.cache_hit"] == "true"
+    assert children[0].data.tags["creditflow.source_run_id"] == manifest["mlflow_run_id"]
+    assert children[0].data.metrics["pairs_out"] == manifest["metrics"]["pairs_out"]
+    with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT list(cache_hit ORDER BY finished_at) FROM stage_runs").fetchone()[0] == [False, True]
+
+
+def test_row_affecting_knobs_and_input_content_are_cache_misses(tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": f"question {i}", "chosen": f"good answer {i}", "rejected": f"bad answer {i}"} for i in range(20)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _config(sources=[{"path": str(data)}])
+    ws = tmp_path / "ws"
+
+    base = pipeline_flow(config=cfg, workspace=str(ws), progress=False)["stages"]["curate"]
+    knob = pipeline_flow(config={**cfg, "curate": {**cfg["curate"], "eval_fraction": 0.3}}, workspace=str(ws), progress=False)["stages"]["curate"]
+    assert knob["cache_hit"] is False
+    assert knob["manifest"]["fingerprint"] != base["manifest"]["fingerprint"]
+
+    data.write_text(data.read_text() + json.dumps({"prompt": "new", "chosen": "yes", "rejected": "no"}) + "\n")
+    edited = pipeline_flow(config=cfg, workspace=str(ws), progress=False)["stages"]["curate"]
+    assert edited["cache_hit"] is False
+    assert edited["manifest"]["row_counts"]["pairs"] == base["manifest"]["row_counts"]["pairs"] + 1
+
+    # The MLflow experiment name is not row-affecting: still a hit.
+    renamed = pipeline_flow(config={**cfg, "experiment": "other"}, workspace=str(ws), progress=False)["stages"]["curate"]
+    assert renamed["cache_hit"] is True
+
+
+def test_refresh_from_and_deleted_artifacts_recompute(tmp_path):
+    cfg = _config()
+    base = pipeline_flow(config=cfg, workspace=str(tmp_path), progress=False)["stages"]["curate"]
+
+    refreshed = pipeline_flow(config=cfg, workspace=str(tmp_path), refresh=["curate"], progress=False)["stages"]["curate"]
+    assert refreshed["cache_hit"] is False
+    assert refreshed["manifest"]["fingerprint"] == base["manifest"]["fingerprint"]
+    assert refreshed["manifest"]["digest"] == base["manifest"]["digest"]  # deterministic outputs
+    assert refreshed["manifest"]["mlflow_run_id"] != base["manifest"]["mlflow_run_id"]
+
+    rerun = pipeline_flow(config=cfg, workspace=str(tmp_path), from_stage="curate", progress=False)["stages"]["curate"]
+    assert rerun["cache_hit"] is False
+
+    # Prefect still remembers the result, but the artifact is gone: the stage must recompute, not point at nothing.
+    shutil.rmtree(tmp_path / "artifacts" / "curate" / base["manifest"]["fingerprint"])
+    recovered = pipeline_flow(config=cfg, workspace=str(tmp_path), progress=False)["stages"]["curate"]
+    assert recovered["cache_hit"] is False
+    assert (tmp_path / "artifacts" / "curate" / base["manifest"]["fingerprint"] / "pairs.parquet").is_file()
+
+    with pytest.raises(ValueError, match="unknown stage 'nope'"):
+        pipeline_flow(config=cfg, workspace=str(tmp_path), from_stage="nope", progress=False)
+
+
+def test_stage_flow_runs_alone_with_its_own_mlflow_run(tmp_path):
+    result = curate_flow(config=_config(), workspace=str(tmp_path), progress=False)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.tags["creditflow.stage"] == "curate"
+    assert "mlflow.parentRunId" not in run.data.tags
+    assert run.data.metrics["pairs_out"] == result["manifest"]["row_counts"]["pairs"]
+
+
+def test_malformed_input_fails_the_flow_and_keeps_existing_artifacts(tmp_path):
+    good = pipeline_flow(config=_config(), workspace=str(tmp_path), progress=False)["stages"]["curate"]["manifest"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n')
+    with pytest.raises(MalformedInputError, match=r"bad\.jsonl: line 2: invalid JSON"):
+        pipeline_flow(config=_config(sources=[{"path": str(bad)}]), workspace=str(tmp_path), progress=False)
+    store = Workspace.resolve(tmp_path).store
+    assert [m.fingerprint for m in store.manifests("curate")] == [good["fingerprint"]]
+    assert store.read_table(store.load("curate", good["fingerprint"]), "pairs").num_rows == good["row_counts"]["pairs"]
+    assert not list((tmp_path / "artifacts" / "curate").glob(".tmp-*"))
+
+
+def test_cli_in_a_new_process_hits_the_cache(tmp_path):
+    """Cache hits hold across processes: the Prefect result and the artifact live in the workspace."""
+    from prefect.settings import PREFECT_API_URL
+
+    first = pipeline_flow(config=_config(), workspace=str(tmp_path), progress=False)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # reuse the harness server instead of starting one
+    out = subprocess.run(
+        [sys.executable, "-m", "creditflow.flows.cli", "run", "-w", str(tmp_path), "--quiet"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "hit" in out.stdout
+    with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
+        rows = con.execute("SELECT fingerprint, cache_hit FROM stage_runs ORDER BY finished_at").fetchall()
+    fingerprint = first["stages"]["curate"]["manifest"]["fingerprint"]
+    assert rows == [(fingerprint, False), (fingerprint, True)]

@@ -1,0 +1,199 @@
+"""Artifact store, catalog, fingerprints and config: no Prefect server needed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from creditflow.flows.config import ConfigError, PipelineConfig, load_config
+from creditflow.flows.stages import plan_stage
+from creditflow.storage.artifacts import ArtifactError, ArtifactStore
+from creditflow.storage.catalog import Catalog
+from creditflow.tasks.tiny import build_tiny_tokenizer
+
+
+def _publish(store, fingerprint="f" * 24, rows=3, replace=False, **extra):
+    writer = store.writer("curate", fingerprint)
+    writer.write_table("pairs", pa.table({"pair_id": [f"p{i}" for i in range(rows)], "x": list(range(rows))}))
+    return store.publish(writer, stage="curate", fingerprint=fingerprint, inputs={"sources": ["abc"]}, config={"k": 1}, code_version="v", replace=replace, **extra)
+
+
+def test_publish_is_atomic_and_manifest_describes_outputs(tmp_path):
+    store = ArtifactStore(tmp_path)
+    writer = store.writer("curate", "a" * 24)
+    writer.write_table("pairs", pa.table({"x": [1, 2]}))
+    assert not store.exists("curate", "a" * 24)  # invisible until published
+    manifest = store.publish(writer, stage="curate", fingerprint="a" * 24, inputs={}, config={}, code_version="v", metrics={"m": 1.0}, mlflow_run_id="r1")
+    assert store.exists("curate", "a" * 24)
+    assert manifest.row_counts == {"pairs": 2} and manifest.outputs["pairs.parquet"]["rows"] == 2
+    assert manifest.mlflow_run_id == "r1" and manifest.metrics == {"m": 1.0} and manifest.created_at
+    assert store.load("curate", "a" * 24) == manifest
+    assert store.read_table(manifest, "pairs").column("x").to_pylist() == [1, 2]
+    assert not list((tmp_path / "curate").glob(".tmp-*"))
+
+
+def test_digest_depends_on_content_only(tmp_path):
+    store = ArtifactStore(tmp_path)
+    one = _publish(store, "a" * 24)
+    two = _publish(store, "b" * 24)
+    three = _publish(store, "c" * 24, rows=4)
+    assert one.digest == two.digest != three.digest
+    assert store.find_by_digest("curate", three.digest).fingerprint == "c" * 24
+
+
+def test_corrupted_or_missing_outputs_are_refused_with_the_path(tmp_path):
+    store = ArtifactStore(tmp_path)
+    manifest = _publish(store)
+    path = store.path("curate", manifest.fingerprint) / "pairs.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"pairs\.parquet: content does not match"):
+        store.read_table(manifest, "pairs")
+    path.unlink()
+    with pytest.raises(ArtifactError, match=r"pairs\.parquet: missing"):
+        store.read_table(manifest, "pairs")
+    with pytest.raises(ArtifactError, match="no output 'nope.parquet'"):
+        store.read_table(manifest, "nope")
+    with pytest.raises(ArtifactError, match="no curate artifact with fingerprint"):
+        store.load("curate", "0" * 24)
+    (store.path("curate", manifest.fingerprint) / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="unreadable manifest"):
+        store.load("curate", manifest.fingerprint)
+
+
+def test_second_publisher_of_a_fingerprint_defers_unless_replacing(tmp_path):
+    store = ArtifactStore(tmp_path)
+    first = _publish(store, mlflow_run_id="first")
+    second = _publish(store, rows=5, mlflow_run_id="second")
+    assert second == first  # same fingerprint = same inputs: the published artifact wins, ours is discarded
+    replaced = _publish(store, rows=5, mlflow_run_id="third", replace=True)
+    assert replaced.mlflow_run_id == "third" and store.load("curate", "f" * 24).row_counts == {"pairs": 5}
+    assert sorted(p.name for p in (tmp_path / "curate").iterdir() if not p.name.endswith(".lock")) == ["f" * 24]
+
+
+def test_sigkilled_writer_leaves_no_artifact_and_is_swept(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import os, signal, pyarrow as pa
+        from creditflow.storage.artifacts import ArtifactStore
+        store = ArtifactStore({str(tmp_path)!r})
+        writer = store.writer("curate", "{'d' * 24}")
+        writer.write_table("pairs", pa.table({{"x": list(range(1000))}}))
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script])
+    assert proc.returncode == -signal.SIGKILL
+    store = ArtifactStore(tmp_path)
+    assert not store.exists("curate", "d" * 24)
+    assert len(list((tmp_path / "curate").glob(".tmp-*"))) == 1
+    assert store.sweep_stale_tmp("curate") == 1
+    assert not list((tmp_path / "curate").glob(".tmp-*"))
+
+
+def test_catalog_views_span_artifacts_and_record_runs(tmp_path):
+    store = ArtifactStore(tmp_path / "artifacts")
+    _publish(store, "a" * 24, rows=2)
+    _publish(store, "b" * 24, rows=3)
+    catalog = Catalog(tmp_path / "catalog.duckdb", store)
+    assert catalog.refresh() == ["curate_pairs"]
+    catalog.record_stage_run(pipeline_run_id="p", mlflow_run_id="m", stage="curate", fingerprint="a" * 24, digest="d", cache_hit=True, row_counts={"pairs": 2})
+    columns, rows = catalog.query("SELECT fingerprint, count(*) FROM curate_pairs GROUP BY fingerprint ORDER BY 1")
+    assert columns == ["fingerprint", "count_star()"] and rows == [("a" * 24, 2), ("b" * 24, 3)]
+    assert catalog.query("SELECT stage, cache_hit FROM stage_runs")[1] == [("curate", True)]
+    assert catalog.query("SELECT count(*) FROM artifacts")[1] == [(2,)]
+    # Views follow the store: a removed artifact disappears on refresh, and a stage with no artifacts has no view.
+    import shutil
+
+    shutil.rmtree(store.path("curate", "a" * 24))
+    catalog.refresh()
+    assert catalog.query("SELECT count(*) FROM curate_pairs")[1] == [(3,)]
+    shutil.rmtree(store.path("curate", "b" * 24))
+    assert catalog.refresh() == []
+    with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'curate_pairs'").fetchone()[0] == 0
+
+
+def test_concurrent_processes_share_one_catalog(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from creditflow.storage.artifacts import ArtifactStore
+        from creditflow.storage.catalog import Catalog
+        catalog = Catalog({str(tmp_path / 'catalog.duckdb')!r}, ArtifactStore({str(tmp_path / 'artifacts')!r}))
+        for i in range(15):
+            catalog.record_stage_run(pipeline_run_id=sys.argv[1], mlflow_run_id=str(i), stage="curate", fingerprint="f", digest="d", cache_hit=False, row_counts={{}})
+            catalog.refresh()
+        """
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, name]) for name in ("a", "b")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    catalog = Catalog(tmp_path / "catalog.duckdb", ArtifactStore(tmp_path / "artifacts"))
+    assert catalog.query("SELECT pipeline_run_id, count(*) FROM stage_runs GROUP BY 1 ORDER BY 1")[1] == [("a", 15), ("b", 15)]
+
+
+def test_fingerprint_covers_every_row_affecting_knob(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    tok_a = tmp_path / "tok_a"
+    tok_b = tmp_path / "tok_b"
+    build_tiny_tokenizer(tok_a, ["hello world"] * 5, vocab_size=300)
+    build_tiny_tokenizer(tok_b, ["another corpus entirely"] * 5, vocab_size=300)
+
+    def fingerprint(**curate):
+        cfg = load_config(None, {"curate.sources": [{"path": str(data)}], **{f"curate.{k}": v for k, v in curate.items()}})
+        return plan_stage("curate", cfg, {}).fingerprint
+
+    base = fingerprint()
+    assert fingerprint() == base
+    variants = [
+        fingerprint(eval_fraction=0.2),
+        fingerprint(split_seed=1),
+        fingerprint(rules={"dedupe": False}),
+        fingerprint(rules={"min_margin": None}),
+        fingerprint(tokenizer=str(tok_a), rules={"max_length": 64}),
+        fingerprint(tokenizer=str(tok_b), rules={"max_length": 64}),
+        fingerprint(tokenizer=str(tok_a), rules={"max_length": 65}),
+    ]
+    assert len({base, *variants}) == len(variants) + 1
+    data.write_text(data.read_text() + json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    assert fingerprint() != base
+    # Not row-affecting: experiment name and workspace.
+    cfg = load_config(None, {"curate.sources": [{"path": str(data)}], "experiment": "x", "workspace": "/elsewhere"})
+    assert plan_stage("curate", cfg, {}).fingerprint == fingerprint()
+
+
+def test_config_errors_name_the_key_and_paths_resolve_against_the_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    config = tmp_path / "sub" / "c.yaml"
+    config.write_text("curate:\n  sources:\n    - path: ../data.jsonl\n  rules:\n    dedupe: false\n")
+    cfg = load_config(config)
+    assert cfg.curate.sources[0].path == str(tmp_path / "data.jsonl")
+    assert cfg.curate.rules.dedupe is False and cfg.curate.rules.drop_ties is True
+    assert isinstance(load_config(None), PipelineConfig)
+
+    config.write_text("curate:\n  rules:\n    max_lenght: 5\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: curate\.rules\.max_lenght: unknown key"):
+        load_config(config)
+    config.write_text("curate:\n  eval_fraction: lots\n")
+    with pytest.raises(ConfigError, match=r"curate\.eval_fraction: expected float, got str"):
+        load_config(config)
+    config.write_text("curate:\n  rules:\n    dedupe: 1\n")
+    with pytest.raises(ConfigError, match=r"curate\.rules\.dedupe: expected bool"):
+        load_config(config)
+    config.write_text("curate:\n  sources:\n    - {path: a.jsonl, hf: b}\n")
+    with pytest.raises(ConfigError, match=r"curate\.sources\[0\]: a source needs exactly one of path/hf/builtin"):
+        load_config(config)
+    config.write_text("curate:\n  rules: {max_length: 10}\n")
+    with pytest.raises(ConfigError, match="token limits need curate.tokenizer"):
+        load_config(config)
+    config.write_text("- not a mapping\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(config)
