@@ -17,7 +17,9 @@ import yaml  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-app = typer.Typer(help="CreditFlow: preference data -> reward model -> token rewards -> aligned policy.", no_args_is_help=True)
+app = typer.Typer(
+    help="CreditFlow: preference data -> reward model -> token rewards -> aligned policy.", no_args_is_help=True
+)
 data_app = typer.Typer(help="Bundled data.", no_args_is_help=True)
 catalog_app = typer.Typer(help="The DuckDB catalog over the artifact store.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -25,8 +27,12 @@ app.add_typer(catalog_app, name="catalog")
 console = Console()
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline YAML (see configs/). Default: built-in demo settings.")
-WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="Workspace folder (default $CREDITFLOW_WORKSPACE or ./creditflow-workspace).")
-SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set curate.eval_fraction=0.2 (value parsed as YAML).")
+WorkspaceOpt = typer.Option(
+    None, "--workspace", "-w", help="Workspace folder (default $CREDITFLOW_WORKSPACE or ./creditflow-workspace)."
+)
+SetOpt = typer.Option(
+    None, "--set", help="Override a config key, e.g. --set curate.eval_fraction=0.2 (value parsed as YAML)."
+)
 
 
 def _config_dict(config: Optional[Path], overrides: Optional[list[str]]) -> dict[str, Any]:
@@ -53,15 +59,21 @@ def _print_stages(result: dict[str, Any]) -> None:
     for name, stage in result["stages"].items():
         manifest = stage["manifest"]
         rows = ", ".join(f"{k}={v}" for k, v in manifest["row_counts"].items())
-        table.add_row(name, manifest["fingerprint"], "hit" if stage["cache_hit"] else "computed", rows, stage["mlflow_run_id"])
+        table.add_row(
+            name, manifest["fingerprint"], "hit" if stage["cache_hit"] else "computed", rows, stage["mlflow_run_id"]
+        )
     console.print(table)
 
 
 def _print_where_to_look(workspace: str) -> None:
     ws = Path(workspace)
     console.print(f"\n[bold]workspace[/]  {ws}")
-    console.print(f"[bold]MLflow[/]     creditflow ui -w {ws}   (or: mlflow ui --backend-store-uri sqlite:///{ws / 'mlflow.db'})")
-    console.print(f"[bold]DuckDB[/]     creditflow sql -w {ws} \"SELECT rule, count(*) FROM curate_quarantine GROUP BY rule\"")
+    console.print(
+        f"[bold]MLflow[/]     creditflow ui -w {ws}   (or: mlflow ui --backend-store-uri sqlite:///{ws / 'mlflow.db'})"
+    )
+    console.print(
+        f'[bold]DuckDB[/]     creditflow sql -w {ws} "SELECT rule, count(*) FROM curate_quarantine GROUP BY rule"'
+    )
     console.print(f"           or: duckdb {ws / 'catalog.duckdb'}")
 
 
@@ -69,8 +81,12 @@ def _print_where_to_look(workspace: str) -> None:
 def run(
     config: Optional[Path] = ConfigOpt,
     workspace: Optional[str] = WorkspaceOpt,
-    from_stage: Optional[str] = typer.Option(None, "--from", help="Recompute from this stage on; earlier stages come from the cache."),
-    refresh: Optional[list[str]] = typer.Option(None, "--refresh", help="Recompute this stage even if cached (repeatable)."),
+    from_stage: Optional[str] = typer.Option(
+        None, "--from", help="Recompute from this stage on; earlier stages come from the cache."
+    ),
+    refresh: Optional[list[str]] = typer.Option(
+        None, "--refresh", help="Recompute this stage even if cached (repeatable)."
+    ),
     set_: Optional[list[str]] = SetOpt,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
@@ -79,7 +95,9 @@ def run(
 
     try:
         cfg = _config_dict(config, set_)
-        result = pipeline_flow(config=cfg, workspace=workspace, from_stage=from_stage, refresh=refresh or [], progress=not quiet)
+        result = pipeline_flow(
+            config=cfg, workspace=workspace, from_stage=from_stage, refresh=refresh or [], progress=not quiet
+        )
     except (ValueError, RuntimeError, OSError) as exc:
         _fail(exc)
     _print_stages(result)
@@ -91,7 +109,7 @@ def demo(
     workspace: Optional[str] = WorkspaceOpt,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
-    """The offline end-to-end demo on the bundled sample data (embedded defaults: local Prefect, MLflow on SQLite, DuckDB)."""
+    """Offline end-to-end demo on the bundled sample (embedded defaults: local Prefect, MLflow on SQLite, DuckDB)."""
     run(config=None, workspace=workspace, from_stage=None, refresh=None, set_=None, quiet=quiet)
 
 
@@ -154,7 +172,10 @@ def ui(
     ws = Workspace.resolve(workspace)
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     console.print(f"MLflow UI: http://127.0.0.1:{port}")
-    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", ws.mlflow_tracking_uri, "--host", "127.0.0.1", "--port", str(port)])
+    os.execv(
+        mlflow,
+        [mlflow, "ui", "--backend-store-uri", ws.mlflow_tracking_uri, "--host", "127.0.0.1", "--port", str(port)],
+    )
 
 
 @app.command("config")

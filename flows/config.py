@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from creditflow.tasks.curate import CurateConfig
 
 
@@ -102,7 +101,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint is Any or (isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+    if hint is Any or (
+        isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
         return value
     raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__} {value!r}")
 
@@ -112,7 +113,11 @@ def _resolve_source_paths(data: dict[str, Any], base: Path) -> None:
     curate = data.get("curate")
     sources = curate.get("sources") if isinstance(curate, dict) else None
     for source in sources if isinstance(sources, list) else []:
-        if isinstance(source, dict) and isinstance(source.get("path"), str) and not Path(source["path"]).expanduser().is_absolute():
+        if (
+            isinstance(source, dict)
+            and isinstance(source.get("path"), str)
+            and not Path(source["path"]).expanduser().is_absolute()
+        ):
             source["path"] = str((base / source["path"]).resolve())
     tokenizer = curate.get("tokenizer") if isinstance(curate, dict) else None
     if isinstance(tokenizer, str) and tokenizer.startswith("."):

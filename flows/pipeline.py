@@ -8,18 +8,26 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from prefect import flow
-
 from creditflow.flows.config import config_from_dict
 from creditflow.flows.stages import STAGES, execute_stage
 from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
+from prefect import flow
 
 
-def _run_one(name: str, config: dict[str, Any] | None, workspace: str | None, refresh: bool, mlflow_parent_run_id: str | None, progress: bool) -> dict[str, Any]:
+def _run_one(
+    name: str,
+    config: dict[str, Any] | None,
+    workspace: str | None,
+    refresh: bool,
+    mlflow_parent_run_id: str | None,
+    progress: bool,
+) -> dict[str, Any]:
     cfg = config_from_dict(config)
     ws = Workspace.resolve(workspace or cfg.workspace)
-    return execute_stage(name, cfg, ws, refresh=refresh, parent_run_id=mlflow_parent_run_id, progress=progress).to_dict()
+    return execute_stage(
+        name, cfg, ws, refresh=refresh, parent_run_id=mlflow_parent_run_id, progress=progress
+    ).to_dict()
 
 
 @flow(name="curate", description=STAGES["curate"].description)
@@ -59,13 +67,20 @@ def pipeline_flow(
     start = order.index(from_stage) if from_stage else 0
 
     started = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    parent = Run.start(ws, cfg.experiment, f"pipeline-{started}", tags={"creditflow.kind": "pipeline", "creditflow.from_stage": from_stage or ""})
+    parent = Run.start(
+        ws,
+        cfg.experiment,
+        f"pipeline-{started}",
+        tags={"creditflow.kind": "pipeline", "creditflow.from_stage": from_stage or ""},
+    )
     results: dict[str, Any] = {}
     try:
         parent.log_params({"workspace": str(ws.root), "stages": ",".join(order)})
         for index, name in enumerate(order):
             if index < start:
-                result = execute_stage(name, cfg, ws, cached_only=True, parent_run_id=parent.run_id, progress=progress).to_dict()
+                result = execute_stage(
+                    name, cfg, ws, cached_only=True, parent_run_id=parent.run_id, progress=progress
+                ).to_dict()
             else:
                 result = STAGE_FLOWS[name](
                     config=config,
@@ -75,7 +90,12 @@ def pipeline_flow(
                     progress=progress,
                 )
             results[name] = result
-            parent.set_tags({f"creditflow.fingerprint.{name}": result["manifest"]["fingerprint"], f"creditflow.cache_hit.{name}": str(result["cache_hit"]).lower()})
+            parent.set_tags(
+                {
+                    f"creditflow.fingerprint.{name}": result["manifest"]["fingerprint"],
+                    f"creditflow.cache_hit.{name}": str(result["cache_hit"]).lower(),
+                }
+            )
         parent.log_metrics({"stages_cached": sum(r["cache_hit"] for r in results.values()), "stages_run": len(results)})
     except BaseException:
         parent.end("FAILED")

@@ -13,9 +13,6 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable
 
-from prefect import task
-from prefect.context import TaskRunContext
-
 from creditflow.flows.config import PipelineConfig, config_from_dict, to_dict
 from creditflow.storage.artifacts import ArtifactError, Manifest
 from creditflow.storage.catalog import Catalog
@@ -24,6 +21,8 @@ from creditflow.storage.tracking import Run, client_for
 from creditflow.storage.workspace import Workspace
 from creditflow.tasks import curate, ingest, schema, tokenization
 from creditflow.tasks.stage import StageContext
+from prefect import task
+from prefect.context import TaskRunContext
 
 FINGERPRINT_CHARS = 24
 TAG = "creditflow."
@@ -91,8 +90,9 @@ def resolve_upstream(name: str, cfg: PipelineConfig, workspace: Workspace) -> di
             plan = plan_stage(stage_name, cfg, deps)
             if not workspace.store.exists(stage_name, plan.fingerprint):
                 raise StageNotReady(
-                    f"stage {name!r} needs the {stage_name!r} artifact for this config (fingerprint {plan.fingerprint}), "
-                    f"which is not in {workspace.root}; run `creditflow run` (or `creditflow stage {stage_name}`) first"
+                    f"stage {name!r} needs the {stage_name!r} artifact for this config "
+                    f"(fingerprint {plan.fingerprint}), which is not in {workspace.root}; "
+                    f"run `creditflow run` (or `creditflow stage {stage_name}`) first"
                 )
             resolved[stage_name] = workspace.store.load(stage_name, plan.fingerprint)
         return resolved[stage_name]
@@ -128,7 +128,10 @@ def compute_stage(
     upstream_manifests = {name: Manifest.from_dict(m) for name, m in upstream.items()}
     plan = plan_stage(stage_name, cfg, upstream_manifests)
     if plan.fingerprint != fingerprint:
-        raise RuntimeError(f"{stage_name}: inputs changed while the stage was starting (fingerprint {plan.fingerprint} != {fingerprint})")
+        raise RuntimeError(
+            f"{stage_name}: inputs changed while the stage was starting "
+            f"(fingerprint {plan.fingerprint} != {fingerprint})"
+        )
     store.sweep_stale_tmp(stage_name)
     run = Run(client_for(workspace), mlflow_run_id)
     writer = store.writer(stage_name, fingerprint)
@@ -161,7 +164,12 @@ class StageResult:
     mlflow_run_id: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "cache_hit": self.cache_hit, "mlflow_run_id": self.mlflow_run_id, "manifest": self.manifest.to_dict()}
+        return {
+            "stage": self.stage,
+            "cache_hit": self.cache_hit,
+            "mlflow_run_id": self.mlflow_run_id,
+            "manifest": self.manifest.to_dict(),
+        }
 
 
 def execute_stage(
@@ -178,7 +186,10 @@ def execute_stage(
     upstream = resolve_upstream(name, cfg, workspace)
     plan = plan_stage(name, cfg, upstream)
     if cached_only and not workspace.store.exists(name, plan.fingerprint):
-        raise StageNotReady(f"--from needs a cached {name!r} artifact for this config (fingerprint {plan.fingerprint}); run the whole pipeline once")
+        raise StageNotReady(
+            f"--from needs a cached {name!r} artifact for this config (fingerprint {plan.fingerprint}); "
+            "run the whole pipeline once"
+        )
     run = Run.start(
         workspace,
         cfg.experiment,
@@ -209,7 +220,13 @@ def execute_stage(
             result = compute.with_options(refresh_cache=True)(**arguments)
         manifest = workspace.store.load(name, plan.fingerprint)
         cache_hit = result["computed_by"] != run.run_id
-        run.set_tags({TAG + "cache_hit": str(cache_hit).lower(), TAG + "digest": manifest.digest, TAG + "source_run_id": manifest.mlflow_run_id or ""})
+        run.set_tags(
+            {
+                TAG + "cache_hit": str(cache_hit).lower(),
+                TAG + "digest": manifest.digest,
+                TAG + "source_run_id": manifest.mlflow_run_id or "",
+            }
+        )
         if cache_hit:
             run.log_metrics(manifest.metrics)
         run.log_metrics({f"rows.{table}": n for table, n in manifest.row_counts.items()})
@@ -232,4 +249,13 @@ def execute_stage(
     return StageResult(name, manifest, cache_hit, run.run_id)
 
 
-__all__ = ["STAGES", "Stage", "StageNotReady", "StageResult", "ArtifactError", "execute_stage", "plan_stage", "resolve_upstream"]
+__all__ = [
+    "STAGES",
+    "Stage",
+    "StageNotReady",
+    "StageResult",
+    "ArtifactError",
+    "execute_stage",
+    "plan_stage",
+    "resolve_upstream",
+]

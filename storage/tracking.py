@@ -7,11 +7,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from creditflow.storage.workspace import Workspace
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-
-from creditflow.storage.workspace import Workspace
 
 _BATCH = 100
 _PARAM_MAX = 6000

@@ -17,12 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-from tqdm.auto import tqdm
-
 from creditflow.storage.hashing import sha256_text
 from creditflow.tasks import schema as S
-from creditflow.tasks.schema import completion_text
-from creditflow.tasks.stage import StageContext
 from creditflow.tasks.ingest import (
     MalformedInputError,
     RowProblem,
@@ -33,6 +29,9 @@ from creditflow.tasks.ingest import (
     has_columns,
     read_rows,
 )
+from creditflow.tasks.schema import completion_text
+from creditflow.tasks.stage import StageContext
+from tqdm.auto import tqdm
 
 RULES = ("schema", "empty", "identical", "duplicate", "tie", "margin", "length")
 _RAW_MAX_CHARS = 20_000
@@ -82,7 +81,16 @@ class _Quarantine:
         self.rows: list[dict[str, Any]] = []
         self.counts: Counter[str] = Counter()
 
-    def add(self, rule: str, reason: str, source: str, location: str, raw: Any, field: str | None = None, pair_id: str | None = None) -> None:
+    def add(
+        self,
+        rule: str,
+        reason: str,
+        source: str,
+        location: str,
+        raw: Any,
+        field: str | None = None,
+        pair_id: str | None = None,
+    ) -> None:
         self.counts[rule] += 1
         text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
         self.rows.append(
@@ -106,7 +114,11 @@ def curate(config: CurateConfig, progress: bool = True) -> CurationResult:
     rows_in = 0
     for source in config.sources:
         columns, rows = read_rows(source)
-        fmt = source.format if source.format != "auto" else (detect_format(columns, source.label) if columns else "explicit")
+        fmt = (
+            source.format
+            if source.format != "auto"
+            else (detect_format(columns, source.label) if columns else "explicit")
+        )
         if has_columns(source):
             check_columns(fmt, columns, source.label)
         for location, row in tqdm(rows, desc=f"curate {source.label}", unit="row", disable=not progress, leave=False):
@@ -156,7 +168,12 @@ def _validate(
         prompt, chosen, rejected, score_c, score_r = convert_row(fmt, row)
     except RowProblem as problem:
         if rules.strict_schema:
-            raise MalformedInputError(label, location, problem.field, f"{problem} (set curate.rules.strict_schema: false to quarantine such rows)") from None
+            raise MalformedInputError(
+                label,
+                location,
+                problem.field,
+                f"{problem} (set curate.rules.strict_schema: false to quarantine such rows)",
+            ) from None
         quarantine.add("schema", str(problem), label, location, row, field=problem.field)
         return None
 
@@ -164,12 +181,26 @@ def _validate(
         for name, messages in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
             blank = next((i for i, m in enumerate(messages) if not m["content"].strip()), None)
             if blank is not None:
-                quarantine.add("empty", f"{name} turn {blank} ({messages[blank]['role']}) is empty or whitespace", label, location, row, field=name)
+                quarantine.add(
+                    "empty",
+                    f"{name} turn {blank} ({messages[blank]['role']}) is empty or whitespace",
+                    label,
+                    location,
+                    row,
+                    field=name,
+                )
                 return None
 
     pid = S.pair_id(prompt, chosen, rejected)
     if rules.drop_identical and S.messages_key(chosen) == S.messages_key(rejected):
-        quarantine.add("identical", "chosen and rejected are identical after whitespace normalization", label, location, row, pair_id=pid)
+        quarantine.add(
+            "identical",
+            "chosen and rejected are identical after whitespace normalization",
+            label,
+            location,
+            row,
+            pair_id=pid,
+        )
         return None
     if rules.dedupe:
         if pid in seen:
@@ -183,7 +214,9 @@ def _validate(
             quarantine.add("tie", f"score_chosen == score_rejected == {score_c}", label, location, row, pair_id=pid)
             return None
         if rules.min_margin is not None and margin < rules.min_margin:
-            quarantine.add("margin", f"margin {margin:.4g} < min_margin {rules.min_margin}", label, location, row, pair_id=pid)
+            quarantine.add(
+                "margin", f"margin {margin:.4g} < min_margin {rules.min_margin}", label, location, row, pair_id=pid
+            )
             return None
 
     return {
@@ -204,7 +237,9 @@ def _validate(
     }
 
 
-def _apply_length_rules(candidates: list[dict[str, Any]], raw_by_key: dict[int, Any], config: CurateConfig, quarantine: _Quarantine) -> None:
+def _apply_length_rules(
+    candidates: list[dict[str, Any]], raw_by_key: dict[int, Any], config: CurateConfig, quarantine: _Quarantine
+) -> None:
     from creditflow.tasks.tokenization import encode_completions, encode_prompts, load_tokenizer
 
     tokenizer = load_tokenizer(config.tokenizer)
@@ -215,12 +250,20 @@ def _apply_length_rules(candidates: list[dict[str, Any]], raw_by_key: dict[int, 
         prompt_ids = encode_prompts(tokenizer, [c["prompt"] for c in chunk])
         chosen_ids = encode_completions(tokenizer, [c["chosen"] for c in chunk])
         rejected_ids = encode_completions(tokenizer, [c["rejected"] for c in chunk])
-        for offset, (record, p, c, r) in enumerate(zip(chunk, prompt_ids, chosen_ids, rejected_ids)):
+        for offset, (record, p, c, r) in enumerate(zip(chunk, prompt_ids, chosen_ids, rejected_ids, strict=True)):
             record.update(prompt_tokens=len(p), chosen_tokens=len(c), rejected_tokens=len(r))
             reason = _length_violation(len(p), len(c), len(r), rules)
             if reason:
                 field_name, text = reason
-                quarantine.add("length", text, record["source"], record["source_row"], raw_by_key[start + offset], field=field_name, pair_id=record["pair_id"])
+                quarantine.add(
+                    "length",
+                    text,
+                    record["source"],
+                    record["source_row"],
+                    raw_by_key[start + offset],
+                    field=field_name,
+                    pair_id=record["pair_id"],
+                )
                 record["_rejected"] = True
 
 
@@ -275,7 +318,11 @@ def _summary_figure(result: CurationResult):
     left.invert_yaxis()
     pairs = result.pairs
     if pairs.num_rows and pairs.column("chosen_tokens").null_count == 0:
-        chosen, rejected, unit = pairs.column("chosen_tokens").to_pylist(), pairs.column("rejected_tokens").to_pylist(), "tokens"
+        chosen, rejected, unit = (
+            pairs.column("chosen_tokens").to_pylist(),
+            pairs.column("rejected_tokens").to_pylist(),
+            "tokens",
+        )
     else:
         chosen = [len(completion_text(m)) for m in pairs.column("chosen").to_pylist()]
         rejected = [len(completion_text(m)) for m in pairs.column("rejected").to_pylist()]

@@ -28,7 +28,6 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-
 from creditflow.storage.hashing import sha256_file
 from creditflow.tasks.schema import ROLES, Messages
 
@@ -67,6 +66,7 @@ class SourceConfig:
     format: str = "auto"
     split: str = "train"  # for hf datasets and saved DatasetDicts
     name: str | None = None  # hf dataset config name
+    data_files: str | list[str] | None = None  # for hf builders such as "json"/"parquet" over local files
     limit: int | None = None  # read only the first N rows
 
     def __post_init__(self) -> None:
@@ -149,9 +149,13 @@ def _jsonl_rows(path: Path, label: str) -> Iterator[tuple[str, dict[str, Any]]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise MalformedInputError(label, f"line {number}", None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+                raise MalformedInputError(
+                    label, f"line {number}", None, f"invalid JSON ({exc.msg} at column {exc.colno})"
+                ) from None
             if not isinstance(row, dict):
-                raise MalformedInputError(label, f"line {number}", None, f"expected a JSON object, got {type(row).__name__}")
+                raise MalformedInputError(
+                    label, f"line {number}", None, f"expected a JSON object, got {type(row).__name__}"
+                )
             yield f"line {number}", row
 
 
@@ -159,9 +163,13 @@ def _json_rows(path: Path, label: str) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise MalformedInputError(label, f"line {exc.lineno}", None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+        raise MalformedInputError(
+            label, f"line {exc.lineno}", None, f"invalid JSON ({exc.msg} at column {exc.colno})"
+        ) from None
     if not isinstance(data, list):
-        raise MalformedInputError(label, None, None, "a .json file must hold a list of row objects (use .jsonl for one object per line)")
+        raise MalformedInputError(
+            label, None, None, "a .json file must hold a list of row objects (use .jsonl for one object per line)"
+        )
     for number, row in enumerate(data, start=1):
         if not isinstance(row, dict):
             raise MalformedInputError(label, f"row {number}", None, f"expected an object, got {type(row).__name__}")
@@ -213,7 +221,7 @@ def _load_hf(source: SourceConfig):
         if source.path:
             loaded = datasets.load_from_disk(str(source.local_path()))
         else:
-            loaded = datasets.load_dataset(source.hf, source.name, split=source.split)
+            loaded = datasets.load_dataset(source.hf, source.name, data_files=source.data_files, split=source.split)
     except FileNotFoundError as exc:
         raise MalformedInputError(source.label, None, None, f"dataset not found ({exc})") from None
     if isinstance(loaded, datasets.DatasetDict):
@@ -238,8 +246,11 @@ def detect_format(columns: list[str], label: str) -> str:
     if {"chosen", "rejected"} <= cols:
         return "implicit"
     raise MalformedInputError(
-        label, None, None, f"cannot tell the preference format from columns {sorted(cols)}: "
-        "expected prompt/chosen/rejected (explicit, UltraFeedback) or chosen/rejected (implicit, HH-RLHF)"
+        label,
+        None,
+        None,
+        f"cannot tell the preference format from columns {sorted(cols)}: "
+        "expected prompt/chosen/rejected (explicit, UltraFeedback) or chosen/rejected (implicit, HH-RLHF)",
     )
 
 
@@ -262,7 +273,9 @@ def has_columns(source: SourceConfig) -> bool:
 def check_columns(fmt: str, columns: list[str], label: str) -> None:
     missing = [c for c in REQUIRED[fmt] if c not in columns]
     if missing and columns:
-        raise MalformedInputError(label, None, missing[0], f"missing column for format {fmt!r} (columns: {sorted(columns)})")
+        raise MalformedInputError(
+            label, None, missing[0], f"missing column for format {fmt!r} (columns: {sorted(columns)})"
+        )
 
 
 def convert_row(fmt: str, row: dict[str, Any]) -> tuple[Messages, Messages, Messages, float | None, float | None]:
@@ -333,13 +346,19 @@ def _split_hh(chosen: str, rejected: str) -> tuple[Messages, Messages, Messages]
         limit += 1
     cut = chosen.rfind(_HH_ASSISTANT, 0, limit)
     if cut < 0 or not _HH_TURN.search(chosen):
-        raise RowProblem("chosen", "no shared '\\n\\nAssistant:' marker: implicit-prompt strings must be HH-RLHF transcripts")
+        raise RowProblem(
+            "chosen", "no shared '\\n\\nAssistant:' marker: implicit-prompt strings must be HH-RLHF transcripts"
+        )
     end = cut + len(_HH_ASSISTANT)
     prompt = _parse_hh(chosen[:end])
     if not prompt:
         raise RowProblem("chosen", "the transcript has no turns before the last assistant marker")
     strip = lambda text: text[1:] if text.startswith(" ") else text  # noqa: E731 - the space after "Assistant:"
-    return prompt, [{"role": "assistant", "content": strip(chosen[end:])}], [{"role": "assistant", "content": strip(rejected[end:])}]
+    return (
+        prompt,
+        [{"role": "assistant", "content": strip(chosen[end:])}],
+        [{"role": "assistant", "content": strip(rejected[end:])}],
+    )
 
 
 def _parse_hh(transcript: str) -> Messages:

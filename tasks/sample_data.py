@@ -14,11 +14,36 @@ import random
 from pathlib import Path
 
 SUBJECTS = [
-    "new coffee shop", "hiking trail", "science museum", "neighborhood library", "jazz concert", "cooking class",
-    "train journey", "city park", "bookstore", "farmers market", "art exhibition", "yoga studio", "bakery",
-    "beach trip", "camping weekend", "board game night", "community garden", "pottery workshop", "bike ride",
-    "theater play", "language course", "road trip", "history podcast", "mountain cabin", "local zoo",
-    "street festival", "ramen place", "planetarium show", "photography walk", "chess club",
+    "new coffee shop",
+    "hiking trail",
+    "science museum",
+    "neighborhood library",
+    "jazz concert",
+    "cooking class",
+    "train journey",
+    "city park",
+    "bookstore",
+    "farmers market",
+    "art exhibition",
+    "yoga studio",
+    "bakery",
+    "beach trip",
+    "camping weekend",
+    "board game night",
+    "community garden",
+    "pottery workshop",
+    "bike ride",
+    "theater play",
+    "language course",
+    "road trip",
+    "history podcast",
+    "mountain cabin",
+    "local zoo",
+    "street festival",
+    "ramen place",
+    "planetarium show",
+    "photography walk",
+    "chess club",
 ]
 TEMPLATES = [
     "Write a short review of the {s}.",
@@ -85,7 +110,9 @@ def make_sample(n_prompts: int = 300, seed: int = 0) -> list[dict]:
             b = _response(rng, subject, rng.uniform(0.0, 0.9))
             sa, sb = score(a), score(b)
             chosen, rejected, sc, sr = (a, b, sa, sb) if sa >= sb else (b, a, sb, sa)
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "score_chosen": sc, "score_rejected": sr})
+            rows.append(
+                {"prompt": prompt, "chosen": chosen, "rejected": rejected, "score_chosen": sc, "score_rejected": sr}
+            )
     # Realistic noise for the curation rules to catch.
     for row in rng.sample(rows, 8):
         rows.append(dict(row))  # exact duplicates

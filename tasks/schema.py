@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
-
 from creditflow.storage.hashing import sha256_json
 
 ROLES = ("system", "user", "assistant", "tool")

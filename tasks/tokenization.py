@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
-
 from creditflow.storage.hashing import sha256_json
 from creditflow.tasks.schema import Messages, completion_text
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 
 @lru_cache(maxsize=8)
@@ -24,7 +23,9 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """Digest of everything that changes token ids: vocab/merges/normalizers, chat template, special tokens."""
-    backend = tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False) else repr(tokenizer.get_vocab())
+    backend = (
+        tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False) else repr(tokenizer.get_vocab())
+    )
     return sha256_json(
         {
             "backend": backend,

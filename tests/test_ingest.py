@@ -10,7 +10,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from creditflow.tasks.curate import CurateConfig, CurateRules, curate
 from creditflow.tasks.ingest import (
     MalformedInputError,
@@ -50,7 +49,10 @@ def load(source: SourceConfig) -> list[tuple]:
 
 
 def curate_strict(path: Path, fmt: str = "auto") -> None:
-    curate(CurateConfig(sources=[SourceConfig(path=str(path), format=fmt)], rules=CurateRules(strict_schema=True)), progress=False)
+    curate(
+        CurateConfig(sources=[SourceConfig(path=str(path), format=fmt)], rules=CurateRules(strict_schema=True)),
+        progress=False,
+    )
 
 
 EXPLICIT_ROWS = [
@@ -67,7 +69,9 @@ EXPLICIT_EXPECTED = [
 
 
 def test_explicit_strings_become_user_and_assistant_turns():
-    prompt, chosen, rejected, sc, sr = convert_row("explicit", {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"})
+    prompt, chosen, rejected, sc, sr = convert_row(
+        "explicit", {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}
+    )
     assert prompt == [U("What is 2+2?")]
     assert chosen == [A("4")]
     assert rejected == [A("5")]
@@ -89,7 +93,11 @@ def test_explicit_message_lists_are_kept_turn_for_turn():
 
 
 def test_explicit_message_extra_keys_are_dropped():
-    row = {"prompt": [{"role": "user", "content": "Hi", "name": "bob"}], "chosen": [A("Hello")], "rejected": [A("Go away")]}
+    row = {
+        "prompt": [{"role": "user", "content": "Hi", "name": "bob"}],
+        "chosen": [A("Hello")],
+        "rejected": [A("Go away")],
+    }
     prompt, _, _, _, _ = convert_row("explicit", row)
     assert prompt == [U("Hi")]
 
@@ -113,7 +121,13 @@ def test_ultrafeedback_strips_the_repeated_prompt_turn_and_reads_scores():
 
 
 def test_ultrafeedback_nan_score_reads_as_missing():
-    row = {"prompt": "Q", "chosen": [U("Q"), A("a")], "rejected": [U("Q"), A("b")], "score_chosen": float("nan"), "score_rejected": 1.0}
+    row = {
+        "prompt": "Q",
+        "chosen": [U("Q"), A("a")],
+        "rejected": [U("Q"), A("b")],
+        "score_chosen": float("nan"),
+        "score_rejected": 1.0,
+    }
     *_, sc, sr = convert_row("ultrafeedback", row)
     assert sc is None and sr == 1.0
 
@@ -126,7 +140,10 @@ def test_completion_that_does_not_start_with_assistant_is_a_row_problem():
 
 
 def test_implicit_single_turn_prompt_is_the_shared_user_turn():
-    row = {"chosen": [U("Tell me a fact."), A("Octopuses have three hearts.")], "rejected": [U("Tell me a fact."), A("No.")]}
+    row = {
+        "chosen": [U("Tell me a fact."), A("Octopuses have three hearts.")],
+        "rejected": [U("Tell me a fact."), A("No.")],
+    }
     prompt, chosen, rejected, sc, sr = convert_row("implicit", row)
     assert prompt == [U("Tell me a fact.")]
     assert chosen == [A("Octopuses have three hearts.")]
@@ -207,10 +224,21 @@ def test_detect_format_from_columns(columns, expected):
     [
         (EXPLICIT_ROWS[:1], ([U("What is 2+2?")], [A("4")], [A("5")], None, None)),
         (
-            [{"prompt": "Q", "chosen": [U("Q"), A("yes")], "rejected": [U("Q"), A("no")], "score_chosen": 9, "score_rejected": 2}],
+            [
+                {
+                    "prompt": "Q",
+                    "chosen": [U("Q"), A("yes")],
+                    "rejected": [U("Q"), A("no")],
+                    "score_chosen": 9,
+                    "score_rejected": 2,
+                }
+            ],
             ([U("Q")], [A("yes")], [A("no")], 9.0, 2.0),
         ),
-        ([{"chosen": [U("Q"), A("yes")], "rejected": [U("Q"), A("no")]}], ([U("Q")], [A("yes")], [A("no")], None, None)),
+        (
+            [{"chosen": [U("Q"), A("yes")], "rejected": [U("Q"), A("no")]}],
+            ([U("Q")], [A("yes")], [A("no")], None, None),
+        ),
         (
             [{"chosen": "\n\nHuman: Q\n\nAssistant: yes", "rejected": "\n\nHuman: Q\n\nAssistant: no"}],
             ([U("Q")], [A("yes")], [A("no")], None, None),
@@ -246,8 +274,20 @@ def test_json_list_file(tmp_path):
 
 def test_parquet_with_message_list_columns(tmp_path):
     rows = [
-        {"prompt": "Q1", "chosen": [U("Q1"), A("good")], "rejected": [U("Q1"), A("bad")], "score_chosen": 5.0, "score_rejected": 1.0},
-        {"prompt": "Q2", "chosen": [U("Q2"), A("fine")], "rejected": [U("Q2"), A("poor")], "score_chosen": 4.0, "score_rejected": None},
+        {
+            "prompt": "Q1",
+            "chosen": [U("Q1"), A("good")],
+            "rejected": [U("Q1"), A("bad")],
+            "score_chosen": 5.0,
+            "score_rejected": 1.0,
+        },
+        {
+            "prompt": "Q2",
+            "chosen": [U("Q2"), A("fine")],
+            "rejected": [U("Q2"), A("poor")],
+            "score_chosen": 4.0,
+            "score_rejected": None,
+        },
     ]
     path = tmp_path / "data.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
@@ -262,7 +302,9 @@ def test_csv_with_json_list_cell(tmp_path):
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["prompt", "chosen", "rejected", "score_chosen", "score_rejected"])
-        writer.writerow([json.dumps([SYS("Be nice."), U("Hi, [friend]")]), "Hello!", json.dumps([A("Whatever.")]), 0.9, 0.1])
+        writer.writerow(
+            [json.dumps([SYS("Be nice."), U("Hi, [friend]")]), "Hello!", json.dumps([A("Whatever.")]), 0.9, 0.1]
+        )
         writer.writerow(["[not json", "Yes", "No", 0.5, 0.2])
     assert load(SourceConfig(path=str(path))) == [
         ("row 1", [SYS("Be nice."), U("Hi, [friend]")], [A("Hello!")], [A("Whatever.")], 0.9, 0.1),
@@ -277,7 +319,10 @@ def _dataset(rows):
 
 
 def test_saved_dataset_folder(tmp_path):
-    rows = [{"chosen": [U("Q"), A("yes")], "rejected": [U("Q"), A("no")]}, {"chosen": [U("R"), A("ok")], "rejected": [U("R"), A("ko")]}]
+    rows = [
+        {"chosen": [U("Q"), A("yes")], "rejected": [U("Q"), A("no")]},
+        {"chosen": [U("R"), A("ok")], "rejected": [U("R"), A("ko")]},
+    ]
     _dataset(rows).save_to_disk(str(tmp_path / "ds"))
     source = SourceConfig(path=str(tmp_path / "ds"))
     assert load(source) == [
@@ -297,10 +342,21 @@ def test_saved_dataset_dict_folder_selects_split(tmp_path):
         ("row 1", *EXPLICIT_EXPECTED[0], None, None),
         ("row 2", *EXPLICIT_EXPECTED[1], None, None),
     ]
-    assert load(SourceConfig(path=str(tmp_path / "dd"), split="test")) == [("row 1", [U("Held out?")], [A("Yes.")], [A("No.")], None, None)]
+    assert load(SourceConfig(path=str(tmp_path / "dd"), split="test")) == [
+        ("row 1", [U("Held out?")], [A("Yes.")], [A("No.")], None, None)
+    ]
     with pytest.raises(MalformedInputError, match=r"no split 'validation'") as info:
         read_rows(SourceConfig(path=str(tmp_path / "dd"), split="validation"))
     assert str(tmp_path / "dd") in str(info.value)
+
+
+def test_hf_load_dataset_builder_over_local_files(tmp_path):
+    """The `hf:` path goes through datasets.load_dataset (offline here: the json builder over local files)."""
+    data = write_jsonl(tmp_path / "data.jsonl", EXPLICIT_ROWS)
+    source = SourceConfig(hf="json", data_files=str(data))
+    assert source.label == "hf:json[train]"
+    assert load(source) == [("row 1", *EXPLICIT_EXPECTED[0], None, None), ("row 2", *EXPLICIT_EXPECTED[1], None, None)]
+    assert source_digest(source).startswith("hfds:")
 
 
 def test_limit_reads_only_the_first_rows(tmp_path):
@@ -359,7 +415,9 @@ def test_source_config_validation():
 
 def test_invalid_json_line_names_file_and_line(tmp_path):
     path = tmp_path / "broken.jsonl"
-    path.write_text(json.dumps(EXPLICIT_ROWS[0]) + "\n" + json.dumps(EXPLICIT_ROWS[1]) + '\n{"prompt": "Q", "chosen": \n')
+    path.write_text(
+        json.dumps(EXPLICIT_ROWS[0]) + "\n" + json.dumps(EXPLICIT_ROWS[1]) + '\n{"prompt": "Q", "chosen": \n'
+    )
     with pytest.raises(MalformedInputError) as info:
         curate_strict(path)
     message = str(info.value)
@@ -437,15 +495,44 @@ def test_missing_column_in_every_jsonl_line(tmp_path):
     "bad_row, field, text",
     [
         ({"prompt": "Q", "chosen": 42, "rejected": "b"}, "chosen", "expected a string or a list of messages, got int"),
-        ({"prompt": "Q", "chosen": [{"role": "assistant"}], "rejected": "b"}, "chosen[0].content", "expected a string, got NoneType"),
-        ({"prompt": "Q", "chosen": [{"role": "assistant", "content": 7}], "rejected": "b"}, "chosen[0].content", "expected a string, got int"),
-        ({"prompt": [{"role": "human", "content": "Q"}], "chosen": "a", "rejected": "b"}, "prompt[0].role", "expected one of"),
+        (
+            {"prompt": "Q", "chosen": [{"role": "assistant"}], "rejected": "b"},
+            "chosen[0].content",
+            "expected a string, got NoneType",
+        ),
+        (
+            {"prompt": "Q", "chosen": [{"role": "assistant", "content": 7}], "rejected": "b"},
+            "chosen[0].content",
+            "expected a string, got int",
+        ),
+        (
+            {"prompt": [{"role": "human", "content": "Q"}], "chosen": "a", "rejected": "b"},
+            "prompt[0].role",
+            "expected one of",
+        ),
         ({"prompt": ["Q"], "chosen": "a", "rejected": "b"}, "prompt[0]", "expected a message object, got str"),
         ({"prompt": [], "chosen": "a", "rejected": "b"}, "prompt", "empty message list"),
-        ({"prompt": "Q", "chosen": "a", "rejected": "b", "score_chosen": "high", "score_rejected": 1.0}, "score_chosen", "expected a number, got str"),
-        ({"prompt": "Q", "chosen": "a", "rejected": "b", "score_chosen": 1.0, "score_rejected": True}, "score_rejected", "expected a number, got bool"),
+        (
+            {"prompt": "Q", "chosen": "a", "rejected": "b", "score_chosen": "high", "score_rejected": 1.0},
+            "score_chosen",
+            "expected a number, got str",
+        ),
+        (
+            {"prompt": "Q", "chosen": "a", "rejected": "b", "score_chosen": 1.0, "score_rejected": True},
+            "score_rejected",
+            "expected a number, got bool",
+        ),
     ],
-    ids=["chosen-int", "message-without-content", "content-int", "bad-role", "message-not-object", "empty-list", "score-string", "score-bool"],
+    ids=[
+        "chosen-int",
+        "message-without-content",
+        "content-int",
+        "bad-role",
+        "message-not-object",
+        "empty-list",
+        "score-string",
+        "score-bool",
+    ],
 )
 def test_wrong_types_name_file_line_and_field(tmp_path, bad_row, field, text):
     good = {"prompt": "P", "chosen": "c", "rejected": "r", "score_chosen": 1.0, "score_rejected": 0.0}
@@ -460,7 +547,15 @@ def test_wrong_types_name_file_line_and_field(tmp_path, bad_row, field, text):
 
 def test_wrong_type_in_parquet_names_row(tmp_path):
     path = tmp_path / "scores.parquet"
-    table = pa.table({"prompt": ["Q1", "Q2"], "chosen": ["a", "b"], "rejected": ["c", "d"], "score_chosen": ["1.0", "high"], "score_rejected": [0.0, 0.0]})
+    table = pa.table(
+        {
+            "prompt": ["Q1", "Q2"],
+            "chosen": ["a", "b"],
+            "rejected": ["c", "d"],
+            "score_chosen": ["1.0", "high"],
+            "score_rejected": [0.0, 0.0],
+        }
+    )
     pq.write_table(table, path)
     with pytest.raises(MalformedInputError) as info:
         curate_strict(path)

@@ -10,12 +10,11 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 import pytest
-from mlflow.tracking import MlflowClient
-
 from creditflow.flows.config import PipelineConfig, to_dict
 from creditflow.flows.pipeline import curate_flow, pipeline_flow
 from creditflow.storage.workspace import Workspace
 from creditflow.tasks.ingest import MalformedInputError
+from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -29,7 +28,9 @@ def _config(**curate_overrides) -> dict:
 def _child_runs(workspace: Path, parent_run_id: str):
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("creditflow")
-    return client, client.search_runs([experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return client, client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
 
 
 def test_pipeline_writes_artifacts_catalog_and_mlflow_tree_then_hits_cache(tmp_path):
@@ -65,7 +66,8 @@ def test_pipeline_writes_artifacts_catalog_and_mlflow_tree_then_hits_cache(tmp_p
         rules = dict(con.execute("SELECT rule, count(*) FROM curate_quarantine GROUP BY rule").fetchall())
         assert rules["duplicate"] == manifest["metrics"]["quarantined.duplicate"]
         leaked = con.execute(
-            "SELECT count(*) FROM (SELECT prompt_id FROM curate_pairs GROUP BY prompt_id HAVING count(DISTINCT split) > 1)"
+            "SELECT count(*) FROM (SELECT prompt_id FROM curate_pairs "
+            "GROUP BY prompt_id HAVING count(DISTINCT split) > 1)"
         ).fetchone()[0]
         assert leaked == 0
 
@@ -89,7 +91,9 @@ def test_row_affecting_knobs_and_input_content_are_cache_misses(tmp_path):
     ws = tmp_path / "ws"
 
     base = pipeline_flow(config=cfg, workspace=str(ws), progress=False)["stages"]["curate"]
-    knob = pipeline_flow(config={**cfg, "curate": {**cfg["curate"], "eval_fraction": 0.3}}, workspace=str(ws), progress=False)["stages"]["curate"]
+    knob = pipeline_flow(
+        config={**cfg, "curate": {**cfg["curate"], "eval_fraction": 0.3}}, workspace=str(ws), progress=False
+    )["stages"]["curate"]
     assert knob["cache_hit"] is False
     assert knob["manifest"]["fingerprint"] != base["manifest"]["fingerprint"]
 
@@ -99,7 +103,9 @@ def test_row_affecting_knobs_and_input_content_are_cache_misses(tmp_path):
     assert edited["manifest"]["row_counts"]["pairs"] == base["manifest"]["row_counts"]["pairs"] + 1
 
     # The MLflow experiment name is not row-affecting: still a hit.
-    renamed = pipeline_flow(config={**cfg, "experiment": "other"}, workspace=str(ws), progress=False)["stages"]["curate"]
+    renamed = pipeline_flow(config={**cfg, "experiment": "other"}, workspace=str(ws), progress=False)["stages"][
+        "curate"
+    ]
     assert renamed["cache_hit"] is True
 
 
@@ -107,7 +113,9 @@ def test_refresh_from_and_deleted_artifacts_recompute(tmp_path):
     cfg = _config()
     base = pipeline_flow(config=cfg, workspace=str(tmp_path), progress=False)["stages"]["curate"]
 
-    refreshed = pipeline_flow(config=cfg, workspace=str(tmp_path), refresh=["curate"], progress=False)["stages"]["curate"]
+    refreshed = pipeline_flow(config=cfg, workspace=str(tmp_path), refresh=["curate"], progress=False)["stages"][
+        "curate"
+    ]
     assert refreshed["cache_hit"] is False
     assert refreshed["manifest"]["fingerprint"] == base["manifest"]["fingerprint"]
     assert refreshed["manifest"]["digest"] == base["manifest"]["digest"]  # deterministic outputs
@@ -155,7 +163,10 @@ def test_cli_in_a_new_process_hits_the_cache(tmp_path):
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # reuse the harness server instead of starting one
     out = subprocess.run(
         [sys.executable, "-m", "creditflow.flows.cli", "run", "-w", str(tmp_path), "--quiet"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "hit" in out.stdout

@@ -1,7 +1,6 @@
 """Artifact store, catalog, fingerprints and config: no Prefect server needed."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,6 @@ import textwrap
 import duckdb
 import pyarrow as pa
 import pytest
-
 from creditflow.flows.config import ConfigError, PipelineConfig, load_config
 from creditflow.flows.stages import plan_stage
 from creditflow.storage.artifacts import ArtifactError, ArtifactStore
@@ -21,7 +19,16 @@ from creditflow.tasks.tiny import build_tiny_tokenizer
 def _publish(store, fingerprint="f" * 24, rows=3, replace=False, **extra):
     writer = store.writer("curate", fingerprint)
     writer.write_table("pairs", pa.table({"pair_id": [f"p{i}" for i in range(rows)], "x": list(range(rows))}))
-    return store.publish(writer, stage="curate", fingerprint=fingerprint, inputs={"sources": ["abc"]}, config={"k": 1}, code_version="v", replace=replace, **extra)
+    return store.publish(
+        writer,
+        stage="curate",
+        fingerprint=fingerprint,
+        inputs={"sources": ["abc"]},
+        config={"k": 1},
+        code_version="v",
+        replace=replace,
+        **extra,
+    )
 
 
 def test_publish_is_atomic_and_manifest_describes_outputs(tmp_path):
@@ -29,7 +36,16 @@ def test_publish_is_atomic_and_manifest_describes_outputs(tmp_path):
     writer = store.writer("curate", "a" * 24)
     writer.write_table("pairs", pa.table({"x": [1, 2]}))
     assert not store.exists("curate", "a" * 24)  # invisible until published
-    manifest = store.publish(writer, stage="curate", fingerprint="a" * 24, inputs={}, config={}, code_version="v", metrics={"m": 1.0}, mlflow_run_id="r1")
+    manifest = store.publish(
+        writer,
+        stage="curate",
+        fingerprint="a" * 24,
+        inputs={},
+        config={},
+        code_version="v",
+        metrics={"m": 1.0},
+        mlflow_run_id="r1",
+    )
     assert store.exists("curate", "a" * 24)
     assert manifest.row_counts == {"pairs": 2} and manifest.outputs["pairs.parquet"]["rows"] == 2
     assert manifest.mlflow_run_id == "r1" and manifest.metrics == {"m": 1.0} and manifest.created_at
@@ -84,7 +100,7 @@ def test_sigkilled_writer_leaves_no_artifact_and_is_swept(tmp_path):
         import os, signal, pyarrow as pa
         from creditflow.storage.artifacts import ArtifactStore
         store = ArtifactStore({str(tmp_path)!r})
-        writer = store.writer("curate", "{'d' * 24}")
+        writer = store.writer("curate", "{"d" * 24}")
         writer.write_table("pairs", pa.table({{"x": list(range(1000))}}))
         os.kill(os.getpid(), signal.SIGKILL)
         """
@@ -104,7 +120,15 @@ def test_catalog_views_span_artifacts_and_record_runs(tmp_path):
     _publish(store, "b" * 24, rows=3)
     catalog = Catalog(tmp_path / "catalog.duckdb", store)
     assert catalog.refresh() == ["curate_pairs"]
-    catalog.record_stage_run(pipeline_run_id="p", mlflow_run_id="m", stage="curate", fingerprint="a" * 24, digest="d", cache_hit=True, row_counts={"pairs": 2})
+    catalog.record_stage_run(
+        pipeline_run_id="p",
+        mlflow_run_id="m",
+        stage="curate",
+        fingerprint="a" * 24,
+        digest="d",
+        cache_hit=True,
+        row_counts={"pairs": 2},
+    )
     columns, rows = catalog.query("SELECT fingerprint, count(*) FROM curate_pairs GROUP BY fingerprint ORDER BY 1")
     assert columns == ["fingerprint", "count_star()"] and rows == [("a" * 24, 2), ("b" * 24, 3)]
     assert catalog.query("SELECT stage, cache_hit FROM stage_runs")[1] == [("curate", True)]
@@ -127,16 +151,20 @@ def test_concurrent_processes_share_one_catalog(tmp_path):
         import sys
         from creditflow.storage.artifacts import ArtifactStore
         from creditflow.storage.catalog import Catalog
-        catalog = Catalog({str(tmp_path / 'catalog.duckdb')!r}, ArtifactStore({str(tmp_path / 'artifacts')!r}))
+        catalog = Catalog({str(tmp_path / "catalog.duckdb")!r}, ArtifactStore({str(tmp_path / "artifacts")!r}))
         for i in range(15):
-            catalog.record_stage_run(pipeline_run_id=sys.argv[1], mlflow_run_id=str(i), stage="curate", fingerprint="f", digest="d", cache_hit=False, row_counts={{}})
+            catalog.record_stage_run(pipeline_run_id=sys.argv[1], mlflow_run_id=str(i), stage="curate",
+                                     fingerprint="f", digest="d", cache_hit=False, row_counts={{}})
             catalog.refresh()
         """
     )
     procs = [subprocess.Popen([sys.executable, "-c", script, name]) for name in ("a", "b")]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     catalog = Catalog(tmp_path / "catalog.duckdb", ArtifactStore(tmp_path / "artifacts"))
-    assert catalog.query("SELECT pipeline_run_id, count(*) FROM stage_runs GROUP BY 1 ORDER BY 1")[1] == [("a", 15), ("b", 15)]
+    assert catalog.query("SELECT pipeline_run_id, count(*) FROM stage_runs GROUP BY 1 ORDER BY 1")[1] == [
+        ("a", 15),
+        ("b", 15),
+    ]
 
 
 def test_fingerprint_covers_every_row_affecting_knob(tmp_path):
@@ -148,7 +176,9 @@ def test_fingerprint_covers_every_row_affecting_knob(tmp_path):
     build_tiny_tokenizer(tok_b, ["another corpus entirely"] * 5, vocab_size=300)
 
     def fingerprint(**curate):
-        cfg = load_config(None, {"curate.sources": [{"path": str(data)}], **{f"curate.{k}": v for k, v in curate.items()}})
+        cfg = load_config(
+            None, {"curate.sources": [{"path": str(data)}], **{f"curate.{k}": v for k, v in curate.items()}}
+        )
         return plan_stage("curate", cfg, {}).fingerprint
 
     base = fingerprint()
