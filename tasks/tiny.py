@@ -34,3 +34,46 @@ def build_tiny_tokenizer(out_dir: str | Path, corpus: list[str], vocab_size: int
     )
     fast.save_pretrained(str(out_dir))
     return fast
+
+
+def tiny_llama_config(tokenizer: PreTrainedTokenizerFast, **overrides):
+    """A ~100K-parameter Llama shape: fast enough for CPU tests, real enough to exercise every code path."""
+    from transformers import LlamaConfig
+
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def build_tiny_causal_lm(out_dir: str | Path, corpus: list[str], seed: int = 0, **overrides) -> Path:
+    """Tokenizer + randomly initialized tiny Llama causal LM saved to ``out_dir`` (loads with AutoModelForCausalLM)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer(out_dir, corpus)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(tiny_llama_config(tokenizer, **overrides)).save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
+def build_tiny_reward_backbone(out_dir: str | Path, corpus: list[str], seed: int = 0, **overrides) -> Path:
+    """Tokenizer + tiny Llama sequence classifier (1 label) saved to ``out_dir``: a stand-in reward-model base."""
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    tokenizer = build_tiny_tokenizer(out_dir, corpus)
+    torch.manual_seed(seed)
+    LlamaForSequenceClassification(tiny_llama_config(tokenizer, num_labels=1, **overrides)).save_pretrained(str(out_dir))
+    return Path(out_dir)
