@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 from creditflow.tasks.curate import CurateConfig
+from creditflow.tasks.onpolicy import OnPolicyConfig
+from creditflow.tasks.reward_model import RewardModelConfig
 
 
 class ConfigError(ValueError):
@@ -26,6 +28,8 @@ class PipelineConfig:
     experiment: str = "creditflow"  # MLflow experiment name
     workspace: str | None = None  # overridden by --workspace / $CREDITFLOW_WORKSPACE
     curate: CurateConfig = field(default_factory=CurateConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:

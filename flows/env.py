@@ -13,6 +13,7 @@ DEFAULTS = {
     # The temporary Prefect server needs ~10 s on a cold 2-core machine; Prefect's default allows 20.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers weight loading/saving bars; our stages show their own
 }
 
 

@@ -41,7 +41,29 @@ def curate_flow(
     return _run_one("curate", config, workspace, refresh, mlflow_parent_run_id, progress)
 
 
-STAGE_FLOWS = {"curate": curate_flow}
+@flow(name="reward_model", description=STAGES["reward_model"].description)
+def reward_model_flow(
+    config: dict[str, Any] | None = None,
+    workspace: str | None = None,
+    refresh: bool = False,
+    mlflow_parent_run_id: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    return _run_one("reward_model", config, workspace, refresh, mlflow_parent_run_id, progress)
+
+
+@flow(name="onpolicy", description=STAGES["onpolicy"].description)
+def onpolicy_flow(
+    config: dict[str, Any] | None = None,
+    workspace: str | None = None,
+    refresh: bool = False,
+    mlflow_parent_run_id: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    return _run_one("onpolicy", config, workspace, refresh, mlflow_parent_run_id, progress)
+
+
+STAGE_FLOWS = {"curate": curate_flow, "reward_model": reward_model_flow, "onpolicy": onpolicy_flow}
 
 
 @flow(name="creditflow-pipeline", description="Curate -> reward model -> token rewards -> policy optimization.")
@@ -59,11 +81,11 @@ def pipeline_flow(
     """
     cfg = config_from_dict(config)
     ws = Workspace.resolve(workspace or cfg.workspace)
-    order = list(STAGES)
+    order = [name for name, stage in STAGES.items() if stage.enabled(cfg)]
     refresh = list(refresh or [])
-    unknown = [s for s in [*refresh, *([from_stage] if from_stage else [])] if s not in STAGES]
+    unknown = [s for s in [*refresh, *([from_stage] if from_stage else [])] if s not in order]
     if unknown:
-        raise ValueError(f"unknown stage {unknown[0]!r} (stages: {', '.join(order)})")
+        raise ValueError(f"unknown or disabled stage {unknown[0]!r} (stages in this config: {', '.join(order)})")
     start = order.index(from_stage) if from_stage else 0
 
     started = dt.datetime.now().strftime("%Y%m%d-%H%M%S")

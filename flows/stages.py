@@ -19,7 +19,7 @@ from creditflow.storage.catalog import Catalog
 from creditflow.storage.hashing import code_version, sha256_json
 from creditflow.storage.tracking import Run, client_for
 from creditflow.storage.workspace import Workspace
-from creditflow.tasks import curate, ingest, schema, tokenization
+from creditflow.tasks import curate, ingest, onpolicy, reward_model, schema, tokenization
 from creditflow.tasks.stage import StageContext
 from prefect import task
 from prefect.context import TaskRunContext
@@ -37,6 +37,7 @@ class Stage:
     input_digests: Callable[[Any], dict[str, Any]]  # digests of non-artifact inputs (data files, tokenizers, models)
     compute: Callable[[StageContext], dict[str, float]]
     code_modules: tuple[ModuleType, ...]  # modules whose source changes the stage's rows
+    enabled: Callable[[PipelineConfig], bool] = lambda cfg: True  # optional stages are skipped when disabled
 
 
 def _curate_inputs(config: curate.CurateConfig) -> dict[str, Any]:
@@ -44,6 +45,12 @@ def _curate_inputs(config: curate.CurateConfig) -> dict[str, Any]:
     if config.tokenizer:
         inputs["tokenizer"] = tokenization.tokenizer_fingerprint(tokenization.load_tokenizer(config.tokenizer))
     return inputs
+
+
+def _model_digest(spec: str) -> str:
+    from creditflow.tasks.models import model_fingerprint, resolve_model
+
+    return model_fingerprint(resolve_model(spec))
 
 
 STAGES: dict[str, Stage] = {
@@ -55,6 +62,25 @@ STAGES: dict[str, Stage] = {
         input_digests=_curate_inputs,
         compute=curate.compute_curate,
         code_modules=(curate, ingest, schema, tokenization),
+    ),
+    "reward_model": Stage(
+        name="reward_model",
+        description="Train a Bradley-Terry reward model on the curated pairs; evaluate on the eval split.",
+        upstream=("curate",),
+        section=lambda cfg: cfg.reward_model,
+        input_digests=lambda c: {"base_model": reward_model.base_model_digest(c.base_model)},
+        compute=reward_model.compute_reward_model,
+        code_modules=(reward_model, tokenization),
+    ),
+    "onpolicy": Stage(
+        name="onpolicy",
+        description="Sample k responses per prompt from the reference policy; reward-model best vs worst become pairs.",
+        upstream=("curate", "reward_model"),
+        section=lambda cfg: cfg.onpolicy,
+        input_digests=lambda c: {"policy": _model_digest(c.policy)},
+        compute=onpolicy.compute_onpolicy,
+        code_modules=(onpolicy, reward_model, schema, tokenization),
+        enabled=lambda cfg: cfg.onpolicy.enabled,
     ),
 }
 
@@ -71,10 +97,16 @@ class StagePlan:
     config: dict[str, Any]
 
 
+def active_upstream(name: str, cfg: PipelineConfig) -> list[str]:
+    """Upstream stages that run under this config (a disabled optional stage is not an input)."""
+    return [u for u in STAGES[name].upstream if STAGES[u].enabled(cfg)]
+
+
 def plan_stage(name: str, cfg: PipelineConfig, upstream: dict[str, Manifest]) -> StagePlan:
     stage = STAGES[name]
     section = stage.section(cfg)
-    inputs = {"upstream": {u: upstream[u].digest for u in stage.upstream}, **stage.input_digests(section)}
+    digests = {u: upstream[u].digest for u in active_upstream(name, cfg)}
+    inputs = {"upstream": digests, **stage.input_digests(section)}
     config = to_dict(section)
     key = {"stage": name, "config": config, "inputs": inputs, "code": code_version(stage.code_modules)}
     return StagePlan(stage, sha256_json(key)[:FINGERPRINT_CHARS], inputs, config)
@@ -86,7 +118,7 @@ def resolve_upstream(name: str, cfg: PipelineConfig, workspace: Workspace) -> di
 
     def visit(stage_name: str) -> Manifest:
         if stage_name not in resolved:
-            deps = {u: visit(u) for u in STAGES[stage_name].upstream}
+            deps = {u: visit(u) for u in active_upstream(stage_name, cfg)}
             plan = plan_stage(stage_name, cfg, deps)
             if not workspace.store.exists(stage_name, plan.fingerprint):
                 raise StageNotReady(
@@ -97,7 +129,7 @@ def resolve_upstream(name: str, cfg: PipelineConfig, workspace: Workspace) -> di
             resolved[stage_name] = workspace.store.load(stage_name, plan.fingerprint)
         return resolved[stage_name]
 
-    for upstream_name in STAGES[name].upstream:
+    for upstream_name in active_upstream(name, cfg):
         visit(upstream_name)
     return resolved
 
@@ -136,7 +168,9 @@ def compute_stage(
     run = Run(client_for(workspace), mlflow_run_id)
     writer = store.writer(stage_name, fingerprint)
     try:
-        context = StageContext(plan.stage.section(cfg), workspace, upstream_manifests, writer, run, progress)
+        context = StageContext(
+            plan.stage.section(cfg), workspace, upstream_manifests, writer, run, progress, stage_name, fingerprint
+        )
         metrics = plan.stage.compute(context)
         manifest = store.publish(
             writer,

@@ -19,6 +19,18 @@ class StageContext:
     writer: ArtifactWriter  # outputs go here; they become visible only when the stage succeeds
     run: Run  # this stage's MLflow child run
     progress: bool = True
+    stage: str = ""
+    fingerprint: str = ""
+
+    @property
+    def checkpoint_dir(self):
+        """Where a long-running stage keeps resumable checkpoints for this exact fingerprint."""
+        return self.workspace.root / "checkpoints" / self.stage / self.fingerprint
 
     def read_upstream(self, stage: str, table: str) -> pa.Table:
         return self.workspace.store.read_table(self.upstream[stage], table)
+
+    def upstream_dir(self, stage: str):
+        """Folder of an upstream artifact, for outputs that are not tables (model checkpoints)."""
+        manifest = self.upstream[stage]
+        return self.workspace.store.path(manifest.stage, manifest.fingerprint)

@@ -11,9 +11,11 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 from creditflow.flows.config import PipelineConfig, to_dict
-from creditflow.flows.pipeline import curate_flow, pipeline_flow
+from creditflow.flows.pipeline import curate_flow, pipeline_flow, reward_model_flow
+from creditflow.flows.stages import StageNotReady
 from creditflow.storage.workspace import Workspace
 from creditflow.tasks.ingest import MalformedInputError
+from creditflow.tasks.tiny import build_tiny_causal_lm
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -28,9 +30,8 @@ def _config(**curate_overrides) -> dict:
 def _child_runs(workspace: Path, parent_run_id: str):
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("creditflow")
-    return client, client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
-    )
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return client, {run.data.tags["creditflow.stage"]: run for run in runs}
 
 
 def test_pipeline_writes_artifacts_catalog_and_mlflow_tree_then_hits_cache(tmp_path):
@@ -51,8 +52,8 @@ def test_pipeline_writes_artifacts_catalog_and_mlflow_tree_then_hits_cache(tmp_p
 
     # MLflow: one parent, one child per stage, tagged; metrics and manifest logged on the child.
     client, children = _child_runs(tmp_path, first["mlflow_run_id"])
-    assert [r.data.tags["creditflow.stage"] for r in children] == ["curate"]
-    child = children[0]
+    assert sorted(children) == ["curate", "reward_model"]
+    child = children["curate"]
     assert child.data.tags["creditflow.fingerprint"] == manifest["fingerprint"]
     assert child.data.tags["creditflow.cache_hit"] == "false"
     assert child.data.metrics["quarantined.duplicate"] == manifest["metrics"]["quarantined.duplicate"] > 0
@@ -75,12 +76,19 @@ def test_pipeline_writes_artifacts_catalog_and_mlflow_tree_then_hits_cache(tmp_p
     again = second["stages"]["curate"]
     assert again["cache_hit"] is True
     assert again["manifest"] == manifest  # the very same artifact, not a recomputation
+    assert second["stages"]["reward_model"]["cache_hit"] is True
     _, children = _child_runs(tmp_path, second["mlflow_run_id"])
-    assert children[0].data.tags["creditflow.cache_hit"] == "true"
-    assert children[0].data.tags["creditflow.source_run_id"] == manifest["mlflow_run_id"]
-    assert children[0].data.metrics["pairs_out"] == manifest["metrics"]["pairs_out"]
+    assert {name: run.data.tags["creditflow.cache_hit"] for name, run in children.items()} == {
+        "curate": "true",
+        "reward_model": "true",
+    }
+    assert children["curate"].data.tags["creditflow.source_run_id"] == manifest["mlflow_run_id"]
+    assert children["curate"].data.metrics["pairs_out"] == manifest["metrics"]["pairs_out"]
     with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
-        assert con.execute("SELECT list(cache_hit ORDER BY finished_at) FROM stage_runs").fetchone()[0] == [False, True]
+        hits = con.execute(
+            "SELECT list(cache_hit ORDER BY finished_at) FROM stage_runs WHERE stage = 'curate'"
+        ).fetchone()
+        assert hits[0] == [False, True]
 
 
 def test_row_affecting_knobs_and_input_content_are_cache_misses(tmp_path):
@@ -130,7 +138,7 @@ def test_refresh_from_and_deleted_artifacts_recompute(tmp_path):
     assert recovered["cache_hit"] is False
     assert (tmp_path / "artifacts" / "curate" / base["manifest"]["fingerprint"] / "pairs.parquet").is_file()
 
-    with pytest.raises(ValueError, match="unknown stage 'nope'"):
+    with pytest.raises(ValueError, match="unknown or disabled stage 'nope'"):
         pipeline_flow(config=cfg, workspace=str(tmp_path), from_stage="nope", progress=False)
 
 
@@ -171,6 +179,59 @@ def test_cli_in_a_new_process_hits_the_cache(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "hit" in out.stdout
     with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
-        rows = con.execute("SELECT fingerprint, cache_hit FROM stage_runs ORDER BY finished_at").fetchall()
+        rows = con.execute(
+            "SELECT fingerprint, cache_hit FROM stage_runs WHERE stage = 'curate' ORDER BY finished_at"
+        ).fetchall()
     fingerprint = first["stages"]["curate"]["manifest"]["fingerprint"]
     assert rows == [(fingerprint, False), (fingerprint, True)]
+
+
+def test_reward_model_stage_checkpoint_and_its_own_cache_key(tmp_path):
+    cfg = _config()
+    first = pipeline_flow(config=cfg, workspace=str(tmp_path), progress=False)["stages"]
+    rm = first["reward_model"]["manifest"]
+    model_dir = tmp_path / "artifacts" / "reward_model" / rm["fingerprint"] / "model"
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
+    assert rm["inputs"]["upstream"] == {"curate": first["curate"]["manifest"]["digest"]}
+    assert (
+        0.0 <= rm["metrics"]["eval.accuracy"] <= 1.0 and rm["row_counts"]["eval_scores"] == rm["metrics"]["eval_pairs"]
+    )
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    history = client.get_metric_history(first["reward_model"]["mlflow_run_id"], "train.loss")
+    assert len(history) == rm["metrics"]["train_pairs"] // 8 + (rm["metrics"]["train_pairs"] % 8 > 0)
+    artifacts = {a.path for a in client.list_artifacts(first["reward_model"]["mlflow_run_id"], "reward_model")}
+    assert "reward_model/eval_rewards.png" in artifacts and "reward_model/model" in artifacts
+
+    # A reward-model knob: curation is reused, the reward model is retrained.
+    cfg["reward_model"]["learning_rate"] = 1e-4
+    second = pipeline_flow(config=cfg, workspace=str(tmp_path), progress=False)["stages"]
+    assert second["curate"]["cache_hit"] is True and second["reward_model"]["cache_hit"] is False
+    assert second["reward_model"]["manifest"]["fingerprint"] != rm["fingerprint"]
+
+    # Run alone from cached curation; with no curated artifact for a config it refuses clearly.
+    alone = reward_model_flow(config=cfg, workspace=str(tmp_path), progress=False)
+    assert alone["cache_hit"] is True
+    cfg["curate"]["eval_fraction"] = 0.25
+    with pytest.raises(StageNotReady, match="needs the 'curate' artifact"):
+        reward_model_flow(config=cfg, workspace=str(tmp_path), progress=False)
+
+
+def test_onpolicy_stage_builds_pairs_from_policy_samples(tmp_path):
+    policy = build_tiny_causal_lm(tmp_path / "policy", ["It was a wonderful day at the park."] * 20, seed=3)
+    cfg = _config(sources=[{"builtin": "sample", "limit": 60}])
+    cfg["onpolicy"].update(enabled=True, policy=str(policy), samples_per_prompt=3, max_new_tokens=10, max_prompts=12)
+    result = pipeline_flow(config=cfg, workspace=str(tmp_path), progress=False)["stages"]
+    assert list(result) == ["curate", "reward_model", "onpolicy"]
+    manifest = result["onpolicy"]["manifest"]
+    assert manifest["inputs"]["upstream"].keys() == {"curate", "reward_model"}
+    assert manifest["metrics"]["prompts"] == 12
+    assert manifest["row_counts"]["pairs"] + manifest["row_counts"]["quarantine"] == 12
+    with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
+        bad = con.execute("SELECT count(*) FROM onpolicy_pairs WHERE score_chosen < score_rejected").fetchone()[0]
+        assert bad == 0
+        leaked = con.execute(
+            "SELECT count(*) FROM onpolicy_pairs o JOIN curate_pairs c USING (prompt_id) WHERE o.split <> c.split"
+        ).fetchone()[0]
+        assert leaked == 0
+    again = pipeline_flow(config=cfg, workspace=str(tmp_path), progress=False)["stages"]
+    assert all(stage["cache_hit"] for stage in again.values())

@@ -1,0 +1,193 @@
+"""Reward model: the Bradley-Terry loss, training on a tiny model, resume, scoring, on-policy pairs."""
+
+import math
+
+import pyarrow as pa
+import pytest
+import torch
+from creditflow.tasks import schema as S
+from creditflow.tasks.onpolicy import OnPolicyConfig, build_pairs, sample_responses, unique_prompts
+from creditflow.tasks.reward_model import (
+    PairData,
+    RewardModelConfig,
+    RewardScorer,
+    bradley_terry_loss,
+    train_reward_model,
+)
+from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
+from transformers import AutoModelForSequenceClassification
+
+GOOD = ["great", "wonderful", "lovely", "happy", "excellent"]
+BAD = ["awful", "terrible", "sad", "horrible", "boring"]
+
+
+def _separable(n: int, offset: int = 0) -> PairData:
+    prompts, chosen, rejected = [], [], []
+    for i in range(offset, offset + n):
+        prompts.append([{"role": "user", "content": f"How was day {i}?"}])
+        chosen.append([{"role": "assistant", "content": f"It was {GOOD[i % 5]} and {GOOD[(i + 2) % 5]}."}])
+        rejected.append([{"role": "assistant", "content": f"It was {BAD[i % 5]} and {BAD[(i + 3) % 5]}."}])
+    return PairData(prompts, chosen, rejected, [1.0] * n)
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    corpus = [f"It was {g} and {b}. How was day {i}?" for i, (g, b) in enumerate(zip(GOOD * 4, BAD * 4))]
+    return build_tiny_reward_backbone(tmp_path_factory.mktemp("rm_base"), corpus, seed=0)
+
+
+def test_bradley_terry_loss_matches_hand_computed_values():
+    r_c, r_r = torch.tensor([1.0, 0.5]), torch.tensor([0.0, 1.0])
+    # -log sigmoid(1) = 0.3132617, -log sigmoid(-0.5) = 0.9740770
+    assert bradley_terry_loss(r_c, r_r).item() == pytest.approx((0.3132617 + 0.9740770) / 2, abs=1e-6)
+    # margin m = [0.5, 0]: logits [0.5, -0.5] -> 0.4740770 and 0.9740770
+    margin = torch.tensor([0.5, 0.0])
+    assert bradley_terry_loss(r_c, r_r, margin).item() == pytest.approx((0.4740770 + 0.9740770) / 2, abs=1e-6)
+    # centering adds c * mean((r_c + r_r)^2) = 0.01 * (1 + 2.25) / 2
+    centered = bradley_terry_loss(r_c, r_r, center_coefficient=0.01).item()
+    assert centered == pytest.approx((0.3132617 + 0.9740770) / 2 + 0.01625, abs=1e-6)
+
+
+def test_bradley_terry_gradient_is_minus_sigmoid_of_minus_logit():
+    r_c = torch.tensor([1.0, 0.5], requires_grad=True)
+    r_r = torch.tensor([0.0, 1.0], requires_grad=True)
+    bradley_terry_loss(r_c, r_r).backward()
+    expected = torch.tensor([-1 / (1 + math.e), -1 / (1 + math.exp(-0.5))]) / 2  # -sigmoid(-(r_c - r_r)) / B
+    assert torch.allclose(r_c.grad, expected, atol=1e-6)
+    assert torch.allclose(r_r.grad, -expected, atol=1e-6)
+
+
+def test_training_changes_every_parameter_and_separates_the_eval_set(backbone):
+    config = RewardModelConfig(learning_rate=3e-3, epochs=3, batch_size=8, warmup_ratio=0.0, save_every=1000)
+    before = {
+        n: p.detach().clone()
+        for n, p in AutoModelForSequenceClassification.from_pretrained(backbone).named_parameters()
+    }
+    steps = []
+    _, model, history = train_reward_model(
+        backbone,
+        _separable(64),
+        _separable(32, offset=1000),
+        config,
+        on_step=lambda s, m: steps.append((s, m)),
+        progress=False,
+    )
+    unchanged = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(p.detach(), before[n])]
+    assert unchanged == []
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["eval.accuracy"] > 0.9
+    assert history[-1]["eval.margin"] > 0
+    train_losses = [m["train.loss"] for _, m in steps if "train.loss" in m]
+    assert len(train_losses) == 24 and sum(train_losses[-4:]) < sum(train_losses[:4])
+
+
+def test_interrupted_training_resumes_to_the_same_weights(backbone, tmp_path):
+    config = RewardModelConfig(
+        learning_rate=1e-3, epochs=2, batch_size=4, grad_accum=2, save_every=2, warmup_ratio=0.25
+    )
+    train, evaluation = _separable(24), _separable(8, offset=500)
+    _, straight, _ = train_reward_model(backbone, train, evaluation, config, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_five(step, metrics):
+        if step == 5 and "train.loss" in metrics:
+            raise Interrupt
+
+    checkpoints = tmp_path / "ckpt"
+    with pytest.raises(Interrupt):
+        train_reward_model(
+            backbone, train, evaluation, config, checkpoint_dir=checkpoints, on_step=stop_at_five, progress=False
+        )
+    assert torch.load(checkpoints / "state.pt", weights_only=False)["step"] == 4
+    resumed_steps = []
+    _, resumed, _ = train_reward_model(
+        backbone,
+        train,
+        evaluation,
+        config,
+        checkpoint_dir=checkpoints,
+        on_step=lambda s, m: resumed_steps.append(s),
+        progress=False,
+    )
+    assert resumed_steps[0] == 5  # continued, not restarted
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_scorer_is_independent_of_batching_and_padding(backbone):
+    data = _separable(10)
+    scorer = RewardScorer(backbone, batch_size=4)
+    batched = scorer.score(data.prompts, data.chosen)
+    one_by_one = [RewardScorer(backbone, batch_size=1).score([p], [c])[0] for p, c in zip(data.prompts, data.chosen)]
+    assert batched == pytest.approx(one_by_one, abs=1e-5)
+    assert len(set(round(x, 6) for x in batched)) > 1
+
+
+def test_onpolicy_pairs_are_valid_and_keep_the_prompt_split(backbone, tmp_path):
+    policy = build_tiny_causal_lm(tmp_path / "policy", ["It was great and lovely. How was day 3?"] * 10, seed=1)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    model = AutoModelForCausalLM.from_pretrained(policy).eval()
+    data = _separable(6)
+    rows = []
+    for i, prompt in enumerate(data.prompts):
+        rows.append(
+            {
+                **{k: None for k in S.PAIRS_SCHEMA.names},
+                "prompt": prompt,
+                "prompt_id": S.prompt_id(prompt),
+                "chosen": data.chosen[i],
+                "rejected": data.rejected[i],
+                "split": "eval" if i == 0 else "train",
+                "pair_id": f"p{i}",
+                "source": "t",
+                "source_row": str(i),
+            }
+        )
+    rows.append(dict(rows[1], pair_id="dup"))  # a second pair for the same prompt: one generation per prompt
+    prompts = unique_prompts(pa.Table.from_pylist(rows, schema=S.PAIRS_SCHEMA), limit=None)
+    assert prompts.num_rows == 6
+
+    config = OnPolicyConfig(policy=str(policy), samples_per_prompt=3, max_new_tokens=12, batch_size=4, seed=7)
+    samples = sample_responses(model, tokenizer, prompts.column("prompt").to_pylist(), config, progress=False)
+    assert samples == sample_responses(model, tokenizer, prompts.column("prompt").to_pylist(), config, progress=False)
+    assert [len(s) for s in samples] == [3] * 6
+    scorer = RewardScorer(backbone)
+    scores = [
+        scorer.score([p] * 3, [[{"role": "assistant", "content": t}] for t in texts])
+        for p, texts in zip(prompts.column("prompt").to_pylist(), samples)
+    ]
+    pairs, quarantine = build_pairs(prompts, samples, scores, "tiny", min_margin=0.0)
+    assert len(pairs) + len(quarantine) == 6
+    assert pairs, "a random tiny policy still yields distinct samples"
+    for pair in pairs:
+        assert (
+            pair["score_chosen"] >= pair["score_rejected"]
+            and pair["margin"] == pair["score_chosen"] - pair["score_rejected"]
+        )
+        assert pair["chosen"][0]["content"] and pair["chosen"] != pair["rejected"]
+        assert pair["split"] == ("eval" if pair["prompt_id"] == S.prompt_id(data.prompts[0]) else "train")
+    table = S.rows_to_table(pairs, S.PAIRS_SCHEMA)
+    assert table.schema == S.PAIRS_SCHEMA
+
+
+def test_onpolicy_quarantines_prompts_that_cannot_form_a_pair():
+    prompts = pa.table(
+        {
+            "prompt_id": ["a", "b", "c"],
+            "prompt": [[{"role": "user", "content": x}] for x in "abc"],
+            "split": ["train"] * 3,
+        }
+    )
+    samples = [["", "", "x"], ["same", "same", "same"], ["one", "two", "three"]]
+    scores = [[0.0, 0.0, 1.0], [0.1, 0.2, 0.3], [0.5, 0.5, 0.5]]
+    pairs, quarantine = build_pairs(prompts, samples, scores, "tiny", min_margin=0.0)
+    assert pairs == []
+    assert [(q["source_row"], q["rule"]) for q in quarantine] == [
+        ("prompt a", "empty"),
+        ("prompt b", "identical"),
+        ("prompt c", "margin"),
+    ]
