@@ -47,10 +47,15 @@ def _curate_inputs(config: curate.CurateConfig) -> dict[str, Any]:
     return inputs
 
 
-def _model_digest(spec: str) -> str:
+def _model_digest(spec: str) -> dict[str, str]:
+    """Weights and tokenizer of a model spec: both change what a stage computes."""
     from creditflow.tasks.models import model_fingerprint, resolve_model
 
-    return model_fingerprint(resolve_model(spec))
+    if spec == reward_model.TINY:
+        return {"tiny": "built from the upstream data"}
+    folder = resolve_model(spec)
+    tokenizer = tokenization.tokenizer_fingerprint(tokenization.load_tokenizer(str(folder)))
+    return {"weights": model_fingerprint(folder), "tokenizer": tokenizer}
 
 
 STAGES: dict[str, Stage] = {
@@ -68,7 +73,7 @@ STAGES: dict[str, Stage] = {
         description="Train a Bradley-Terry reward model on the curated pairs; evaluate on the eval split.",
         upstream=("curate",),
         section=lambda cfg: cfg.reward_model,
-        input_digests=lambda c: {"base_model": reward_model.base_model_digest(c.base_model)},
+        input_digests=lambda c: {"base_model": _model_digest(c.base_model)},
         compute=reward_model.compute_reward_model,
         code_modules=(reward_model, tokenization),
     ),

@@ -355,15 +355,6 @@ def base_model_folder(spec: str) -> Path:
     return resolve_model(spec)
 
 
-def base_model_digest(spec: str) -> str:
-    """Part of the stage fingerprint: the backbone's config and weights ("tiny" is built from upstream data)."""
-    if spec == TINY:
-        return TINY
-    from creditflow.tasks.models import model_fingerprint
-
-    return model_fingerprint(base_model_folder(spec))
-
-
 def _build_tiny_backbone(folder: Path, pairs: PairData, seed: int) -> Path:
     from creditflow.tasks.tiny import build_tiny_reward_backbone
 
