@@ -331,4 +331,5 @@ def _summary_figure(result: CurationResult):
     right.set_title(f"response length ({unit})")
     right.legend()
     fig.tight_layout()
+    plt.close(fig)  # logged, not shown: keep pyplot from accumulating figures
     return fig
