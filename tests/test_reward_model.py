@@ -191,3 +191,53 @@ def test_onpolicy_quarantines_prompts_that_cannot_form_a_pair():
         ("prompt b", "identical"),
         ("prompt c", "margin"),
     ]
+
+
+@pytest.fixture(scope="module")
+def encoder_backbone(tmp_path_factory):
+    """A tiny BERT (the MiniLM family): no chat template, reward read at CLS, prompt and response as a text pair."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("bert")
+    words = sorted({w.strip("?.").lower() for text in [*GOOD, *BAD, "how was day it and"] for w in text.split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *"0123456789?."]
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
+    assert "[UNK]" not in tokenizer.tokenize("It was great and lovely.")
+    tokenizer.save_pretrained(str(folder))
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=1,
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(str(folder))
+    return folder
+
+
+def test_encoder_backbone_uses_text_pairs_and_trains(encoder_backbone):
+    from creditflow.tasks.reward_model import encode_for_reward
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(encoder_backbone)
+    data = _separable(2)
+    encoded = encode_for_reward(tokenizer, data.prompts, data.chosen, max_length=64)
+    first = tokenizer.convert_ids_to_tokens(encoded["input_ids"][0])
+    assert first[0] == "[CLS]" and first.count("[SEP]") == 2 and set(encoded["token_type_ids"][0]) == {0, 1}
+    truncated = encode_for_reward(tokenizer, data.prompts, data.chosen, max_length=8)
+    assert all(len(ids) == 8 for ids in truncated["input_ids"])
+
+    config = RewardModelConfig(learning_rate=2e-3, epochs=3, batch_size=8, warmup_ratio=0.0)
+    _, model, history = train_reward_model(
+        encoder_backbone, _separable(48), _separable(16, offset=300), config, progress=False
+    )
+    assert history[-1]["eval.accuracy"] > 0.9
+    scorer = RewardScorer(encoder_backbone, batch_size=3)
+    batched = scorer.score(data.prompts * 3, (data.chosen + data.rejected) * 1 + data.chosen)
+    single = [
+        RewardScorer(encoder_backbone, batch_size=1).score([p], [c])[0]
+        for p, c in zip(data.prompts * 3, (data.chosen + data.rejected) + data.chosen)
+    ]
+    assert batched == pytest.approx(single, abs=1e-5)
