@@ -47,35 +47,52 @@ def policy_folder(spec: str) -> Path:
     return resolve_model(spec)
 
 
+def load_policy(folder: str | Path):
+    """(tokenizer, causal LM) for generation: bf16 on CUDA, fp32 on CPU, eval mode, a pad token set."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return tokenizer, AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
+
+
 @torch.no_grad()
 def sample_responses(
-    model, tokenizer, prompts: list[S.Messages], config: OnPolicyConfig, progress: bool
+    model,
+    tokenizer,
+    prompts: list[S.Messages],
+    *,
+    k: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    progress: bool = True,
 ) -> list[list[str]]:
-    """k sampled completions per prompt, decoded without special tokens. Seeded: same config, same samples."""
+    """k sampled completions per prompt, decoded without special tokens. Seeded: same arguments, same samples."""
     device = next(model.parameters()).device
-    torch.manual_seed(config.seed)
+    torch.manual_seed(seed)
     texts = render_prompts(tokenizer, prompts)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right edge
     results: list[list[str]] = []
     try:
-        for start in tqdm(
-            range(0, len(texts), config.batch_size), desc="on-policy samples", disable=not progress, leave=False
-        ):
+        for start in tqdm(range(0, len(texts), batch_size), desc="sampling", disable=not progress, leave=False):
             batch = tokenizer(
-                texts[start : start + config.batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
             ).to(device)
             output = model.generate(
                 **batch,
                 do_sample=True,
-                temperature=config.temperature,
-                top_p=config.top_p,
-                max_new_tokens=config.max_new_tokens,
-                num_return_sequences=config.samples_per_prompt,
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=k,
                 pad_token_id=tokenizer.pad_token_id,
             )
             decoded = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            k = config.samples_per_prompt
             results.extend([text.strip() for text in decoded[i : i + k]] for i in range(0, len(decoded), k))
     finally:
         tokenizer.padding_side = side
@@ -149,15 +166,20 @@ def unique_prompts(pairs: pa.Table, limit: int | None) -> pa.Table:
 def compute_onpolicy(ctx: StageContext) -> dict[str, float]:
     config: OnPolicyConfig = ctx.config
     prompts = unique_prompts(ctx.read_upstream("curate", "pairs"), config.max_prompts)
-    folder = policy_folder(config.policy)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
+    tokenizer, model = load_policy(policy_folder(config.policy))
     prompt_messages = prompts.column("prompt").to_pylist()
-    samples = sample_responses(model, tokenizer, prompt_messages, config, ctx.progress)
+    samples = sample_responses(
+        model,
+        tokenizer,
+        prompt_messages,
+        k=config.samples_per_prompt,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        progress=ctx.progress,
+    )
     del model
 
     scorer = RewardScorer(ctx.upstream_dir("reward_model") / "model")

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 import torch
 from creditflow.tasks import schema as S
-from creditflow.tasks.onpolicy import OnPolicyConfig, build_pairs, sample_responses, unique_prompts
+from creditflow.tasks.onpolicy import build_pairs, sample_responses, unique_prompts
 from creditflow.tasks.reward_model import (
     PairData,
     RewardModelConfig,
@@ -151,9 +151,9 @@ def test_onpolicy_pairs_are_valid_and_keep_the_prompt_split(backbone, tmp_path):
     prompts = unique_prompts(pa.Table.from_pylist(rows, schema=S.PAIRS_SCHEMA), limit=None)
     assert prompts.num_rows == 6
 
-    config = OnPolicyConfig(policy=str(policy), samples_per_prompt=3, max_new_tokens=12, batch_size=4, seed=7)
-    samples = sample_responses(model, tokenizer, prompts.column("prompt").to_pylist(), config, progress=False)
-    assert samples == sample_responses(model, tokenizer, prompts.column("prompt").to_pylist(), config, progress=False)
+    sampling = dict(k=3, temperature=0.8, top_p=0.95, max_new_tokens=12, batch_size=4, seed=7, progress=False)
+    samples = sample_responses(model, tokenizer, prompts.column("prompt").to_pylist(), **sampling)
+    assert samples == sample_responses(model, tokenizer, prompts.column("prompt").to_pylist(), **sampling)
     assert [len(s) for s in samples] == [3] * 6
     scorer = RewardScorer(backbone)
     scores = [
