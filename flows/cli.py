@@ -91,6 +91,9 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Run the whole pipeline (cached stages are reused)."""
+    from creditflow.flows.ops import use_servers
+
+    use_servers(workspace)  # before Prefect is imported
     from creditflow.flows.pipeline import pipeline_flow
 
     try:
@@ -123,6 +126,9 @@ def stage(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Run one stage alone; its upstream artifacts must already be in the workspace."""
+    from creditflow.flows.ops import use_servers
+
+    use_servers(workspace)  # before Prefect is imported
     from creditflow.flows.pipeline import STAGE_FLOWS
 
     if name not in STAGE_FLOWS:
@@ -166,9 +172,14 @@ def ui(
     workspace: Optional[str] = WorkspaceOpt,
     port: int = typer.Option(5000, help="Port on 127.0.0.1."),
 ) -> None:
-    """Serve the MLflow UI for this workspace on 127.0.0.1 (Ctrl-C to stop)."""
+    """Serve the MLflow UI for this workspace on 127.0.0.1 (Ctrl-C to stop); with `creditflow up`, print its URL."""
+    from creditflow.flows.ops import use_servers
     from creditflow.storage.workspace import Workspace
 
+    server = use_servers(workspace).get("MLFLOW_TRACKING_URI")
+    if server:
+        console.print(f"MLflow UI: {server}   (the server started by `creditflow up`)")
+        return
     ws = Workspace.resolve(workspace)
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     console.print(f"MLflow UI: http://127.0.0.1:{port}")
@@ -208,6 +219,126 @@ def data_sample(
     from creditflow.tasks.sample_data import write_sample
 
     console.print(f"{out}: {write_sample(out, prompts, seed)} rows")
+
+
+artifacts_app = typer.Typer(help="The artifact store.", no_args_is_help=True)
+app.add_typer(artifacts_app, name="artifacts")
+
+
+@app.command()
+def up(
+    workspace: Optional[str] = WorkspaceOpt,
+    prefect_port: int = typer.Option(4200, help="Prefect server port on 127.0.0.1."),
+    mlflow_port: int = typer.Option(5000, help="MLflow server port on 127.0.0.1."),
+    timeout: float = typer.Option(120.0, help="Seconds to wait for both servers to answer their health checks."),
+) -> None:
+    """Start local Prefect and MLflow servers for this workspace; later creditflow commands use them."""
+    from creditflow.flows import ops
+
+    try:
+        env = ops.up(workspace, {"prefect": prefect_port, "mlflow": mlflow_port}, timeout=timeout)
+    except RuntimeError as exc:
+        _fail(exc)
+    for key, value in env.items():
+        console.print(f"{key}={value}")
+    _print_servers(workspace)
+
+
+@app.command()
+def down(
+    workspace: Optional[str] = WorkspaceOpt,
+    grace: float = typer.Option(10.0, help="Seconds between SIGTERM and SIGKILL."),
+) -> None:
+    """Stop the servers started by `creditflow up`."""
+    from creditflow.flows import ops
+
+    for name, outcome in ops.down(workspace, grace=grace).items():
+        console.print(f"{name}: {outcome}")
+
+
+def _print_servers(workspace: Optional[str]) -> None:
+    from creditflow.flows import ops
+
+    table = Table("server", "pid", "url", "health", "log")
+    for row in ops.status(workspace):
+        health = "[green]ok[/]" if row["healthy"] else "[red]down[/]"
+        table.add_row(row["server"], str(row["pid"] or "-"), row["url"] or "-", health, row["log"])
+    console.print(table)
+
+
+@app.command()
+def status(workspace: Optional[str] = WorkspaceOpt) -> None:
+    """Show the local servers' pid, URL and health."""
+    _print_servers(workspace)
+
+
+@app.command()
+def serve(
+    config: Optional[Path] = ConfigOpt,
+    workspace: Optional[str] = WorkspaceOpt,
+    set_: Optional[list[str]] = SetOpt,
+    cron: Optional[str] = typer.Option(None, help='Cron schedule, e.g. "0 3 * * *".'),
+    interval: Optional[float] = typer.Option(None, help="Run every this many seconds."),
+    name: str = typer.Option("scheduled", help="Deployment name: creditflow-pipeline/<name>."),
+) -> None:
+    """Register the pipeline as a scheduled Prefect deployment and run its flow runs (Ctrl-C to stop)."""
+    from creditflow.flows import ops
+
+    ops.use_servers(workspace)  # before Prefect is imported
+    try:
+        ops.serve(_config_dict(config, set_), workspace, name, cron=cron, interval=interval)
+    except (ValueError, RuntimeError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def runs(
+    workspace: Optional[str] = WorkspaceOpt,
+    limit: int = typer.Option(10, help="Most recent runs to show."),
+) -> None:
+    """Recent pipeline runs: each stage's fingerprint, cache hit and whether its artifact still exists."""
+    from creditflow.flows import ops
+
+    ops.use_servers(workspace)
+    table = Table("run", "status", "finished", "stage", "fingerprint", "cache", "artifact")
+    for run in ops.list_runs(workspace, limit):
+        for i, stage in enumerate(run["stages"]):
+            table.add_row(
+                (run["name"] or run["run_id"]) if i == 0 else "",
+                (run["status"] or "?") if i == 0 else "",
+                str(run["finished_at"])[:19] if i == 0 else "",
+                stage["stage"],
+                stage["fingerprint"],
+                "hit" if stage["cache_hit"] else "computed",
+                "yes" if stage["artifact"] else "deleted",
+            )
+    console.print(table)
+
+
+@artifacts_app.command("gc")
+def artifacts_gc(
+    keep: int = typer.Option(..., "--keep", min=0, help="Keep the artifacts of this many most recent runs."),
+    workspace: Optional[str] = WorkspaceOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only print what would be removed."),
+    min_age: float = typer.Option(
+        600.0, help="Never remove artifacts younger than this many seconds (a running pipeline may need them)."
+    ),
+) -> None:
+    """Delete artifacts that none of the N most recent runs (or their upstream artifacts) reference."""
+    from creditflow.storage.gc import collect_garbage
+    from creditflow.storage.workspace import Workspace
+
+    ws = Workspace.resolve(workspace)
+    report = collect_garbage(ws, keep, dry_run=dry_run, min_age=min_age)
+    verb = "would remove" if dry_run else "removed"
+    for stage_name, fingerprint, size in report.removed:
+        console.print(f"{verb} {ws.store.path(stage_name, fingerprint)}  ({size:,} bytes)")
+    for stage_name, fingerprint in report.too_young:
+        console.print(f"kept {stage_name}/{fingerprint}: younger than {min_age:.0f}s")
+    console.print(
+        f"{verb} {len(report.removed)} artifacts, {report.bytes_freed:,} bytes; "
+        f"kept {len(report.kept)} used by {len(report.kept_runs)} runs"
+    )
 
 
 def main() -> None:

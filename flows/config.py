@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from creditflow.tasks.curate import CurateConfig
 from creditflow.tasks.onpolicy import OnPolicyConfig
 from creditflow.tasks.reward_model import RewardModelConfig

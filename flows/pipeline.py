@@ -8,11 +8,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from prefect import flow
+
 from creditflow.flows.config import config_from_dict
 from creditflow.flows.stages import STAGES, execute_stage
 from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
-from prefect import flow
 
 
 def _run_one(

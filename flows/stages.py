@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable
 
+from prefect import task
+from prefect.context import TaskRunContext
+
 from creditflow.flows.config import PipelineConfig, config_from_dict, to_dict
 from creditflow.storage.artifacts import ArtifactError, Manifest
 from creditflow.storage.catalog import Catalog
@@ -21,8 +24,6 @@ from creditflow.storage.tracking import Run, client_for
 from creditflow.storage.workspace import Workspace
 from creditflow.tasks import curate, ingest, onpolicy, reward_model, schema, tokenization
 from creditflow.tasks.stage import StageContext
-from prefect import task
-from prefect.context import TaskRunContext
 
 FINGERPRINT_CHARS = 24
 TAG = "creditflow."

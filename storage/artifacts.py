@@ -18,10 +18,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from creditflow.storage.hashing import git_commit, sha256_file, sha256_json
-from creditflow.storage.locks import file_lock
 
 import creditflow
+from creditflow.storage.hashing import git_commit, sha256_file, sha256_json
+from creditflow.storage.locks import file_lock
 
 MANIFEST = "manifest.json"
 

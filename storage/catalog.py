@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+
 from creditflow.storage.artifacts import ArtifactStore
 from creditflow.storage.locks import file_lock
 

@@ -7,17 +7,30 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from creditflow.storage.workspace import Workspace
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from creditflow.storage.locks import file_lock
+from creditflow.storage.workspace import Workspace
 
 _BATCH = 100
 _PARAM_MAX = 6000
 
 
+_SQLITE_READY: set[str] = set()
+
+
 def client_for(workspace: Workspace) -> MlflowClient:
-    return MlflowClient(tracking_uri=workspace.mlflow_tracking_uri)
+    uri = workspace.mlflow_tracking_uri
+    client = MlflowClient(tracking_uri=uri)
+    if uri.startswith("sqlite:") and uri not in _SQLITE_READY:
+        # MLflow creates and migrates a new SQLite store on its first use in a process; two processes doing it
+        # at once on a fresh workspace collide ("duplicate column name"), so that first use is serialized.
+        with file_lock(workspace.root / "mlflow.lock"):
+            client.search_experiments(max_results=1)
+        _SQLITE_READY.add(uri)
+    return client
 
 
 def ensure_experiment(workspace: Workspace, name: str) -> str:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+from tqdm.auto import tqdm
+
 from creditflow.storage.hashing import sha256_text
 from creditflow.tasks import schema as S
 from creditflow.tasks.ingest import (
@@ -31,7 +33,6 @@ from creditflow.tasks.ingest import (
 )
 from creditflow.tasks.schema import completion_text
 from creditflow.tasks.stage import StageContext
-from tqdm.auto import tqdm
 
 RULES = ("schema", "empty", "identical", "duplicate", "tie", "margin", "length")
 _RAW_MAX_CHARS = 20_000

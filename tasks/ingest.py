@@ -28,6 +28,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+
 from creditflow.storage.hashing import sha256_file
 from creditflow.tasks.schema import ROLES, Messages
 

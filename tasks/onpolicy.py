@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from creditflow.tasks import schema as S
 from creditflow.tasks.reward_model import RewardScorer
 from creditflow.tasks.stage import StageContext
 from creditflow.tasks.tokenization import render_prompts
-from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 @dataclass

@@ -24,10 +24,11 @@ from typing import Callable
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from creditflow.tasks.schema import Messages, completion_text
-from creditflow.tasks.stage import StageContext
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_cosine_schedule_with_warmup
+
+from creditflow.tasks.schema import Messages, completion_text
+from creditflow.tasks.stage import StageContext
 
 TINY = "tiny"  # build a tiny backbone from the curated text: the offline fallback, and what tests use
 

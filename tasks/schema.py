@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
+
 from creditflow.storage.hashing import sha256_json
 
 ROLES = ("system", "user", "assistant", "tool")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+
 from creditflow.storage.artifacts import ArtifactWriter, Manifest
 from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace

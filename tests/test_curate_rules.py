@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
 from creditflow.tasks import schema as S
 from creditflow.tasks.curate import RULES, CurateConfig, CurateRules, curate, split_unit
 from creditflow.tasks.ingest import MalformedInputError, SourceConfig

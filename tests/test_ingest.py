@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from creditflow.tasks.curate import CurateConfig, CurateRules, curate
 from creditflow.tasks.ingest import (
     MalformedInputError,

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from creditflow.tasks.losses import PreferenceLossConfig, preference_loss, token_reward_correlation
 
 # Two pairs, three completion positions; the zeros under a zero mask are padding.

@@ -10,13 +10,14 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 import pytest
+from mlflow.tracking import MlflowClient
+
 from creditflow.flows.config import PipelineConfig, to_dict
 from creditflow.flows.pipeline import curate_flow, pipeline_flow, reward_model_flow
 from creditflow.flows.stages import StageNotReady
 from creditflow.storage.workspace import Workspace
 from creditflow.tasks.ingest import MalformedInputError
 from creditflow.tasks.tiny import build_tiny_causal_lm
-from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

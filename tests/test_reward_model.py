@@ -5,6 +5,8 @@ import math
 import pyarrow as pa
 import pytest
 import torch
+from transformers import AutoModelForSequenceClassification
+
 from creditflow.tasks import schema as S
 from creditflow.tasks.onpolicy import build_pairs, sample_responses, unique_prompts
 from creditflow.tasks.reward_model import (
@@ -15,7 +17,6 @@ from creditflow.tasks.reward_model import (
     train_reward_model,
 )
 from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
-from transformers import AutoModelForSequenceClassification
 
 GOOD = ["great", "wonderful", "lovely", "happy", "excellent"]
 BAD = ["awful", "terrible", "sad", "horrible", "boring"]
@@ -218,8 +219,9 @@ def encoder_backbone(tmp_path_factory):
 
 
 def test_encoder_backbone_uses_text_pairs_and_trains(encoder_backbone):
-    from creditflow.tasks.reward_model import encode_for_reward
     from transformers import AutoTokenizer
+
+    from creditflow.tasks.reward_model import encode_for_reward
 
     tokenizer = AutoTokenizer.from_pretrained(encoder_backbone)
     data = _separable(2)

@@ -9,6 +9,7 @@ import textwrap
 import duckdb
 import pyarrow as pa
 import pytest
+
 from creditflow.flows.config import ConfigError, PipelineConfig, load_config
 from creditflow.flows.stages import plan_stage
 from creditflow.storage.artifacts import ArtifactError, ArtifactStore

@@ -1,0 +1,200 @@
+"""Evaluation: did the trained policy beat the reference policy it started from?
+
+Both policies answer the held-out (eval split) prompts with the same seeded sampling settings. Every answer is
+scored by the trained reward model and, when configured, by a gold scorer: a plugin ``module:function`` taking
+``(prompts, completions)`` and returning one float per completion; ``vader`` is built in (vaderSentiment's compound
+score, the sample task's ground truth). Reported: win rate against the reference (ties count half), mean reward,
+mean gold score, mean length; the comparison across every evaluation in the workspace (e.g. DPO vs DPO+T-REG) is
+drawn as a PNG.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import pyarrow as pa
+
+from creditflow.storage.artifacts import ArtifactStore, Manifest
+from creditflow.tasks import schema as S
+from creditflow.tasks.onpolicy import load_policy, sample_responses, unique_prompts
+from creditflow.tasks.reward_model import RewardScorer
+from creditflow.tasks.stage import StageContext
+
+GoldScorer = Callable[[list[S.Messages], list[str]], list[float]]
+
+
+@dataclass
+class EvaluateConfig:
+    max_prompts: int | None = 64  # eval-split prompts, in curated order
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    seed: int = 0
+    gold_scorer: str | None = "vader"  # "vader", "package.module:function", or null
+
+
+def vader_scorer(prompts: list[S.Messages], completions: list[str]) -> list[float]:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return [analyzer.polarity_scores(text)["compound"] for text in completions]
+
+
+def load_gold_scorer(spec: str) -> GoldScorer:
+    if spec == "vader":
+        return vader_scorer
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"gold_scorer {spec!r}: expected 'vader' or 'package.module:function'")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"gold_scorer {spec!r}: cannot import ({exc})") from exc
+
+
+def win_rate(policy: list[float], reference: list[float]) -> float:
+    """Share of prompts where the policy's score beats the reference's; a tie counts half."""
+    if not policy:
+        return float("nan")
+    return sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy, reference)) / len(policy)
+
+
+def method_label(policy_config: dict) -> str:
+    """ "dpo", "dpo + T-REG (contrastive, α=0.25)", ... from a policy manifest's config."""
+    loss = policy_config.get("loss", {})
+    label = loss.get("loss_type", "policy")
+    if loss.get("alpha", 0):
+        label += f" + T-REG ({policy_config.get('token_reward_source', '?')}, α={loss['alpha']:g})"
+    return label
+
+
+def compute_evaluate(ctx: StageContext) -> dict[str, float]:
+    config: EvaluateConfig = ctx.config
+    pairs_stage = "onpolicy" if "onpolicy" in ctx.upstream else "curate"
+    pairs = ctx.read_upstream(pairs_stage, "pairs")
+    held_out = pairs.filter(pa.array([s == "eval" for s in pairs.column("split").to_pylist()]))
+    prompts = unique_prompts(held_out, config.max_prompts)
+    messages = prompts.column("prompt").to_pylist()
+    if not messages:
+        raise ValueError(f"evaluate: the {pairs_stage} pairs have no eval-split prompts")
+
+    from creditflow.tasks.models import resolve_model
+
+    systems = {
+        "policy": ctx.upstream_dir("policy") / "model",
+        "reference": resolve_model(ctx.upstream["token_rewards"].config["model"]),
+    }
+    completions: dict[str, list[str]] = {}
+    for name, folder in systems.items():
+        tokenizer, model = load_policy(folder)
+        samples = sample_responses(
+            model,
+            tokenizer,
+            messages,
+            k=1,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            progress=ctx.progress,
+        )
+        completions[name] = [s[0] for s in samples]
+        del model
+
+    scorer = RewardScorer(ctx.upstream_dir("reward_model") / "model")
+    gold = load_gold_scorer(config.gold_scorer) if config.gold_scorer else None
+    rm_scores, gold_scores = {}, {}
+    for name, texts in completions.items():
+        rm_scores[name] = scorer.score(messages, [[{"role": "assistant", "content": t}] for t in texts])
+        gold_scores[name] = [float(x) for x in gold(messages, texts)] if gold else [None] * len(texts)
+
+    rows = [
+        {
+            "prompt_id": prompt_id,
+            "prompt": prompt[-1]["content"],
+            "system": name,
+            "completion": completions[name][i],
+            "rm_score": rm_scores[name][i],
+            "gold_score": gold_scores[name][i],
+            "length": len(completions[name][i]),
+        }
+        for name in systems
+        for i, (prompt_id, prompt) in enumerate(zip(prompts.column("prompt_id").to_pylist(), messages))
+    ]
+    ctx.writer.write_table("generations", pa.Table.from_pylist(rows))
+    ctx.run.log_rows(rows[: 2 * 50], "evaluate/generations.json")
+
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    metrics = {
+        "prompts": len(messages),
+        "win_rate_rm": win_rate(rm_scores["policy"], rm_scores["reference"]),
+        "rm_score.policy": mean(rm_scores["policy"]),
+        "rm_score.reference": mean(rm_scores["reference"]),
+        "length.policy": mean([len(t) for t in completions["policy"]]),
+        "length.reference": mean([len(t) for t in completions["reference"]]),
+    }
+    if gold:
+        metrics.update(
+            {
+                "win_rate_gold": win_rate(gold_scores["policy"], gold_scores["reference"]),
+                "gold_score.policy": mean(gold_scores["policy"]),
+                "gold_score.reference": mean(gold_scores["reference"]),
+            }
+        )
+    policy = ctx.upstream["policy"]
+    if "token_reward_correlation" in policy.metrics:
+        metrics["token_reward_correlation"] = policy.metrics["token_reward_correlation"]
+    current = _comparison_row(policy, "now", metrics)
+    ctx.run.log_figure(comparison_figure([*comparison_rows(ctx.workspace.store), current]), "evaluate/comparison.png")
+    return metrics
+
+
+def comparison_rows(store: ArtifactStore) -> list[dict]:
+    """One row per evaluation in the store: its method (from the policy it evaluated) and headline metrics."""
+    policies: dict[str, Manifest] = {m.digest: m for m in store.manifests("policy")}
+    rows = [
+        _comparison_row(policies.get(m.inputs["upstream"].get("policy", "")), m.created_at, m.metrics)
+        for m in store.manifests("evaluate")
+    ]
+    return sorted(rows, key=lambda r: r["created_at"])
+
+
+COMPARED = ("gold_score.policy", "gold_score.reference", "rm_score.policy", "win_rate_rm", "win_rate_gold")
+
+
+def _comparison_row(policy: Manifest | None, created_at: str, metrics: dict[str, float]) -> dict:
+    return {
+        "method": method_label(policy.config) if policy else "?",
+        "seed": policy.config.get("seed") if policy else None,
+        "created_at": created_at,
+        **{key: metrics.get(key) for key in COMPARED},
+    }
+
+
+def comparison_figure(rows: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("win_rate_rm", "win rate vs reference (RM)"),
+        ("win_rate_gold", "win rate vs reference (gold)"),
+        ("gold_score.policy", "mean gold score"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
+    labels = [f"{r['method']}\n{r['created_at'][5:16]}" for r in rows]  # method + when: reruns stay apart
+    for ax, (key, title) in zip(axes, panels):
+        values = [r[key] if r[key] is not None else 0.0 for r in rows]
+        ax.bar(range(len(rows)), values, color=["#4f81bd" if "T-REG" not in r["method"] else "#9bbb59" for r in rows])
+        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=7)
+        ax.set_title(title)
+        if key.startswith("win_rate"):
+            ax.axhline(0.5, color="black", lw=0.8, ls="--")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
