@@ -1,0 +1,73 @@
+"""Evaluation helpers: win rates, gold scorers (built-in and plugin), method labels, comparison rows."""
+
+import pytest
+
+from creditflow.storage.artifacts import ArtifactStore
+from creditflow.tasks.evaluate import comparison_figure, comparison_rows, load_gold_scorer, method_label, win_rate
+
+
+def length_scorer(prompts, completions):
+    """A plugin gold scorer for the test: longer is better."""
+    return [float(len(c)) for c in completions]
+
+
+def test_win_rate_counts_ties_half():
+    assert win_rate([1.0, 2.0, 3.0, 0.0], [0.0, 2.0, 4.0, -1.0]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert win_rate([], []) != win_rate([], [])  # nan: no prompts, no verdict
+
+
+def test_gold_scorers():
+    vader = load_gold_scorer("vader")
+    happy, sad = vader([[]] * 2, ["What a wonderful, lovely day!", "This is awful and sad."])
+    assert happy > 0.5 and sad < -0.5
+    plugin = load_gold_scorer("test_evaluate:length_scorer")
+    assert plugin([[]], ["abc"]) == [3.0]
+    with pytest.raises(ValueError, match="expected 'vader' or 'package.module:function'"):
+        load_gold_scorer("nonsense")
+    with pytest.raises(ValueError, match="cannot import"):
+        load_gold_scorer("no_such_module_xyz:f")
+
+
+def test_method_labels():
+    assert method_label({"loss": {"loss_type": "dpo", "alpha": 0.0}}) == "dpo"
+    label = method_label({"loss": {"loss_type": "simpo", "alpha": 0.25}, "token_reward_source": "contrastive"})
+    assert label == "simpo + T-REG (contrastive, α=0.25)"
+
+
+def test_comparison_rows_join_evaluations_to_their_policies(tmp_path):
+    import pyarrow as pa
+
+    store = ArtifactStore(tmp_path)
+
+    def publish(stage, fingerprint, config, inputs, metrics):
+        writer = store.writer(stage, fingerprint)
+        writer.write_table("t", pa.table({"x": [fingerprint]}))
+        return store.publish(
+            writer,
+            stage=stage,
+            fingerprint=fingerprint,
+            inputs=inputs,
+            config=config,
+            code_version="v",
+            metrics=metrics,
+        )
+
+    dpo = publish("policy", "a" * 24, {"loss": {"loss_type": "dpo", "alpha": 0.0}, "seed": 1}, {}, {})
+    treg = publish(
+        "policy",
+        "b" * 24,
+        {"loss": {"loss_type": "dpo", "alpha": 0.25}, "token_reward_source": "contrastive", "seed": 1},
+        {},
+        {},
+    )
+    publish(
+        "evaluate", "c" * 24, {}, {"upstream": {"policy": dpo.digest}}, {"win_rate_rm": 0.5, "gold_score.policy": 0.1}
+    )
+    publish(
+        "evaluate", "d" * 24, {}, {"upstream": {"policy": treg.digest}}, {"win_rate_rm": 0.7, "gold_score.policy": 0.3}
+    )
+    rows = comparison_rows(store)
+    assert {r["method"]: r["win_rate_rm"] for r in rows} == {"dpo": 0.5, "dpo + T-REG (contrastive, α=0.25)": 0.7}
+    assert all(r["seed"] == 1 for r in rows)
+    figure = comparison_figure(rows)
+    assert len(figure.axes) == 3 and len(figure.axes[0].patches) == 2
