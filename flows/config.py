@@ -18,6 +18,7 @@ import yaml
 from creditflow.tasks.curate import CurateConfig
 from creditflow.tasks.onpolicy import OnPolicyConfig
 from creditflow.tasks.reward_model import RewardModelConfig
+from creditflow.tasks.token_rewards import TokenRewardsConfig
 
 
 class ConfigError(ValueError):
@@ -31,6 +32,7 @@ class PipelineConfig:
     curate: CurateConfig = field(default_factory=CurateConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    token_rewards: TokenRewardsConfig = field(default_factory=TokenRewardsConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:

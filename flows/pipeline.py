@@ -64,7 +64,23 @@ def onpolicy_flow(
     return _run_one("onpolicy", config, workspace, refresh, mlflow_parent_run_id, progress)
 
 
-STAGE_FLOWS = {"curate": curate_flow, "reward_model": reward_model_flow, "onpolicy": onpolicy_flow}
+@flow(name="token_rewards", description=STAGES["token_rewards"].description)
+def token_rewards_flow(
+    config: dict[str, Any] | None = None,
+    workspace: str | None = None,
+    refresh: bool = False,
+    mlflow_parent_run_id: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    return _run_one("token_rewards", config, workspace, refresh, mlflow_parent_run_id, progress)
+
+
+STAGE_FLOWS = {
+    "curate": curate_flow,
+    "reward_model": reward_model_flow,
+    "onpolicy": onpolicy_flow,
+    "token_rewards": token_rewards_flow,
+}
 
 
 @flow(name="creditflow-pipeline", description="Curate -> reward model -> token rewards -> policy optimization.")

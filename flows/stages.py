@@ -22,7 +22,18 @@ from creditflow.storage.catalog import Catalog
 from creditflow.storage.hashing import code_version, sha256_json
 from creditflow.storage.tracking import Run, client_for
 from creditflow.storage.workspace import Workspace
-from creditflow.tasks import curate, ingest, onpolicy, reward_model, schema, tokenization
+from creditflow.tasks import (
+    abc,
+    curate,
+    ingest,
+    logprobs,
+    onpolicy,
+    reward_model,
+    schema,
+    token_rewards,
+    token_store,
+    tokenization,
+)
 from creditflow.tasks.stage import StageContext
 
 FINGERPRINT_CHARS = 24
@@ -87,6 +98,15 @@ STAGES: dict[str, Stage] = {
         compute=onpolicy.compute_onpolicy,
         code_modules=(onpolicy, reward_model, schema, tokenization),
         enabled=lambda cfg: cfg.onpolicy.enabled,
+    ),
+    "token_rewards": Stage(
+        name="token_rewards",
+        description="Per-token rewards (T-REG contrastive prompting, ABC) and reference log-probs, cached by content.",
+        upstream=("curate", "reward_model", "onpolicy"),
+        section=lambda cfg: cfg.token_rewards,
+        input_digests=token_store.input_digests,
+        compute=token_store.compute_token_rewards,
+        code_modules=(token_store, token_rewards, abc, logprobs, tokenization, schema),
     ),
 }
 

