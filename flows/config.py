@@ -16,7 +16,9 @@ from typing import Any
 import yaml
 
 from creditflow.tasks.curate import CurateConfig
+from creditflow.tasks.evaluate import EvaluateConfig
 from creditflow.tasks.onpolicy import OnPolicyConfig
+from creditflow.tasks.policy import PolicyConfig
 from creditflow.tasks.reward_model import RewardModelConfig
 from creditflow.tasks.token_rewards import TokenRewardsConfig
 
@@ -33,6 +35,8 @@ class PipelineConfig:
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     token_rewards: TokenRewardsConfig = field(default_factory=TokenRewardsConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:

@@ -75,11 +75,35 @@ def token_rewards_flow(
     return _run_one("token_rewards", config, workspace, refresh, mlflow_parent_run_id, progress)
 
 
+@flow(name="policy", description=STAGES["policy"].description)
+def policy_flow(
+    config: dict[str, Any] | None = None,
+    workspace: str | None = None,
+    refresh: bool = False,
+    mlflow_parent_run_id: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    return _run_one("policy", config, workspace, refresh, mlflow_parent_run_id, progress)
+
+
+@flow(name="evaluate", description=STAGES["evaluate"].description)
+def evaluate_flow(
+    config: dict[str, Any] | None = None,
+    workspace: str | None = None,
+    refresh: bool = False,
+    mlflow_parent_run_id: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    return _run_one("evaluate", config, workspace, refresh, mlflow_parent_run_id, progress)
+
+
 STAGE_FLOWS = {
     "curate": curate_flow,
     "reward_model": reward_model_flow,
     "onpolicy": onpolicy_flow,
     "token_rewards": token_rewards_flow,
+    "policy": policy_flow,
+    "evaluate": evaluate_flow,
 }
 
 

@@ -25,9 +25,12 @@ from creditflow.storage.workspace import Workspace
 from creditflow.tasks import (
     abc,
     curate,
+    evaluate,
     ingest,
+    losses,
     logprobs,
     onpolicy,
+    policy,
     reward_model,
     schema,
     token_rewards,
@@ -107,6 +110,24 @@ STAGES: dict[str, Stage] = {
         input_digests=token_store.input_digests,
         compute=token_store.compute_token_rewards,
         code_modules=(token_store, token_rewards, abc, logprobs, tokenization, schema),
+    ),
+    "policy": Stage(
+        name="policy",
+        description="DPO / IPO / SimPO with the T-REG regularizer from cached token rewards and reference log-probs.",
+        upstream=("curate", "onpolicy", "token_rewards"),
+        section=lambda cfg: cfg.policy,
+        input_digests=lambda c: {},  # the starting model is the token-reward stage's reference, in its digest
+        compute=policy.compute_policy,
+        code_modules=(policy, losses, logprobs, tokenization),
+    ),
+    "evaluate": Stage(
+        name="evaluate",
+        description="Policy vs reference on held-out prompts: reward-model and gold scores, win rates, comparisons.",
+        upstream=("curate", "onpolicy", "reward_model", "token_rewards", "policy"),
+        section=lambda cfg: cfg.evaluate,
+        input_digests=lambda c: {},
+        compute=evaluate.compute_evaluate,
+        code_modules=(evaluate, onpolicy),
     ),
 }
 
