@@ -95,24 +95,34 @@ def _read_pid(ws: Workspace, server: Server) -> int | None:
     return int(path.read_text()) if path.is_file() else None
 
 
+def _live_members(pgid: int) -> list[int]:
+    """Processes of a group that still run; zombies don't count (a reparented leader may wait to be reaped)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except OSError:  # exited while we looked
+            continue
+        if state != "Z" and int(pgrp) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
 def _running(pid: int | None, server: Server) -> bool:
-    """Is any process of the session we started still running? (The server is its group leader.)"""
+    """Does the process group we started still run? (The server leads its own session, so its pid is the pgid.)"""
     if not pid:
         return False
-    cmdline = Path(f"/proc/{pid}/cmdline")  # Linux: a stale PID file must not make us signal someone else
-    if cmdline.is_file() and f"-m\0{server.name}\0".encode() not in cmdline.read_bytes():
-        return False
-    try:
-        os.waitpid(pid, os.WNOHANG)  # reap it if this very process started it, or it would linger as a zombie
-    except ChildProcessError:
-        pass
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a stale PID file whose number now belongs to someone else's process group
-        return False
-    return True
+    if not Path("/proc/self").is_dir():  # not Linux: ask the kernel whether the group exists
+        try:
+            os.killpg(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    leader = cmdline.read_bytes() if cmdline.is_file() else b""
+    if leader and f"-m\0{server.name}\0".encode() not in leader:
+        return False  # a stale PID file: that number now belongs to another program, which we must not signal
+    return bool(_live_members(pid))
 
 
 def _port_free(port: int) -> bool:

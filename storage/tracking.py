@@ -23,14 +23,14 @@ _SQLITE_READY: set[str] = set()
 
 def client_for(workspace: Workspace) -> MlflowClient:
     uri = workspace.mlflow_tracking_uri
-    client = MlflowClient(tracking_uri=uri)
     if uri.startswith("sqlite:") and uri not in _SQLITE_READY:
-        # MLflow creates and migrates a new SQLite store on its first use in a process; two processes doing it
-        # at once on a fresh workspace collide ("duplicate column name"), so that first use is serialized.
+        # The first client in a process creates and migrates the SQLite store (then MLflow caches it); two
+        # processes doing that at once on a fresh workspace collide ("table ... already exists"): serialize it.
         with file_lock(workspace.root / "mlflow.lock"):
-            client.search_experiments(max_results=1)
+            client = MlflowClient(tracking_uri=uri)
         _SQLITE_READY.add(uri)
-    return client
+        return client
+    return MlflowClient(tracking_uri=uri)
 
 
 def ensure_experiment(workspace: Workspace, name: str) -> str:

@@ -1,0 +1,119 @@
+"""Artifact garbage collection: keep what the N most recent pipeline runs used, delete the other artifacts.
+
+A run is a ``pipeline_run_id`` in the catalog's ``stage_runs`` (a stage run outside a pipeline is a run of its
+own); its recency is its last stage's ``finished_at``. Kept are the artifacts those runs recorded plus, through
+the manifests' upstream digests, the artifacts they were computed from. Everything else in the store goes,
+except artifacts younger than ``min_age`` seconds: a running pipeline publishes an artifact a moment before it
+records the run that uses it. Each deletion holds the artifact's publish lock and first renames the folder to a
+``.trash-*`` name, so readers never see a half-deleted artifact and a writer of the same fingerprint waits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from creditflow.storage.artifacts import Manifest
+from creditflow.storage.catalog import Catalog
+from creditflow.storage.locks import file_lock
+from creditflow.storage.workspace import Workspace
+
+
+@dataclass
+class GcReport:
+    kept_runs: list[str] = field(default_factory=list)
+    kept: list[tuple[str, str]] = field(default_factory=list)  # (stage, fingerprint)
+    too_young: list[tuple[str, str]] = field(default_factory=list)
+    removed: list[tuple[str, str, int]] = field(default_factory=list)  # (stage, fingerprint, bytes)
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(size for _, _, size in self.removed)
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _kept_runs(catalog: Catalog, keep: int) -> tuple[list[str], set[tuple[str, str]]]:
+    """The ``keep`` most recent runs and the (stage, fingerprint) pairs they recorded."""
+    _, rows = catalog.query(
+        """
+        WITH recent AS (
+            SELECT coalesce(pipeline_run_id, mlflow_run_id) AS run_id, max(finished_at) AS finished_at
+            FROM stage_runs GROUP BY 1 ORDER BY 2 DESC LIMIT ?
+        )
+        SELECT r.run_id, s.stage, s.fingerprint
+        FROM recent r JOIN stage_runs s ON coalesce(s.pipeline_run_id, s.mlflow_run_id) = r.run_id
+        ORDER BY r.finished_at DESC
+        """,
+        [keep],
+    )
+    runs = list(dict.fromkeys(run_id for run_id, _, _ in rows))
+    return runs, {(stage, fingerprint) for _, stage, fingerprint in rows}
+
+
+def _with_upstream(referenced: set[tuple[str, str]], manifests: list[Manifest]) -> set[tuple[str, str]]:
+    """Add, transitively, every artifact whose content a referenced artifact was computed from."""
+    by_key = {(m.stage, m.fingerprint): m for m in manifests}
+    by_digest: dict[tuple[str, str], list[Manifest]] = {}
+    for m in manifests:
+        by_digest.setdefault((m.stage, m.digest), []).append(m)
+    kept, todo = set(), list(referenced)
+    while todo:
+        key = todo.pop()
+        if key in kept:
+            continue
+        kept.add(key)
+        manifest = by_key.get(key)
+        for stage, digest in (manifest.inputs.get("upstream", {}) if manifest else {}).items():
+            todo.extend((u.stage, u.fingerprint) for u in by_digest.get((stage, digest), []))
+    return kept
+
+
+def _age_seconds(manifest: Manifest, now: dt.datetime) -> float:
+    if not manifest.created_at:  # not written by ArtifactStore.publish; nothing says it is fresh
+        return float("inf")
+    return (now - dt.datetime.fromisoformat(manifest.created_at)).total_seconds()
+
+
+def collect_garbage(workspace: Workspace, keep: int, dry_run: bool = False, min_age: float = 0.0) -> GcReport:
+    """Delete the artifacts no recent run needs; ``dry_run`` only reports what would go."""
+    if keep < 0:
+        raise ValueError("keep must be >= 0")
+    store = workspace.store
+    catalog = Catalog(workspace.catalog_path, store)
+    report = GcReport()
+    report.kept_runs, referenced = _kept_runs(catalog, keep)
+    manifests = store.manifests()
+    kept = _with_upstream(referenced, manifests)
+    now = dt.datetime.now(dt.timezone.utc)
+    for manifest in manifests:
+        key = (manifest.stage, manifest.fingerprint)
+        if key in kept:
+            report.kept.append(key)
+            continue
+        if _age_seconds(manifest, now) < min_age:
+            report.too_young.append(key)
+            continue
+        folder = store.path(*key)
+        # The stage's cached Prefect result points at this artifact; the stage would notice and recompute,
+        # but the file is dead weight.
+        result = workspace.prefect_results_dir / f"{manifest.stage}-{manifest.fingerprint}"
+        size = _size(folder) + (result.stat().st_size if result.is_file() else 0)
+        if not dry_run:
+            with file_lock(store.root / manifest.stage / f".{manifest.fingerprint}.lock"):
+                if not folder.exists():  # another gc got there first
+                    continue
+                trash = folder.with_name(f".trash-{manifest.fingerprint}-{uuid.uuid4().hex[:8]}")
+                os.rename(folder, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            result.unlink(missing_ok=True)
+        report.removed.append((*key, size))
+    if report.removed and not dry_run:
+        catalog.refresh()
+    return report

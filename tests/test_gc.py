@@ -1,0 +1,118 @@
+"""Artifact garbage collection on real published artifacts and a real catalog (no Prefect server needed)."""
+
+import threading
+import time
+
+import pyarrow as pa
+import pytest
+from typer.testing import CliRunner
+
+from creditflow.flows.cli import app
+from creditflow.storage.catalog import Catalog
+from creditflow.storage.gc import collect_garbage
+from creditflow.storage.locks import file_lock
+from creditflow.storage.workspace import Workspace
+
+
+def _publish(ws: Workspace, stage: str, fingerprint: str, rows: int, upstream: dict | None = None):
+    writer = ws.store.writer(stage, fingerprint)
+    writer.write_table("pairs", pa.table({"x": list(range(rows))}))
+    return ws.store.publish(
+        writer,
+        stage=stage,
+        fingerprint=fingerprint,
+        inputs={"upstream": {u: m.digest for u, m in (upstream or {}).items()}},
+        config={},
+        code_version="v",
+    )
+
+
+def _record(ws: Workspace, run: str | None, manifest, mlflow_run_id: str = "m") -> None:
+    Catalog(ws.catalog_path, ws.store).record_stage_run(
+        pipeline_run_id=run,
+        mlflow_run_id=mlflow_run_id,
+        stage=manifest.stage,
+        fingerprint=manifest.fingerprint,
+        digest=manifest.digest,
+        cache_hit=False,
+        row_counts=manifest.row_counts,
+    )
+
+
+@pytest.fixture
+def history(tmp_path):
+    """p1 (oldest), p2, then a standalone reward_model run s3 computed from p1's curate artifact; plus an orphan."""
+    ws = Workspace.resolve(tmp_path / "ws")
+    a = _publish(ws, "curate", "a" * 24, rows=2)
+    x = _publish(ws, "reward_model", "x" * 24, rows=1, upstream={"curate": a})
+    b = _publish(ws, "curate", "b" * 24, rows=3)
+    y = _publish(ws, "reward_model", "y" * 24, rows=1, upstream={"curate": b})
+    z = _publish(ws, "reward_model", "z" * 24, rows=4, upstream={"curate": a})
+    _publish(ws, "curate", "o" * 24, rows=5)  # never recorded by any run
+    for run, manifests in (("p1", [a, x]), ("p2", [b, y])):
+        for m in manifests:
+            _record(ws, run, m)
+    _record(ws, None, z, mlflow_run_id="s3")
+    (ws.prefect_results_dir / f"curate-{'b' * 24}").write_text("{}")  # the stage's cached Prefect result
+    return ws
+
+
+def _present(ws: Workspace) -> set[str]:
+    return {m.fingerprint[0] for m in ws.store.manifests()}
+
+
+def test_gc_keeps_recent_runs_and_their_upstream_and_removes_the_rest(history):
+    ws = history
+    sizes = {
+        m.fingerprint[0]: sum(p.stat().st_size for p in ws.store.path(m.stage, m.fingerprint).rglob("*"))
+        for m in ws.store.manifests()
+    }
+
+    dry = collect_garbage(ws, keep=2, dry_run=True)
+    assert {fp[0] for _, fp, _ in dry.removed} == {"x", "o"}
+    assert _present(ws) == set("abxyzo")  # nothing touched
+
+    # The standalone run s3 and p2 are the two most recent; s3's reward model was computed from curate "a".
+    report = collect_garbage(ws, keep=2)
+    assert report.kept_runs == ["s3", "p2"]
+    assert _present(ws) == set("abyz")
+    assert report.bytes_freed == sizes["x"] + sizes["o"]
+    for manifest in ws.store.manifests():
+        assert ws.store.read_table(manifest, "pairs").num_rows == manifest.row_counts["pairs"]
+    catalog = Catalog(ws.catalog_path, ws.store)
+    assert catalog.query("SELECT count(*) FROM curate_pairs")[1] == [(5,)]  # a (2) + b (3): views refreshed
+    assert catalog.query("SELECT list(fingerprint ORDER BY fingerprint) FROM artifacts")[1][0][0] == [
+        "a" * 24,
+        "b" * 24,
+        "y" * 24,
+        "z" * 24,
+    ]
+    assert catalog.query("SELECT count(*) FROM stage_runs")[1] == [(5,)]  # history stays
+
+    report = collect_garbage(ws, keep=1)
+    assert _present(ws) == set("az")
+    assert not (ws.prefect_results_dir / f"curate-{'b' * 24}").exists()
+    assert not [p for p in ws.artifacts_dir.rglob("*") if p.name.startswith((".trash-", ".tmp-"))]
+
+
+def test_gc_spares_young_artifacts_by_default_on_the_cli(history):
+    runner = CliRunner()
+    young = runner.invoke(app, ["artifacts", "gc", "--keep", "1", "-w", str(history.root)])
+    assert young.exit_code == 0, young.output
+    assert "removed 0 artifacts" in young.output and _present(history) == set("abxyzo")
+
+    out = runner.invoke(app, ["artifacts", "gc", "--keep", "1", "--min-age", "0", "-w", str(history.root)])
+    assert out.exit_code == 0, out.output
+    assert "removed 4 artifacts" in out.output and _present(history) == set("az")
+
+
+def test_gc_waits_for_the_artifact_lock_a_publisher_holds(history):
+    ws = history
+    lock = ws.artifacts_dir / "curate" / f".{'o' * 24}.lock"
+    with file_lock(lock):
+        worker = threading.Thread(target=collect_garbage, args=(ws, 1))
+        worker.start()
+        time.sleep(1.0)
+        assert worker.is_alive() and ws.store.exists("curate", "o" * 24)
+    worker.join(timeout=30)
+    assert not worker.is_alive() and not ws.store.exists("curate", "o" * 24)

@@ -1,0 +1,298 @@
+"""Operations, end to end in real processes: local servers, a scheduled deployment, concurrent runs, a SIGKILL."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from creditflow.flows import ops
+from creditflow.storage.catalog import Catalog
+from creditflow.storage.workspace import Workspace
+
+CLI = [sys.executable, "-m", "creditflow.flows.cli"]
+
+
+def _write_pairs(path: Path, n: int = 40, copies: int = 0) -> str:
+    """``n`` distinct pairs, then ``copies`` exact repeats (quarantined as duplicates: slow curation, few pairs)."""
+    rows = [
+        {
+            "prompt": f"Question {i}: how do I do thing {i}?",
+            "chosen": f"A careful, friendly answer {i}.",
+            "rejected": "No.",
+        }
+        for i in range(n)
+    ]
+    rows += [rows[i % n] for i in range(copies)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f"curate.sources=[{{path: {path}}}]"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _harness_env() -> dict:
+    """Subprocesses reuse the session's Prefect server instead of each starting a temporary one."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def _verify_store(ws: Workspace) -> list:
+    """Every manifest is complete: each output exists and matches its digest; no temporary folders remain."""
+    manifests = ws.store.manifests()
+    for manifest in manifests:
+        for name in manifest.outputs:
+            ws.store.file(manifest, name, verify=True)
+        for table in manifest.row_counts:
+            assert ws.store.read_table(manifest, table, verify=True).num_rows == manifest.row_counts[table]
+    assert not list(ws.artifacts_dir.rglob(".tmp-*"))
+    return manifests
+
+
+@pytest.mark.slow
+def test_up_serve_scheduled_deployment_run_and_down(tmp_path):
+    """`creditflow up` starts real servers that outlive it; `serve` registers the cron deployment on them."""
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    ws = tmp_path / "ws"
+    source = _write_pairs(tmp_path / "pairs.jsonl")
+    ports = ["--prefect-port", str(_free_port()), "--mlflow-port", str(_free_port())]
+    serve = None
+    try:
+        up = subprocess.run([*CLI, "up", "-w", str(ws), *ports], capture_output=True, text=True, timeout=150)
+        assert up.returncode == 0, up.stdout + up.stderr
+        env = json.loads((ws / "servers" / "env.json").read_text())
+        assert set(env) == {"PREFECT_API_URL", "MLFLOW_TRACKING_URI"}
+        assert all(ops.healthy(url) for url in env.values())  # still up after the `up` process exited
+        assert (ws / "prefect-server").is_dir()  # the server's own PREFECT_HOME, inside the workspace
+        status = subprocess.run([*CLI, "status", "-w", str(ws)], capture_output=True, text=True, timeout=60)
+        assert status.stdout.count(" ok ") == 2, status.stdout
+
+        serve = subprocess.Popen(
+            [*CLI, "serve", "-w", str(ws), "--cron", "0 3 * * *", "--name", "nightly", "--set", source],
+            env={**os.environ, "PREFECT_API_URL": env["PREFECT_API_URL"], "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            with get_client(sync_client=True) as client:
+                deadline = time.monotonic() + 120
+                while True:
+                    assert serve.poll() is None, serve.stdout.read()
+                    try:
+                        deployment = client.read_deployment_by_name("creditflow-pipeline/nightly")
+                        break
+                    except Exception:  # ObjectNotFound until serve has registered it
+                        assert time.monotonic() < deadline, "deployment not registered within 120 s"
+                        time.sleep(0.5)
+            assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+            assert deployment.entrypoint == "creditflow.flows.pipeline.pipeline_flow"
+            assert deployment.parameters["workspace"] == str(ws.resolve())
+            assert deployment.parameters["config"]["curate"]["sources"][0]["path"] == str(tmp_path / "pairs.jsonl")
+
+            flow_run = run_deployment("creditflow-pipeline/nightly", timeout=240, poll_interval=1)
+        assert flow_run.state.is_completed(), flow_run.state
+
+        workspace = Workspace.resolve(ws)
+        (curate,) = workspace.store.manifests("curate")
+        assert curate.row_counts["pairs"] == 40
+        # The flow run logged to the MLflow server (env.json), which writes the workspace's mlflow.db.
+        from mlflow.tracking import MlflowClient
+
+        server = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        (parent,) = server.search_runs(
+            [server.get_experiment_by_name("creditflow").experiment_id], "tags.`creditflow.kind` = 'pipeline'"
+        )
+        assert parent.info.status == "FINISHED"
+        (listed,) = ops.list_runs(str(ws))
+        assert listed["run_id"] == parent.info.run_id and listed["status"] == "FINISHED"
+        assert listed["stages"][0] == {
+            "stage": "curate",
+            "fingerprint": curate.fingerprint,
+            "cache_hit": False,
+            "artifact": True,
+        }
+
+        pids = {name: int((ws / "servers" / f"{name}.pid").read_text()) for name in ("prefect", "mlflow")}
+        down = subprocess.run([*CLI, "down", "-w", str(ws)], capture_output=True, text=True, timeout=60)
+        assert down.returncode == 0 and down.stdout.count("stopped") == 2, down.stdout
+        processes = subprocess.run(["ps", "-eo", "pgid=,stat="], capture_output=True, text=True).stdout.split()
+        alive = {int(g) for g, stat in zip(processes[::2], processes[1::2]) if not stat.startswith("Z")}
+        assert not alive & set(pids.values())  # every process of both servers is gone (zombies aside)
+        assert not (ws / "servers" / "env.json").exists()
+        assert [row["healthy"] for row in ops.status(str(ws))] == [False, False]
+    finally:
+        if serve is not None:
+            _kill_group(serve)
+        ops.down(str(ws), grace=2)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_concurrent_pipelines_share_one_workspace(tmp_path):
+    """Three `creditflow run` processes at once, two configs: all succeed and the store stays consistent."""
+    ws = tmp_path / "ws"
+    source = _write_pairs(tmp_path / "pairs.jsonl")
+    variants = [[], ["--set", "curate.eval_fraction=0.3"], []]
+    procs = [
+        subprocess.Popen(
+            [*CLI, "run", "-w", str(ws), "--quiet", "--set", source, *extra],
+            env=_harness_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for extra in variants
+    ]
+    try:
+        outputs = [p.communicate(timeout=480) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+
+    workspace = Workspace.resolve(ws)
+    manifests = _verify_store(workspace)
+    assert len([m for m in manifests if m.stage == "curate"]) == 2  # one per distinct config
+
+    _, rows = Catalog(workspace.catalog_path, workspace.store).query(
+        "SELECT pipeline_run_id, list(stage ORDER BY finished_at), list(fingerprint ORDER BY finished_at) "
+        "FROM stage_runs GROUP BY 1"
+    )
+    assert len(rows) == 3
+    stages = {tuple(r[1]) for r in rows}
+    assert len(stages) == 1 and next(iter(stages))[0] == "curate"  # every run recorded every stage
+    curate_fingerprints = sorted(r[2][0] for r in rows)
+    assert len(set(curate_fingerprints)) == 2  # the two same-config runs agree on the fingerprint
+    published = {(m.stage, m.fingerprint) for m in manifests}
+    assert {(s, f) for r in rows for s, f in zip(r[1], r[2])} <= published
+
+    runs = ops.list_runs(str(ws))
+    assert sorted(r["run_id"] for r in runs) == sorted(r[0] for r in rows)
+    assert {r["status"] for r in runs} == {"FINISHED"} and {r["kind"] for r in runs} == {"pipeline"}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_sigkill_mid_stage_leaves_no_artifact_and_the_next_run_recomputes(tmp_path):
+    ws = tmp_path / "ws"
+    # 100k duplicate rows keep curation busy for several seconds; the 40 distinct pairs keep later stages cheap.
+    command = [*CLI, "run", "-w", str(ws), "--quiet", "--set", _write_pairs(tmp_path / "big.jsonl", copies=100_000)]
+    proc = subprocess.Popen(
+        command, env=_harness_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list((ws / "artifacts" / "curate").glob(".tmp-*")):  # the stage is writing
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "curation did not start within 120 s"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert proc.poll() is None, "curation finished before the kill: make the input larger"
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == -signal.SIGKILL
+
+    workspace = Workspace.resolve(ws)
+    assert workspace.store.manifests() == []
+    assert [p.name[:5] for p in (ws / "artifacts" / "curate").iterdir() if not p.name.endswith(".lock")] == [".tmp-"]
+    assert Catalog(workspace.catalog_path, workspace.store).query("SELECT count(*) FROM stage_runs")[1] == [(0,)]
+
+    rerun = subprocess.run(command, env=_harness_env(), capture_output=True, text=True, timeout=480)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    (curate,) = [m for m in _verify_store(workspace) if m.stage == "curate"]  # the dead writer's folder was swept
+    assert curate.row_counts == {"pairs": 40, "quarantine": 100_000}
+    _, rows = Catalog(workspace.catalog_path, workspace.store).query(
+        "SELECT cache_hit FROM stage_runs WHERE stage = 'curate'"
+    )
+    assert rows == [(False,)]
+
+
+def test_infra_files_parse_and_point_at_real_flows_and_services():
+    """Docker cannot run here: check the infra files' structure and that they agree with the code and each other."""
+    import importlib
+
+    import yaml
+    from prefect import Flow
+    from prefect.cli.deploy._models import PrefectYamlModel  # the schema `prefect deploy` itself validates with
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.utilities.templating import find_placeholders
+
+    from creditflow.flows.config import config_from_dict
+
+    infra = Path(__file__).resolve().parents[1] / "infra"
+    root = infra.parent
+    project = PrefectYamlModel.model_validate(yaml.safe_load((infra / "prefect.yaml").read_text()))
+    (pull,) = project.pull
+    workdir = pull["prefect.deployments.steps.set_working_directory"]["directory"]
+    assert {d.name for d in project.deployments} == {"nightly", "curate"}
+    for deployment in project.deployments:
+        path, _, attr = deployment.entrypoint.partition(":")
+        module = importlib.import_module("creditflow." + path.removesuffix(".py").replace("/", "."))
+        assert Path(module.__file__).resolve() == root / path  # the entrypoint file is the installed module
+        flow = getattr(module, attr)
+        assert isinstance(flow, Flow)
+        assert set(deployment.parameters) <= set(flow.parameters.properties)
+        config_from_dict(deployment.parameters["config"])
+        for schedule in deployment.schedules or []:
+            CronSchedule(cron=schedule.cron, timezone=schedule.timezone)
+    nightly = next(d for d in project.deployments if d.name == "nightly")
+    assert nightly.schedules[0].cron == "0 3 * * *"
+    pools = {d.work_pool.name for d in project.deployments}
+    workspaces = {d.parameters["workspace"] for d in project.deployments}
+
+    compose = yaml.safe_load((infra / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"prefect-server", "prefect-db", "mlflow", "mlflow-db", "minio", "worker"} <= set(services)
+    for name, service in services.items():
+        assert "image" in service or "build" in service, name
+        if "build" in service:
+            assert (infra / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+        assert set(service.get("depends_on", {})) <= set(services), name
+        for volume in service.get("volumes", []):
+            assert volume.split(":")[0] in compose["volumes"], volume
+    worker = services["worker"]
+    command = worker["command"]
+    assert command[:3] == ["prefect", "worker", "start"] and {command[command.index("--pool") + 1]} == pools
+    env = worker["environment"]
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID"):
+        assert env[key], key
+    assert (
+        env["PREFECT_API_URL"].startswith("http://prefect-server:")
+        and env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    )
+    assert {env["CREDITFLOW_WORKSPACE"]} == workspaces
+    mlflow_command = services["mlflow"]["command"]
+    assert mlflow_command[:2] == ["mlflow", "server"] and "mlflow-db:5432" in " ".join(mlflow_command)
+    assert services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+    dockerfile = (infra / "Dockerfile.worker").read_text()
+    assert f"WORKDIR {workdir}" in dockerfile and "pip install ." in dockerfile
+    assert f'"--pool", "{next(iter(pools))}"' in dockerfile
+
+    template = yaml.safe_load((infra / "k8s" / "base-job-template.yaml").read_text())
+    variables = template["variables"]["properties"]
+    assert {p.name for p in find_placeholders(template["job_configuration"])} <= set(variables)
+    container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == "{{ command }}" and "nvidia.com/gpu" in container["resources"]["limits"]
+    assert variables["env"]["default"]["CREDITFLOW_WORKSPACE"] in workspaces
