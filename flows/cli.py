@@ -340,6 +340,39 @@ def artifacts_gc(
     )
 
 
+rewards_app = typer.Typer(help="Token-level rewards.", no_args_is_help=True)
+app.add_typer(rewards_app, name="rewards")
+
+
+@rewards_app.command("show")
+def rewards_show(
+    pair_id: str = typer.Argument(..., help="pair_id from curate_pairs / token_rewards_token_rewards"),
+    workspace: Optional[str] = WorkspaceOpt,
+) -> None:
+    """Print one pair's token rewards, each token coloured by r (green good, red bad), from the newest artifact."""
+    from creditflow.storage.workspace import Workspace
+    from creditflow.tasks.models import resolve_model
+    from creditflow.tasks.token_view import render_pair
+    from creditflow.tasks.tokenization import load_tokenizer
+
+    store = Workspace.resolve(workspace).store
+    for manifest in sorted(store.manifests("token_rewards"), key=lambda m: m.created_at, reverse=True):
+        table = store.read_table(manifest, "token_rewards")
+        rows = [r for r in table.to_pylist() if r["pair_id"] == pair_id]
+        if rows:
+            tokenizers = {"contrastive": load_tokenizer(str(resolve_model(manifest.config["model"])))}
+            if any(r["source"] == "abc" for r in rows):
+                rm = store.load("reward_model", _upstream_fingerprint(store, "reward_model", manifest))
+                tokenizers["abc"] = load_tokenizer(str(store.path(rm.stage, rm.fingerprint) / "model"))
+            console.print(render_pair(pair_id, rows, tokenizers))
+            return
+    _fail(KeyError(f"no token rewards for pair {pair_id!r} in {store.root}"))
+
+
+def _upstream_fingerprint(store, stage: str, manifest) -> str:
+    return store.find_by_digest(stage, manifest.inputs["upstream"][stage]).fingerprint
+
+
 def main() -> None:
     app()
 

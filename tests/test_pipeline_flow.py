@@ -27,6 +27,8 @@ def _config(**curate_overrides) -> dict:
     cfg = to_dict(PipelineConfig())
     cfg["curate"].update(curate_overrides)
     cfg["token_rewards"].update(model="tiny-lm", max_length=256, max_prompt_length=128, heatmap_pairs=1)
+    cfg["policy"].update(max_steps=3, batch_size=4, learning_rate=1e-3)
+    cfg["evaluate"].update(max_prompts=4, max_new_tokens=8)
     return cfg
 
 
@@ -55,7 +57,7 @@ def test_pipeline_writes_artifacts_catalog_and_mlflow_tree_then_hits_cache(tmp_p
 
     # MLflow: one parent, one child per stage, tagged; metrics and manifest logged on the child.
     client, children = _child_runs(tmp_path, first["mlflow_run_id"])
-    assert sorted(children) == ["curate", "reward_model", "token_rewards"]
+    assert sorted(children) == ["curate", "evaluate", "policy", "reward_model", "token_rewards"]
     child = children["curate"]
     assert child.data.tags["creditflow.fingerprint"] == manifest["fingerprint"]
     assert child.data.tags["creditflow.cache_hit"] == "false"
@@ -75,6 +77,22 @@ def test_pipeline_writes_artifacts_catalog_and_mlflow_tree_then_hits_cache(tmp_p
         ).fetchone()[0]
         assert leaked == 0
 
+    # Downstream stages: per-token rewards queryable in DuckDB, a trained policy, an evaluation.
+    stages = first["stages"]
+    assert stages["token_rewards"]["manifest"]["row_counts"]["token_rewards"] == 2 * pairs.num_rows
+    with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
+        aligned = con.execute(
+            "SELECT count(*) FROM token_rewards_token_rewards WHERE len(token_ids) = len(rewards) "
+            "AND len(rewards) = len(ref_logps) AND list_max(rewards) < 0.5 AND list_min(rewards) > -0.5"
+        ).fetchone()[0]
+        assert aligned == 2 * pairs.num_rows
+        systems = con.execute("SELECT list(DISTINCT system ORDER BY system) FROM evaluate_generations").fetchone()[0]
+        assert systems == ["policy", "reference"]
+    policy = stages["policy"]["manifest"]
+    assert (tmp_path / "artifacts" / "policy" / policy["fingerprint"] / "model" / "model.safetensors").is_file()
+    assert policy["metrics"]["steps"] == 3
+    assert 0.0 <= stages["evaluate"]["manifest"]["metrics"]["win_rate_rm"] <= 1.0
+
     second = pipeline_flow(config=_config(), workspace=str(tmp_path), progress=False)
     again = second["stages"]["curate"]
     assert again["cache_hit"] is True
@@ -85,6 +103,8 @@ def test_pipeline_writes_artifacts_catalog_and_mlflow_tree_then_hits_cache(tmp_p
         "curate": "true",
         "reward_model": "true",
         "token_rewards": "true",
+        "policy": "true",
+        "evaluate": "true",
     }
     assert children["curate"].data.tags["creditflow.source_run_id"] == manifest["mlflow_run_id"]
     assert children["curate"].data.metrics["pairs_out"] == manifest["metrics"]["pairs_out"]
@@ -189,6 +209,17 @@ def test_cli_in_a_new_process_hits_the_cache(tmp_path):
     fingerprint = first["stages"]["curate"]["manifest"]["fingerprint"]
     assert rows == [(fingerprint, False), (fingerprint, True)]
 
+    pair_id = pq.read_table(tmp_path / "artifacts" / "curate" / fingerprint / "pairs.parquet")["pair_id"][0].as_py()
+    shown = subprocess.run(
+        [sys.executable, "-m", "creditflow.flows.cli", "rewards", "show", pair_id, "-w", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert f"pair {pair_id}" in shown.stdout and "chosen · contrastive" in shown.stdout
+
 
 def test_reward_model_stage_checkpoint_and_its_own_cache_key(tmp_path):
     cfg = _config()
@@ -225,7 +256,7 @@ def test_onpolicy_stage_builds_pairs_from_policy_samples(tmp_path):
     cfg = _config(sources=[{"builtin": "sample", "limit": 60}])
     cfg["onpolicy"].update(enabled=True, policy=str(policy), samples_per_prompt=3, max_new_tokens=10, max_prompts=12)
     result = pipeline_flow(config=cfg, workspace=str(tmp_path), progress=False)["stages"]
-    assert list(result) == ["curate", "reward_model", "onpolicy", "token_rewards"]
+    assert list(result) == ["curate", "reward_model", "onpolicy", "token_rewards", "policy", "evaluate"]
     manifest = result["onpolicy"]["manifest"]
     assert manifest["inputs"]["upstream"].keys() == {"curate", "reward_model"}
     assert manifest["metrics"]["prompts"] == 12
