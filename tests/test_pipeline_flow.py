@@ -10,6 +10,7 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from creditflow.flows.config import PipelineConfig, to_dict
@@ -27,6 +28,7 @@ def _config(**curate_overrides) -> dict:
     cfg = to_dict(PipelineConfig())
     cfg["curate"].update(curate_overrides)
     cfg["token_rewards"].update(model="tiny-lm", max_length=256, max_prompt_length=128, heatmap_pairs=1)
+    cfg["reward_model"].update(max_steps=5)
     cfg["policy"].update(max_steps=3, batch_size=4, learning_rate=1e-3)
     cfg["evaluate"].update(max_prompts=4, max_new_tokens=8)
     return cfg
@@ -191,10 +193,12 @@ def test_cli_in_a_new_process_hits_the_cache(tmp_path):
     """Cache hits hold across processes: the Prefect result and the artifact live in the workspace."""
     from prefect.settings import PREFECT_API_URL
 
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(_config()))
     first = pipeline_flow(config=_config(), workspace=str(tmp_path), progress=False)
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # reuse the harness server instead of starting one
     out = subprocess.run(
-        [sys.executable, "-m", "creditflow.flows.cli", "run", "-w", str(tmp_path), "--quiet"],
+        [sys.executable, "-m", "creditflow.flows.cli", "run", "-c", str(config), "-w", str(tmp_path), "--quiet"],
         env=env,
         capture_output=True,
         text=True,
@@ -233,7 +237,7 @@ def test_reward_model_stage_checkpoint_and_its_own_cache_key(tmp_path):
     )
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     history = client.get_metric_history(first["reward_model"]["mlflow_run_id"], "train.loss")
-    assert len(history) == rm["metrics"]["train_pairs"] // 8 + (rm["metrics"]["train_pairs"] % 8 > 0)
+    assert [m.step for m in history] == [1, 2, 3, 4, 5]  # reward_model.max_steps
     artifacts = {a.path for a in client.list_artifacts(first["reward_model"]["mlflow_run_id"], "reward_model")}
     assert "reward_model/eval_rewards.png" in artifacts and "reward_model/model" in artifacts
 
