@@ -1,0 +1,474 @@
+"""Policy trainer: training-time log-probs, DPO/SimPO with T-REG on a tiny model, resume, refusal of misaligned
+token ids, LoRA, two-process DDP, and the stage entry point.
+
+The token-reward table is built here with the reference model (``logprobs.completion_logprobs``) and
+``encode_pair``, in the token-reward stage's schema, so these tests do not depend on that stage.
+"""
+
+import dataclasses
+import json
+import math
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from creditflow.storage.tracking import Run
+from creditflow.storage.workspace import Workspace
+from creditflow.tasks import schema as S
+from creditflow.tasks.logprobs import completion_logprobs
+from creditflow.tasks.losses import PreferenceLossConfig
+from creditflow.tasks.policy import (
+    LoraConfig,
+    PolicyConfig,
+    PolicyTrainer,
+    build_examples,
+    collate,
+    compute_policy,
+    cosine_schedule,
+    epoch_batches,
+    launch_distributed,
+    load_policy_model,
+    training_logprobs,
+)
+from creditflow.tasks.stage import StageContext
+from creditflow.tasks.tiny import build_tiny_causal_lm
+from creditflow.tasks.tokenization import completion_offsets, encode_pair, load_tokenizer
+
+GOOD = ["great", "wonderful", "lovely", "happy", "excellent", "bright"]
+BAD = ["awful", "terrible", "sad", "horrible", "boring", "grim"]
+KNOBS = {"max_length": 64, "max_prompt_length": 32, "truncation": "keep_start"}
+CPU = torch.device("cpu")
+
+
+def _pair(i: int, split: str = "train") -> dict:
+    prompt = [{"role": "user", "content": f"How was day {i}?"}]
+    # Lengths vary from pair to pair, so batches are padded and length grouping matters.
+    chosen = [{"role": "assistant", "content": "It was " + " and ".join(GOOD[(i + k) % 6] for k in range(1 + i % 3))}]
+    rejected = [{"role": "assistant", "content": f"It was {BAD[i % 6]}" + " indeed" * (i % 4) + "."}]
+    return {
+        "pair_id": S.pair_id(prompt, chosen, rejected),
+        "prompt_id": S.prompt_id(prompt),
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "source": "test",
+        "source_row": str(i),
+        "split": split,
+    }
+
+
+TOKEN_REWARDS_SCHEMA = pa.schema(  # the token-reward stage's output (tasks/token_store.py)
+    [
+        ("pair_id", pa.string()),
+        ("side", pa.string()),
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("n_tokens", pa.int32()),
+        ("token_ids", pa.list_(pa.int32())),
+        ("char_start", pa.list_(pa.int32())),
+        ("char_end", pa.list_(pa.int32())),
+        ("rewards", pa.list_(pa.float32())),
+        ("ref_logps", pa.list_(pa.float32())),
+    ]
+)
+
+
+def _token_rewards(model_dir, pairs: list[dict], abc: bool = False) -> pa.Table:
+    """The token-reward stage's output for ``pairs``: r_hat = +0.3 on every chosen token and -0.3 on every rejected
+    one (a clean signal), reference log-probs from the reference model itself.
+
+    ``abc`` adds rows on another tokenization (one token per character) carrying the same per-side reward sum, as
+    ABC rows live on the reward model's tokens.
+    """
+    tokenizer = load_tokenizer(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = []
+    for pair in pairs:
+        for side, value in (("chosen", 0.3), ("rejected", -0.3)):
+            prompt_ids, completion_ids = encode_pair(tokenizer, pair["prompt"], pair[side], *KNOBS.values())
+            ids = torch.tensor([prompt_ids + completion_ids])
+            ref = completion_logprobs(model, ids, torch.ones_like(ids), [len(prompt_ids)], [len(completion_ids)])[0]
+            spans = completion_offsets(tokenizer, [pair[side]])[0][: len(completion_ids)]
+            rows.append(
+                {
+                    "source": "contrastive",
+                    "token_ids": completion_ids,
+                    "char_start": [a for a, _ in spans],
+                    "char_end": [b for _, b in spans],
+                    "rewards": [value] * len(completion_ids),
+                    "ref_logps": ref.tolist(),
+                }
+            )
+            text = S.completion_text(pair[side])
+            if abc:
+                rows.append(
+                    {
+                        "source": "abc",
+                        "token_ids": [ord(c) for c in text],
+                        "char_start": list(range(len(text))),
+                        "char_end": list(range(1, len(text) + 1)),
+                        "rewards": [value / len(text)] * len(text),
+                        "ref_logps": None,
+                    }
+                )
+            for row in rows[-2 if abc else -1 :]:
+                row.update(pair_id=pair["pair_id"], side=side, n_tokens=len(row["token_ids"]))
+                row["key"] = f"{pair['pair_id']}-{side}-{row['source']}"
+    return pa.Table.from_pylist(rows, schema=TOKEN_REWARDS_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    corpus = [S.completion_text(p[k]) for p in map(_pair, range(40)) for k in ("prompt", "chosen", "rejected")]
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("policy_base"), corpus * 3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def data(model_dir):
+    """(pairs table, token-reward table with contrastive and abc rows) for 24 train pairs."""
+    pairs = [_pair(i) for i in range(24)]
+    return S.rows_to_table(pairs, S.PAIRS_SCHEMA), _token_rewards(model_dir, pairs, abc=True)
+
+
+@pytest.fixture(scope="module")
+def examples(model_dir, data):
+    return _examples(model_dir, data, "contrastive")
+
+
+def _examples(model_dir, data, source):
+    return build_examples(load_tokenizer(str(model_dir)), *data, source, **KNOBS)
+
+
+def _config(**overrides) -> PolicyConfig:
+    settings = dict(
+        loss=PreferenceLossConfig(loss_type="dpo", beta=0.1, alpha=0.5),
+        learning_rate=3e-3,
+        warmup_ratio=0.0,
+        epochs=2,
+        batch_size=4,
+        grad_accum=2,
+        save_every=1000,
+        chunk_size=16,
+    )
+    settings.update(overrides)
+    return PolicyConfig(**settings)
+
+
+def _train(model_dir, examples, config, **kwargs):
+    trainer = PolicyTrainer(model_dir, examples, config, progress=False, **kwargs)
+    return trainer, trainer.train()
+
+
+def _margins(model, examples, beta: float = 0.1) -> torch.Tensor:
+    """DPO implicit reward margins β[(ℓ_w − ℓ^ref_w) − (ℓ_l − ℓ^ref_l)] of every pair under ``model``."""
+    batch = collate(examples, 0, CPU)
+    with torch.no_grad():
+        flat = training_logprobs(model, batch.input_ids, batch.attention_mask, batch.rows, batch.cols)
+    logp = flat.new_zeros(batch.mask.shape).index_put((batch.rows, batch.index), flat)
+    ratio = ((logp - batch.ref_logps) * batch.mask).sum(-1)
+    return beta * (ratio[: len(examples)] - ratio[len(examples) :])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Log-probs with gradients
+
+
+def _naive_logprobs(model, batch) -> torch.Tensor:
+    logps = torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float(), -1)
+    return logps[batch.rows, batch.cols - 1].gather(-1, batch.input_ids[batch.rows, batch.cols][:, None])[:, 0]
+
+
+def test_training_logprobs_equal_naive_in_value_and_gradient(model_dir, examples):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    batch = collate(examples[:5], 0, CPU)
+    weights = torch.randn(len(batch.rows), generator=torch.Generator().manual_seed(0))
+    results = []
+    for compute in (
+        lambda: training_logprobs(model, batch.input_ids, batch.attention_mask, batch.rows, batch.cols, 7),
+        lambda: _naive_logprobs(model, batch),
+    ):
+        model.zero_grad()
+        values = compute()
+        (weights * values).sum().backward()
+        results.append((values.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (fused, fused_grads), (naive, naive_grads) = results
+    assert len(fused) == int(batch.mask.sum()) > 7 * 3  # several LM-head chunks
+    assert torch.all(fused < 0)
+    assert torch.allclose(fused, naive, atol=1e-5, rtol=0)
+    for name, grad in naive_grads.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(fused_grads[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_training_logprobs_keep_no_vocabulary_sized_tensor_for_backward(model_dir, examples):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    vocab = model.config.vocab_size
+    batch = collate(examples[:4], 0, CPU)
+    saved = {"fused": [], "naive": []}
+    for name, compute in (
+        ("fused", lambda: training_logprobs(model, batch.input_ids, batch.attention_mask, batch.rows, batch.cols, 8)),
+        ("naive", lambda: _naive_logprobs(model, batch)),
+    ):
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t, n=name: saved[n].append(tuple(t.shape)) or t, lambda t: t
+        ):
+            compute().sum().backward()
+    assert any(shape[-1] == vocab for shape in saved["naive"])  # the naive path keeps [.., V] logits
+    assert not any(shape and shape[-1] == vocab for shape in saved["fused"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="'none' needs loss.alpha == 0"):
+        PolicyConfig(loss=PreferenceLossConfig(alpha=0.1), token_reward_source="none")
+    with pytest.raises(ValueError, match="token_reward_source must be one of"):
+        PolicyConfig(token_reward_source="oracle")
+    with pytest.raises(ValueError, match="grad_accum must be >= 1"):
+        PolicyConfig(grad_accum=0)
+    config = _config(lora=LoraConfig(r=2, target_modules=["q_proj"]))
+    assert PolicyConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(config)))) == config
+
+
+def test_cosine_schedule_matches_transformers():
+    from transformers import get_cosine_schedule_with_warmup
+
+    lrs = []
+    for make in (cosine_schedule, get_cosine_schedule_with_warmup):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        scheduler = make(optimizer, 3, 10)
+        lrs.append([])
+        for _ in range(12):
+            lrs[-1].append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+    assert lrs[0] == pytest.approx(lrs[1], abs=1e-12)
+    assert lrs[0][:4] == pytest.approx([0.0, 2 / 3, 4 / 3, 2.0]) and lrs[0][10] == 0.0
+
+
+def test_length_grouping_cuts_padding_and_keeps_every_pair(examples):
+    lengths = [e.length for e in examples]
+    for grouped in (False, True):
+        batches = epoch_batches(lengths, 4, seed=0, epoch=0, length_grouped=grouped)
+        assert sorted(i for b in batches for i in b) == list(range(len(examples)))
+    padding = {
+        grouped: sum(
+            len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b)
+            for b in epoch_batches(lengths, 4, 0, 0, grouped)
+        )
+        for grouped in (False, True)
+    }
+    assert padding[True] < padding[False]
+    assert epoch_batches(lengths, 4, 0, 1, True) != epoch_batches(lengths, 4, 0, 0, True)  # reshuffled per epoch
+    assert len(epoch_batches(lengths, 5, 0, 0, True, world=2)) == 4  # 5 micro-batches cut to a multiple of 2
+
+
+def test_dpo_treg_changes_every_parameter_and_learns_the_preferences(model_dir, examples):
+    before = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert _margins(before, examples).abs().max() < 1e-5  # the policy starts as the reference (batching rounding)
+    steps = []
+    trainer, history = _train(model_dir, examples, _config(epochs=3), on_step=lambda s, m: steps.append(s))
+    assert steps == list(range(1, 10)) and len(history) == 9  # 24 pairs / (4 x 2) per step x 3 epochs
+    initial = dict(before.named_parameters())
+    unchanged = [n for n, p in trainer.model.named_parameters() if torch.equal(p.detach(), initial[n].detach())]
+    assert unchanged == []
+    margins = _margins(trainer.model, examples)
+    assert (margins > 0).float().mean() > 0.9
+    assert history[-1]["rewards_accuracy"] > 0.9 and history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["token_reward_corr"] > 0.3  # the implicit token reward follows r_hat's sign
+    first = history[0]
+    assert first["sequence_loss"] == pytest.approx(math.log(2), abs=1e-6)  # z = 0 before the first update
+    assert first["mean_w"] == pytest.approx(0.5, abs=1e-6)
+    assert first["loss"] == pytest.approx(first["sequence_loss"] + 0.5 * 0.5 * first["regularizer"], rel=1e-5)
+    assert all(h["tokens_per_s"] > 0 and h["peak_memory_gb"] > 0.1 and h["grad_norm"] > 0 for h in history)
+
+
+def test_simpo_with_treg_runs_and_separates_pairs(model_dir, examples):
+    loss = PreferenceLossConfig(loss_type="simpo", beta=2.0, gamma=0.5, alpha=0.25)
+    trainer, history = _train(model_dir, examples, _config(loss=loss, epochs=3))
+    assert history[0]["rewards_margin"] < history[-1]["rewards_margin"]
+    assert history[-1]["rewards_accuracy"] > 0.9
+    assert all(math.isfinite(h["loss"]) and h["regularizer"] != 0 for h in history)
+
+
+def test_gradient_checkpointing_changes_memory_not_results(model_dir, examples):
+    plain, plain_history = _train(model_dir, examples, _config(max_steps=2))
+    checkpointed, history = _train(model_dir, examples, _config(max_steps=2, gradient_checkpointing=True))
+    assert checkpointed.lm.is_activation_checkpointing and not plain.lm.is_activation_checkpointing
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in plain_history], abs=1e-6)
+    for (name, a), b in zip(plain.model.state_dict().items(), checkpointed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_alpha_zero_equals_no_token_rewards_bit_for_bit(model_dir, data, examples):
+    plain = PreferenceLossConfig(loss_type="dpo", beta=0.1, alpha=0.0)
+    with_rewards, history_a = _train(model_dir, examples, _config(loss=plain, max_steps=4))
+    bare = _examples(model_dir, data, "none")
+    assert bare[0].chosen.rewards is None
+    without, history_b = _train(model_dir, bare, _config(loss=plain, max_steps=4, token_reward_source="none"))
+    for (name, a), b in zip(with_rewards.model.state_dict().items(), without.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [h["loss"] for h in history_a] == [h["loss"] for h in history_b]
+    assert "token_reward_corr" in history_a[0] and "token_reward_corr" not in history_b[0]
+
+
+def test_interrupted_run_resumes_to_the_same_weights_and_curve(model_dir, examples, tmp_path):
+    config = _config(epochs=3, save_every=2, warmup_ratio=0.2, grad_accum=1, weight_decay=0.01)
+    straight, straight_history = _train(model_dir, examples, config)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_seven(step, metrics):
+        if step == 7:
+            raise Interrupt
+
+    checkpoints = tmp_path / "ckpt"
+    with pytest.raises(Interrupt):
+        _train(model_dir, examples, config, checkpoint_dir=checkpoints, on_step=stop_at_seven)
+    assert torch.load(checkpoints / "state.pt", weights_only=False)["step"] == 6
+    assert set(load_file(checkpoints / "trainable.safetensors")) == {n for n, _ in straight.model.named_parameters()}
+    steps = []
+    resumed, history = _train(
+        model_dir, examples, config, checkpoint_dir=checkpoints, on_step=lambda s, m: steps.append(s)
+    )
+    assert resumed.resumed_from == 6 and steps == list(range(7, 19))
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert [h["step"] for h in history] == list(range(1, 19))
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in straight_history], abs=1e-6)
+
+    with pytest.raises(ValueError, match="checkpoint of another run"):
+        PolicyTrainer(model_dir, examples, _config(epochs=4, save_every=2), checkpoint_dir=checkpoints)
+
+
+def test_mismatched_token_ids_are_refused(model_dir, data):
+    pairs, table = data
+    rows = table.to_pylist()
+    victim = next(i for i, r in enumerate(rows) if r["side"] == "rejected" and r["source"] == "contrastive")
+    ids, pair_id = rows[victim]["token_ids"], rows[victim]["pair_id"]
+    rows[victim]["token_ids"] = ids[:2] + [ids[2] + 1] + ids[3:]
+    broken = pa.Table.from_pylist(rows, schema=table.schema)
+    with pytest.raises(ValueError, match=rf"pair {pair_id} \(rejected\): stored token ids differ .* position 2 "):
+        _examples(model_dir, (pairs, broken), "contrastive")
+    rows[victim]["token_ids"] = ids[:-1]
+    expected = rf"position {len(ids) - 1} \(stored end of sequence, encode_pair {ids[-1]}; {len(ids) - 1} vs {len(ids)}"
+    with pytest.raises(ValueError, match=expected):
+        _examples(model_dir, (pairs, pa.Table.from_pylist(rows, schema=table.schema)), "contrastive")
+    # Other truncation knobs than the token-reward stage's give other ids: refused the same way.
+    with pytest.raises(ValueError, match="stored token ids differ"):
+        build_examples(load_tokenizer(str(model_dir)), pairs, table, "contrastive", 12, 8, "keep_start")
+    no_contrastive = table.filter(pc.equal(table["source"], "abc"))
+    with pytest.raises(ValueError, match="must include 'contrastive'"):
+        _examples(model_dir, (pairs, no_contrastive), "abc")
+
+
+def test_abc_rewards_are_projected_onto_policy_tokens(model_dir, data):
+    examples = _examples(model_dir, data, "abc")
+    for example in examples[:5]:
+        for side, sign in ((example.chosen, 1), (example.rejected, -1)):
+            assert len(side.rewards) == len(side.completion_ids)
+            assert sum(side.rewards) == pytest.approx(sign * 0.3, abs=1e-5)  # sum-preserving projection
+    _, history = _train(model_dir, examples, _config(token_reward_source="abc", max_steps=2))
+    assert all(math.isfinite(h["loss"]) for h in history)
+
+
+def test_lora_trains_only_adapters_and_merges(model_dir, examples, tmp_path):
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    config = _config(lora=lora, max_steps=6, learning_rate=1e-2)
+    model, _ = load_policy_model(model_dir, config, CPU)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    trainer, history = _train(model_dir, examples, config)
+    assert abs(history[0]["rewards_margin"]) < 1e-6  # lora_B starts at zero: the first step sees the reference
+    assert history[-1]["rewards_margin"] > 0.05 and history[-1]["rewards_accuracy"] > 0.9
+    trainer.save_pretrained(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    base = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    changed = {n for n, t in merged.state_dict().items() if not torch.equal(t, base[n])}
+    assert changed == {f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "v_proj")}
+    assert not any("lora" in n for n in merged.state_dict())
+    assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow  # the slowest test here: two torchrun workers each import torch and transformers
+def test_two_process_ddp_matches_one_process_with_accumulation(model_dir, examples, tmp_path):
+    # Both take the same 4 micro-batches per step (the last step of an epoch takes the 2 left), so they must agree.
+    single, single_history = _train(model_dir, examples, _config(grad_accum=4, learning_rate=1e-3))
+    streamed = []
+    history = launch_distributed(
+        model_dir,
+        examples,
+        _config(grad_accum=2, learning_rate=1e-3, num_processes=2, save_every=1),
+        tmp_path / "model",
+        checkpoint_dir=tmp_path / "ckpt",
+        on_step=lambda s, m: streamed.append((s, m["loss"])),
+        poll_seconds=0.1,
+    )
+    assert [s for s, _ in streamed] == [h["step"] for h in history] == [1, 2, 3, 4]
+    state = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=False)
+    assert state["step"] == 3 and state["world"] == 2 and (tmp_path / "ckpt" / "rng-1.pt").is_file()
+    assert [loss for _, loss in streamed] == pytest.approx([h["loss"] for h in single_history], abs=1e-5)
+    ddp = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    for (name, a), b in zip(single.model.state_dict().items(), ddp.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage entry point
+
+
+def test_stage_writes_model_train_log_and_mlflow_artifacts(model_dir, data, tmp_path):
+    pairs, table = data
+    workspace = Workspace.resolve(tmp_path / "ws")
+    split = [_pair(i, "eval") for i in range(100, 103)]  # eval pairs are not trained on
+    store = workspace.store
+
+    def publish(stage, name, tables, config):
+        writer = store.writer(stage, stage)
+        for key, value in tables.items():
+            writer.write_table(key, value)
+        return store.publish(writer, stage=stage, fingerprint=stage, inputs={}, config=config, code_version="t")
+
+    curate = publish(
+        "curate", "pairs", {"pairs": pa.concat_tables([pairs, S.rows_to_table(split, S.PAIRS_SCHEMA)])}, {}
+    )
+    token_rewards = publish(
+        "token_rewards",
+        "token_rewards",
+        {"token_rewards": table},
+        {"model": str(model_dir), "sources": ["contrastive"], **KNOBS},
+    )
+    run = Run.start(workspace, "policy-test", "policy")
+    config = _config(max_steps=3, save_every=1)
+    ctx = StageContext(
+        config,
+        workspace,
+        {"curate": curate, "token_rewards": token_rewards},
+        store.writer("policy", "p1"),
+        run,
+        progress=False,
+        stage="policy",
+        fingerprint="p1",
+    )
+    metrics = compute_policy(ctx)
+    assert metrics["train_pairs"] == 24 and metrics["steps"] == 3
+    assert 0 <= metrics["final_rewards_accuracy"] <= 1 and metrics["tokens_per_s"] > 0
+    log = pq.read_table(ctx.writer.dir / "train_log.parquet")
+    assert log.column("step").to_pylist() == [1, 2, 3]
+    assert {"loss", "sequence_loss", "regularizer", "mean_w", "rewards_accuracy", "token_reward_corr"} <= set(
+        log.column_names
+    )
+    trained = AutoModelForCausalLM.from_pretrained(ctx.writer.dir / "model")
+    assert not torch.equal(trained.model.norm.weight, AutoModelForCausalLM.from_pretrained(model_dir).model.norm.weight)
+    assert not ctx.checkpoint_dir.exists()  # removed once the model is in the artifact
+    logged = {a.path for a in run.client.list_artifacts(run.run_id, "policy")}
+    assert {"policy/loss_curve.png", "policy/model"} <= logged
+    assert [m.step for m in run.client.get_metric_history(run.run_id, "loss")] == [1, 2, 3]
