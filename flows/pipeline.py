@@ -16,95 +16,33 @@ from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
 
 
-def _run_one(
-    name: str,
-    config: dict[str, Any] | None,
-    workspace: str | None,
-    refresh: bool,
-    mlflow_parent_run_id: str | None,
-    progress: bool,
-) -> dict[str, Any]:
-    cfg = config_from_dict(config)
-    ws = Workspace.resolve(workspace or cfg.workspace)
-    return execute_stage(
-        name, cfg, ws, refresh=refresh, parent_run_id=mlflow_parent_run_id, progress=progress
-    ).to_dict()
+def _stage_flow(name: str):
+    """The Prefect flow that runs stage ``name`` alone (or as a subflow of the pipeline)."""
+
+    def run_stage(
+        config: dict[str, Any] | None = None,
+        workspace: str | None = None,
+        refresh: bool = False,
+        mlflow_parent_run_id: str | None = None,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        cfg = config_from_dict(config)
+        ws = Workspace.resolve(workspace or cfg.workspace)
+        result = execute_stage(name, cfg, ws, refresh=refresh, parent_run_id=mlflow_parent_run_id, progress=progress)
+        return result.to_dict()
+
+    run_stage.__name__ = run_stage.__qualname__ = f"{name}_flow"
+    return flow(name=name, description=STAGES[name].description)(run_stage)
 
 
-@flow(name="curate", description=STAGES["curate"].description)
-def curate_flow(
-    config: dict[str, Any] | None = None,
-    workspace: str | None = None,
-    refresh: bool = False,
-    mlflow_parent_run_id: str | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    return _run_one("curate", config, workspace, refresh, mlflow_parent_run_id, progress)
-
-
-@flow(name="reward_model", description=STAGES["reward_model"].description)
-def reward_model_flow(
-    config: dict[str, Any] | None = None,
-    workspace: str | None = None,
-    refresh: bool = False,
-    mlflow_parent_run_id: str | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    return _run_one("reward_model", config, workspace, refresh, mlflow_parent_run_id, progress)
-
-
-@flow(name="onpolicy", description=STAGES["onpolicy"].description)
-def onpolicy_flow(
-    config: dict[str, Any] | None = None,
-    workspace: str | None = None,
-    refresh: bool = False,
-    mlflow_parent_run_id: str | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    return _run_one("onpolicy", config, workspace, refresh, mlflow_parent_run_id, progress)
-
-
-@flow(name="token_rewards", description=STAGES["token_rewards"].description)
-def token_rewards_flow(
-    config: dict[str, Any] | None = None,
-    workspace: str | None = None,
-    refresh: bool = False,
-    mlflow_parent_run_id: str | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    return _run_one("token_rewards", config, workspace, refresh, mlflow_parent_run_id, progress)
-
-
-@flow(name="policy", description=STAGES["policy"].description)
-def policy_flow(
-    config: dict[str, Any] | None = None,
-    workspace: str | None = None,
-    refresh: bool = False,
-    mlflow_parent_run_id: str | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    return _run_one("policy", config, workspace, refresh, mlflow_parent_run_id, progress)
-
-
-@flow(name="evaluate", description=STAGES["evaluate"].description)
-def evaluate_flow(
-    config: dict[str, Any] | None = None,
-    workspace: str | None = None,
-    refresh: bool = False,
-    mlflow_parent_run_id: str | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    return _run_one("evaluate", config, workspace, refresh, mlflow_parent_run_id, progress)
-
-
-STAGE_FLOWS = {
-    "curate": curate_flow,
-    "reward_model": reward_model_flow,
-    "onpolicy": onpolicy_flow,
-    "token_rewards": token_rewards_flow,
-    "policy": policy_flow,
-    "evaluate": evaluate_flow,
-}
+STAGE_FLOWS = {name: _stage_flow(name) for name in STAGES}
+# Module-level names for deployment entrypoints (infra/prefect.yaml: flows/pipeline.py:curate_flow) and imports.
+curate_flow = STAGE_FLOWS["curate"]
+reward_model_flow = STAGE_FLOWS["reward_model"]
+onpolicy_flow = STAGE_FLOWS["onpolicy"]
+token_rewards_flow = STAGE_FLOWS["token_rewards"]
+policy_flow = STAGE_FLOWS["policy"]
+evaluate_flow = STAGE_FLOWS["evaluate"]
 
 
 @flow(name="creditflow-pipeline", description="Curate -> reward model -> token rewards -> policy optimization.")
