@@ -27,10 +27,11 @@ from creditflow.tasks import (
     curate,
     evaluate,
     ingest,
-    losses,
     logprobs,
+    losses,
     onpolicy,
     policy,
+    policy_worker,
     reward_model,
     schema,
     token_rewards,
@@ -118,7 +119,7 @@ STAGES: dict[str, Stage] = {
         section=lambda cfg: cfg.policy,
         input_digests=lambda c: {},  # the starting model is the token-reward stage's reference, in its digest
         compute=policy.compute_policy,
-        code_modules=(policy, losses, logprobs, tokenization),
+        code_modules=(policy, policy_worker, losses, logprobs, tokenization, abc),
     ),
     "evaluate": Stage(
         name="evaluate",

@@ -122,6 +122,16 @@ def _token_rewards(model_dir, pairs: list[dict], abc: bool = False) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=TOKEN_REWARDS_SCHEMA)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny-model kernels are too small to split: one intra-op thread is faster, and immune to the spin-waiting that
+    makes two OpenMP threads crawl when other processes share the 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     corpus = [S.completion_text(p[k]) for p in map(_pair, range(40)) for k in ("prompt", "chosen", "rejected")]
