@@ -75,5 +75,6 @@ def build_tiny_reward_backbone(out_dir: str | Path, corpus: list[str], seed: int
 
     tokenizer = build_tiny_tokenizer(out_dir, corpus)
     torch.manual_seed(seed)
-    LlamaForSequenceClassification(tiny_llama_config(tokenizer, num_labels=1, **overrides)).save_pretrained(str(out_dir))
+    config = tiny_llama_config(tokenizer, num_labels=1, **overrides)
+    LlamaForSequenceClassification(config).save_pretrained(str(out_dir))
     return Path(out_dir)
