@@ -37,6 +37,7 @@ from creditflow.tasks.policy import (
 )
 from creditflow.tasks.stage import StageContext
 from creditflow.tasks.tiny import build_tiny_causal_lm
+from creditflow.tasks.token_store import OUTPUT_SCHEMA
 from creditflow.tasks.tokenization import completion_offsets, encode_pair, load_tokenizer
 
 GOOD = ["great", "wonderful", "lovely", "happy", "excellent", "bright"]
@@ -60,22 +61,6 @@ def _pair(i: int, split: str = "train") -> dict:
         "source_row": str(i),
         "split": split,
     }
-
-
-TOKEN_REWARDS_SCHEMA = pa.schema(  # the token-reward stage's output (tasks/token_store.py)
-    [
-        ("pair_id", pa.string()),
-        ("side", pa.string()),
-        ("key", pa.string()),
-        ("source", pa.string()),
-        ("n_tokens", pa.int32()),
-        ("token_ids", pa.list_(pa.int32())),
-        ("char_start", pa.list_(pa.int32())),
-        ("char_end", pa.list_(pa.int32())),
-        ("rewards", pa.list_(pa.float32())),
-        ("ref_logps", pa.list_(pa.float32())),
-    ]
-)
 
 
 def _token_rewards(model_dir, pairs: list[dict], abc: bool = False) -> pa.Table:
@@ -119,7 +104,7 @@ def _token_rewards(model_dir, pairs: list[dict], abc: bool = False) -> pa.Table:
             for row in rows[-2 if abc else -1 :]:
                 row.update(pair_id=pair["pair_id"], side=side, n_tokens=len(row["token_ids"]))
                 row["key"] = f"{pair['pair_id']}-{side}-{row['source']}"
-    return pa.Table.from_pylist(rows, schema=TOKEN_REWARDS_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
 
 
 @pytest.fixture(autouse=True, scope="module")
