@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/creditflow demo
+	$(VENV)/bin/creditflow demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest

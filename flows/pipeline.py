@@ -52,8 +52,9 @@ def pipeline_flow(
     from_stage: str | None = None,
     refresh: list[str] | None = None,
     progress: bool = True,
+    run_name: str | None = None,
 ) -> dict[str, Any]:
-    """Run every stage in order under one MLflow parent run.
+    """Run every stage in order under one MLflow parent run (named ``run_name``, default ``pipeline-<time>``).
 
     ``from_stage`` recomputes that stage and everything after it, taking earlier stages from the cache (they must
     exist). ``refresh`` names stages to recompute even if cached.
@@ -67,11 +68,11 @@ def pipeline_flow(
         raise ValueError(f"unknown or disabled stage {unknown[0]!r} (stages in this config: {', '.join(order)})")
     start = order.index(from_stage) if from_stage else 0
 
-    started = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_name = run_name or f"pipeline-{dt.datetime.now():%Y%m%d-%H%M%S}"
     parent = Run.start(
         ws,
         cfg.experiment,
-        f"pipeline-{started}",
+        run_name,
         tags={"creditflow.kind": "pipeline", "creditflow.from_stage": from_stage or ""},
     )
     results: dict[str, Any] = {}
@@ -102,4 +103,4 @@ def pipeline_flow(
         parent.end("FAILED")
         raise
     parent.end("FINISHED")
-    return {"mlflow_run_id": parent.run_id, "workspace": str(ws.root), "stages": results}
+    return {"mlflow_run_id": parent.run_id, "run_name": run_name, "workspace": str(ws.root), "stages": results}

@@ -124,7 +124,7 @@ STAGES: dict[str, Stage] = {
     "evaluate": Stage(
         name="evaluate",
         description="Policy vs reference on held-out prompts: reward-model and gold scores, win rates, comparisons.",
-        upstream=("curate", "onpolicy", "reward_model", "token_rewards", "policy"),
+        upstream=("curate", "reward_model", "token_rewards", "policy"),
         section=lambda cfg: cfg.evaluate,
         input_digests=lambda c: {},
         compute=evaluate.compute_evaluate,

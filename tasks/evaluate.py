@@ -1,11 +1,11 @@
 """Evaluation: did the trained policy beat the reference policy it started from?
 
-Both policies answer the held-out (eval split) prompts with the same seeded sampling settings. Every answer is
-scored by the trained reward model and, when configured, by a gold scorer: a plugin ``module:function`` taking
-``(prompts, completions)`` and returning one float per completion; ``vader`` is built in (vaderSentiment's compound
-score, the sample task's ground truth). Reported: win rate against the reference (ties count half), mean reward,
-mean gold score, mean length; the comparison across every evaluation in the workspace (e.g. DPO vs DPO+T-REG) is
-drawn as a PNG.
+Both policies answer the held-out prompts (the curated eval split, which on-policy sampling never touches) with the
+same seeded sampling settings. Every answer is scored by the trained reward model and, when configured, by a gold
+scorer: a plugin ``module:function`` taking ``(prompts, completions)`` and returning one float per completion;
+``vader`` is built in (vaderSentiment's compound score, the sample task's ground truth). Reported: win rate against
+the reference (ties count half), mean reward, mean gold score, mean length; the comparison across every evaluation
+in the workspace (e.g. DPO vs DPO+T-REG) is drawn as a PNG.
 """
 
 from __future__ import annotations
@@ -73,13 +73,12 @@ def method_label(policy_config: dict) -> str:
 
 def compute_evaluate(ctx: StageContext) -> dict[str, float]:
     config: EvaluateConfig = ctx.config
-    pairs_stage = "onpolicy" if "onpolicy" in ctx.upstream else "curate"
-    pairs = ctx.read_upstream(pairs_stage, "pairs")
+    pairs = ctx.read_upstream("curate", "pairs")
     held_out = pairs.filter(pa.array([s == "eval" for s in pairs.column("split").to_pylist()]))
     prompts = unique_prompts(held_out, config.max_prompts)
     messages = prompts.column("prompt").to_pylist()
     if not messages:
-        raise ValueError(f"evaluate: the {pairs_stage} pairs have no eval-split prompts")
+        raise ValueError("evaluate: the curated pairs have no eval-split prompts (raise curate.eval_fraction)")
 
     from creditflow.tasks.models import resolve_model
 
@@ -146,8 +145,8 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
             }
         )
     policy = ctx.upstream["policy"]
-    if "token_reward_correlation" in policy.metrics:
-        metrics["token_reward_correlation"] = policy.metrics["token_reward_correlation"]
+    if "final_token_reward_corr" in policy.metrics:
+        metrics["token_reward_correlation"] = policy.metrics["final_token_reward_corr"]
     current = _comparison_row(policy, "now", metrics)
     ctx.run.log_figure(comparison_figure([*comparison_rows(ctx.workspace.store), current]), "evaluate/comparison.png")
     return metrics

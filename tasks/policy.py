@@ -804,7 +804,7 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
     ctx.run.log_artifacts([model_out], "policy")
     shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)  # the published artifact supersedes it
     last = history[-1]
-    return {
+    metrics = {
         "train_pairs": len(examples),
         "steps": len(history),
         "final_loss": last["loss"],
@@ -813,6 +813,9 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
         "tokens_per_s": sorted(h["tokens_per_s"] for h in history)[len(history) // 2],
         "peak_memory_gb": max(h["peak_memory_gb"] for h in history),
     }
+    if "token_reward_corr" in last:  # token rewards vs the policy's implicit token rewards, at the last step
+        metrics["final_token_reward_corr"] = last["token_reward_corr"]
+    return metrics
 
 
 def history_table(history: list[dict[str, float]]) -> pa.Table:

@@ -1,0 +1,1 @@
+"""Pipeline recipes (YAML). Installed as package data so `creditflow demo` finds its configs outside a checkout."""
