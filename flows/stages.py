@@ -133,6 +133,11 @@ STAGES: dict[str, Stage] = {
 }
 
 
+# Hash every stage's source as imported, before a long run gives anyone time to edit it (hashing._source_digest).
+for _stage in STAGES.values():
+    code_version(_stage.code_modules)
+
+
 class StageNotReady(RuntimeError):
     """An upstream artifact a stage needs is not in the workspace."""
 

@@ -6,6 +6,7 @@ import hashlib
 import inspect
 import json
 import subprocess
+from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable
@@ -45,8 +46,15 @@ def sha256_tree(root: str | Path) -> str:
 
 def code_version(modules: Iterable[ModuleType]) -> str:
     """Package version plus a digest of the source of the modules that shape a stage's rows."""
-    sources = {m.__name__: sha256_file(inspect.getsourcefile(m)) for m in modules}
+    sources = {m.__name__: _source_digest(m) for m in modules}
     return f"{creditflow.__version__}+{sha256_json(sources)[:12]}"
+
+
+@lru_cache(maxsize=None)
+def _source_digest(module: ModuleType) -> str:
+    """Read once per process: a source file edited while a pipeline runs must not change the fingerprints the
+    running code computes (the code in memory is still the old one, and later stages would miss their upstream)."""
+    return sha256_file(inspect.getsourcefile(module))
 
 
 def git_commit() -> str | None:

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -418,7 +419,9 @@ def load_policy_model(model_dir: str | Path, config: PolicyConfig, device: torch
         target_modules=list(config.lora.target_modules),
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(lm, adapters)  # adapters are fp32 even on a bf16 base (autocast_adapter_dtype)
+    with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        model = get_peft_model(lm, adapters)  # adapters are fp32 even on a bf16 base (autocast_adapter_dtype)
     return model.train(), model.get_base_model()
 
 

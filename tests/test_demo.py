@@ -72,6 +72,50 @@ def test_demo_table_compares_methods_against_the_reference(demo_results):
     assert scores[0] == scores[1]
 
 
+def test_evaluation_reproduces_its_metrics_from_the_generations_it_stored(demo_results):
+    import duckdb
+    from mlflow.tracking import MlflowClient
+
+    from creditflow.tasks.evaluate import vader_scorer, win_rate
+
+    workspace, results = demo_results
+    with duckdb.connect(str(workspace / "catalog.duckdb"), read_only=True) as con:
+        held_out = {
+            r[0] for r in con.execute("SELECT DISTINCT prompt_id FROM curate_pairs WHERE split = 'eval'").fetchall()
+        }
+        trained = {r[0] for r in con.execute("SELECT DISTINCT prompt_id FROM onpolicy_pairs").fetchall()}
+        generations = {}
+        for result in results:
+            fingerprint = result["stages"]["evaluate"]["manifest"]["fingerprint"]
+            rows = con.execute(
+                "SELECT system, prompt_id, completion, rm_score, gold_score FROM evaluate_generations "
+                "WHERE fingerprint = ? ORDER BY system, prompt_id",
+                [fingerprint],
+            ).fetchall()
+            generations[fingerprint] = rows
+    assert trained and not trained & held_out  # on-policy sampling never sees an evaluation prompt
+
+    references = []
+    for result in results:
+        manifest = result["stages"]["evaluate"]["manifest"]
+        rows = generations[manifest["fingerprint"]]
+        by_system = {name: [r for r in rows if r[0] == name] for name in ("policy", "reference")}
+        assert [r[1] for r in by_system["policy"]] == [r[1] for r in by_system["reference"]]
+        assert {r[1] for r in rows} <= held_out and len(by_system["policy"]) == manifest["metrics"]["prompts"]
+        completions = [r[2] for r in rows]
+        assert [r[4] for r in rows] == pytest.approx(vader_scorer([], completions))
+        metrics = manifest["metrics"]
+        for key, column in (("rm", 3), ("gold", 4)):
+            policy, reference = ([r[column] for r in by_system[s]] for s in ("policy", "reference"))
+            assert metrics[f"win_rate_{key}"] == pytest.approx(win_rate(policy, reference))
+            assert metrics[f"{key}_score.policy"] == pytest.approx(sum(policy) / len(policy))
+        references.append([r[2] for r in by_system["reference"]])
+        client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+        logged = {a.path for a in client.list_artifacts(result["stages"]["evaluate"]["mlflow_run_id"], "evaluate")}
+        assert {"evaluate/comparison.png", "evaluate/generations.json"} <= logged
+    assert references[0] == references[1]  # same seed, same reference answers: the variants compare paired
+
+
 def test_demo_command_prints_the_table_and_serves_everything_from_cache(demo_results, monkeypatch):
     from creditflow.flows import cli
 

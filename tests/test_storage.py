@@ -228,3 +228,29 @@ def test_config_errors_name_the_key_and_paths_resolve_against_the_file(tmp_path)
     config.write_text("- not a mapping\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(config)
+
+
+def test_code_version_is_the_source_as_first_hashed_in_this_process(tmp_path, monkeypatch):
+    """Editing a stage's source mid-run must not change the fingerprints the running (old) code computes."""
+    import importlib
+
+    from creditflow.storage.hashing import code_version
+
+    (tmp_path / "edited_stage.py").write_text("ROWS = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("edited_stage")
+    before = code_version([module])
+    (tmp_path / "edited_stage.py").write_text("ROWS = 2\n")
+    assert code_version([module]) == before
+    fresh = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import edited_stage; from creditflow.storage.hashing import code_version as v; print(v([edited_stage]))",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert fresh != before  # a new process hashes the edited source
