@@ -161,13 +161,13 @@ def _print_comparison(rows: list[dict[str, Any]]) -> None:
     console.print(
         "gold = vaderSentiment compound score of the answer (the sample task's judge); RM = the trained reward model;"
         " win rate: share of prompts where the policy's answer beats the reference's (ties half);"
-        " token corr: token rewards vs the policy's implicit token rewards (T-REG runs)."
+        " token corr: token rewards vs the policy's implicit token rewards at the last training step."
     )
 
 
 @app.command()
 def stage(
-    name: str = typer.Argument(..., help="Stage to run: curate."),
+    name: str = typer.Argument(..., help="curate, reward_model, onpolicy, token_rewards, policy or evaluate."),
     config: Optional[Path] = ConfigOpt,
     workspace: Optional[str] = WorkspaceOpt,
     refresh: bool = typer.Option(False, "--refresh", help="Recompute even if cached."),
