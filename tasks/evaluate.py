@@ -10,7 +10,9 @@ in the workspace (e.g. DPO vs DPO+T-REG) is drawn as a PNG.
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -147,7 +149,7 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
     policy = ctx.upstream["policy"]
     if "final_token_reward_corr" in policy.metrics:
         metrics["token_reward_correlation"] = policy.metrics["final_token_reward_corr"]
-    current = _comparison_row(policy, "now", metrics)
+    current = _comparison_row(policy, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), metrics)
     ctx.run.log_figure(comparison_figure([*comparison_rows(ctx.workspace.store), current]), "evaluate/comparison.png")
     return metrics
 
@@ -185,8 +187,9 @@ def comparison_figure(rows: list[dict]):
         ("win_rate_gold", "win rate vs reference (gold)"),
         ("gold_score.policy", "mean gold score"),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
-    labels = [f"{r['method']}\n{r['created_at'][5:16]}" for r in rows]  # method + when: reruns stay apart
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8))
+    # method, seed and time (HH:MM, UTC): reruns of one method with other settings stay apart
+    labels = [f"{r['method'].replace(' + ', chr(10) + '+ ')}\nseed {r['seed']}, {r['created_at'][11:16]}" for r in rows]
     for ax, (key, title) in zip(axes, panels):
         values = [r[key] if r[key] is not None else 0.0 for r in rows]
         ax.bar(range(len(rows)), values, color=["#4f81bd" if "T-REG" not in r["method"] else "#9bbb59" for r in rows])
@@ -194,6 +197,10 @@ def comparison_figure(rows: list[dict]):
         ax.set_title(title)
         if key.startswith("win_rate"):
             ax.axhline(0.5, color="black", lw=0.8, ls="--")
+        else:  # each evaluation's own reference score, for the bar beside it
+            reference = [r["gold_score.reference"] if r["gold_score.reference"] is not None else math.nan for r in rows]
+            ax.scatter(range(len(rows)), reference, marker="_", s=600, color="black", label="reference", zorder=3)
+            ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     plt.close(fig)
     return fig
