@@ -75,9 +75,7 @@ def method_label(policy_config: dict) -> str:
 
 def compute_evaluate(ctx: StageContext) -> dict[str, float]:
     config: EvaluateConfig = ctx.config
-    pairs = ctx.read_upstream("curate", "pairs")
-    held_out = pairs.filter(pa.array([s == "eval" for s in pairs.column("split").to_pylist()]))
-    prompts = unique_prompts(held_out, config.max_prompts)
+    prompts = unique_prompts(S.split_rows(ctx.read_upstream("curate", "pairs"), "eval"), config.max_prompts)
     messages = prompts.column("prompt").to_pylist()
     if not messages:
         raise ValueError("evaluate: the curated pairs have no eval-split prompts (raise curate.eval_fraction)")

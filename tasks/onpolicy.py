@@ -166,10 +166,8 @@ def unique_prompts(pairs: pa.Table, limit: int | None) -> pa.Table:
 
 def compute_onpolicy(ctx: StageContext) -> dict[str, float]:
     config: OnPolicyConfig = ctx.config
-    curated = ctx.read_upstream("curate", "pairs")
     # Train-split prompts only: the policy trains on train pairs, and eval prompts stay unseen for evaluation.
-    train = curated.filter(pa.array([s == "train" for s in curated.column("split").to_pylist()]))
-    prompts = unique_prompts(train, config.max_prompts)
+    prompts = unique_prompts(S.split_rows(ctx.read_upstream("curate", "pairs"), "train"), config.max_prompts)
     tokenizer, model = load_policy(policy_folder(config.policy))
     prompt_messages = prompts.column("prompt").to_pylist()
     samples = sample_responses(

@@ -52,7 +52,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from creditflow.tasks.abc import project_to_policy
 from creditflow.tasks.logprobs import DEFAULT_CHUNK, check_lm_head, lm_head_logits
 from creditflow.tasks.losses import PreferenceLossConfig, preference_loss, token_reward_correlation
-from creditflow.tasks.schema import Messages
+from creditflow.tasks.schema import Messages, split_rows
 from creditflow.tasks.tokenization import encode_pair
 
 if TYPE_CHECKING:  # importing it pulls in MLflow, which torchrun workers never need
@@ -774,7 +774,7 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
     except KeyError as exc:
         raise ValueError(f"policy: the token_rewards manifest config has no {exc} (an older artifact?)") from None
     pairs = ctx.read_upstream("onpolicy" if "onpolicy" in ctx.upstream else "curate", "pairs")
-    train = pairs.filter(pa.array([s == "train" for s in pairs.column("split").to_pylist()]))
+    train = split_rows(pairs, "train")
     if not train.num_rows:
         raise ValueError("policy: the pairs have no train split")
     table = ctx.read_upstream("token_rewards", "token_rewards")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_cosine_schedule_with_warmup
 
-from creditflow.tasks.schema import Messages, completion_text
+from creditflow.tasks.schema import Messages, completion_text, split_rows
 from creditflow.tasks.stage import StageContext
 
 TINY = "tiny"  # build a tiny backbone from the curated text: the offline fallback, and what tests use
@@ -367,9 +367,8 @@ def compute_reward_model(ctx: StageContext) -> dict[str, float]:
     """Train on the curated train split, evaluate on eval, save ``model/`` (safetensors + tokenizer)."""
     config: RewardModelConfig = ctx.config
     pairs = ctx.read_upstream("curate", "pairs")
-    split = pairs.column("split").to_pylist()
-    train = PairData.from_table(pairs.filter(pa.array([s == "train" for s in split])))
-    evaluation_table = pairs.filter(pa.array([s == "eval" for s in split]))
+    train = PairData.from_table(split_rows(pairs, "train"))
+    evaluation_table = split_rows(pairs, "eval")
     evaluation = PairData.from_table(evaluation_table)
     if not len(train):
         raise ValueError("reward_model: the curated data has no train pairs")

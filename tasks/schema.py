@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from creditflow.storage.hashing import sha256_json
 
@@ -71,3 +72,8 @@ def completion_text(messages: Messages) -> str:
 
 def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
+
+
+def split_rows(pairs: pa.Table, split: str) -> pa.Table:
+    """The rows of one split ("train" or "eval") of a pairs table."""
+    return pairs.filter(pc.equal(pairs.column("split"), split))
