@@ -117,8 +117,9 @@ def build_examples(folder: Path, args, fixed: bool) -> list[dict]:
 
 def setup_ours(args, examples: list[dict], device):
     """(train, step end times, real tokens per step) for PolicyTrainer, model loaded and trainer built."""
-    from creditflow.tasks.losses import PreferenceLossConfig
-    from creditflow.tasks.policy import PolicyConfig, PolicyExample, PolicyTrainer, epoch_batches
+    from creditflow.tasks.configs import PolicyConfig, PreferenceLossConfig
+    from creditflow.tasks.policy import PolicyTrainer
+    from creditflow.tasks.preference_batches import PolicyExample, epoch_batches
 
     treg = args.variant == "ours-treg"
     if not treg:

@@ -79,7 +79,7 @@ def naive_scores(model, items, batch_size: int, pad_id: int):
     import torch
 
     from creditflow.tasks.logprobs import naive_completion_logprobs
-    from creditflow.tasks.token_rewards import contrastive_rewards
+    from creditflow.tasks.contrastive import contrastive_rewards
 
     device = next(model.parameters()).device
     sequences = [(kind, i) for i in range(len(items)) for kind in ("better_ids", "worse_ids", "plain_ids")]
@@ -109,14 +109,16 @@ def worker(args) -> None:
     import numpy as np
     import torch
 
-    from creditflow.tasks import token_rewards as T
-    from creditflow.tasks.tokenization import load_tokenizer
+    from creditflow.tasks import contrastive as T
+    from creditflow.tasks.configs import TokenRewardsConfig
+    from creditflow.tasks.tokenization import load_tokenizer, pad_token_id
+    from creditflow.tasks.training import inference_dtype, resolve_device
 
-    device = T.resolve_device(args.device)
-    dtype = T.resolve_dtype("auto", device)
+    device = resolve_device(args.device)
+    dtype = inference_dtype("auto", device)
     tokenizer = load_tokenizer(args.folder)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    config = T.TokenRewardsConfig(model=args.folder, max_length=args.max_length, max_prompt_length=None)
+    pad_id = pad_token_id(tokenizer)
+    config = TokenRewardsConfig(max_length=args.max_length, max_prompt_length=None)
     prompts, completions = load_pairs(args.pairs)
     items = T.encode_contrastive(tokenizer, prompts, completions, config)
     model = T.load_reference_model(args.folder, device, dtype)

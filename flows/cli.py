@@ -9,11 +9,11 @@ apply_defaults()  # before Prefect/MLflow/transformers read their settings
 import os  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Optional  # noqa: E402
+from typing import Any, Iterator, Optional  # noqa: E402
 
 import typer  # noqa: E402
-import yaml  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -28,30 +28,45 @@ console = Console()
 # MLflow 3's UI opens in its GenAI mode; this query parameter switches it to the training-runs view.
 UI_URL = "http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning"
 
+
+def _use_workspace(value: Optional[str]) -> Optional[str]:
+    """``-w`` callback: point this process at the workspace's servers (``creditflow up``) before Prefect or MLflow
+    are imported, which read their settings once, at import."""
+    from creditflow.flows.ops import use_servers
+
+    use_servers(value)
+    return value
+
+
 ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline YAML (see configs/). Default: built-in demo settings.")
 WorkspaceOpt = typer.Option(
-    None, "--workspace", "-w", help="Workspace folder (default $CREDITFLOW_WORKSPACE or ./creditflow-workspace)."
+    None,
+    "--workspace",
+    "-w",
+    help="Workspace folder (default $CREDITFLOW_WORKSPACE or ./creditflow-workspace).",
+    callback=_use_workspace,
 )
 SetOpt = typer.Option(
     None, "--set", help="Override a config key, e.g. --set curate.eval_fraction=0.2 (value parsed as YAML)."
 )
+# What a user can get wrong (a config, an input file, a missing artifact): one line, no traceback.
+USER_ERRORS = (ValueError, RuntimeError, OSError, KeyError)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except USER_ERRORS as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        console.print(f"[bold red]error:[/] {message}", highlight=False)
+        raise typer.Exit(code=2) from None
 
 
 def _config_dict(config: Optional[Path], overrides: Optional[list[str]]) -> dict[str, Any]:
-    from creditflow.flows.config import load_config, to_dict
+    from creditflow.flows.config import load_config, parse_overrides
 
-    parsed = {}
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--set expects KEY=VALUE, got {item!r}")
-        parsed[key.strip()] = yaml.safe_load(value)
-    return to_dict(load_config(config, parsed))
-
-
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(code=2)
+    return load_config(config, parse_overrides(overrides or [])).model_dump(mode="json")
 
 
 def _print_stages(result: dict[str, Any], title: str = "stages") -> None:
@@ -94,18 +109,13 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Run the whole pipeline (cached stages are reused)."""
-    from creditflow.flows.ops import use_servers
-
-    use_servers(workspace)  # before Prefect is imported
-    from creditflow.flows.pipeline import pipeline_flow
-
-    try:
+    with _errors():
         cfg = _config_dict(config, set_)
+        from creditflow.flows.pipeline import pipeline_flow
+
         result = pipeline_flow(
             config=cfg, workspace=workspace, from_stage=from_stage, refresh=refresh or [], progress=not quiet
         )
-    except (ValueError, RuntimeError, OSError) as exc:
-        _fail(exc)
     _print_stages(result)
     _print_where_to_look(result["workspace"])
 
@@ -123,17 +133,13 @@ def demo(
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from creditflow.flows.demo import comparison_table, plan_demo, run_demo
-    from creditflow.flows.ops import use_servers
 
-    use_servers(workspace)  # before Prefect is imported
     plan = plan_demo(tiny)
     if plan.fallback_reason:
         console.print(f"[bold yellow]note:[/] {plan.fallback_reason}")
     console.print(f"demo config: {plan.config}")
-    try:
+    with _errors():
         results = run_demo(plan, workspace, seed or [0], alpha, progress=not quiet)
-    except (ValueError, RuntimeError, OSError) as exc:
-        _fail(exc)
     for result in results:
         _print_stages(result, title=result["run_name"])
     _print_comparison(comparison_table(results))
@@ -175,18 +181,13 @@ def stage(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Run one stage alone; its upstream artifacts must already be in the workspace."""
-    from creditflow.flows.ops import use_servers
-
-    use_servers(workspace)  # before Prefect is imported
-    from creditflow.flows.pipeline import STAGE_FLOWS
-
-    if name not in STAGE_FLOWS:
-        _fail(ValueError(f"unknown stage {name!r} (stages: {', '.join(STAGE_FLOWS)})"))
-    try:
+    with _errors():
         cfg = _config_dict(config, set_)
+        from creditflow.flows.pipeline import STAGE_FLOWS
+
+        if name not in STAGE_FLOWS:
+            raise ValueError(f"unknown stage {name!r} (stages: {', '.join(STAGE_FLOWS)})")
         result = STAGE_FLOWS[name](config=cfg, workspace=workspace, refresh=refresh, progress=not quiet)
-    except (ValueError, RuntimeError, OSError) as exc:
-        _fail(exc)
     _print_stages({"stages": {name: result}})
     from creditflow.storage.workspace import Workspace
 
@@ -204,10 +205,13 @@ def sql(
     from creditflow.storage.workspace import Workspace
 
     ws = Workspace.resolve(workspace)
-    try:
-        columns, rows = Catalog(ws.catalog_path, ws.store).query(query)
-    except Exception as exc:  # duckdb raises many error types; all are user errors here
-        _fail(exc)
+    import duckdb
+
+    with _errors():
+        try:
+            columns, rows = Catalog(ws.catalog_path, ws.store).query(query)
+        except duckdb.Error as exc:  # syntax errors, unknown views: the user's query, not a crash
+            raise ValueError(str(exc)) from None
     table = Table(*columns)
     for row in rows[:limit]:
         table.add_row(*(str(v)[:80] for v in row))
@@ -222,12 +226,11 @@ def ui(
     port: int = typer.Option(5000, help="Port on 127.0.0.1."),
 ) -> None:
     """Serve the MLflow UI for this workspace on 127.0.0.1 (Ctrl-C to stop); with `creditflow up`, print its URL."""
-    from creditflow.flows.ops import use_servers
     from creditflow.storage.workspace import Workspace
 
-    server = use_servers(workspace).get("MLFLOW_TRACKING_URI")
+    server = os.environ.get("MLFLOW_TRACKING_URI")
     if server:
-        console.print(f"MLflow UI: {server}   (the server started by `creditflow up`)")
+        console.print(f"MLflow UI: {server}   (MLFLOW_TRACKING_URI: `creditflow up`'s server, or yours)")
         return
     ws = Workspace.resolve(workspace)
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
@@ -239,12 +242,24 @@ def ui(
 
 
 @app.command("config")
-def show_config(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+def show_config(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    explain: bool = typer.Option(False, "--explain", help="Every key with its default and what it does."),
+) -> None:
     """Print the full resolved config (defaults filled in), as the stages will see it."""
-    try:
-        console.print(yaml.safe_dump(_config_dict(config, set_), sort_keys=False), end="")
-    except ValueError as exc:
-        _fail(exc)
+    import yaml
+
+    if explain:
+        from creditflow.flows.config import explain as explained
+
+        table = Table("key", "default", "what it does")
+        for key, default, description in explained():
+            table.add_row(key, default, description)
+        console.print(table)
+        return
+    with _errors():
+        console.print(yaml.safe_dump(_config_dict(config, set_), sort_keys=False), end="", highlight=False)
 
 
 @catalog_app.command("refresh")
@@ -284,10 +299,8 @@ def up(
     """Start local Prefect and MLflow servers for this workspace; later creditflow commands use them."""
     from creditflow.flows import ops
 
-    try:
+    with _errors():
         env = ops.up(workspace, {"prefect": prefect_port, "mlflow": mlflow_port}, timeout=timeout)
-    except RuntimeError as exc:
-        _fail(exc)
     for key, value in env.items():
         console.print(f"{key}={value}")
     _print_servers(workspace)
@@ -333,11 +346,8 @@ def serve(
     """Register the pipeline as a scheduled Prefect deployment and run its flow runs (Ctrl-C to stop)."""
     from creditflow.flows import ops
 
-    ops.use_servers(workspace)  # before Prefect is imported
-    try:
+    with _errors():
         ops.serve(_config_dict(config, set_), workspace, name, cron=cron, interval=interval)
-    except (ValueError, RuntimeError) as exc:
-        _fail(exc)
 
 
 @app.command()
@@ -348,7 +358,6 @@ def runs(
     """Recent pipeline runs: each stage's fingerprint, cache hit and whether its artifact still exists."""
     from creditflow.flows import ops
 
-    ops.use_servers(workspace)
     found = ops.list_runs(workspace, limit)
     for run in found:  # one block per run: fingerprints stay whole in a narrow terminal
         console.print(
@@ -409,13 +418,14 @@ def rewards_show(
         table = store.read_table(manifest, "token_rewards")
         rows = [r for r in table.to_pylist() if r["pair_id"] == pair_id]
         if rows:
-            tokenizers = {"contrastive": load_tokenizer(str(resolve_model(manifest.config["model"])))}
+            tokenizers = {"contrastive": load_tokenizer(str(resolve_model(manifest.config["reference_model"])))}
             if any(r["source"] == "abc" for r in rows):
                 rm = store.load("reward_model", _upstream_fingerprint(store, "reward_model", manifest))
                 tokenizers["abc"] = load_tokenizer(str(store.path(rm.stage, rm.fingerprint) / "model"))
             console.print(render_pair(pair_id, rows, tokenizers))
             return
-    _fail(KeyError(f"no token rewards for pair {pair_id!r} in {store.root}"))
+    with _errors():
+        raise KeyError(f"no token rewards for pair {pair_id!r} in {store.root}")
 
 
 def _upstream_fingerprint(store, stage: str, manifest) -> str:

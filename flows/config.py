@@ -1,42 +1,96 @@
-"""Pipeline configuration: a YAML file with one section per stage, loaded into typed dataclasses.
+"""Pipeline configuration: a YAML file with one section per stage, validated by the pydantic models of
+tasks/configs.py. Importing this module imports no torch, transformers, Prefect or MLflow, so ``creditflow config``
+and a YAML typo answer at once.
 
-Unknown keys and wrong types are errors that name the key path (``curate.rules.max_lenght: unknown key``),
-because a silently ignored typo would also be silently left out of the cache key.
+Errors name the file and the key path (``c.yaml: curate.rules.max_lenght: unknown key (known: ...)``), because a
+silently ignored typo would also be silently left out of the cache key. YAML floats follow YAML 1.2: ``1e-4`` is
+a number (PyYAML alone reads it as a string).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from creditflow.tasks.curate import CurateConfig
-from creditflow.tasks.evaluate import EvaluateConfig
-from creditflow.tasks.onpolicy import OnPolicyConfig
-from creditflow.tasks.policy import PolicyConfig
-from creditflow.tasks.reward_model import RewardModelConfig
-from creditflow.tasks.token_rewards import TokenRewardsConfig
+from creditflow.tasks.configs import (
+    CurateConfig,
+    EvaluateConfig,
+    OnPolicyConfig,
+    PolicyConfig,
+    RewardModelConfig,
+    StrictConfig,
+    TokenRewardsConfig,
+)
+
+# Keys that moved: the old spelling gets an error that says where the setting lives now.
+MOVED_KEYS = {
+    ("onpolicy", "policy"): "reference_model",
+    ("token_rewards", "model"): "reference_model",
+}
 
 
 class ConfigError(ValueError):
     pass
 
 
-@dataclass
-class PipelineConfig:
-    experiment: str = "creditflow"  # MLflow experiment name
-    workspace: str | None = None  # overridden by --workspace / $CREDITFLOW_WORKSPACE
-    curate: CurateConfig = field(default_factory=CurateConfig)
-    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
-    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
-    token_rewards: TokenRewardsConfig = field(default_factory=TokenRewardsConfig)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+class PipelineConfig(StrictConfig):
+    experiment: str = Field("creditflow", description="MLflow experiment name.")
+    workspace: str | None = Field(None, description="Overridden by --workspace / $CREDITFLOW_WORKSPACE.")
+    reference_model: str = Field(
+        "tiny-lm",
+        description="pi_ref: samples on-policy pairs, scores contrastive token rewards, starts the policy, and is "
+        "what evaluation compares against. A local folder or a named model (smollm2, minilm, tiny-lm).",
+    )
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+    reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
+    onpolicy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
+    token_rewards: TokenRewardsConfig = Field(default_factory=TokenRewardsConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        for (section, key), new in MOVED_KEYS.items():
+            if isinstance(data, dict) and isinstance(data.get(section), dict) and key in data[section]:
+                raise ValueError(f"{section}.{key}: this key is now the top-level `{new}` (one model for every stage)")
+        return data
+
+
+# ---------------------------------------------------------------------------------------------------------
+# YAML with YAML 1.2 floats
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+# YAML 1.1 (PyYAML) wants a dot in a float ("1.0e-4"); YAML 1.2 also reads 1e-4, 1E+3 and .5 as numbers.
+_YAML12_FLOAT = re.compile(
+    r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"
+)
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+_INT = re.compile(r"^[-+]?[0-9]+$")
+
+
+def _construct_number(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    text = loader.construct_scalar(node)
+    return int(text) if _INT.match(text) else loader.construct_yaml_float(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_number)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
@@ -45,82 +99,76 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = parse_yaml(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"{path}: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        _resolve_source_paths(data, path.parent)
+        _resolve_relative_paths(data, path.parent)
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
     try:
-        return from_dict(PipelineConfig, data, where="")
+        return validate(data)
     except ConfigError as exc:
         raise ConfigError(f"{path or 'config'}: {exc}") from None
 
 
-def config_from_dict(data: dict[str, Any] | None) -> PipelineConfig:
-    return from_dict(PipelineConfig, data or {}, where="")
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
-
-
-def from_dict(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{_join(where, unknown[0])}: unknown key (known: {', '.join(sorted(known))})")
-    kwargs = {name: _coerce(hints[name], value, _join(where, name)) for name, value in data.items()}
+def validate(data: dict[str, Any] | None) -> PipelineConfig:
+    """``data`` (a parsed YAML file, or a flow's JSON parameter) as a :class:`PipelineConfig`; ConfigError if bad."""
     try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where or 'config'}: {exc}") from exc
+        return PipelineConfig.model_validate(data or {})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0])) from None
 
 
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in (o for o in options if o is not type(None)):
-            try:
-                return _coerce(option, value, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0])
-    if dataclasses.is_dataclass(hint):
-        return value if isinstance(value, hint) else from_dict(hint, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
-        (item,) = typing.get_args(hint)
-        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is Any or (
-        isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool))
-    ):
-        return value
-    raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__} {value!r}")
+_TYPE_NAMES = {
+    "float_type": "float",
+    "int_type": "int",
+    "bool_type": "bool",
+    "string_type": "str",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
 
 
-def _resolve_source_paths(data: dict[str, Any], base: Path) -> None:
-    """Source paths in a config file are relative to that file, not to the shell's working directory."""
+def _describe(error: dict[str, Any]) -> str:
+    """One pydantic error as ``key.path: message``, in the words of the old hand-written checks."""
+    loc = [part for part in error["loc"] if not (isinstance(part, str) and part.startswith("function-"))]
+    # Union members show up as extra loc parts ("str", "list[str]", "SourceConfig"); drop them.
+    loc = [part for part in loc if not (isinstance(part, str) and (part[:1].isupper() or "[" in part or part == "str"))]
+    where = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(loc)) or "config"
+    kind, value = error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        return f"{where}: unknown key (known: {', '.join(_known_keys(loc[:-1]))})"
+    if kind in _TYPE_NAMES:
+        return f"{where}: expected {_TYPE_NAMES[kind]}, got {type(value).__name__} {value!r}"
+    message = error["msg"].removeprefix("Value error, ")
+    return message if message.startswith(where) else f"{where}: {message}"
+
+
+def _known_keys(loc: list[Any]) -> list[str]:
+    """The field names of the model at ``loc`` inside PipelineConfig."""
+    model: type[BaseModel] = PipelineConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation
+        nested = [t for t in _members(annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not nested:
+            break
+        model = nested[0]
+    return sorted(model.model_fields)
+
+
+def _members(annotation: Any) -> list[Any]:
+    args = getattr(annotation, "__args__", None)
+    return [m for arg in args for m in _members(arg)] if args else [annotation]
+
+
+def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
+    """Paths in a config file are relative to that file, not to the shell's working directory."""
     curate = data.get("curate")
     sources = curate.get("sources") if isinstance(curate, dict) else None
     for source in sources if isinstance(sources, list) else []:
@@ -133,6 +181,9 @@ def _resolve_source_paths(data: dict[str, Any], base: Path) -> None:
     tokenizer = curate.get("tokenizer") if isinstance(curate, dict) else None
     if isinstance(tokenizer, str) and tokenizer.startswith("."):
         curate["tokenizer"] = str((base / tokenizer).resolve())
+    reference = data.get("reference_model")
+    if isinstance(reference, str) and reference.startswith("."):
+        data["reference_model"] = str((base / reference).resolve())
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -143,3 +194,35 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"{dotted}: {key} is not a section")
     node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items; VALUE is YAML (so ``1e-4``, ``null`` and ``[a, b]`` work)."""
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            parsed[key.strip()] = parse_yaml(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key.strip()}: {value!r} is not a YAML value ({exc.problem})") from None
+    return parsed
+
+
+def explain(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, description) of every field, nested sections flattened: ``creditflow config --explain``."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        nested = [t for t in _members(field.annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if nested and name != "sources":
+            rows.extend(explain(nested[0], f"{key}."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            default = default.model_dump()
+        elif isinstance(default, list):
+            default = [d.model_dump(exclude_defaults=True) if isinstance(d, BaseModel) else d for d in default]
+        rows.append((key, repr(default), field.description or ""))
+    return rows

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from creditflow.flows.config import load_config, to_dict
+from creditflow.flows.config import load_config
 from creditflow.tasks.models import missing_packages
 
 DEMO_CONFIG = "demo.yaml"
@@ -61,7 +61,7 @@ def run_demo(
         raise ValueError(f"--alpha must be > 0 (the T-REG variant's weight), got {alpha}")
     results = []
     for run_name, overrides in variants(seeds, alpha):
-        config = to_dict(load_config(plan.config, overrides))
+        config = load_config(plan.config, overrides).model_dump(mode="json")
         results.append(pipeline_flow(config=config, workspace=workspace, progress=progress, run_name=run_name))
     return results
 

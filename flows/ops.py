@@ -5,6 +5,11 @@
 later ``creditflow`` command talks to the servers instead of a temporary Prefect server and MLflow on SQLite.
 Both servers keep their state in the workspace (Prefect's DB under ``prefect-server/``, MLflow's the same
 ``mlflow.db`` the embedded mode uses), so runs made with and without the servers end up in the same place.
+
+Why not ``prefect server start --background``: in Prefect 3.8 it hands the server's stdout and stderr to a pipe that
+nobody reads (no log file, and once the pipe buffer fills the server blocks on its next log line), keeps the server
+in the caller's session (a Ctrl-C in that terminal stops it), and ``prefect server stop`` signals only the uvicorn
+process. Both servers therefore run under the same small supervisor: own session, log file, PID file, health check.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from creditflow.storage.workspace import Workspace
 
@@ -95,34 +102,30 @@ def _read_pid(ws: Workspace, server: Server) -> int | None:
     return int(path.read_text()) if path.is_file() else None
 
 
-def _live_members(pgid: int) -> list[int]:
-    """Processes of a group that still run; zombies don't count (a reparented leader may wait to be reaped)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+def _group_alive(pgid: int) -> bool:
+    """Does any process of the group still run? Zombies don't count (a reparented leader may wait to be reaped)."""
+    for process in psutil.process_iter(["status"]):
         try:
-            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
-        except OSError:  # exited while we looked
+            if process.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(process.pid) == pgid:
+                return True
+        except (OSError, psutil.Error):  # exited while we looked
             continue
-        if state != "Z" and int(pgrp) == pgid:
-            members.append(int(stat.parent.name))
-    return members
+    return False
 
 
 def _running(pid: int | None, server: Server) -> bool:
     """Does the process group we started still run? (The server leads its own session, so its pid is the pgid.)"""
     if not pid:
         return False
-    if not Path("/proc/self").is_dir():  # not Linux: ask the kernel whether the group exists
-        try:
-            os.killpg(pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    leader = cmdline.read_bytes() if cmdline.is_file() else b""
-    if leader and f"-m\0{server.name}\0".encode() not in leader:
+    try:
+        leader = psutil.Process(pid).cmdline()
+    except psutil.ZombieProcess:
+        leader = []  # exited; its children may still serve
+    except psutil.Error:
+        return False
+    if leader and not ("-m" in leader and server.name in leader):
         return False  # a stale PID file: that number now belongs to another program, which we must not signal
-    return bool(_live_members(pid))
+    return _group_alive(pid)
 
 
 def _port_free(port: int) -> bool:
@@ -294,18 +297,7 @@ def list_runs(workspace: str | None, limit: int = 10) -> list[dict[str, Any]]:
     from creditflow.storage.tracking import client_for
 
     ws = Workspace.resolve(workspace)
-    _, rows = Catalog(ws.catalog_path, ws.store).query(
-        """
-        WITH recent AS (
-            SELECT coalesce(pipeline_run_id, mlflow_run_id) AS run_id, max(finished_at) AS finished_at
-            FROM stage_runs GROUP BY 1 ORDER BY 2 DESC LIMIT ?
-        )
-        SELECT r.run_id, r.finished_at, s.pipeline_run_id IS NOT NULL, s.stage, s.fingerprint, s.cache_hit
-        FROM recent r JOIN stage_runs s ON coalesce(s.pipeline_run_id, s.mlflow_run_id) = r.run_id
-        ORDER BY r.finished_at DESC, s.finished_at
-        """,
-        [limit],
-    )
+    rows = Catalog(ws.catalog_path, ws.store).recent_runs(limit)
     runs: dict[str, dict[str, Any]] = {}
     for run_id, finished_at, in_pipeline, stage, fingerprint, cache_hit in rows:
         run = runs.setdefault(

@@ -1,6 +1,8 @@
 """Prefect flows: one flow per stage (each runnable alone) and the pipeline flow that chains them.
 
 Flow parameters are plain JSON (the config as a dict) so the same flows serve the CLI, deployments and schedules.
+The pipeline plans each stage once, from the manifests of the stages it just ran, and refreshes the DuckDB catalog
+once at the end.
 """
 
 from __future__ import annotations
@@ -10,10 +12,16 @@ from typing import Any
 
 from prefect import flow
 
-from creditflow.flows.config import config_from_dict
-from creditflow.flows.stages import STAGES, execute_stage
+from creditflow.flows.config import validate
+from creditflow.flows.stages import STAGES, execute_stage, hash_sources
+from creditflow.storage.artifacts import Manifest
+from creditflow.storage.catalog import Catalog
 from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
+
+
+def _refresh_catalog(ws: Workspace) -> None:
+    Catalog(ws.catalog_path, ws.store).refresh()
 
 
 def _stage_flow(name: str):
@@ -25,10 +33,20 @@ def _stage_flow(name: str):
         refresh: bool = False,
         mlflow_parent_run_id: str | None = None,
         progress: bool = True,
+        upstream: dict[str, dict[str, Any]] | None = None,
+        refresh_catalog: bool = True,
     ) -> dict[str, Any]:
-        cfg = config_from_dict(config)
+        """``upstream``: manifests of the earlier stages (the pipeline passes them; alone, they are resolved)."""
+        cfg = validate(config)
         ws = Workspace.resolve(workspace or cfg.workspace)
-        result = execute_stage(name, cfg, ws, refresh=refresh, parent_run_id=mlflow_parent_run_id, progress=progress)
+        manifests = {k: Manifest.from_dict(m) for k, m in upstream.items()} if upstream is not None else None
+        try:
+            result = execute_stage(
+                name, cfg, ws, manifests, refresh=refresh, parent_run_id=mlflow_parent_run_id, progress=progress
+            )
+        finally:
+            if refresh_catalog:
+                _refresh_catalog(ws)
         return result.to_dict()
 
     run_stage.__name__ = run_stage.__qualname__ = f"{name}_flow"
@@ -59,7 +77,8 @@ def pipeline_flow(
     ``from_stage`` recomputes that stage and everything after it, taking earlier stages from the cache (they must
     exist). ``refresh`` names stages to recompute even if cached.
     """
-    cfg = config_from_dict(config)
+    hash_sources()
+    cfg = validate(config)
     ws = Workspace.resolve(workspace or cfg.workspace)
     order = [name for name, stage in STAGES.items() if stage.enabled(cfg)]
     refresh = list(refresh or [])
@@ -76,12 +95,14 @@ def pipeline_flow(
         tags={"creditflow.kind": "pipeline", "creditflow.from_stage": from_stage or ""},
     )
     results: dict[str, Any] = {}
+    manifests: dict[str, Manifest] = {}
     try:
         parent.log_params({"workspace": str(ws.root), "stages": ",".join(order)})
         for index, name in enumerate(order):
+            upstream = {u: manifests[u] for u in STAGES[name].upstream if u in manifests}
             if index < start:
                 result = execute_stage(
-                    name, cfg, ws, cached_only=True, parent_run_id=parent.run_id, progress=progress
+                    name, cfg, ws, upstream, cached_only=True, parent_run_id=parent.run_id, progress=progress
                 ).to_dict()
             else:
                 result = STAGE_FLOWS[name](
@@ -90,8 +111,11 @@ def pipeline_flow(
                     refresh=name in refresh or from_stage is not None,
                     mlflow_parent_run_id=parent.run_id,
                     progress=progress,
+                    upstream={u: m.to_dict() for u, m in upstream.items()},
+                    refresh_catalog=False,
                 )
             results[name] = result
+            manifests[name] = Manifest.from_dict(result["manifest"])
             parent.set_tags(
                 {
                     f"creditflow.fingerprint.{name}": result["manifest"]["fingerprint"],
@@ -102,5 +126,7 @@ def pipeline_flow(
     except BaseException:
         parent.end("FAILED")
         raise
+    finally:
+        _refresh_catalog(ws)
     parent.end("FINISHED")
     return {"mlflow_run_id": parent.run_id, "run_name": run_name, "workspace": str(ws.root), "stages": results}

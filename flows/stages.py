@@ -1,47 +1,37 @@
 """Stage registry and the one code path every stage runs through.
 
 For each stage: fingerprint = sha256(upstream artifact digests + input digests + normalized config + code version).
-The fingerprint is the Prefect cache key of the compute task (results persisted in the workspace), so an identical
-rerun is a cache hit in any process; the artifact store is checked too, so a hit never points at a deleted artifact.
-Every execution, hit or miss, gets an MLflow run tagged with stage, fingerprint and cache_hit, and a row in the
-catalog's ``stage_runs`` table.
+A stage is planned once (:func:`plan_stage`) from its upstream manifests; the plan travels to the compute task,
+which trusts it. The fingerprint is the Prefect cache key of that task (results persisted in the workspace), so an
+identical rerun is a cache hit in any process; the artifact store is checked too, so a hit never points at a
+deleted artifact. Every execution, hit or miss, gets an MLflow run tagged with stage, fingerprint and cache_hit,
+and a row in the catalog's ``stage_runs`` table.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any, Callable
 
 from prefect import task
 from prefect.context import TaskRunContext
 
-from creditflow.flows.config import PipelineConfig, config_from_dict, to_dict
+from creditflow.flows.config import PipelineConfig
 from creditflow.storage.artifacts import ArtifactError, Manifest
 from creditflow.storage.catalog import Catalog
 from creditflow.storage.hashing import code_version, sha256_json
 from creditflow.storage.tracking import Run, client_for
 from creditflow.storage.workspace import Workspace
-from creditflow.tasks import (
-    abc,
-    curate,
-    evaluate,
-    ingest,
-    logprobs,
-    losses,
-    onpolicy,
-    policy,
-    policy_worker,
-    reward_model,
-    schema,
-    token_rewards,
-    token_store,
-    tokenization,
-)
+from creditflow.tasks.configs import TINY_BACKBONE
 from creditflow.tasks.stage import StageContext
 
 FINGERPRINT_CHARS = 24
 TAG = "creditflow."
+
+
+def _tasks(*names: str) -> tuple[str, ...]:
+    return tuple(f"creditflow.tasks.{name}" for name in names)
 
 
 @dataclass(frozen=True)
@@ -49,29 +39,58 @@ class Stage:
     name: str
     description: str
     upstream: tuple[str, ...]
-    section: Callable[[PipelineConfig], Any]  # the stage's config section
-    input_digests: Callable[[Any], dict[str, Any]]  # digests of non-artifact inputs (data files, tokenizers, models)
-    compute: Callable[[StageContext], dict[str, float]]
-    code_modules: tuple[ModuleType, ...]  # modules whose source changes the stage's rows
-    enabled: Callable[[PipelineConfig], bool] = lambda cfg: True  # optional stages are skipped when disabled
+    outputs: tuple[str, ...]  # tables (<name>.parquet) and folders (<name>/) every artifact of this stage holds
+    recipe: str  # module in creditflow.tasks whose compute_<name>(ctx) runs the stage (imported when it runs)
+    code_modules: tuple[str, ...]  # modules whose source changes the stage's rows (hashed, not imported)
+    input_digests: Callable[[PipelineConfig], dict[str, Any]] = lambda cfg: {}  # inputs outside the store
+    uses_reference: bool = False  # reads the pipeline's reference_model (so it is part of its config)
+    optional: bool = False  # runs only when its section says ``enabled: true``
+
+    def section(self, cfg: PipelineConfig):
+        return getattr(cfg, self.name)
+
+    def enabled(self, cfg: PipelineConfig) -> bool:
+        return not self.optional or self.section(cfg).enabled
+
+    def compute(self, ctx: StageContext) -> dict[str, float]:
+        return getattr(importlib.import_module(f"creditflow.tasks.{self.recipe}"), f"compute_{self.name}")(ctx)
 
 
-def _curate_inputs(config: curate.CurateConfig) -> dict[str, Any]:
-    inputs: dict[str, Any] = {"sources": [ingest.source_digest(s) for s in config.sources]}
-    if config.tokenizer:
-        inputs["tokenizer"] = tokenization.tokenizer_fingerprint(tokenization.load_tokenizer(config.tokenizer))
-    return inputs
+# ---------------------------------------------------------------------------------------------------------
+# Inputs outside the artifact store: data files, models, tokenizers
 
 
 def _model_digest(spec: str) -> dict[str, str]:
     """Weights and tokenizer of a model spec: both change what a stage computes."""
     from creditflow.tasks.models import model_fingerprint, resolve_model
+    from creditflow.tasks.tokenization import load_tokenizer, tokenizer_fingerprint
 
-    if spec == reward_model.TINY:
-        return {"tiny": "built from the upstream data"}
     folder = resolve_model(spec)
-    tokenizer = tokenization.tokenizer_fingerprint(tokenization.load_tokenizer(str(folder)))
-    return {"weights": model_fingerprint(folder), "tokenizer": tokenizer}
+    return {"weights": model_fingerprint(folder), "tokenizer": tokenizer_fingerprint(load_tokenizer(str(folder)))}
+
+
+def _curate_inputs(cfg: PipelineConfig) -> dict[str, Any]:
+    from creditflow.tasks.ingest import source_digest
+    from creditflow.tasks.tokenization import load_tokenizer, tokenizer_fingerprint
+
+    inputs: dict[str, Any] = {"sources": [source_digest(s) for s in cfg.curate.sources]}
+    if cfg.curate.tokenizer:
+        inputs["tokenizer"] = tokenizer_fingerprint(load_tokenizer(cfg.curate.tokenizer))
+    return inputs
+
+
+def _reward_model_inputs(cfg: PipelineConfig) -> dict[str, Any]:
+    base = cfg.reward_model.base_model
+    return {"base_model": {"tiny": "built from the upstream data"} if base == TINY_BACKBONE else _model_digest(base)}
+
+
+def _reference_inputs(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"reference_model": _model_digest(cfg.reference_model)}
+
+
+def _token_rewards_inputs(cfg: PipelineConfig) -> dict[str, Any]:
+    # Only contrastive rows come from the reference model; ABC reads the reward model (an upstream artifact).
+    return _reference_inputs(cfg) if "contrastive" in cfg.token_rewards.sources else {}
 
 
 STAGES: dict[str, Stage] = {
@@ -79,63 +98,70 @@ STAGES: dict[str, Stage] = {
         name="curate",
         description="Ingest, validate, dedupe, filter and split preference data; quarantine rejected rows.",
         upstream=(),
-        section=lambda cfg: cfg.curate,
+        outputs=("pairs", "quarantine"),
+        recipe="curate",
+        code_modules=_tasks("curate", "ingest", "schema", "tokenization"),
         input_digests=_curate_inputs,
-        compute=curate.compute_curate,
-        code_modules=(curate, ingest, schema, tokenization),
     ),
     "reward_model": Stage(
         name="reward_model",
         description="Train a Bradley-Terry reward model on the curated pairs; evaluate on the eval split.",
         upstream=("curate",),
-        section=lambda cfg: cfg.reward_model,
-        input_digests=lambda c: {"base_model": _model_digest(c.base_model)},
-        compute=reward_model.compute_reward_model,
-        code_modules=(reward_model, tokenization),
+        outputs=("eval_scores", "model/"),
+        recipe="reward_model",
+        code_modules=_tasks("reward_model", "reward_scoring", "training", "tokenization"),
+        input_digests=_reward_model_inputs,
     ),
     "onpolicy": Stage(
         name="onpolicy",
         description="Sample k responses per prompt from the reference policy; reward-model best vs worst become pairs.",
         upstream=("curate", "reward_model"),
-        section=lambda cfg: cfg.onpolicy,
-        input_digests=lambda c: {"policy": _model_digest(c.policy)},
-        compute=onpolicy.compute_onpolicy,
-        code_modules=(onpolicy, reward_model, schema, tokenization),
-        enabled=lambda cfg: cfg.onpolicy.enabled,
+        outputs=("pairs", "quarantine"),
+        recipe="onpolicy",
+        code_modules=_tasks("onpolicy", "generation", "reward_scoring", "schema", "tokenization"),
+        input_digests=_reference_inputs,
+        uses_reference=True,
+        optional=True,
     ),
     "token_rewards": Stage(
         name="token_rewards",
         description="Per-token rewards (T-REG contrastive prompting, ABC) and reference log-probs, cached by content.",
         upstream=("curate", "reward_model", "onpolicy"),
-        section=lambda cfg: cfg.token_rewards,
-        input_digests=token_store.input_digests,
-        compute=token_store.compute_token_rewards,
-        code_modules=(token_store, token_rewards, abc, logprobs, tokenization, schema),
+        outputs=("token_rewards",),
+        recipe="token_rewards",
+        code_modules=_tasks(
+            "token_rewards", "contrastive", "abc", "reward_scoring", "logprobs", "tokenization", "schema"
+        )
+        + ("creditflow.storage.token_cache",),
+        input_digests=_token_rewards_inputs,
+        uses_reference=True,
     ),
     "policy": Stage(
         name="policy",
         description="DPO / IPO / SimPO with the T-REG regularizer from cached token rewards and reference log-probs.",
         upstream=("curate", "onpolicy", "token_rewards"),
-        section=lambda cfg: cfg.policy,
-        input_digests=lambda c: {},  # the starting model is the token-reward stage's reference, in its digest
-        compute=policy.compute_policy,
-        code_modules=(policy, policy_worker, losses, logprobs, tokenization, abc),
+        outputs=("train_log", "model/"),
+        recipe="policy",
+        # The starting model is the token-reward stage's reference, already in that stage's digest.
+        code_modules=_tasks(
+            "policy", "policy_worker", "preference_batches", "training", "losses", "logprobs", "tokenization", "abc"
+        ),
     ),
     "evaluate": Stage(
         name="evaluate",
         description="Policy vs reference on held-out prompts: reward-model and gold scores, win rates, comparisons.",
         upstream=("curate", "reward_model", "token_rewards", "policy"),
-        section=lambda cfg: cfg.evaluate,
-        input_digests=lambda c: {},
-        compute=evaluate.compute_evaluate,
-        code_modules=(evaluate, onpolicy),
+        outputs=("generations",),
+        recipe="evaluate",
+        code_modules=_tasks("evaluate", "generation", "reward_scoring"),
     ),
 }
 
 
-# Hash every stage's source as imported, before a long run gives anyone time to edit it (hashing._source_digest).
-for _stage in STAGES.values():
-    code_version(_stage.code_modules)
+def hash_sources() -> None:
+    """Hash every stage's source now, before a long run gives anyone time to edit it (hashing._source_digest)."""
+    for stage in STAGES.values():
+        code_version(stage.code_modules)
 
 
 class StageNotReady(RuntimeError):
@@ -144,10 +170,15 @@ class StageNotReady(RuntimeError):
 
 @dataclass
 class StagePlan:
+    """Everything a stage's execution needs, computed once: its fingerprint, typed config and upstream manifests."""
+
     stage: Stage
     fingerprint: str
     inputs: dict[str, Any]
-    config: dict[str, Any]
+    config: dict[str, Any]  # normalized: what the fingerprint covers and the manifest records
+    section: Any  # the stage's config section, typed
+    reference_model: str | None
+    upstream: dict[str, Manifest]
 
 
 def active_upstream(name: str, cfg: PipelineConfig) -> list[str]:
@@ -158,15 +189,18 @@ def active_upstream(name: str, cfg: PipelineConfig) -> list[str]:
 def plan_stage(name: str, cfg: PipelineConfig, upstream: dict[str, Manifest]) -> StagePlan:
     stage = STAGES[name]
     section = stage.section(cfg)
-    digests = {u: upstream[u].digest for u in active_upstream(name, cfg)}
-    inputs = {"upstream": digests, **stage.input_digests(section)}
-    config = to_dict(section)
+    upstream = {u: upstream[u] for u in active_upstream(name, cfg)}
+    inputs = {"upstream": {u: m.digest for u, m in upstream.items()}, **stage.input_digests(cfg)}
+    config = section.model_dump(mode="json")
+    reference = cfg.reference_model if stage.uses_reference else None
+    if reference is not None:
+        config["reference_model"] = reference
     key = {"stage": name, "config": config, "inputs": inputs, "code": code_version(stage.code_modules)}
-    return StagePlan(stage, sha256_json(key)[:FINGERPRINT_CHARS], inputs, config)
+    return StagePlan(stage, sha256_json(key)[:FINGERPRINT_CHARS], inputs, config, section, reference, upstream)
 
 
 def resolve_upstream(name: str, cfg: PipelineConfig, workspace: Workspace) -> dict[str, Manifest]:
-    """Manifests of every stage ``name`` depends on, for this config, from the artifact store."""
+    """Manifests of every stage ``name`` depends on, for this config, from the artifact store (each planned once)."""
     resolved: dict[str, Manifest] = {}
 
     def visit(stage_name: str) -> Manifest:
@@ -188,46 +222,40 @@ def resolve_upstream(name: str, cfg: PipelineConfig, workspace: Workspace) -> di
 
 
 def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return f"{parameters['stage_name']}-{parameters['fingerprint']}"
+    plan: StagePlan = parameters["plan"]
+    return f"{plan.stage.name}-{plan.fingerprint}"
+
+
+def _output_path(output: str) -> str:
+    return output.removesuffix("/") if output.endswith("/") else f"{output}.parquet"
 
 
 @task(name="compute-stage", persist_result=True, result_serializer="json", cache_key_fn=_cache_key)
 def compute_stage(
-    stage_name: str,
-    fingerprint: str,
-    config: dict[str, Any],
-    upstream: dict[str, dict[str, Any]],
-    workspace_root: str,
-    mlflow_run_id: str,
-    refresh: bool = False,
-    progress: bool = True,
+    plan: StagePlan, workspace_root: str, mlflow_run_id: str, refresh: bool = False, progress: bool = True
 ) -> dict[str, Any]:
     """Compute one stage into the artifact store; returns its manifest and the MLflow run that produced it."""
+    name, fingerprint = plan.stage.name, plan.fingerprint
     workspace = Workspace.resolve(workspace_root)
     store = workspace.store
-    if not refresh and store.exists(stage_name, fingerprint):
-        manifest = store.load(stage_name, fingerprint)
+    if not refresh and store.exists(name, fingerprint):
+        manifest = store.load(name, fingerprint)
         return {"manifest": manifest.to_dict(), "computed_by": manifest.mlflow_run_id}
 
-    cfg = config_from_dict(config)
-    upstream_manifests = {name: Manifest.from_dict(m) for name, m in upstream.items()}
-    plan = plan_stage(stage_name, cfg, upstream_manifests)
-    if plan.fingerprint != fingerprint:
-        raise RuntimeError(
-            f"{stage_name}: inputs changed while the stage was starting "
-            f"(fingerprint {plan.fingerprint} != {fingerprint})"
-        )
-    store.sweep_stale_tmp(stage_name)
+    store.sweep_stale_tmp(name)
     run = Run(client_for(workspace), mlflow_run_id)
-    writer = store.writer(stage_name, fingerprint)
+    writer = store.writer(name, fingerprint)
     try:
         context = StageContext(
-            plan.stage.section(cfg), workspace, upstream_manifests, writer, run, progress, stage_name, fingerprint
+            plan.section, workspace, plan.upstream, writer, run, progress, name, fingerprint, plan.reference_model
         )
         metrics = plan.stage.compute(context)
+        missing = [o for o in plan.stage.outputs if not (writer.dir / _output_path(o)).exists()]
+        if missing:
+            raise ArtifactError(f"{name}: the stage did not write its declared outputs {missing}")
         manifest = store.publish(
             writer,
-            stage=stage_name,
+            stage=name,
             fingerprint=fingerprint,
             inputs=plan.inputs,
             config=plan.config,
@@ -263,14 +291,21 @@ def execute_stage(
     name: str,
     cfg: PipelineConfig,
     workspace: Workspace,
+    upstream: dict[str, Manifest] | None = None,
     *,
     refresh: bool = False,
     cached_only: bool = False,
     parent_run_id: str | None = None,
     progress: bool = True,
 ) -> StageResult:
-    """Run (or reuse) one stage with its own MLflow run. ``cached_only`` refuses to compute (for ``--from``)."""
-    upstream = resolve_upstream(name, cfg, workspace)
+    """Run (or reuse) one stage with its own MLflow run.
+
+    ``upstream`` are the manifests of the stages before it (a pipeline passes what it just ran); without them they
+    are resolved from the store. ``cached_only`` refuses to compute (for ``--from``). The catalog gets a
+    ``stage_runs`` row; refreshing its views is the caller's job (once per pipeline).
+    """
+    if upstream is None:
+        upstream = resolve_upstream(name, cfg, workspace)
     plan = plan_stage(name, cfg, upstream)
     if cached_only and not workspace.store.exists(name, plan.fingerprint):
         raise StageNotReady(
@@ -292,14 +327,7 @@ def execute_stage(
             task_run_name=f"{name}-{plan.fingerprint[:10]}",
         )
         arguments = dict(
-            stage_name=name,
-            fingerprint=plan.fingerprint,
-            config=to_dict(cfg),
-            upstream={k: m.to_dict() for k, m in upstream.items()},
-            workspace_root=str(workspace.root),
-            mlflow_run_id=run.run_id,
-            refresh=refresh,
-            progress=progress,
+            plan=plan, workspace_root=str(workspace.root), mlflow_run_id=run.run_id, refresh=refresh, progress=progress
         )
         result = compute(**arguments)
         if not workspace.store.exists(name, plan.fingerprint):
@@ -318,8 +346,7 @@ def execute_stage(
             run.log_metrics(manifest.metrics)
         run.log_metrics({f"rows.{table}": n for table, n in manifest.row_counts.items()})
         run.log_dict(manifest.to_dict(), "manifest.json")
-        catalog = Catalog(workspace.catalog_path, workspace.store)
-        catalog.record_stage_run(
+        Catalog(workspace.catalog_path, workspace.store).record_stage_run(
             pipeline_run_id=parent_run_id,
             mlflow_run_id=run.run_id,
             stage=name,
@@ -328,21 +355,8 @@ def execute_stage(
             cache_hit=cache_hit,
             row_counts=manifest.row_counts,
         )
-        catalog.refresh()
     except BaseException:
         run.end("FAILED")
         raise
     run.end("FINISHED")
     return StageResult(name, manifest, cache_hit, run.run_id)
-
-
-__all__ = [
-    "STAGES",
-    "Stage",
-    "StageNotReady",
-    "StageResult",
-    "ArtifactError",
-    "execute_stage",
-    "plan_stage",
-    "resolve_upstream",
-]

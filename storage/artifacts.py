@@ -18,12 +18,14 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock
 
 import creditflow
 from creditflow.storage.hashing import git_commit, sha256_file, sha256_json
-from creditflow.storage.locks import file_lock
 
 MANIFEST = "manifest.json"
+# Locks are held for a rename or a catalog write; waiting longer than this means a stuck process.
+LOCK_TIMEOUT_S = 600
 
 
 class ArtifactError(RuntimeError):
@@ -79,6 +81,10 @@ class ArtifactStore:
 
     def path(self, stage: str, fingerprint: str) -> Path:
         return self.root / stage / fingerprint
+
+    def lock(self, stage: str, fingerprint: str) -> FileLock:
+        """The lock publishers and garbage collection hold while they rename an artifact's folder."""
+        return FileLock(self.root / stage / f".{fingerprint}.lock", timeout=LOCK_TIMEOUT_S)
 
     def exists(self, stage: str, fingerprint: str) -> bool:
         return (self.path(stage, fingerprint) / MANIFEST).is_file()
@@ -173,7 +179,7 @@ class ArtifactStore:
         os.rename(tmp_manifest, writer.dir / MANIFEST)
 
         final = self.path(stage, fingerprint)
-        with file_lock(self.root / stage / f".{fingerprint}.lock"):
+        with self.lock(stage, fingerprint):
             if final.exists():
                 if not replace and (final / MANIFEST).is_file():
                     self.discard(writer)

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+from filelock import FileLock
 
-from creditflow.storage.artifacts import ArtifactStore
-from creditflow.storage.locks import file_lock
+from creditflow.storage.artifacts import LOCK_TIMEOUT_S, ArtifactStore
 
 _IDENT = re.compile(r"[^a-z0-9_]+")
 
@@ -68,7 +68,7 @@ class Catalog:
             for rel in manifest.outputs:
                 if rel.endswith(".parquet") and "/" not in rel:
                     tables.setdefault((manifest.stage, rel[: -len(".parquet")]), []).append(manifest.fingerprint)
-        with file_lock(self.path.with_suffix(".lock")):
+        with FileLock(self.path.with_suffix(".lock"), timeout=LOCK_TIMEOUT_S):
             con = self._connect()
             try:
                 con.execute(STAGE_RUNS_DDL)
@@ -127,7 +127,7 @@ class Catalog:
         cache_hit: bool,
         row_counts: dict[str, int],
     ) -> None:
-        with file_lock(self.path.with_suffix(".lock")):
+        with FileLock(self.path.with_suffix(".lock"), timeout=LOCK_TIMEOUT_S):
             con = self._connect()
             try:
                 con.execute(STAGE_RUNS_DDL)
@@ -151,7 +151,7 @@ class Catalog:
         """Run read-only SQL; returns (column names, rows)."""
         if not self.path.exists():
             self.refresh()
-        with file_lock(self.path.with_suffix(".lock")):
+        with FileLock(self.path.with_suffix(".lock"), timeout=LOCK_TIMEOUT_S):
             con = self._connect(read_only=True)
             try:
                 result = con.execute(sql, params or [])
@@ -159,3 +159,21 @@ class Catalog:
                 return columns, result.fetchall()
             finally:
                 con.close()
+
+    def recent_runs(self, limit: int) -> list[tuple]:
+        """Stage runs of the ``limit`` most recent runs, newest run first, each run's stages in order:
+        (run_id, finished_at, in_pipeline, stage, fingerprint, cache_hit). A stage run outside a pipeline is a run of
+        its own."""
+        _, rows = self.query(
+            """
+            WITH recent AS (
+                SELECT coalesce(pipeline_run_id, mlflow_run_id) AS run_id, max(finished_at) AS finished_at
+                FROM stage_runs GROUP BY 1 ORDER BY 2 DESC LIMIT ?
+            )
+            SELECT r.run_id, r.finished_at, s.pipeline_run_id IS NOT NULL, s.stage, s.fingerprint, s.cache_hit
+            FROM recent r JOIN stage_runs s ON coalesce(s.pipeline_run_id, s.mlflow_run_id) = r.run_id
+            ORDER BY r.finished_at DESC, s.finished_at
+            """,
+            [limit],
+        )
+        return rows

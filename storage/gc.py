@@ -19,7 +19,6 @@ from pathlib import Path
 
 from creditflow.storage.artifacts import Manifest
 from creditflow.storage.catalog import Catalog
-from creditflow.storage.locks import file_lock
 from creditflow.storage.workspace import Workspace
 
 
@@ -41,20 +40,9 @@ def _size(folder: Path) -> int:
 
 def _kept_runs(catalog: Catalog, keep: int) -> tuple[list[str], set[tuple[str, str]]]:
     """The ``keep`` most recent runs and the (stage, fingerprint) pairs they recorded."""
-    _, rows = catalog.query(
-        """
-        WITH recent AS (
-            SELECT coalesce(pipeline_run_id, mlflow_run_id) AS run_id, max(finished_at) AS finished_at
-            FROM stage_runs GROUP BY 1 ORDER BY 2 DESC LIMIT ?
-        )
-        SELECT r.run_id, s.stage, s.fingerprint
-        FROM recent r JOIN stage_runs s ON coalesce(s.pipeline_run_id, s.mlflow_run_id) = r.run_id
-        ORDER BY r.finished_at DESC
-        """,
-        [keep],
-    )
-    runs = list(dict.fromkeys(run_id for run_id, _, _ in rows))
-    return runs, {(stage, fingerprint) for _, stage, fingerprint in rows}
+    rows = catalog.recent_runs(keep)
+    runs = list(dict.fromkeys(row[0] for row in rows))
+    return runs, {(stage, fingerprint) for _, _, _, stage, fingerprint, _ in rows}
 
 
 def _with_upstream(referenced: set[tuple[str, str]], manifests: list[Manifest]) -> set[tuple[str, str]]:
@@ -106,7 +94,7 @@ def collect_garbage(workspace: Workspace, keep: int, dry_run: bool = False, min_
         result = workspace.prefect_results_dir / f"{manifest.stage}-{manifest.fingerprint}"
         size = _size(folder) + (result.stat().st_size if result.is_file() else 0)
         if not dry_run:
-            with file_lock(store.root / manifest.stage / f".{manifest.fingerprint}.lock"):
+            with store.lock(manifest.stage, manifest.fingerprint):
                 if not folder.exists():  # another gc got there first
                     continue
                 trash = folder.with_name(f".trash-{manifest.fingerprint}-{uuid.uuid4().hex[:8]}")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
+import importlib.util
 import json
 import subprocess
 from functools import lru_cache
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Iterable
 
 import creditflow
@@ -44,17 +43,22 @@ def sha256_tree(root: str | Path) -> str:
     return sha256_json(entries)
 
 
-def code_version(modules: Iterable[ModuleType]) -> str:
-    """Package version plus a digest of the source of the modules that shape a stage's rows."""
-    sources = {m.__name__: _source_digest(m) for m in modules}
+def code_version(modules: Iterable[str]) -> str:
+    """Package version plus a digest of the source of the modules (dotted names) that shape a stage's rows.
+
+    Modules are found, not imported, so planning a stage costs no torch import."""
+    sources = {name: _source_digest(name) for name in modules}
     return f"{creditflow.__version__}+{sha256_json(sources)[:12]}"
 
 
 @lru_cache(maxsize=None)
-def _source_digest(module: ModuleType) -> str:
+def _source_digest(module: str) -> str:
     """Read once per process: a source file edited while a pipeline runs must not change the fingerprints the
     running code computes (the code in memory is still the old one, and later stages would miss their upstream)."""
-    return sha256_file(inspect.getsourcefile(module))
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        raise ModuleNotFoundError(f"no source for module {module!r}")
+    return sha256_file(spec.origin)
 
 
 def git_commit() -> str | None:

@@ -7,11 +7,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from creditflow.storage.locks import file_lock
+from creditflow.storage.artifacts import LOCK_TIMEOUT_S
 from creditflow.storage.workspace import Workspace
 
 _BATCH = 100
@@ -26,7 +27,7 @@ def client_for(workspace: Workspace) -> MlflowClient:
     if uri.startswith("sqlite:") and uri not in _SQLITE_READY:
         # The first client in a process creates and migrates the SQLite store (then MLflow caches it); two
         # processes doing that at once on a fresh workspace collide ("table ... already exists"): serialize it.
-        with file_lock(workspace.root / "mlflow.lock"):
+        with FileLock(workspace.root / "mlflow.lock", timeout=LOCK_TIMEOUT_S):
             client = MlflowClient(tracking_uri=uri)
         _SQLITE_READY.add(uri)
         return client

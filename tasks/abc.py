@@ -1,5 +1,6 @@
 """Attention-Based Credit (Chan, Sun, Holt, van der Schaar 2024, "Dense Reward for Free in Reinforcement Learning
-from Human Feedback", ICML, arXiv 2402.00782; official code XanderJC/attention-based-credit; docs/algorithms.md §2).
+from Human Feedback", ICML, arXiv 2402.00782; official code XanderJC/attention-based-credit; the spec is
+docs/algorithms.md, "Attention-Based Credit").
 
 The reward model's scalar r is spread over the response tokens by the attention the read-out position pays them:
 
@@ -11,7 +12,7 @@ read-out position is the one the reward is taken from: the last non-pad token fo
 (position 0) for bidirectional encoders (BERT, MiniLM). Attention paid to prompt and template tokens is dropped.
 
 The reward model sees (prompt, response) exactly as the reward-model stage scores it (``encode_for_reward`` in
-tasks/reward_model.py: the chat-rendered conversation cut from the left, or a text pair for template-less
+tasks/reward_scoring.py: the chat-rendered conversation cut from the left, or a text pair for template-less
 encoders), so r is the model's real score. Its tokens are the reward model's, not the policy's: rows store the RM's
 token ids and their character spans in ``completion_text``, and :func:`project_rewards` moves the rewards onto
 the policy's completion tokens through those spans, preserving the sum.
@@ -26,8 +27,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from creditflow.tasks.schema import Messages, completion_text
-from creditflow.tasks.tokenization import completion_offsets
+from creditflow.tasks.reward_scoring import encode_for_reward, load_reward_model, render_conversations
+from creditflow.tasks.schema import Messages
+from creditflow.tasks.tokenization import completion_offsets, pad_right
 
 
 def abc_token_rewards(attention: torch.Tensor, reward: float, beta: float) -> torch.Tensor:
@@ -60,21 +62,12 @@ class AbcItem:
 def encode_for_abc(
     tokenizer: PreTrainedTokenizerBase, prompt: Messages, completion: Messages, max_length: int
 ) -> AbcItem:
-    """The reward model's input (as ``reward_model.encode_for_reward``) with the response tokens located by offsets."""
-    text = completion_text(completion)
+    """The reward model's input (``encode_for_reward``) with the response tokens located by offsets."""
+    encoded = encode_for_reward(tokenizer, [prompt], [completion], max_length, offsets=True)
     if tokenizer.chat_template:
-        rendered = tokenizer.apply_chat_template(prompt + completion, tokenize=False, add_generation_prompt=False)
-        side = tokenizer.truncation_side
-        tokenizer.truncation_side = "left"  # the reward is read at the end; long prompts lose their head
-        try:
-            encoded = tokenizer(
-                rendered, add_special_tokens=False, truncation=True, max_length=max_length, return_offsets_mapping=True
-            )
-        finally:
-            tokenizer.truncation_side = side
-        located = _locate_completion(rendered, completion)
+        located = _locate_completion(render_conversations(tokenizer, [prompt], [completion])[0], completion)
         positions, starts, ends = [], [], []
-        for position, (a, b) in enumerate(encoded["offset_mapping"]):
+        for position, (a, b) in enumerate(encoded["offset_mapping"][0]):
             for rendered_start, rendered_end, text_start in located:
                 lo, hi = max(a, rendered_start), min(b, rendered_end)
                 if lo < hi:
@@ -83,16 +76,13 @@ def encode_for_abc(
                     ends.append(text_start + hi - rendered_start)
                     break
     else:
-        prompt_text = "\n\n".join(m["content"] for m in prompt)
-        encoded = tokenizer(
-            prompt_text, text, truncation="longest_first", max_length=max_length, return_offsets_mapping=True
-        )
-        positions = [i for i, s in enumerate(encoded.sequence_ids()) if s == 1]
-        starts = [encoded["offset_mapping"][i][0] for i in positions]
-        ends = [encoded["offset_mapping"][i][1] for i in positions]
+        positions = [i for i, s in enumerate(encoded.sequence_ids(0)) if s == 1]
+        starts = [encoded["offset_mapping"][0][i][0] for i in positions]
+        ends = [encoded["offset_mapping"][0][i][1] for i in positions]
     if not positions:
         raise ValueError(f"no response token survives the reward model's max_length {max_length}")
-    return AbcItem(encoded["input_ids"], encoded.get("token_type_ids"), positions, starts, ends)
+    types = encoded.get("token_type_ids")
+    return AbcItem(encoded["input_ids"][0], types[0] if types is not None else None, positions, starts, ends)
 
 
 def _locate_completion(rendered: str, completion: Messages) -> list[tuple[int, int, int]]:
@@ -112,18 +102,8 @@ def _locate_completion(rendered: str, completion: Messages) -> list[tuple[int, i
 
 
 def load_abc_model(folder: str | Path, device: torch.device, dtype: torch.dtype):
-    """(tokenizer, model) of a 1-logit sequence classifier with eager attention (SDPA returns no weights)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForSequenceClassification.from_pretrained(str(folder), dtype=dtype, attn_implementation="eager")
-    if model.config.num_labels != 1:
-        raise ValueError(f"{folder}: ABC needs a 1-logit reward model, this one has {model.config.num_labels} labels")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    # Decoder classifiers find their read-out token through the pad id (as the reward-model stage sets it).
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return tokenizer, model.to(device).eval()
+    """(tokenizer, reward model) with eager attention: SDPA returns no attention weights."""
+    return load_reward_model(folder, device, dtype=dtype, attn_implementation="eager")
 
 
 def is_encoder(model) -> bool:
@@ -173,17 +153,14 @@ def score_abc(model, items: list[AbcItem], beta: float, batch_size: int, pad_id:
         for start in range(0, len(order), batch_size):
             batch = [items[i] for i in order[start : start + batch_size]]
             width = len(batch[0].input_ids)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, item in enumerate(batch):
-                input_ids[r, : len(item.input_ids)] = torch.tensor(item.input_ids)
-                attention_mask[r, : len(item.input_ids)] = 1
-            inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+            attention_mask = pad_right([[1] * len(item.input_ids) for item in batch], 0)
+            inputs = {
+                "input_ids": pad_right([item.input_ids for item in batch], pad_id),
+                "attention_mask": attention_mask,
+            }
             if batch[0].token_type_ids is not None:
-                types = torch.zeros((len(batch), width), dtype=torch.long)
-                for r, item in enumerate(batch):
-                    types[r, : len(item.token_type_ids)] = torch.tensor(item.token_type_ids)
-                inputs["token_type_ids"] = types.to(device)
+                inputs["token_type_ids"] = pad_right([item.token_type_ids for item in batch], 0)
+            inputs = {key: value.to(device) for key, value in inputs.items()}
             if encoder:
                 captured["read"] = torch.zeros(len(batch), dtype=torch.long, device=device)
             else:  # the model's own rule: the rightmost token that is not the pad id

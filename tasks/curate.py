@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -21,52 +21,22 @@ from tqdm.auto import tqdm
 
 from creditflow.storage.hashing import sha256_text
 from creditflow.tasks import schema as S
+from creditflow.tasks.configs import CurateConfig, CurateRules, SourceConfig
 from creditflow.tasks.ingest import (
     MalformedInputError,
     RowProblem,
-    SourceConfig,
     check_columns,
     convert_row,
     detect_format,
     has_columns,
     read_rows,
 )
+from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.schema import completion_text
 from creditflow.tasks.stage import StageContext
 
 RULES = ("schema", "empty", "identical", "duplicate", "tie", "margin", "length")
 _RAW_MAX_CHARS = 20_000
-
-
-@dataclass
-class CurateRules:
-    strict_schema: bool = True  # a malformed row raises (naming file/row/field); False quarantines it as "schema"
-    drop_empty: bool = True  # empty or whitespace-only prompt/chosen/rejected turns
-    drop_identical: bool = True  # chosen == rejected after whitespace normalization
-    dedupe: bool = True  # exact duplicates of (prompt, chosen, rejected) after whitespace normalization
-    drop_ties: bool = True  # score_chosen == score_rejected (rows without scores are not affected)
-    min_margin: float | None = 0.0  # score margin below this is quarantined (inverted pairs included); None: off
-    max_prompt_tokens: int | None = None  # chat-templated prompt with generation prompt
-    max_response_tokens: int | None = None  # each of chosen/rejected, EOS included
-    max_length: int | None = None  # prompt + the longer response
-
-
-@dataclass
-class CurateConfig:
-    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(builtin="sample")])
-    rules: CurateRules = field(default_factory=CurateRules)
-    tokenizer: str | None = None  # local folder or HF id; required by the token-length rules
-    eval_fraction: float = 0.1
-    split_seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.sources:
-            raise ValueError("curate.sources is empty")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"curate.eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        limits = (self.rules.max_prompt_tokens, self.rules.max_response_tokens, self.rules.max_length)
-        if any(limit is not None for limit in limits) and not self.tokenizer:
-            raise ValueError("curate.rules token limits need curate.tokenizer (the target model's tokenizer)")
 
 
 @dataclass
@@ -307,12 +277,7 @@ def compute_curate(ctx: StageContext) -> dict[str, float]:
 
 
 def _summary_figure(result: CurationResult):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, (left, right) = new_figure(2, (10, 3.5))
     rules, counts = zip(*result.rule_counts.items())
     left.barh(rules, counts, color="#c0504d")
     left.set_title(f"quarantined rows by rule ({sum(counts)} of {int(result.metrics['rows_in'])})")
@@ -331,6 +296,4 @@ def _summary_figure(result: CurationResult):
     right.hist([chosen, rejected], bins=30, label=["chosen", "rejected"], color=["#4f81bd", "#f79646"])
     right.set_title(f"response length ({unit})")
     right.legend()
-    fig.tight_layout()
-    plt.close(fig)  # logged, not shown: keep pyplot from accumulating figures
-    return fig
+    return finish(fig)

@@ -13,29 +13,19 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import pyarrow as pa
 
 from creditflow.storage.artifacts import ArtifactStore, Manifest
 from creditflow.tasks import schema as S
-from creditflow.tasks.onpolicy import load_policy, sample_responses, unique_prompts
-from creditflow.tasks.reward_model import RewardScorer
+from creditflow.tasks.configs import EvaluateConfig
+from creditflow.tasks.generation import load_generation_model, sample_responses
+from creditflow.tasks.plots import finish, new_figure
+from creditflow.tasks.reward_scoring import RewardScorer
 from creditflow.tasks.stage import StageContext
 
 GoldScorer = Callable[[list[S.Messages], list[str]], list[float]]
-
-
-@dataclass
-class EvaluateConfig:
-    max_prompts: int | None = 64  # eval-split prompts, in curated order
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_new_tokens: int = 64
-    batch_size: int = 16
-    seed: int = 0
-    gold_scorer: str | None = "vader"  # "vader", "package.module:function", or null
 
 
 def vader_scorer(prompts: list[S.Messages], completions: list[str]) -> list[float]:
@@ -75,7 +65,7 @@ def method_label(policy_config: dict) -> str:
 
 def compute_evaluate(ctx: StageContext) -> dict[str, float]:
     config: EvaluateConfig = ctx.config
-    prompts = unique_prompts(S.split_rows(ctx.read_upstream("curate", "pairs"), "eval"), config.max_prompts)
+    prompts = S.unique_prompts(S.split_rows(ctx.read_upstream("curate", "pairs"), "eval"), config.max_prompts)
     messages = prompts.column("prompt").to_pylist()
     if not messages:
         raise ValueError("evaluate: the curated pairs have no eval-split prompts (raise curate.eval_fraction)")
@@ -84,23 +74,13 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
 
     systems = {
         "policy": ctx.upstream_dir("policy") / "model",
-        "reference": resolve_model(ctx.upstream["token_rewards"].config["model"]),
+        # The model the policy started from: the token-reward stage's reference (its log-probs trained the policy).
+        "reference": resolve_model(ctx.upstream["token_rewards"].config["reference_model"]),
     }
     completions: dict[str, list[str]] = {}
     for name, folder in systems.items():
-        tokenizer, model = load_policy(folder)
-        samples = sample_responses(
-            model,
-            tokenizer,
-            messages,
-            k=1,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            max_new_tokens=config.max_new_tokens,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            progress=ctx.progress,
-        )
+        tokenizer, model = load_generation_model(folder)
+        samples = sample_responses(model, tokenizer, messages, 1, config, progress=ctx.progress)
         completions[name] = [s[0] for s in samples]
         del model
 
@@ -175,17 +155,12 @@ def _comparison_row(policy: Manifest | None, created_at: str, metrics: dict[str,
 
 
 def comparison_figure(rows: list[dict]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [
         ("win_rate_rm", "win rate vs reference (RM)"),
         ("win_rate_gold", "win rate vs reference (gold)"),
         ("gold_score.policy", "mean gold score"),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8))
+    fig, axes = new_figure(len(panels), (4 * len(panels), 3.8))
     # method, seed and time (HH:MM, UTC): reruns of one method with other settings stay apart
     labels = [f"{r['method'].replace(' + ', chr(10) + '+ ')}\nseed {r['seed']}, {r['created_at'][11:16]}" for r in rows]
     for ax, (key, title) in zip(axes, panels):
@@ -199,6 +174,4 @@ def comparison_figure(rows: list[dict]):
             reference = [r["gold_score.reference"] if r["gold_score.reference"] is not None else math.nan for r in rows]
             ax.scatter(range(len(rows)), reference, marker="_", s=600, color="black", label="reference", zorder=3)
             ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
+    return finish(fig)

@@ -21,7 +21,6 @@ import importlib.resources
 import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,9 +29,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from creditflow.storage.hashing import sha256_file
+from creditflow.tasks.configs import SourceConfig
 from creditflow.tasks.schema import ROLES, Messages
 
-FORMATS = ("auto", "explicit", "implicit", "ultrafeedback", "hh_rlhf")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 BUILTIN = {"sample": "sample_preferences.jsonl"}
 
@@ -57,40 +56,11 @@ class RowProblem(ValueError):
         super().__init__(message)
 
 
-@dataclass
-class SourceConfig:
-    """One input. Exactly one of ``path``, ``hf`` or ``builtin``."""
-
-    path: str | None = None  # .jsonl/.json/.parquet/.csv file, or a datasets.save_to_disk folder
-    hf: str | None = None  # datasets.load_dataset name (offline: must already be in the local HF cache)
-    builtin: str | None = None  # "sample": the synthetic preference set bundled with CreditFlow
-    format: str = "auto"
-    split: str = "train"  # for hf datasets and saved DatasetDicts
-    name: str | None = None  # hf dataset config name
-    data_files: str | list[str] | None = None  # for hf builders such as "json"/"parquet" over local files
-    limit: int | None = None  # read only the first N rows
-
-    def __post_init__(self) -> None:
-        given = [k for k in ("path", "hf", "builtin") if getattr(self, k)]
-        if len(given) != 1:
-            raise ValueError(f"a source needs exactly one of path/hf/builtin, got {given or 'none'}")
-        if self.format not in FORMATS:
-            raise ValueError(f"source format {self.format!r} is not one of {FORMATS}")
-        if self.builtin and self.builtin not in BUILTIN:
-            raise ValueError(f"unknown builtin dataset {self.builtin!r} (known: {sorted(BUILTIN)})")
-
-    @property
-    def label(self) -> str:
-        if self.builtin:
-            return f"builtin:{self.builtin}"
-        if self.hf:
-            return f"hf:{self.hf}" + (f"/{self.name}" if self.name else "") + f"[{self.split}]"
-        return str(self.path)
-
-    def local_path(self) -> Path | None:
-        if self.builtin:
-            return Path(str(importlib.resources.files("creditflow.data") / BUILTIN[self.builtin]))
-        return Path(self.path).expanduser().resolve() if self.path else None
+def source_path(source: SourceConfig) -> Path | None:
+    """The local file or folder of a source (the bundled file for ``builtin``); None for hub datasets."""
+    if source.builtin:
+        return Path(str(importlib.resources.files("creditflow.data") / BUILTIN[source.builtin]))
+    return Path(source.path).expanduser().resolve() if source.path else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -99,7 +69,7 @@ class SourceConfig:
 
 def source_digest(source: SourceConfig) -> str:
     """Content digest of the source, so editing a file changes the curation fingerprint."""
-    path = source.local_path()
+    path = source_path(source)
     if path is not None and path.is_file():
         return sha256_file(path)
     return "hfds:" + _load_hf(source)._fingerprint
@@ -107,7 +77,7 @@ def source_digest(source: SourceConfig) -> str:
 
 def read_rows(source: SourceConfig) -> tuple[list[str], Iterator[tuple[str, dict[str, Any]]]]:
     """Column names and an iterator of (location, row). Locations are ``line N`` or ``row N`` (both 1-based)."""
-    path = source.local_path()
+    path = source_path(source)
     if path is None or path.is_dir():
         return _hf_rows(source)
     if not path.exists():
@@ -220,7 +190,7 @@ def _load_hf(source: SourceConfig):
 
     try:
         if source.path:
-            loaded = datasets.load_from_disk(str(source.local_path()))
+            loaded = datasets.load_from_disk(str(source_path(source)))
         else:
             loaded = datasets.load_dataset(source.hf, source.name, data_files=source.data_files, split=source.split)
     except FileNotFoundError as exc:
@@ -267,7 +237,7 @@ def has_columns(source: SourceConfig) -> bool:
     """Tables (Parquet, CSV, datasets) have columns to check up front. JSON rows only have keys (the "columns" are
     the first row's): :func:`convert_row` checks those row by row, so a bad first row is named by its line and can
     be quarantined like any other."""
-    path = source.local_path()
+    path = source_path(source)
     return path is None or path.is_dir() or path.suffix.lower() not in (".jsonl", ".json")
 
 

@@ -12,7 +12,10 @@ benchmark.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK = 1024  # positions per LM-head chunk: [1024, 49152] fp32 is 200 MB
 
@@ -93,3 +96,48 @@ def check_lm_head(model) -> None:
             f"{type(model).__name__}: its logits are not the LM head of its last hidden state; "
             "fused log-probs would be wrong for this architecture"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# With gradients, for training
+
+
+def _chunk_logprobs(lm, states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = lm_head_logits(lm, states).float()
+    return logits.gather(-1, labels[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
+def training_logprobs(
+    lm,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """log pi(input_ids[r, c] | input_ids[r, :c]) for every (r, c) in (rows, cols), fp32, differentiable.
+
+    The training-time twin of ``logprobs.completion_logprobs``: the decoder runs once, only the hidden states that
+    predict completion tokens are kept, and the LM head, gather and logsumexp run per chunk under activation
+    checkpointing. Autograd therefore stores [chunk, hidden] states and recomputes each [chunk, vocab] fp32 logits
+    block in backward instead of keeping it: peak extra memory is one block in either pass.
+    """
+    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    states, labels = hidden[rows, cols - 1], input_ids[rows, cols]
+    # The LM head draws no random numbers, so the checkpoint need not stash RNG state.
+    chunk = partial(checkpoint, partial(_chunk_logprobs, lm), use_reentrant=False, preserve_rng_state=False)
+    return torch.cat(
+        [chunk(states[s : s + chunk_size], labels[s : s + chunk_size]) for s in range(0, len(labels), chunk_size)]
+    )
+
+
+class CompletionLogprobs(torch.nn.Module):
+    """The policy as one module whose forward returns completion log-probs: what DDP wraps, so its hooks see it."""
+
+    def __init__(self, lm, chunk_size: int):
+        super().__init__()
+        self.lm = lm
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, attention_mask, rows, cols) -> torch.Tensor:
+        return training_logprobs(self.lm, input_ids, attention_mask, rows, cols, self.chunk_size)

@@ -30,24 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("dpo", "ipo", "simpo")
-
-
-@dataclass
-class PreferenceLossConfig:
-    loss_type: str = "dpo"
-    beta: float = 0.1
-    alpha: float = 0.0  # T-REG weight; 0 disables the regularizer
-    gamma: float = 0.5  # SimPO target margin γ (not γ/β)
-    label_smoothing: float = 0.0  # DPO only (conservative DPO)
-
-    def __post_init__(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type {self.loss_type!r} is not one of {LOSS_TYPES}")
-        if self.beta <= 0:
-            raise ValueError("beta must be > 0")
-        if self.alpha < 0:
-            raise ValueError("alpha must be >= 0")
+from creditflow.tasks.configs import PreferenceLossConfig
 
 
 @dataclass

@@ -100,10 +100,11 @@ def _tiny_lm_folder() -> Path:
     """A ~100K-parameter Llama with a tokenizer trained on the bundled sample: the offline fallback and CI policy."""
     import json
 
-    from creditflow.tasks.ingest import SourceConfig
+    from creditflow.tasks.configs import SourceConfig
+    from creditflow.tasks.ingest import source_path
     from creditflow.tasks.tiny import build_tiny_causal_lm
 
-    sample = SourceConfig(builtin="sample").local_path()
+    sample = source_path(SourceConfig(builtin="sample"))
     target = model_cache_dir() / f"tiny-lm-{sha256_file(sample)[:12]}"
     if target.is_dir():
         return target

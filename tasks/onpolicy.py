@@ -10,94 +10,14 @@ reason, as in curation.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
-import torch
-from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from creditflow.tasks import schema as S
-from creditflow.tasks.reward_model import RewardScorer
+from creditflow.tasks.configs import OnPolicyConfig
+from creditflow.tasks.generation import load_generation_model, sample_responses
+from creditflow.tasks.reward_scoring import RewardScorer
 from creditflow.tasks.stage import StageContext
-from creditflow.tasks.tokenization import render_prompts
-
-
-@dataclass
-class OnPolicyConfig:
-    enabled: bool = False
-    policy: str = "smollm2"  # the reference policy: a local folder or a named model (tasks/models.py)
-    samples_per_prompt: int = 4
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 64
-    batch_size: int = 8  # prompts per generate() call (each expands to samples_per_prompt sequences)
-    max_prompts: int | None = None  # first N train-split prompts (in curated order)
-    min_margin: float = 0.0  # best - worst reward must exceed this
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.samples_per_prompt < 2:
-            raise ValueError("onpolicy.samples_per_prompt must be >= 2 to form a pair")
-
-
-def policy_folder(spec: str) -> Path:
-    from creditflow.tasks.models import resolve_model
-
-    return resolve_model(spec)
-
-
-def load_policy(folder: str | Path):
-    """(tokenizer, causal LM) for generation: bf16 on CUDA, fp32 on CPU, eval mode, a pad token set."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return tokenizer, AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
-
-
-@torch.no_grad()
-def sample_responses(
-    model,
-    tokenizer,
-    prompts: list[S.Messages],
-    *,
-    k: int,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    batch_size: int,
-    seed: int,
-    progress: bool = True,
-) -> list[list[str]]:
-    """k sampled completions per prompt, decoded without special tokens. Seeded: same arguments, same samples."""
-    device = next(model.parameters()).device
-    torch.manual_seed(seed)
-    texts = render_prompts(tokenizer, prompts)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the right edge
-    results: list[list[str]] = []
-    try:
-        for start in tqdm(range(0, len(texts), batch_size), desc="sampling", disable=not progress, leave=False):
-            batch = tokenizer(
-                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(device)
-            output = model.generate(
-                **batch,
-                do_sample=True,
-                temperature=temperature,
-                top_p=top_p,
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=k,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            decoded = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            results.extend([text.strip() for text in decoded[i : i + k]] for i in range(0, len(decoded), k))
-    finally:
-        tokenizer.padding_side = side
-    return results
 
 
 def build_pairs(
@@ -152,35 +72,16 @@ def build_pairs(
     return pairs, quarantine
 
 
-def unique_prompts(pairs: pa.Table, limit: int | None) -> pa.Table:
-    """One row per prompt id (first occurrence), keeping prompt messages and split."""
-    seen: set[str] = set()
-    keep = []
-    for index, prompt_id in enumerate(pairs.column("prompt_id").to_pylist()):
-        if prompt_id not in seen:
-            seen.add(prompt_id)
-            keep.append(index)
-    table = pairs.select(["prompt_id", "prompt", "split"]).take(keep)
-    return table.slice(0, limit) if limit is not None else table
-
-
 def compute_onpolicy(ctx: StageContext) -> dict[str, float]:
+    from creditflow.tasks.models import resolve_model
+
     config: OnPolicyConfig = ctx.config
     # Train-split prompts only: the policy trains on train pairs, and eval prompts stay unseen for evaluation.
-    prompts = unique_prompts(S.split_rows(ctx.read_upstream("curate", "pairs"), "train"), config.max_prompts)
-    tokenizer, model = load_policy(policy_folder(config.policy))
+    prompts = S.unique_prompts(S.split_rows(ctx.read_upstream("curate", "pairs"), "train"), config.max_prompts)
+    tokenizer, model = load_generation_model(resolve_model(ctx.reference_model))
     prompt_messages = prompts.column("prompt").to_pylist()
     samples = sample_responses(
-        model,
-        tokenizer,
-        prompt_messages,
-        k=config.samples_per_prompt,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        progress=ctx.progress,
+        model, tokenizer, prompt_messages, config.samples_per_prompt, config, progress=ctx.progress
     )
     del model
 
@@ -191,7 +92,7 @@ def compute_onpolicy(ctx: StageContext) -> dict[str, float]:
     k = config.samples_per_prompt
     scores = [flat_scores[i : i + k] for i in range(0, len(flat_scores), k)]
 
-    pairs, quarantine = build_pairs(prompts, samples, scores, config.policy, config.min_margin)
+    pairs, quarantine = build_pairs(prompts, samples, scores, ctx.reference_model, config.min_margin)
     ctx.writer.write_table("pairs", S.rows_to_table(pairs, S.PAIRS_SCHEMA))
     ctx.writer.write_table("quarantine", S.rows_to_table(quarantine, S.QUARANTINE_SCHEMA))
     if pairs:

@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 from creditflow.storage.hashing import sha256_json
 
 ROLES = ("system", "user", "assistant", "tool")
+SIDES = ("chosen", "rejected")  # the two completions of a pair
 ID_CHARS = 20  # 80-bit ids: collision-free far beyond any preference set we will see
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -77,3 +78,15 @@ def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
 def split_rows(pairs: pa.Table, split: str) -> pa.Table:
     """The rows of one split ("train" or "eval") of a pairs table."""
     return pairs.filter(pc.equal(pairs.column("split"), split))
+
+
+def unique_prompts(pairs: pa.Table, limit: int | None) -> pa.Table:
+    """One row per prompt id (first occurrence), keeping prompt messages and split."""
+    seen: set[str] = set()
+    keep = []
+    for index, prompt_id in enumerate(pairs.column("prompt_id").to_pylist()):
+        if prompt_id not in seen:
+            seen.add(prompt_id)
+            keep.append(index)
+    table = pairs.select(["prompt_id", "prompt", "split"]).take(keep)
+    return table.slice(0, limit) if limit is not None else table

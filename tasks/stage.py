@@ -14,7 +14,7 @@ from creditflow.storage.workspace import Workspace
 
 @dataclass
 class StageContext:
-    config: Any  # the stage's config section (a dataclass)
+    config: Any  # the stage's config section (a pydantic model from tasks/configs.py)
     workspace: Workspace
     upstream: dict[str, Manifest]  # upstream stage name -> its manifest, verified on read
     writer: ArtifactWriter  # outputs go here; they become visible only when the stage succeeds
@@ -22,6 +22,7 @@ class StageContext:
     progress: bool = True
     stage: str = ""
     fingerprint: str = ""
+    reference_model: str | None = None  # the pipeline's reference_model, for the stages that declare they use it
 
     @property
     def checkpoint_dir(self):

@@ -1,217 +1,282 @@
-"""T-REG token rewards by contrastive prompting (Zhou et al. 2024, "T-REG: Preference Optimization with Token-Level
-Reward Regularization", arXiv 2412.02685; the spec is docs/algorithms.md §1.2).
+"""Stage 3 recipe: token rewards for every (pair, side, source), computed incrementally through the content-keyed
+shard cache (storage/token_cache.py).
 
-The reference model pi_ref scores every response token twice, once after a prompt asking to make the response
-better and once after a prompt asking to make it worse:
+A cache row's key covers the source, the prompt and completion messages, and the knobs that change its values:
+for ``contrastive`` the reference model's weights digest, the tokenizer fingerprint, the two template digests,
+max_length / max_prompt_length / truncation, the dtype and the code version of the modules that compute it; for
+``abc`` the reward model's weights digest, its tokenizer, its max_length, beta, the dtype and the code version.
+Only keys absent from the cache are computed, so adding pairs computes only the new ones.
 
-    r_hat_t = sigmoid( log pi_ref(y_t | x_better, y_<t) - log pi_ref(y_t | x_worse, y_<t) ) - 0.5     in (-0.5, 0.5)
+The stage output ``token_rewards`` has one row per requested (pair_id, side, source), assembled from the cache:
 
-r_hat_t > 0 marks a token the model finds more likely when asked for a better answer. The same pass scores y under
-the plain prompt x, giving the reference log-probs log pi_ref(y_t | x, y_<t) that DPO needs, so the trainer can skip
-its own reference pass.
+    pair_id, side, source, key, n_tokens, token_ids list<int32>, char_start/char_end list<int32>,
+    rewards list<float32>, ref_logps list<float32> (null for abc)
 
-Alignment: y is exactly the completion ids the trainer uses, ``encode_pair(...)[1]`` (chat template, EOS,
-truncation); the three prompts are tokenized on their own and the ids concatenated, never re-tokenized as joined
-text. The revision prompts embed the whole last user turn and the response text the trainer sees (the truncated
-one when truncation cut it); they are not truncated themselves, so those rows run to about
-|template| + |instruction| + 2 |y| tokens (spec §1.7).
+``contrastive`` rows are on the policy's completion tokens (``tokenization.encode_pair`` ids, EOS included);
+``abc`` rows are on the reward model's response tokens: use ``abc.project_to_policy`` to move them onto the policy's.
+char_start/char_end are each token's span in ``schema.completion_text(completion)``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import torch
-from transformers import PreTrainedTokenizerBase
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm.auto import tqdm
 
-from creditflow.tasks.logprobs import DEFAULT_CHUNK, check_lm_head, completion_logprobs
-from creditflow.tasks.schema import Messages, completion_text
-from creditflow.tasks.tokenization import (
-    TRUNCATION_MODES,
-    completion_offsets,
-    encode_completions,
-    encode_prompts,
-    truncate_pair,
-)
+from creditflow.storage.hashing import code_version, sha256_text
+from creditflow.storage.token_cache import CACHE_SCHEMA, TokenCache, row_key
+from creditflow.tasks import abc, contrastive, tokenization
+from creditflow.tasks.configs import TokenRewardsConfig
+from creditflow.tasks.schema import SIDES, Messages
+from creditflow.tasks.stage import StageContext
+from creditflow.tasks.training import inference_dtype, resolve_device
 
-SOURCES = ("contrastive", "abc")
-# Reading A of the spec (docs/algorithms.md §1.2): a revision request that embeds the instruction and the response.
-# Only the attribute lists are from the paper; the wording around them is ours.
-BETTER_TEMPLATE = (
-    "{instruction}\n\nHere is a response:\n{response}\n\n"
-    "Revise the response to make it more helpful, correct, coherent, and concise."
-)
-WORSE_TEMPLATE = (
-    "{instruction}\n\nHere is a response:\n{response}\n\n"
-    "Revise the response to make it unhelpful, incorrect, incoherent, and verbose."
-)
+OUTPUT_SCHEMA = pa.schema([("pair_id", pa.string()), ("side", pa.string()), *CACHE_SCHEMA])
+# Modules whose source changes a source's rows: part of its cache knobs.
+CONTRASTIVE_CODE = tuple(f"creditflow.tasks.{m}" for m in ("tokenization", "logprobs", "contrastive", "schema"))
+ABC_CODE = tuple(f"creditflow.tasks.{m}" for m in ("abc", "reward_scoring", "schema"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sources: what a row's key depends on and how its values are computed
 
 
 @dataclass
-class TokenRewardsConfig:
-    sources: list[str] = field(default_factory=lambda: ["contrastive"])  # "contrastive" (T-REG) and/or "abc"
-    model: str = "tiny-lm"  # pi_ref for contrastive prompting: a local folder or a named model (tasks/models.py)
-    max_length: int | None = 1024  # prompt + completion tokens, as the policy trainer truncates them
-    max_prompt_length: int | None = 512
-    truncation: str = "keep_start"  # keep_start | keep_end (tokenization.truncate_pair)
-    better_template: str = BETTER_TEMPLATE  # str.format with {instruction} and {response}; literal braces as {{ }}
-    worse_template: str = WORSE_TEMPLATE
-    batch_size: int = 8  # sequences per forward pass (each response needs 3: better, worse, plain)
-    rows_per_shard: int = 256  # cache rows per shard file: the unit of resumption after a crash
-    abc_beta: float = 0.8  # ABC mixing coefficient (Chan et al. 2024 use 0.8)
-    abc_max_length: int | None = None  # reward-model tokens; None: the max_length the reward model was trained with
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    heatmap_pairs: int = 3  # sample pairs logged as an HTML/PNG heat map
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.sources) - set(SOURCES))
-        if unknown or not self.sources:
-            raise ValueError(f"token_rewards.sources must be a non-empty subset of {SOURCES}, got {self.sources}")
-        if self.truncation not in TRUNCATION_MODES:
-            raise ValueError(f"token_rewards.truncation must be one of {TRUNCATION_MODES}, got {self.truncation!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"token_rewards.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if not 0.0 <= self.abc_beta <= 1.0:
-            raise ValueError(f"token_rewards.abc_beta must be in [0, 1], got {self.abc_beta}")
-        if self.batch_size < 1 or self.rows_per_shard < 1:
-            raise ValueError("token_rewards.batch_size and rows_per_shard must be >= 1")
-        for name in ("better_template", "worse_template"):
-            try:
-                getattr(self, name).format(instruction="", response="")
-            except (KeyError, IndexError, ValueError) as exc:
-                raise ValueError(
-                    f"token_rewards.{name}: placeholders are {{instruction}} and {{response}} ({exc!r})"
-                ) from None
+class Source:
+    name: str
+    knobs: dict[str, Any]  # every input besides the messages that changes this source's rows
+    tokenizer: Any  # decodes this source's token ids
+    encode: Callable[[list[Messages], list[Messages]], list]  # -> items with .n_forward_tokens
+    score: Callable[[list, Any], list[dict[str, Any]]]  # (items, progress) -> cache rows without key/source
 
 
-def resolve_device(spec: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec)
+def contrastive_source(config: TokenRewardsConfig, reference_model: str, device, dtype) -> Source:
+    """T-REG contrastive prompting on the reference model (whose tokenizer is the policy's)."""
+    from creditflow.tasks.models import model_fingerprint, resolve_model
+
+    folder = resolve_model(reference_model)
+    tokenizer = tokenization.load_tokenizer(str(folder))
+    knobs = {
+        "model": model_fingerprint(folder),
+        "tokenizer": tokenization.tokenizer_fingerprint(tokenizer),
+        "better_template": sha256_text(config.better_template),
+        "worse_template": sha256_text(config.worse_template),
+        "max_length": config.max_length,
+        "max_prompt_length": config.max_prompt_length,
+        "truncation": config.truncation,
+        "dtype": str(dtype),
+        "code": code_version(CONTRASTIVE_CODE),
+    }
+    model = None
+    pad_id = tokenization.pad_token_id(tokenizer)
+
+    def score(items: list[contrastive.ContrastiveItem], progress) -> list[dict[str, Any]]:
+        nonlocal model
+        if model is None:  # loaded on first use: a fully cached run never loads it
+            model = contrastive.load_reference_model(folder, device, dtype)
+        results = contrastive.score_contrastive(model, items, config.batch_size, pad_id, progress)
+        return [
+            {
+                "n_tokens": len(item.completion_ids),
+                "token_ids": item.completion_ids,
+                "char_start": item.char_start,
+                "char_end": item.char_end,
+                "rewards": result.rewards,
+                "ref_logps": result.ref_logps,
+            }
+            for item, result in zip(items, results)
+        ]
+
+    return Source(
+        "contrastive", knobs, tokenizer, lambda p, c: contrastive.encode_contrastive(tokenizer, p, c, config), score
+    )
 
 
-def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """bf16 halves memory and doubles throughput on GPUs; CPUs get fp32 (bf16 matmuls there are slow or emulated)."""
-    if spec == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, spec)
+def abc_source(config: TokenRewardsConfig, folder: Path, rm_max_length: int, device, dtype) -> Source:
+    """ABC on the reward model in ``folder`` (the reward-model stage's ``model/``)."""
+    from creditflow.tasks.models import model_fingerprint
 
+    tokenizer, model = abc.load_abc_model(folder, device, dtype)
+    max_length = config.abc_max_length or rm_max_length
+    knobs = {
+        "reward_model": model_fingerprint(folder),
+        "tokenizer": tokenization.tokenizer_fingerprint(tokenizer),
+        "max_length": max_length,
+        "beta": config.abc_beta,
+        "dtype": str(dtype),
+        "code": code_version(ABC_CODE),
+    }
 
-def load_reference_model(folder: str | Path, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
+    def encode(prompts: list[Messages], completions: list[Messages]) -> list[abc.AbcItem]:
+        return [abc.encode_for_abc(tokenizer, p, c, max_length) for p, c in zip(prompts, completions)]
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa")
-    model = model.to(device).eval()
-    check_lm_head(model)
-    return model
+    def score(items: list[abc.AbcItem], progress) -> list[dict[str, Any]]:
+        results = abc.score_abc(model, items, config.abc_beta, config.batch_size, tokenizer.pad_token_id, progress)
+        return [
+            {
+                "n_tokens": len(item.response_positions),
+                "token_ids": item.response_ids,
+                "char_start": item.char_start,
+                "char_end": item.char_end,
+                "rewards": result.rewards,
+                "ref_logps": None,
+            }
+            for item, result in zip(items, results)
+        ]
 
-
-def contrastive_messages(prompt: Messages, response: str, template: str) -> Messages:
-    """The prompt with its last user turn rewritten by ``template`` (which embeds that turn and the response)."""
-    last_user = max((i for i, m in enumerate(prompt) if m["role"] == "user"), default=None)
-    if last_user is None:
-        raise ValueError("contrastive prompting needs a prompt with a user turn")
-    turn = {"role": "user", "content": template.format(instruction=prompt[last_user]["content"], response=response)}
-    return [*prompt[:last_user], turn, *prompt[last_user + 1 :]]
+    return Source("abc", knobs, tokenizer, encode, score)
 
 
 @dataclass
-class ContrastiveItem:
-    """One response ready to score: its completion ids (as trained), their character spans, and three prompts."""
-
-    completion_ids: list[int]
-    char_start: list[int]
-    char_end: list[int]
-    plain_ids: list[int]
-    better_ids: list[int]
-    worse_ids: list[int]
-
-    @property
-    def n_forward_tokens(self) -> int:
-        return len(self.plain_ids) + len(self.better_ids) + len(self.worse_ids) + 3 * len(self.completion_ids)
+class SourceRun:
+    keys: list[str]  # one per request
+    computed: int
+    reused: int
+    forward_tokens: int
+    seconds: float
 
 
-def encode_contrastive(
-    tokenizer: PreTrainedTokenizerBase,
+def compute_missing(
+    cache: TokenCache,
+    source: Source,
     prompts: list[Messages],
     completions: list[Messages],
-    config: TokenRewardsConfig,
-) -> list[ContrastiveItem]:
-    """Token ids of every (prompt, completion): truncated with ``truncate_pair`` exactly as ``encode_pair`` does."""
-    plain = encode_prompts(tokenizer, prompts)
-    full = encode_completions(tokenizer, completions)
-    spans = completion_offsets(tokenizer, completions)
-    items, better_turns, worse_turns = [], [], []
-    for prompt, completion, prompt_ids, completion_ids, span in zip(prompts, completions, plain, full, spans):
-        prompt_ids, completion_ids = truncate_pair(
-            prompt_ids, completion_ids, config.max_length, config.max_prompt_length, config.truncation
-        )
-        span = span[: len(completion_ids)]
-        # The text of the kept tokens: the whole response unless truncation cut its tail.
-        response = completion_text(completion)[: span[-1][1]]
-        better_turns.append(contrastive_messages(prompt, response, config.better_template))
-        worse_turns.append(contrastive_messages(prompt, response, config.worse_template))
-        items.append((completion_ids, [s for s, _ in span], [e for _, e in span], prompt_ids))
-    better = encode_prompts(tokenizer, better_turns)
-    worse = encode_prompts(tokenizer, worse_turns)
-    return [ContrastiveItem(*item, b, w) for item, b, w in zip(items, better, worse)]
+    rows_per_shard: int,
+    progress: bool = True,
+) -> SourceRun:
+    """Compute and cache the rows of ``source`` whose keys are not cached yet; a shard is written per chunk."""
+    keys = [row_key(source.name, source.knobs, p, c) for p, c in zip(prompts, completions)]
+    missing = cache.missing_keys(keys)
+    if not missing:
+        return SourceRun(keys, 0, len(set(keys)), 0, 0.0)
+    first = {key: i for i, key in reversed(list(enumerate(keys)))}
+    todo = [first[k] for k in missing]
+    # Tokenize everything first: a row that cannot be encoded fails the run before any compute.
+    items = source.encode([prompts[i] for i in todo], [completions[i] for i in todo])
+    order = sorted(range(len(items)), key=lambda j: -items[j].n_forward_tokens)  # similar lengths share a shard
+    total = sum(item.n_forward_tokens for item in items)
+    started = time.perf_counter()
+    with tqdm(total=total, unit="tok", desc=f"token rewards ({source.name})", disable=not progress) as bar:
+        for start in range(0, len(order), rows_per_shard):
+            chunk = order[start : start + rows_per_shard]
+            rows = source.score([items[j] for j in chunk], bar)
+            cache.write_shard([{**row, "key": missing[j], "source": source.name} for j, row in zip(chunk, rows)])
+    seconds = time.perf_counter() - started
+    return SourceRun(keys, len(missing), len(set(keys)) - len(missing), total, seconds)
 
 
-def contrastive_rewards(logp_better: torch.Tensor, logp_worse: torch.Tensor) -> torch.Tensor:
-    """r_hat_t = sigmoid(logp_better_t - logp_worse_t) - 0.5 (T-REG eq. for self-generated token rewards)."""
-    return torch.sigmoid(logp_better - logp_worse) - 0.5
+# ---------------------------------------------------------------------------------------------------------
+# Stage entry point
 
 
-@dataclass
-class ContrastiveResult:
-    rewards: np.ndarray  # float32 [T]
-    ref_logps: np.ndarray  # float32 [T], log pi_ref(y_t | x, y_<t) under the plain prompt
+def side_requests(pairs: pa.Table) -> tuple[list[str], list[str], list[Messages], list[Messages]]:
+    """(pair_id, side, prompt, completion) columns: chosen and rejected of every pair, pair by pair."""
+    pair_ids, sides, prompts, completions = [], [], [], []
+    columns = pairs.select(["pair_id", "prompt", *SIDES]).to_pylist()
+    for row in columns:
+        for side in SIDES:
+            pair_ids.append(row["pair_id"])
+            sides.append(side)
+            prompts.append(row["prompt"])
+            completions.append(row[side])
+    return pair_ids, sides, prompts, completions
 
 
-@torch.no_grad()
-def score_contrastive(
-    model,
-    items: list[ContrastiveItem],
-    batch_size: int,
-    pad_id: int,
-    progress=None,
-    chunk_size: int = DEFAULT_CHUNK,
-) -> list[ContrastiveResult]:
-    """Three forward passes per item (better, worse, plain prompt), batched longest first to keep padding low.
+def _reward_model_folder(ctx: StageContext) -> tuple[Path, int]:
+    """The reward-model stage's ``model/`` folder (every file checked against its manifest) and its max_length."""
+    if "reward_model" not in ctx.upstream:
+        raise ValueError("token_rewards.sources includes 'abc', which needs the reward_model stage upstream")
+    manifest = ctx.upstream["reward_model"]
+    model_files = [name for name in manifest.outputs if name.startswith("model/")]
+    if not model_files:
+        raise ValueError(f"reward_model artifact {manifest.fingerprint} has no model/ folder")
+    for name in model_files:
+        ctx.workspace.store.file(manifest, name)  # raises on a missing or edited file
+    return ctx.upstream_dir("reward_model") / "model", int(manifest.config["max_length"])
 
-    ``progress`` (a tqdm bar or None) advances by the non-pad tokens of each batch.
+
+def compute_token_rewards(ctx: StageContext) -> dict[str, float]:
+    """Compute the missing cache rows of every requested source, then write ``token_rewards`` from the cache.
+
+    Pairs come from the on-policy stage when it ran, else from curation. Metrics per source and in total:
+    ``rows_computed`` / ``rows_reused`` count distinct cache keys computed now / found in the cache (the proof of
+    incrementality), ``tokens_per_s`` the non-pad tokens through the model per second of compute.
     """
-    device = next(model.parameters()).device
-    prompts = {"better": [it.better_ids for it in items], "worse": [it.worse_ids for it in items]}
-    prompts["plain"] = [it.plain_ids for it in items]
-    sequences = [(kind, i) for kind in prompts for i in range(len(items))]
-    sequences.sort(key=lambda s: -(len(prompts[s[0]][s[1]]) + len(items[s[1]].completion_ids)))
-    logps: dict[tuple[str, int], torch.Tensor] = {}
-    for start in range(0, len(sequences), batch_size):
-        batch = sequences[start : start + batch_size]
-        rows = [prompts[kind][i] + items[i].completion_ids for kind, i in batch]
-        width = len(rows[0])
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, ids in enumerate(rows):
-            input_ids[r, : len(ids)] = torch.tensor(ids)
-            attention_mask[r, : len(ids)] = 1
-        out = completion_logprobs(
-            model,
-            input_ids.to(device),
-            attention_mask.to(device),
-            [len(prompts[kind][i]) for kind, i in batch],
-            [len(items[i].completion_ids) for _, i in batch],
-            chunk_size,
+    config: TokenRewardsConfig = ctx.config
+    pairs = ctx.read_upstream("onpolicy" if "onpolicy" in ctx.upstream else "curate", "pairs")
+    pair_ids, sides, prompts, completions = side_requests(pairs)
+    cache = TokenCache.for_workspace(ctx.workspace)
+    device = resolve_device(config.device)
+    dtype = inference_dtype(config.dtype, device)
+
+    metrics: dict[str, float] = {"pairs": pairs.num_rows}
+    sources, keys = [], []
+    for name in config.sources:
+        if name == "contrastive":
+            source = contrastive_source(config, ctx.reference_model, device, dtype)
+        else:
+            folder, rm_max_length = _reward_model_folder(ctx)
+            source = abc_source(config, folder, rm_max_length, device, dtype)
+        run = compute_missing(cache, source, prompts, completions, config.rows_per_shard, ctx.progress)
+        sources.append(source)
+        keys.append(run.keys)
+        metrics.update(
+            {
+                f"{name}.rows_computed": run.computed,
+                f"{name}.rows_reused": run.reused,
+                f"{name}.forward_tokens": run.forward_tokens,
+                f"{name}.seconds": run.seconds,
+                f"{name}.tokens_per_s": run.forward_tokens / run.seconds if run.computed else 0.0,
+            }
         )
-        logps.update(zip(batch, (lp.cpu() for lp in out)))
-        if progress is not None:
-            progress.update(sum(len(r) for r in rows))
-    return [
-        ContrastiveResult(
-            rewards=contrastive_rewards(logps["better", i], logps["worse", i]).numpy(),
-            ref_logps=logps["plain", i].numpy(),
-        )
-        for i in range(len(items))
-    ]
+    metrics["rows_computed"] = sum(metrics[f"{s.name}.rows_computed"] for s in sources)
+    metrics["rows_reused"] = sum(metrics[f"{s.name}.rows_reused"] for s in sources)
+
+    table = assemble(cache, pair_ids, sides, [s.name for s in sources], keys)
+    ctx.writer.write_table("token_rewards", table)
+    metrics["rows"] = table.num_rows
+    metrics.update(reward_summary(table))
+    _log_heatmaps(ctx, table, sources, config.heatmap_pairs)
+    return metrics
+
+
+def assemble(
+    cache: TokenCache, pair_ids: list[str], sides: list[str], source_names: list[str], keys: list[list[str]]
+) -> pa.Table:
+    """The stage output: cache rows for every (pair, side, source), ordered pair by pair, side, then source."""
+    order = [(i, s) for i in range(len(pair_ids)) for s in range(len(source_names))]
+    rows = cache.read_rows([keys[s][i] for i, s in order])
+    columns = {
+        "pair_id": pa.array([pair_ids[i] for i, _ in order], pa.string()),
+        "side": pa.array([sides[i] for i, _ in order], pa.string()),
+    }
+    return pa.table({**columns, **{name: rows.column(name) for name in CACHE_SCHEMA.names}}, schema=OUTPUT_SCHEMA)
+
+
+def reward_summary(table: pa.Table) -> dict[str, float]:
+    """Mean token reward per source and side: chosen above rejected is the first sanity check."""
+    summary = {}
+    for source in pc.unique(table.column("source")).to_pylist():
+        for side in SIDES:
+            subset = table.filter(pc.and_(pc.equal(table["source"], source), pc.equal(table["side"], side)))
+            values = pc.list_flatten(subset.column("rewards"))
+            summary[f"{source}.mean_token_reward_{side}"] = float(pc.mean(values).as_py() or 0.0)
+    return summary
+
+
+def _log_heatmaps(ctx: StageContext, table: pa.Table, sources: list[Source], n_pairs: int) -> None:
+    from creditflow.tasks.token_view import heatmap_figure, heatmap_html
+
+    sample = set(list(dict.fromkeys(table.column("pair_id").to_pylist()))[:n_pairs])
+    if not sample:
+        return
+    for source in sources:
+        rows = [r for r in table.filter(pc.equal(table["source"], source.name)).to_pylist() if r["pair_id"] in sample]
+        ctx.run.log_text(heatmap_html(rows, source.tokenizer), f"token_rewards/heatmap_{source.name}.html")
+        ctx.run.log_figure(heatmap_figure(rows), f"token_rewards/heatmap_{source.name}.png")

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from creditflow.tasks.plots import finish, new_figure
+
 _POSITIVE = np.array([46, 160, 67])
 _NEGATIVE = np.array([215, 48, 39])
 _WHITE = np.array([255, 255, 255])
@@ -98,21 +100,14 @@ def heatmap_html(rows: list[dict[str, Any]], tokenizer) -> str:
 
 def heatmap_figure(rows: list[dict[str, Any]]):
     """One strip per row (token position on x), colour = reward on a symmetric scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     width = max(len(r["rewards"]) for r in rows)
     grid = np.full((len(rows), width), np.nan)
     for i, row in enumerate(rows):
         grid[i, : len(row["rewards"])] = row["rewards"]
     scale = float(np.nanmax(np.abs(grid))) or 1.0
-    fig, ax = plt.subplots(figsize=(min(4 + width / 12, 24), 1 + 0.45 * len(rows)))
+    fig, (ax,) = new_figure(1, (min(4 + width / 12, 24), 1 + 0.45 * len(rows)))
     image = ax.imshow(grid, aspect="auto", cmap="RdYlGn", vmin=-scale, vmax=scale, interpolation="nearest")
     ax.set_yticks(range(len(rows)), [f"{r['pair_id'][:8]} {r['side']} {r['source']}" for r in rows])
     ax.set_xlabel("completion token")
     fig.colorbar(image, ax=ax, label="token reward")
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
+    return finish(fig)

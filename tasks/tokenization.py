@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from creditflow.storage.hashing import sha256_json
+from creditflow.tasks.configs import TRUNCATION_MODES
 from creditflow.tasks.schema import Messages, completion_text
 
 
@@ -56,7 +58,24 @@ def encode_completions(tokenizer: PreTrainedTokenizerBase, completions: list[Mes
     return [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-TRUNCATION_MODES = ("keep_start", "keep_end")
+def pad_right(sequences: list[list[int]], value: int, multiple: int = 1) -> torch.Tensor:
+    """[N, W] long tensor of ``sequences`` padded on the right with ``value``; W rounds up to ``multiple``."""
+    width = max(len(s) for s in sequences)
+    width = -(-width // multiple) * multiple
+    out = torch.full((len(sequences), width), value, dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
+def padded_batch(sequences: list[list[int]], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of right-padded ``sequences``."""
+    return pad_right(sequences, pad_id, multiple), pad_right([[1] * len(s) for s in sequences], 0, multiple)
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The pad id, EOS when the tokenizer has no pad token (positions past the mask are never read)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def truncate_pair(

@@ -21,3 +21,50 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared tiny models and artifacts
+
+CORPUS = ["the quick brown fox jumps over the lazy dog", "a helpful answer is correct and concise"] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A tiny Llama causal LM with a tokenizer trained on ``CORPUS``, built once per session."""
+    from creditflow.tasks.tiny import build_tiny_causal_lm
+
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny_lm"), CORPUS)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny-model kernels are too small to split: one intra-op thread is faster, and immune to the spin-waiting that
+    makes two OpenMP threads crawl when other processes share the 2 cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def publish_artifact(store, stage: str, fingerprint: str, tables: dict, config: dict | None = None, **fields):
+    """Publish ``tables`` (name -> pyarrow table) as a ``stage`` artifact, for tests that start mid-pipeline."""
+    writer = store.writer(stage, fingerprint)
+    for name, table in tables.items():
+        writer.write_table(name, table)
+    fields = {"inputs": {}, "code_version": "t", **fields}
+    return store.publish(writer, stage=stage, fingerprint=fingerprint, config=config or {}, **fields)
+
+
+@pytest.fixture
+def publish():
+    return publish_artifact

@@ -80,7 +80,7 @@ def test_formula_hand_values():
 
 
 def test_input_matches_the_reward_model_stage(reward_model):
-    from creditflow.tasks.reward_model import encode_for_reward
+    from creditflow.tasks.reward_scoring import encode_for_reward
 
     tokenizer, _ = reward_model
     for completion in RESPONSES:

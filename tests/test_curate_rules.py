@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from creditflow.tasks import schema as S
-from creditflow.tasks.curate import RULES, CurateConfig, CurateRules, curate, split_unit
-from creditflow.tasks.ingest import MalformedInputError, SourceConfig
+from creditflow.tasks.configs import CurateConfig, CurateRules, SourceConfig
+from creditflow.tasks.curate import RULES, curate, split_unit
+from creditflow.tasks.ingest import MalformedInputError
 
 
 def U(text: str) -> dict[str, str]:

@@ -21,7 +21,7 @@ from creditflow.flows import ops
 from creditflow.flows.demo import comparison_table, plan_demo, run_demo
 from creditflow.storage.workspace import Workspace
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
 
 STAGES = ["curate", "reward_model", "onpolicy", "token_rewards", "policy", "evaluate"]
 RUN_NAMES = ["demo dpo seed=0", "demo dpo+t-reg seed=0"]
@@ -52,7 +52,7 @@ def test_demo_runs_every_stage_for_both_methods_sharing_upstream(demo_results):
     assert treg["stages"]["policy"]["manifest"]["config"]["loss"]["alpha"] == 0.25
     assert dpo["stages"]["policy"]["manifest"]["config"]["loss"]["alpha"] == 0.0
     onpolicy = dpo["stages"]["onpolicy"]["manifest"]
-    assert onpolicy["config"]["policy"] == "tiny-lm" and onpolicy["row_counts"]["pairs"] > 0
+    assert onpolicy["config"]["reference_model"] == "tiny-lm" and onpolicy["row_counts"]["pairs"] > 0
 
 
 def test_demo_table_compares_methods_against_the_reference(demo_results):

@@ -1,6 +1,7 @@
 """Evaluation helpers: win rates, gold scorers (built-in and plugin), method labels, comparison rows."""
 
 import pytest
+from conftest import publish_artifact
 
 from creditflow.storage.artifacts import ArtifactStore
 from creditflow.tasks.evaluate import comparison_figure, comparison_rows, load_gold_scorer, method_label, win_rate
@@ -40,17 +41,8 @@ def test_comparison_rows_join_evaluations_to_their_policies(tmp_path):
     store = ArtifactStore(tmp_path)
 
     def publish(stage, fingerprint, config, inputs, metrics):
-        writer = store.writer(stage, fingerprint)
-        writer.write_table("t", pa.table({"x": [fingerprint]}))
-        return store.publish(
-            writer,
-            stage=stage,
-            fingerprint=fingerprint,
-            inputs=inputs,
-            config=config,
-            code_version="v",
-            metrics=metrics,
-        )
+        table = {"t": pa.table({"x": [fingerprint]})}
+        return publish_artifact(store, stage, fingerprint, table, config, inputs=inputs, metrics=metrics)
 
     dpo = publish("policy", "a" * 24, {"loss": {"loss_type": "dpo", "alpha": 0.0}, "seed": 1}, {}, {})
     treg = publish(

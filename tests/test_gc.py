@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 from creditflow.flows.cli import app
 from creditflow.storage.catalog import Catalog
 from creditflow.storage.gc import collect_garbage
-from creditflow.storage.locks import file_lock
 from creditflow.storage.workspace import Workspace
 
 
@@ -108,8 +107,7 @@ def test_gc_spares_young_artifacts_by_default_on_the_cli(history):
 
 def test_gc_waits_for_the_artifact_lock_a_publisher_holds(history):
     ws = history
-    lock = ws.artifacts_dir / "curate" / f".{'o' * 24}.lock"
-    with file_lock(lock):
+    with ws.store.lock("curate", "o" * 24):
         worker = threading.Thread(target=collect_garbage, args=(ws, 1))
         worker.start()
         time.sleep(1.0)

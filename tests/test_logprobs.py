@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import CORPUS
 from transformers import AutoModelForCausalLM
 
 from creditflow.tasks.logprobs import (
@@ -13,14 +14,6 @@ from creditflow.tasks.logprobs import (
     naive_completion_logprobs,
 )
 from creditflow.tasks.tiny import build_tiny_causal_lm
-
-CORPUS = ["the quick brown fox jumps over the lazy dog", "a helpful answer is correct and concise"] * 20
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    folder = build_tiny_causal_lm(tmp_path_factory.mktemp("lm"), CORPUS)
-    return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
 def test_label_logprobs_hand_values():

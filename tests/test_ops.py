@@ -238,7 +238,7 @@ def test_infra_files_parse_and_point_at_real_flows_and_services():
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.utilities.templating import find_placeholders
 
-    from creditflow.flows.config import config_from_dict
+    from creditflow.flows.config import validate
 
     infra = Path(__file__).resolve().parents[1] / "infra"
     root = infra.parent
@@ -253,7 +253,7 @@ def test_infra_files_parse_and_point_at_real_flows_and_services():
         flow = getattr(module, attr)
         assert isinstance(flow, Flow)
         assert set(deployment.parameters) <= set(flow.parameters.properties)
-        config_from_dict(deployment.parameters["config"])
+        validate(deployment.parameters["config"])
         for schedule in deployment.schedules or []:
             CronSchedule(cron=schedule.cron, timezone=schedule.timezone)
     nightly = next(d for d in project.deployments if d.name == "nightly")

@@ -13,21 +13,23 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from creditflow.flows.config import PipelineConfig, to_dict
+from creditflow.flows import stages as stage_module
+from creditflow.flows.config import ConfigError, PipelineConfig, load_config
 from creditflow.flows.pipeline import curate_flow, pipeline_flow, reward_model_flow
 from creditflow.flows.stages import StageNotReady
 from creditflow.storage.workspace import Workspace
 from creditflow.tasks.ingest import MalformedInputError
 from creditflow.tasks.tiny import build_tiny_causal_lm
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
 
 
 def _config(**curate_overrides) -> dict:
     """The default pipeline on tiny models (the bundled sample's tiny Llama as reference policy)."""
-    cfg = to_dict(PipelineConfig())
+    cfg = PipelineConfig().model_dump(mode="json")
     cfg["curate"].update(curate_overrides)
-    cfg["token_rewards"].update(model="tiny-lm", max_length=256, max_prompt_length=128, heatmap_pairs=1)
+    cfg["reference_model"] = "tiny-lm"
+    cfg["token_rewards"].update(max_length=256, max_prompt_length=128, heatmap_pairs=1)
     cfg["reward_model"].update(max_steps=5)
     cfg["policy"].update(max_steps=3, batch_size=4, learning_rate=1e-3)
     cfg["evaluate"].update(max_prompts=4, max_new_tokens=8)
@@ -258,7 +260,8 @@ def test_reward_model_stage_checkpoint_and_its_own_cache_key(tmp_path):
 def test_onpolicy_stage_builds_pairs_from_policy_samples(tmp_path):
     policy = build_tiny_causal_lm(tmp_path / "policy", ["It was a wonderful day at the park."] * 20, seed=3)
     cfg = _config(sources=[{"builtin": "sample", "limit": 60}])
-    cfg["onpolicy"].update(enabled=True, policy=str(policy), samples_per_prompt=3, max_new_tokens=10, max_prompts=12)
+    cfg["reference_model"] = str(policy)  # samples the pairs, scores their tokens, starts the policy
+    cfg["onpolicy"].update(enabled=True, samples_per_prompt=3, max_new_tokens=10, max_prompts=12)
     result = pipeline_flow(config=cfg, workspace=str(tmp_path), progress=False)["stages"]
     assert list(result) == ["curate", "reward_model", "onpolicy", "token_rewards", "policy", "evaluate"]
     manifest = result["onpolicy"]["manifest"]
@@ -274,3 +277,34 @@ def test_onpolicy_stage_builds_pairs_from_policy_samples(tmp_path):
         assert leaked == 0
     again = pipeline_flow(config=cfg, workspace=str(tmp_path), progress=False)["stages"]
     assert all(stage["cache_hit"] for stage in again.values())
+
+
+def test_the_pipeline_plans_each_stage_once_and_refreshes_the_catalog_once(tmp_path, monkeypatch):
+    planned, refreshed = [], []
+    real_plan, real_refresh = stage_module.plan_stage, stage_module.Catalog.refresh
+
+    def counting_plan(name, cfg, upstream):
+        planned.append(name)
+        return real_plan(name, cfg, upstream)
+
+    def counting_refresh(catalog):
+        refreshed.append(catalog.path)
+        return real_refresh(catalog)
+
+    monkeypatch.setattr(stage_module, "plan_stage", counting_plan)
+    monkeypatch.setattr(stage_module.Catalog, "refresh", counting_refresh)
+    result = pipeline_flow(config=_config(), workspace=str(tmp_path), progress=False)
+    assert planned == list(result["stages"]) == ["curate", "reward_model", "token_rewards", "policy", "evaluate"]
+    assert refreshed == [tmp_path / "catalog.duckdb"]
+    for name, stage in result["stages"].items():  # every declared output is in the manifest
+        outputs = stage["manifest"]["outputs"]
+        for output in stage_module.STAGES[name].outputs:
+            assert any(f == f"{output}.parquet" or f.startswith(output) for f in outputs), (name, output)
+
+
+def test_old_model_keys_point_at_reference_model(tmp_path):
+    config = tmp_path / "old.yaml"
+    for section, key in (("onpolicy", "policy"), ("token_rewards", "model")):
+        config.write_text(f"{section}:\n  {key}: smollm2\n")
+        with pytest.raises(ConfigError, match=rf"{section}\.{key}: this key is now the top-level `reference_model`"):
+            load_config(config)

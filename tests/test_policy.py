@@ -5,7 +5,6 @@ The token-reward table is built here with the reference model (``logprobs.comple
 ``encode_pair``, in the token-reward stage's schema, so these tests do not depend on that stage.
 """
 
-import dataclasses
 import json
 import math
 
@@ -20,25 +19,15 @@ from transformers import AutoModelForCausalLM
 from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
 from creditflow.tasks import schema as S
-from creditflow.tasks.logprobs import completion_logprobs
-from creditflow.tasks.losses import PreferenceLossConfig
-from creditflow.tasks.policy import (
-    LoraConfig,
-    PolicyConfig,
-    PolicyTrainer,
-    build_examples,
-    collate,
-    compute_policy,
-    cosine_schedule,
-    epoch_batches,
-    launch_distributed,
-    load_policy_model,
-    training_logprobs,
-)
+from creditflow.tasks.configs import LoraConfig, PolicyConfig, PreferenceLossConfig
+from creditflow.tasks.logprobs import completion_logprobs, training_logprobs
+from creditflow.tasks.policy import PolicyTrainer, compute_policy, launch_distributed, load_policy_model
+from creditflow.tasks.preference_batches import build_examples, collate, epoch_batches
 from creditflow.tasks.stage import StageContext
 from creditflow.tasks.tiny import build_tiny_causal_lm
-from creditflow.tasks.token_store import OUTPUT_SCHEMA
+from creditflow.tasks.token_rewards import OUTPUT_SCHEMA
 from creditflow.tasks.tokenization import completion_offsets, encode_pair, load_tokenizer
+from creditflow.tasks.training import cosine_schedule
 
 GOOD = ["great", "wonderful", "lovely", "happy", "excellent", "bright"]
 BAD = ["awful", "terrible", "sad", "horrible", "boring", "grim"]
@@ -107,14 +96,7 @@ def _token_rewards(model_dir, pairs: list[dict], abc: bool = False) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny-model kernels are too small to split: one intra-op thread is faster, and immune to the spin-waiting that
-    makes two OpenMP threads crawl when other processes share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -224,12 +206,16 @@ def test_training_logprobs_keep_no_vocabulary_sized_tensor_for_backward(model_di
 def test_config_validation():
     with pytest.raises(ValueError, match="'none' needs loss.alpha == 0"):
         PolicyConfig(loss=PreferenceLossConfig(alpha=0.1), token_reward_source="none")
-    with pytest.raises(ValueError, match="token_reward_source must be one of"):
+    with pytest.raises(ValueError, match="token_reward_source"):
         PolicyConfig(token_reward_source="oracle")
-    with pytest.raises(ValueError, match="grad_accum must be >= 1"):
+    with pytest.raises(ValueError, match="grad_accum"):
         PolicyConfig(grad_accum=0)
+    for bad in ({"learning_rate": 0.0}, {"learning_rate": float("inf")}, {"warmup_ratio": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            PolicyConfig(**bad)
     config = _config(lora=LoraConfig(r=2, target_modules=["q_proj"]))
-    assert PolicyConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(config)))) == config
+    # The torchrun worker receives the config as JSON.
+    assert PolicyConfig.model_validate(json.loads(json.dumps(config.model_dump()))) == config
 
 
 def test_cosine_schedule_matches_transformers():
@@ -328,7 +314,7 @@ def test_interrupted_run_resumes_to_the_same_weights_and_curve(model_dir, exampl
     checkpoints = tmp_path / "ckpt"
     with pytest.raises(Interrupt):
         _train(model_dir, examples, config, checkpoint_dir=checkpoints, on_step=stop_at_seven)
-    assert torch.load(checkpoints / "state.pt", weights_only=False)["step"] == 6
+    assert torch.load(checkpoints / "state.pt", weights_only=True)["step"] == 6
     assert set(load_file(checkpoints / "trainable.safetensors")) == {n for n, _ in straight.model.named_parameters()}
     steps = []
     resumed, history = _train(
@@ -405,10 +391,9 @@ def test_two_process_ddp_matches_one_process_with_accumulation(model_dir, exampl
         tmp_path / "model",
         checkpoint_dir=tmp_path / "ckpt",
         on_step=lambda s, m: streamed.append((s, m["loss"])),
-        poll_seconds=0.1,
     )
     assert [s for s, _ in streamed] == [h["step"] for h in history] == [1, 2, 3, 4]
-    state = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=False)
+    state = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=True)
     assert state["step"] == 3 and state["world"] == 2 and (tmp_path / "ckpt" / "rng-1.pt").is_file()
     assert [loss for _, loss in streamed] == pytest.approx([h["loss"] for h in single_history], abs=1e-5)
     ddp = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
@@ -420,26 +405,18 @@ def test_two_process_ddp_matches_one_process_with_accumulation(model_dir, exampl
 # Stage entry point
 
 
-def test_stage_writes_model_train_log_and_mlflow_artifacts(model_dir, data, tmp_path):
+def test_stage_writes_model_train_log_and_mlflow_artifacts(model_dir, data, tmp_path, publish):
     pairs, table = data
     workspace = Workspace.resolve(tmp_path / "ws")
     split = [_pair(i, "eval") for i in range(100, 103)]  # eval pairs are not trained on
     store = workspace.store
-
-    def publish(stage, name, tables, config):
-        writer = store.writer(stage, stage)
-        for key, value in tables.items():
-            writer.write_table(key, value)
-        return store.publish(writer, stage=stage, fingerprint=stage, inputs={}, config=config, code_version="t")
-
-    curate = publish(
-        "curate", "pairs", {"pairs": pa.concat_tables([pairs, S.rows_to_table(split, S.PAIRS_SCHEMA)])}, {}
-    )
+    curate = publish(store, "curate", "c", {"pairs": pa.concat_tables([pairs, S.rows_to_table(split, S.PAIRS_SCHEMA)])})
     token_rewards = publish(
+        store,
         "token_rewards",
-        "token_rewards",
+        "t",
         {"token_rewards": table},
-        {"model": str(model_dir), "sources": ["contrastive"], **KNOBS},
+        {"reference_model": str(model_dir), "sources": ["contrastive"], **KNOBS},
     )
     run = Run.start(workspace, "policy-test", "policy")
     config = _config(max_steps=3, save_every=1)

@@ -8,14 +8,11 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from creditflow.tasks import schema as S
-from creditflow.tasks.onpolicy import build_pairs, sample_responses, unique_prompts
-from creditflow.tasks.reward_model import (
-    PairData,
-    RewardModelConfig,
-    RewardScorer,
-    bradley_terry_loss,
-    train_reward_model,
-)
+from creditflow.tasks.configs import RewardModelConfig, SamplingConfig
+from creditflow.tasks.generation import sample_responses
+from creditflow.tasks.onpolicy import build_pairs
+from creditflow.tasks.reward_model import PairData, bradley_terry_loss, train_reward_model
+from creditflow.tasks.reward_scoring import RewardScorer, encode_for_reward
 from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
 
 GOOD = ["great", "wonderful", "lovely", "happy", "excellent"]
@@ -101,7 +98,7 @@ def test_interrupted_training_resumes_to_the_same_weights(backbone, tmp_path):
         train_reward_model(
             backbone, train, evaluation, config, checkpoint_dir=checkpoints, on_step=stop_at_five, progress=False
         )
-    assert torch.load(checkpoints / "state.pt", weights_only=False)["step"] == 4
+    assert torch.load(checkpoints / "state.pt", weights_only=True)["step"] == 4
     resumed_steps = []
     _, resumed, _ = train_reward_model(
         backbone,
@@ -149,12 +146,12 @@ def test_onpolicy_pairs_are_valid_and_keep_the_prompt_split(backbone, tmp_path):
             }
         )
     rows.append(dict(rows[1], pair_id="dup"))  # a second pair for the same prompt: one generation per prompt
-    prompts = unique_prompts(pa.Table.from_pylist(rows, schema=S.PAIRS_SCHEMA), limit=None)
+    prompts = S.unique_prompts(pa.Table.from_pylist(rows, schema=S.PAIRS_SCHEMA), limit=None)
     assert prompts.num_rows == 6
 
-    sampling = dict(k=3, temperature=0.8, top_p=0.95, max_new_tokens=12, batch_size=4, seed=7, progress=False)
-    samples = sample_responses(model, tokenizer, prompts.column("prompt").to_pylist(), **sampling)
-    assert samples == sample_responses(model, tokenizer, prompts.column("prompt").to_pylist(), **sampling)
+    sampling = SamplingConfig(temperature=0.8, top_p=0.95, max_new_tokens=12, batch_size=4, seed=7)
+    samples = sample_responses(model, tokenizer, prompts.column("prompt").to_pylist(), 3, sampling, progress=False)
+    assert samples == sample_responses(model, tokenizer, prompts.column("prompt").to_pylist(), 3, sampling, False)
     assert [len(s) for s in samples] == [3] * 6
     scorer = RewardScorer(backbone)
     scores = [
@@ -220,8 +217,6 @@ def encoder_backbone(tmp_path_factory):
 
 def test_encoder_backbone_uses_text_pairs_and_trains(encoder_backbone):
     from transformers import AutoTokenizer
-
-    from creditflow.tasks.reward_model import encode_for_reward
 
     tokenizer = AutoTokenizer.from_pretrained(encoder_backbone)
     data = _separable(2)

@@ -238,15 +238,15 @@ def test_code_version_is_the_source_as_first_hashed_in_this_process(tmp_path, mo
 
     (tmp_path / "edited_stage.py").write_text("ROWS = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    module = importlib.import_module("edited_stage")
-    before = code_version([module])
+    importlib.import_module("edited_stage")
+    before = code_version(["edited_stage"])
     (tmp_path / "edited_stage.py").write_text("ROWS = 2\n")
-    assert code_version([module]) == before
+    assert code_version(["edited_stage"]) == before
     fresh = subprocess.run(
         [
             sys.executable,
             "-c",
-            "import edited_stage; from creditflow.storage.hashing import code_version as v; print(v([edited_stage]))",
+            "from creditflow.storage.hashing import code_version as v; print(v(['edited_stage']))",
         ],
         cwd=tmp_path,
         capture_output=True,

@@ -7,29 +7,23 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import CORPUS, publish_artifact
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM
 
+from creditflow.storage.token_cache import TokenCache, TokenCacheError, row_key
 from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
+from creditflow.tasks import contrastive as T
 from creditflow.tasks import schema as S
-from creditflow.tasks import token_rewards as T
+from creditflow.tasks.configs import BETTER_TEMPLATE, TokenRewardsConfig
 from creditflow.tasks.logprobs import label_logprobs, naive_completion_logprobs
 from creditflow.tasks.stage import StageContext
 from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone, build_tiny_tokenizer
-from creditflow.tasks.token_store import (
-    OUTPUT_SCHEMA,
-    TokenCacheError,
-    TokenStore,
-    abc_source,
-    compute_token_rewards,
-    contrastive_source,
-    row_key,
-)
+from creditflow.tasks.token_rewards import OUTPUT_SCHEMA, abc_source, compute_token_rewards, contrastive_source
 from creditflow.tasks.tokenization import encode_pair, encode_prompts, load_tokenizer, truncate_pair
+from creditflow.tasks.training import inference_dtype
 
-CORPUS = ["the quick brown fox jumps over the lazy dog", "a helpful answer is correct and concise"] * 20
 CPU = torch.device("cpu")
 
 
@@ -38,8 +32,8 @@ def _messages(role, text):
 
 
 @pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    return build_tiny_causal_lm(tmp_path_factory.mktemp("policy"), CORPUS)
+def policy_dir(tiny_lm_dir):
+    return tiny_lm_dir
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +42,8 @@ def tokenizer(policy_dir):
 
 
 @pytest.fixture(scope="module")
-def model(policy_dir):
-    return AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+def model(tiny_lm):
+    return tiny_lm
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -95,18 +89,18 @@ def test_contrastive_messages_rewrite_the_last_user_turn():
     ]
     out = T.contrastive_messages(prompt, "R.", "<{instruction}|{response}>")
     assert out == prompt[:3] + [{"role": "user", "content": "<Q?|R.>"}]
-    default = T.contrastive_messages(prompt, "R.", T.BETTER_TEMPLATE)[-1]["content"]
+    default = T.contrastive_messages(prompt, "R.", BETTER_TEMPLATE)[-1]["content"]
     assert default.startswith("Q?\n\nHere is a response:\nR.\n\n")
     assert default.endswith("more helpful, correct, coherent, and concise.")
     with pytest.raises(ValueError, match="user turn"):
-        T.contrastive_messages([{"role": "system", "content": "S"}], "R", T.BETTER_TEMPLATE)
+        T.contrastive_messages([{"role": "system", "content": "S"}], "R", BETTER_TEMPLATE)
 
 
 def test_config_rejects_bad_templates_and_sources():
     with pytest.raises(ValueError, match="better_template"):
-        T.TokenRewardsConfig(better_template="{instruction} {answer}")
+        TokenRewardsConfig(better_template="{instruction} {answer}")
     with pytest.raises(ValueError, match="sources"):
-        T.TokenRewardsConfig(sources=["contrastive", "dense"])
+        TokenRewardsConfig(sources=["contrastive", "dense"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -114,7 +108,7 @@ def test_config_rejects_bad_templates_and_sources():
 
 
 def test_rewards_and_reference_logps_are_the_defined_log_prob_differences(tokenizer, model):
-    config = T.TokenRewardsConfig(model="unused", max_length=40, max_prompt_length=20)
+    config = TokenRewardsConfig(max_length=40, max_prompt_length=20)
     prompt = _messages("user", "Was the answer concise?")
     completion = _messages("assistant", "the quick brown fox jumps over the lazy dog " * 3)
     item = T.encode_contrastive(tokenizer, [prompt], [completion], config)[0]
@@ -146,7 +140,7 @@ _TEXT = st.text(alphabet=st.one_of(st.characters(exclude_categories=("Cs",)), st
     truncation=st.sampled_from(["keep_start", "keep_end"]),
 )
 def test_stored_ids_are_encode_pair_ids_for_any_text(tokenizer, model, examples, max_length, truncation):
-    config = T.TokenRewardsConfig(model="unused", max_length=max_length, max_prompt_length=16, truncation=truncation)
+    config = TokenRewardsConfig(max_length=max_length, max_prompt_length=16, truncation=truncation)
     prompts = [_messages("user", p) for p, _ in examples]
     completions = [_messages("assistant", c) for _, c in examples]
     try:
@@ -196,11 +190,9 @@ def stage_env(tmp_path_factory, policy_dir):
     return workspace, reward_model, run
 
 
-def _run_stage(stage_env, pairs, config, name):
+def _run_stage(stage_env, reference, pairs, config, name):
     workspace, reward_model, run = stage_env
-    writer = workspace.store.writer("curate", name)
-    writer.write_table("pairs", S.rows_to_table(pairs, S.PAIRS_SCHEMA))
-    curate = workspace.store.publish(writer, stage="curate", fingerprint=name, inputs={}, config={}, code_version="t")
+    curate = publish_artifact(workspace.store, "curate", name, {"pairs": S.rows_to_table(pairs, S.PAIRS_SCHEMA)})
     ctx = StageContext(
         config,
         workspace,
@@ -210,24 +202,25 @@ def _run_stage(stage_env, pairs, config, name):
         progress=False,
         stage="token_rewards",
         fingerprint=name,
+        reference_model=str(reference),
     )
     metrics = compute_token_rewards(ctx)
     return metrics, pq.read_table(ctx.writer.dir / "token_rewards.parquet")
 
 
 def test_stage_computes_only_new_rows(stage_env, policy_dir, tokenizer):
-    config = T.TokenRewardsConfig(sources=["contrastive", "abc"], model=str(policy_dir), max_length=64, batch_size=4)
-    first, table = _run_stage(stage_env, [_pair(i) for i in range(4)], config, "v1")
+    config = TokenRewardsConfig(sources=["contrastive", "abc"], max_length=64, batch_size=4)
+    first, table = _run_stage(stage_env, policy_dir, [_pair(i) for i in range(4)], config, "v1")
     assert (first["contrastive.rows_computed"], first["abc.rows_computed"]) == (8, 8)
     assert first["rows_computed"] == 16 and first["rows_reused"] == 0 and first["rows"] == 16
     assert table.schema == OUTPUT_SCHEMA and table.num_rows == 16
     assert first["contrastive.tokens_per_s"] > 0
 
     pairs = [_pair(i) for i in range(6)]
-    second, table = _run_stage(stage_env, pairs, config, "v2")
+    second, table = _run_stage(stage_env, policy_dir, pairs, config, "v2")
     assert second["rows_computed"] == 8 and second["rows_reused"] == 16  # 2 new pairs x 2 sides x 2 sources
     assert table.num_rows == 24
-    third, _ = _run_stage(stage_env, pairs, config, "v3")
+    third, _ = _run_stage(stage_env, policy_dir, pairs, config, "v3")
     assert third["rows_computed"] == 0 and third["rows_reused"] == 24
 
     rows = table.to_pylist()
@@ -253,7 +246,7 @@ def test_stage_computes_only_new_rows(stage_env, policy_dir, tokenizer):
 
 
 def test_a_killed_run_resumes_from_its_finished_shards(stage_env, policy_dir, monkeypatch):
-    config = T.TokenRewardsConfig(model=str(policy_dir), max_length=80, rows_per_shard=2, batch_size=2)
+    config = TokenRewardsConfig(max_length=80, rows_per_shard=2, batch_size=2)
     pairs = [_pair(i, extra=" (resume)") for i in range(3)]
     real_score, calls = T.score_contrastive, []
 
@@ -265,9 +258,9 @@ def test_a_killed_run_resumes_from_its_finished_shards(stage_env, policy_dir, mo
 
     monkeypatch.setattr(T, "score_contrastive", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        _run_stage(stage_env, pairs, config, "crash")
+        _run_stage(stage_env, policy_dir, pairs, config, "crash")
     monkeypatch.setattr(T, "score_contrastive", real_score)
-    metrics, table = _run_stage(stage_env, pairs, config, "resume")
+    metrics, table = _run_stage(stage_env, policy_dir, pairs, config, "resume")
     assert metrics["rows_reused"] == 2 and metrics["rows_computed"] == 4 and table.num_rows == 6
 
 
@@ -281,27 +274,28 @@ def _with_other_tokenizer(folder, target):
 def test_every_knob_changes_the_key(stage_env, policy_dir, tmp_path):
     workspace, reward_model, _ = stage_env
     prompt, completion = _messages("user", "Hi"), _messages("assistant", "Hello there")
-    base = dict(model=str(policy_dir))
+    other_weights = build_tiny_causal_lm(tmp_path / "weights", CORPUS, seed=1)
+    other_tokenizer = _with_other_tokenizer(policy_dir, tmp_path / "tokenizer")
     variants = [
-        {},
-        {"max_length": 512},
-        {"max_prompt_length": 256},
-        {"truncation": "keep_end"},
-        {"better_template": "{instruction} better {response}"},
-        {"worse_template": "{instruction} worse {response}"},
-        {"dtype": "bfloat16"},
-        {"model": str(build_tiny_causal_lm(tmp_path / "weights", CORPUS, seed=1))},
-        {"model": str(_with_other_tokenizer(policy_dir, tmp_path / "tokenizer"))},
+        ({}, policy_dir),
+        ({"max_length": 512}, policy_dir),
+        ({"max_prompt_length": 256}, policy_dir),
+        ({"truncation": "keep_end"}, policy_dir),
+        ({"better_template": "{instruction} better {response}"}, policy_dir),
+        ({"worse_template": "{instruction} worse {response}"}, policy_dir),
+        ({"dtype": "bfloat16"}, policy_dir),
+        ({}, other_weights),
+        ({}, other_tokenizer),
     ]
     keys = set()
-    for variant in variants:
-        config = T.TokenRewardsConfig(**{**base, **variant})
-        source = contrastive_source(config, CPU, T.resolve_dtype(config.dtype, CPU))
+    for variant, reference in variants:
+        config = TokenRewardsConfig(**variant)
+        source = contrastive_source(config, str(reference), CPU, inference_dtype(config.dtype, CPU))
         keys.add(row_key(source.name, source.knobs, prompt, completion))
     folder = workspace.store.path("reward_model", "rm") / "model"
     for variant in ({}, {"abc_beta": 0.5}, {"abc_max_length": 64}, {"dtype": "bfloat16"}):
-        config = T.TokenRewardsConfig(**{**base, **variant})
-        source = abc_source(config, folder, 128, CPU, T.resolve_dtype(config.dtype, CPU))
+        config = TokenRewardsConfig(**variant)
+        source = abc_source(config, folder, 128, CPU, inference_dtype(config.dtype, CPU))
         keys.add(row_key(source.name, source.knobs, prompt, completion))
     keys.add(row_key(source.name, source.knobs, prompt, _messages("assistant", "Hello  there")))
     keys.add(row_key(source.name, source.knobs, _messages("system", "Hi"), completion))
@@ -322,7 +316,7 @@ def _cache_row(key):
 
 
 def test_cache_lookup_and_broken_shards(tmp_path):
-    store = TokenStore(tmp_path)
+    store = TokenCache(tmp_path)
     first = store.write_shard([_cache_row("a"), _cache_row("b")])
     store.write_shard([_cache_row("c")])
     assert store.missing_keys(["c", "x", "a", "x", "y"]) == ["x", "y"]
@@ -345,8 +339,8 @@ def test_render_pair_colours_decoded_tokens(stage_env, policy_dir, tokenizer):
 
     from creditflow.tasks.token_view import heatmap_html, render_pair
 
-    config = T.TokenRewardsConfig(model=str(policy_dir), max_length=None)
-    _, table = _run_stage(stage_env, [_pair(0)], config, "view")
+    config = TokenRewardsConfig(max_length=None)
+    _, table = _run_stage(stage_env, policy_dir, [_pair(0)], config, "view")
     rows = table.to_pylist()
     console = Console(record=True, width=100, color_system="truecolor")
     console.print(render_pair(rows[0]["pair_id"], rows, tokenizer))

@@ -1,0 +1,260 @@
+"""Every stage's config: pydantic models on two shared bases, importable without torch or transformers.
+
+``TrainingConfig`` holds what every trainer shares (optimizer, schedule, batching, checkpoints) and
+``SamplingConfig`` what every sampler shares, as TRL's trainer configs share ``TrainingArguments``; each stage's
+config adds its own fields. Models forbid unknown keys (a silently ignored typo would also be silently left out of
+the cache key) and validate strictly: ``"5"`` is not an int and ``true`` is not a number. Field descriptions are
+the help text that ``creditflow config --explain`` prints.
+
+These classes are the single source of a stage's knobs: ``model_dump()`` is what the stage's fingerprint and
+manifest record, and what ``creditflow config`` prints.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TRUNCATION_MODES = ("keep_start", "keep_end")
+TOKEN_REWARD_SOURCES = ("contrastive", "abc")
+LOSS_TYPES = ("dpo", "ipo", "simpo")
+TINY_BACKBONE = "tiny"  # reward_model.base_model: a tiny backbone built from the curated text (tests, offline)
+
+# T-REG contrastive prompts, reading A of the spec (docs/algorithms.md): a revision request that embeds the
+# instruction and the response. Only the attribute lists are from the paper; the wording around them is ours.
+BETTER_TEMPLATE = (
+    "{instruction}\n\nHere is a response:\n{response}\n\n"
+    "Revise the response to make it more helpful, correct, coherent, and concise."
+)
+WORSE_TEMPLATE = (
+    "{instruction}\n\nHere is a response:\n{response}\n\n"
+    "Revise the response to make it unhelpful, incorrect, incoherent, and verbose."
+)
+
+
+class StrictConfig(BaseModel):
+    """Base of every config section: unknown keys and wrong types are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared bases
+
+
+class TrainingConfig(StrictConfig):
+    """What every trainer shares: AdamW, cosine schedule with warmup, batching, seeds and checkpoints."""
+
+    learning_rate: float = Field(5e-5, gt=0, allow_inf_nan=False, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False, description="AdamW decay (not on norms, biases).")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of steps with linear warmup before cosine decay.")
+    epochs: int = Field(1, ge=1, description="Passes over the train split.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; caps epochs. null: no cap.")
+    batch_size: int = Field(8, ge=1, description="Pairs per micro-batch (and per process under DDP).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    seed: int = Field(0, description="Seeds initialization and the data order.")
+    bf16: bool = Field(True, description="bf16 autocast over fp32 weights on CUDA; CPU always trains in fp32.")
+    save_every: int = Field(50, ge=1, description="Optimizer steps between resumable checkpoints.")
+
+
+class SamplingConfig(StrictConfig):
+    """What every sampler shares (on-policy pairs, evaluation): seeded nucleus sampling, batched prompts."""
+
+    temperature: float = Field(0.8, ge=0, allow_inf_nan=False, description="0 decodes greedily.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(64, ge=1, description="Tokens generated per answer.")
+    batch_size: int = Field(8, ge=1, description="Prompts per generate() call.")
+    seed: int = Field(0, description="Same seed and settings, same samples.")
+    max_prompts: int | None = Field(None, ge=1, description="First N prompts of the split, in curated order.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Curation
+
+
+class SourceConfig(StrictConfig):
+    """One input. Exactly one of ``path``, ``hf`` or ``builtin``."""
+
+    path: str | None = Field(None, description=".jsonl/.json/.parquet/.csv file, or a datasets.save_to_disk folder.")
+    hf: str | None = Field(None, description="datasets.load_dataset name (offline: it must be in the HF cache).")
+    builtin: Literal["sample"] | None = Field(None, description="'sample': the bundled synthetic preference set.")
+    format: Literal["auto", "explicit", "implicit", "ultrafeedback", "hh_rlhf"] = "auto"
+    split: str = Field("train", description="Split of an hf dataset or a saved DatasetDict.")
+    name: str | None = Field(None, description="hf dataset config name.")
+    data_files: str | list[str] | None = Field(None, description="For hf builders such as json/parquet over files.")
+    limit: int | None = Field(None, ge=0, description="Read only the first N rows.")
+
+    @model_validator(mode="after")
+    def _one_location(self) -> "SourceConfig":
+        given = [k for k in ("path", "hf", "builtin") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"a source needs exactly one of path/hf/builtin, got {given or 'none'}")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.builtin:
+            return f"builtin:{self.builtin}"
+        if self.hf:
+            return f"hf:{self.hf}" + (f"/{self.name}" if self.name else "") + f"[{self.split}]"
+        return str(self.path)
+
+
+class CurateRules(StrictConfig):
+    strict_schema: bool = Field(True, description="A malformed row raises (file/row/field); false quarantines it.")
+    drop_empty: bool = Field(True, description="Empty or whitespace-only prompt/chosen/rejected turns.")
+    drop_identical: bool = Field(True, description="chosen == rejected after whitespace normalization.")
+    dedupe: bool = Field(True, description="Exact duplicates of (prompt, chosen, rejected), whitespace-normalized.")
+    drop_ties: bool = Field(True, description="score_chosen == score_rejected (rows without scores unaffected).")
+    min_margin: float | None = Field(0.0, allow_inf_nan=False, description="Quarantine margins below this; null: off.")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="Chat-templated prompt with generation prompt.")
+    max_response_tokens: int | None = Field(None, ge=1, description="Each of chosen/rejected, EOS included.")
+    max_length: int | None = Field(None, ge=1, description="Prompt + the longer response.")
+
+
+class CurateConfig(StrictConfig):
+    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(builtin="sample")])
+    rules: CurateRules = Field(default_factory=CurateRules)
+    tokenizer: str | None = Field(None, description="Folder or named model; required by the token-length rules.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of prompts held out (by prompt id).")
+    split_seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "CurateConfig":
+        if not self.sources:
+            raise ValueError("curate.sources is empty")
+        limits = (self.rules.max_prompt_tokens, self.rules.max_response_tokens, self.rules.max_length)
+        if any(limit is not None for limit in limits) and not self.tokenizer:
+            raise ValueError("curate.rules token limits need curate.tokenizer (the target model's tokenizer)")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reward model and on-policy pairs
+
+
+class RewardModelConfig(TrainingConfig):
+    base_model: str = Field(TINY_BACKBONE, description="Local folder, a named model ('minilm'), or 'tiny'.")
+    max_length: int = Field(256, ge=2, description="Tokens of prompt + response; long prompts lose their start.")
+    use_margin: bool = Field(False, description="Subtract the curated score margin inside the sigmoid.")
+    center_rewards_coefficient: float | None = Field(None, ge=0, description="Weight of mean((r_c + r_r)^2).")
+    eval_batch_size: int = Field(32, ge=1)
+
+
+class OnPolicyConfig(SamplingConfig):
+    enabled: bool = Field(False, description="Sample pairs from the reference model instead of the curated ones.")
+    samples_per_prompt: int = Field(4, description="k responses per prompt; best vs worst become the pair.")
+    min_margin: float = Field(0.0, ge=0, allow_inf_nan=False, description="Best - worst reward must exceed this.")
+
+    @field_validator("samples_per_prompt")
+    @classmethod
+    def _two_samples(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError("onpolicy.samples_per_prompt must be >= 2 to form a pair")
+        return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token rewards
+
+
+class TokenRewardsConfig(StrictConfig):
+    sources: list[Literal["contrastive", "abc"]] = Field(
+        default_factory=lambda: ["contrastive"], description="'contrastive' (T-REG) and/or 'abc'."
+    )
+    max_length: int | None = Field(1024, ge=2, description="Prompt + completion tokens, as the policy truncates.")
+    max_prompt_length: int | None = Field(512, ge=1)
+    truncation: Literal["keep_start", "keep_end"] = "keep_start"
+    better_template: str = Field(BETTER_TEMPLATE, description="str.format with {instruction} and {response}.")
+    worse_template: str = Field(WORSE_TEMPLATE, description="Its contrast; literal braces as {{ }}.")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward (each response needs 3).")
+    rows_per_shard: int = Field(256, ge=1, description="Cache rows per shard: the unit of resumption.")
+    abc_beta: float = Field(0.8, ge=0, le=1, description="ABC mixing coefficient (Chan et al. 2024 use 0.8).")
+    abc_max_length: int | None = Field(None, ge=2, description="RM tokens; null: the RM's training max_length.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU.")
+    device: str = Field("auto", description="auto (cuda if available) | cpu | cuda | cuda:N.")
+    heatmap_pairs: int = Field(3, ge=0, description="Sample pairs logged as HTML/PNG heat maps.")
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"token_rewards.sources must be a non-empty subset of {TOKEN_REWARD_SOURCES}")
+        return value
+
+    @model_validator(mode="after")
+    def _templates(self) -> "TokenRewardsConfig":
+        uses_response = {}
+        for name in ("better_template", "worse_template"):
+            fields = _placeholders(getattr(self, name), f"token_rewards.{name}")
+            if "instruction" not in fields or not fields <= {"instruction", "response"}:
+                raise ValueError(
+                    f"token_rewards.{name}: placeholders are {{instruction}} (required) and {{response}}, "
+                    f"got {sorted(fields)}"
+                )
+            uses_response[name] = "response" in fields
+        if len(set(uses_response.values())) > 1:
+            # One prompt with the response in context and one without compares copying, not quality.
+            raise ValueError("token_rewards: both templates embed {response}, or neither does")
+        return self
+
+
+def _placeholders(template: str, where: str) -> set[str]:
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc} (write literal braces as {{{{ }}}})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Policy optimization
+
+
+class PreferenceLossConfig(StrictConfig):
+    loss_type: Literal["dpo", "ipo", "simpo"] = "dpo"
+    beta: float = Field(0.1, gt=0, allow_inf_nan=False)
+    alpha: float = Field(0.0, ge=0, allow_inf_nan=False, description="T-REG weight; 0 disables the regularizer.")
+    gamma: float = Field(0.5, allow_inf_nan=False, description="SimPO target margin (not gamma/beta).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO only (conservative DPO).")
+
+
+class LoraConfig(StrictConfig):
+    """LoRA adapters (Hu et al. 2021) on ``target_modules``; merged into the weights of the saved model."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+
+
+class PolicyConfig(TrainingConfig):
+    learning_rate: float = Field(5e-7, gt=0, allow_inf_nan=False, description="Peak AdamW learning rate.")
+    loss: PreferenceLossConfig = Field(default_factory=PreferenceLossConfig)
+    token_reward_source: Literal["contrastive", "abc", "none"] = Field(
+        "contrastive", description="r_hat for the T-REG term; 'none' needs loss.alpha == 0."
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="null: no clipping (the norm is still logged).")
+    gradient_checkpointing: bool = Field(False, description="Recompute decoder activations in backward.")
+    length_grouped: bool = Field(True, description="Batch pairs of similar length together to cut padding.")
+    chunk_size: int = Field(1024, ge=1, description="Completion positions per LM-head chunk.")
+    lora: LoraConfig | None = None
+    num_processes: int = Field(1, ge=1, description="1: in-process; N > 1: torchrun with DDP (gloo/nccl).")
+
+    @model_validator(mode="after")
+    def _regularizer_needs_rewards(self) -> "PolicyConfig":
+        if self.token_reward_source == "none" and self.loss.alpha != 0:
+            raise ValueError("policy.token_reward_source 'none' needs loss.alpha == 0 (the regularizer needs r_hat)")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+class EvaluateConfig(SamplingConfig):
+    max_prompts: int | None = Field(64, ge=1, description="Eval-split prompts, in curated order.")
+    temperature: float = Field(0.7, ge=0, allow_inf_nan=False, description="0 decodes greedily.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generate() call.")
+    gold_scorer: str | None = Field("vader", description="'vader', 'package.module:function', or null.")

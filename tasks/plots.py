@@ -1,0 +1,24 @@
+"""Figures that stages log to MLflow: headless (Agg), laid out tight, and closed once drawn so pyplot does not
+accumulate them over a long process."""
+
+from __future__ import annotations
+
+
+def new_figure(ncols: int, figsize: tuple[float, float]):
+    """(figure, axes) of one row of ``ncols`` panels on the headless backend; ``axes`` is a list."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=figsize, squeeze=False)
+    return fig, list(axes[0])
+
+
+def finish(fig):
+    """Lay out and close ``fig`` (it can still be saved or logged)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
