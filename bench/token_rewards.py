@@ -78,8 +78,8 @@ def naive_scores(model, items, batch_size: int, pad_id: int):
     """The straightforward implementation: data order, full-vocabulary fp32 log_softmax per batch."""
     import torch
 
-    from creditflow.tasks.logprobs import naive_completion_logprobs
     from creditflow.tasks.contrastive import contrastive_rewards
+    from creditflow.tasks.logprobs import naive_completion_logprobs
 
     device = next(model.parameters()).device
     sequences = [(kind, i) for i in range(len(items)) for kind in ("better_ids", "worse_ids", "plain_ids")]

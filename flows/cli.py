@@ -14,8 +14,16 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Iterator, Optional  # noqa: E402
 
 import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
+
+from creditflow.flows.render import (  # noqa: E402
+    UI_URL,
+    console,
+    print_comparison,
+    print_servers,
+    print_stages,
+    print_where_to_look,
+)
 
 app = typer.Typer(
     help="CreditFlow: preference data -> reward model -> token rewards -> aligned policy.", no_args_is_help=True
@@ -24,9 +32,6 @@ data_app = typer.Typer(help="Bundled data.", no_args_is_help=True)
 catalog_app = typer.Typer(help="The DuckDB catalog over the artifact store.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(catalog_app, name="catalog")
-console = Console()
-# MLflow 3's UI opens in its GenAI mode; this query parameter switches it to the training-runs view.
-UI_URL = "http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning"
 
 
 def _use_workspace(value: Optional[str]) -> Optional[str]:
@@ -69,32 +74,6 @@ def _config_dict(config: Optional[Path], overrides: Optional[list[str]]) -> dict
     return load_config(config, parse_overrides(overrides or [])).model_dump(mode="json")
 
 
-def _print_stages(result: dict[str, Any], title: str = "stages") -> None:
-    table = Table(title=title, show_lines=False)
-    for column in ("stage", "fingerprint", "cache", "rows", "mlflow run"):
-        table.add_column(column)
-    for name, stage in result["stages"].items():
-        manifest = stage["manifest"]
-        rows = ", ".join(f"{k}={v}" for k, v in manifest["row_counts"].items())
-        table.add_row(
-            name, manifest["fingerprint"], "hit" if stage["cache_hit"] else "computed", rows, stage["mlflow_run_id"]
-        )
-    console.print(table)
-
-
-def _print_where_to_look(workspace: str) -> None:
-    ws = Path(workspace)
-    console.print(f"\n[bold]workspace[/]  {ws}")
-    console.print(
-        f"[bold]MLflow[/]     creditflow ui -w {ws}   (or: mlflow ui --backend-store-uri sqlite:///{ws / 'mlflow.db'})"
-    )
-    console.print(f"           then open {UI_URL.format(port=5000)}")
-    console.print(
-        f'[bold]DuckDB[/]     creditflow sql -w {ws} "SELECT rule, count(*) FROM curate_quarantine GROUP BY rule"'
-    )
-    console.print(f"           or: duckdb {ws / 'catalog.duckdb'}")
-
-
 @app.command()
 def run(
     config: Optional[Path] = ConfigOpt,
@@ -116,8 +95,8 @@ def run(
         result = pipeline_flow(
             config=cfg, workspace=workspace, from_stage=from_stage, refresh=refresh or [], progress=not quiet
         )
-    _print_stages(result)
-    _print_where_to_look(result["workspace"])
+    print_stages(result)
+    print_where_to_look(result["workspace"])
 
 
 @app.command()
@@ -141,34 +120,9 @@ def demo(
     with _errors():
         results = run_demo(plan, workspace, seed or [0], alpha, progress=not quiet)
     for result in results:
-        _print_stages(result, title=result["run_name"])
-    _print_comparison(comparison_table(results))
-    _print_where_to_look(results[-1]["workspace"])
-
-
-def _print_comparison(rows: list[dict[str, Any]]) -> None:
-    def fmt(value: Any, spec: str = ".3f") -> str:
-        return "-" if value is None else format(value, spec)
-
-    table = Table(title=f"policy vs reference on {rows[0]['prompts']} held-out prompts (same sampling seed)")
-    for column in ("method", "seed", "gold score", "RM score", "win rate (gold)", "win rate (RM)", "token corr"):
-        table.add_column(column, justify="left" if column == "method" else "right")
-    for row in rows:
-        table.add_row(
-            row["method"],
-            fmt(row["seed"], "d"),
-            fmt(row["gold"]),
-            fmt(row["rm"]),
-            fmt(row["win_gold"], ".2f"),
-            fmt(row["win_rm"], ".2f"),
-            fmt(row["token_corr"]),
-        )
-    console.print(table)
-    console.print(
-        "gold = vaderSentiment compound score of the answer (the sample task's judge); RM = the trained reward model;"
-        " win rate: share of prompts where the policy's answer beats the reference's (ties half);"
-        " token corr: token rewards vs the policy's implicit token rewards at the last training step."
-    )
+        print_stages(result, title=result["run_name"])
+    print_comparison(comparison_table(results))
+    print_where_to_look(results[-1]["workspace"])
 
 
 @app.command()
@@ -188,7 +142,7 @@ def stage(
         if name not in STAGE_FLOWS:
             raise ValueError(f"unknown stage {name!r} (stages: {', '.join(STAGE_FLOWS)})")
         result = STAGE_FLOWS[name](config=cfg, workspace=workspace, refresh=refresh, progress=not quiet)
-    _print_stages({"stages": {name: result}})
+    print_stages({"stages": {name: result}})
     from creditflow.storage.workspace import Workspace
 
     console.print(f"artifact: {Workspace.resolve(workspace).store.path(name, result['manifest']['fingerprint'])}")
@@ -303,7 +257,7 @@ def up(
         env = ops.up(workspace, {"prefect": prefect_port, "mlflow": mlflow_port}, timeout=timeout)
     for key, value in env.items():
         console.print(f"{key}={value}")
-    _print_servers(workspace)
+    print_servers(workspace)
 
 
 @app.command()
@@ -318,20 +272,10 @@ def down(
         console.print(f"{name}: {outcome}")
 
 
-def _print_servers(workspace: Optional[str]) -> None:
-    from creditflow.flows import ops
-
-    table = Table("server", "pid", "url", "health", "log")
-    for row in ops.status(workspace):
-        health = "[green]ok[/]" if row["healthy"] else "[red]down[/]"
-        table.add_row(row["server"], str(row["pid"] or "-"), row["url"] or "-", health, row["log"])
-    console.print(table)
-
-
 @app.command()
 def status(workspace: Optional[str] = WorkspaceOpt) -> None:
     """Show the local servers' pid, URL and health."""
-    _print_servers(workspace)
+    print_servers(workspace)
 
 
 @app.command()

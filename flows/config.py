@@ -145,7 +145,7 @@ def _describe(error: dict[str, Any]) -> str:
     if kind in _TYPE_NAMES:
         return f"{where}: expected {_TYPE_NAMES[kind]}, got {type(value).__name__} {value!r}"
     message = error["msg"].removeprefix("Value error, ")
-    return message if message.startswith(where) else f"{where}: {message}"
+    return message if not loc or message.startswith(where) else f"{where}: {message}"
 
 
 def _known_keys(loc: list[Any]) -> list[str]:

@@ -347,27 +347,21 @@ class PolicyTrainer:
         if self.world > 1:
             dist.barrier()
 
-    # -- checkpoints: what identifies this run, and what it needs to continue ------------------------------
+    # -- checkpoints: what identifies this run, and where it stands --------------------------------------
 
     def _identity(self) -> dict:
         return {"config": self.config.model_dump(), "world": self.world}
 
     def _save(self) -> None:
-        state = {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "step": self.step,
-            "position": list(self.position),
-            "history": self.history,
-            **self._identity(),
-        }
-        self.checkpoint.save(self.trainable, state)
+        progress = {"step": self.step, "position": list(self.position), "history": self.history}
+        training.save_training_state(
+            self.checkpoint, self.trainable, self.optimizer, self.scheduler, self._identity(), **progress
+        )
 
     def _resume(self) -> int:
-        weights, state = self.checkpoint.load(self._identity())
-        training.restore_weights(self.trainable, weights, str(self.checkpoint.folder))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        state = training.resume_training_state(
+            self.checkpoint, self.trainable, self.optimizer, self.scheduler, self._identity()
+        )
         self.step, self.position, self.history = state["step"], tuple(state["position"]), state["history"]
         return self.step
 

@@ -110,6 +110,20 @@ def evaluate(model, tokenizer, data: PairData, config: RewardModelConfig) -> Eva
     )
 
 
+def _accumulate(model, tokenizer, encoded, train: PairData, rows: list[int], n_pairs: int, config) -> torch.Tensor:
+    """Backward of one micro-batch's share of the step's mean loss; returns (loss sum, wins, margin sum)."""
+    device = next(model.parameters()).device
+    with training.autocast(device, config.bf16):
+        r_c, r_r = (
+            model(**reward_batch(encoded[side], rows, tokenizer.pad_token_id, device)).logits[:, 0].float()
+            for side in SIDES
+        )
+    margin = torch.tensor([train.margins[i] for i in rows], device=device) if config.use_margin else None
+    loss = bradley_terry_loss(r_c, r_r, margin, config.center_rewards_coefficient)
+    (loss * len(rows) / n_pairs).backward()
+    return torch.tensor([loss.item() * len(rows), (r_c > r_r).sum().item(), (r_c - r_r).sum().item()])
+
+
 def train_reward_model(
     model_dir: str | Path,
     train: PairData,
@@ -138,11 +152,7 @@ def train_reward_model(
     identity = {"config": config.model_dump()}
     step = 0
     if checkpoint is not None and checkpoint.latest() is not None:
-        weights, state = checkpoint.load(identity)
-        training.restore_weights(trainable, weights, str(checkpoint.folder))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
+        step = training.resume_training_state(checkpoint, trainable, optimizer, scheduler, identity)["step"]
     resumed_at = step
     history: list[dict[str, float]] = []
     bar = tqdm(total=total, initial=step, desc="reward model", unit="step", disable=not progress, leave=False)
@@ -160,17 +170,7 @@ def train_reward_model(
                 break
             group = micro_batches[first : first + config.grad_accum]
             n_pairs = sum(len(rows) for rows in group)
-            stats = torch.zeros(3)
-            for rows in group:
-                with training.autocast(device, config.bf16):
-                    r_c, r_r = (
-                        model(**reward_batch(encoded[side], rows, tokenizer.pad_token_id, device)).logits[:, 0].float()
-                        for side in SIDES
-                    )
-                margin = torch.tensor([train.margins[i] for i in rows], device=device) if config.use_margin else None
-                loss = bradley_terry_loss(r_c, r_r, margin, config.center_rewards_coefficient)
-                (loss * len(rows) / n_pairs).backward()
-                stats += torch.tensor([loss.item() * len(rows), (r_c > r_r).sum().item(), (r_c - r_r).sum().item()])
+            stats = sum(_accumulate(model, tokenizer, encoded, train, rows, n_pairs, config) for rows in group)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -186,8 +186,7 @@ def train_reward_model(
             if on_step:
                 on_step(step, metrics)
             if checkpoint is not None and step % config.save_every == 0 and step < total:
-                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step}
-                checkpoint.save(trainable, {**state, **identity})
+                training.save_training_state(checkpoint, trainable, optimizer, scheduler, identity, step=step)
         epoch_eval = evaluate(model, tokenizer, evaluation, config).metrics()
         history.append({"epoch": epoch + 1, **epoch_eval})
         if on_step:

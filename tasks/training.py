@@ -181,12 +181,24 @@ def _set_rng_state(state: dict[str, torch.Tensor | None]) -> None:
         torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
 
 
-def restore_weights(parameters: dict[str, torch.nn.Parameter], weights: dict[str, torch.Tensor], where: str) -> None:
-    if set(weights) != set(parameters):
-        raise ValueError(f"{where}: checkpoint parameters do not match the model's trainable parameters")
+def save_training_state(checkpoint: Checkpoint, trainable, optimizer, scheduler, identity: dict, **progress) -> None:
+    """Checkpoint the trainable weights, optimizer and scheduler, with ``identity`` (what makes this run this run:
+    config, process count) and ``progress`` (step, data position, history)."""
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **identity, **progress}
+    checkpoint.save(trainable, state)
+
+
+def resume_training_state(checkpoint: Checkpoint, trainable, optimizer, scheduler, identity: dict) -> dict[str, Any]:
+    """Restore what :func:`save_training_state` wrote (and this process's RNG); returns the stored state."""
+    weights, state = checkpoint.load(identity)
+    if set(weights) != set(trainable):
+        raise ValueError(f"{checkpoint.folder}: checkpoint parameters do not match the model's trainable parameters")
     with torch.no_grad():
-        for name, param in parameters.items():
+        for name, param in trainable.items():
             param.copy_(weights[name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------------

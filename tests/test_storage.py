@@ -1,6 +1,7 @@
 """Artifact store, catalog, fingerprints and config: no Prefect server needed."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -254,3 +255,56 @@ def test_code_version_is_the_source_as_first_hashed_in_this_process(tmp_path, mo
         check=True,
     ).stdout.strip()
     assert fresh != before  # a new process hashes the edited source
+
+
+def test_config_reads_yaml12_floats_and_checks_ranges(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("policy:\n  learning_rate: 1e-4\n  loss: {beta: 5E-2}\nreward_model:\n  learning_rate: 3\n")
+    cfg = load_config(config)
+    assert cfg.policy.learning_rate == 1e-4 and cfg.policy.loss.beta == 0.05 and cfg.reward_model.learning_rate == 3.0
+    with pytest.raises(ConfigError, match=r"curate\.eval_fraction: expected float, got str '0\.2'"):
+        load_config(None, {"curate.eval_fraction": "0.2"})
+    for key, value, message in [
+        ("policy.learning_rate", 0.0, "greater than 0"),
+        ("policy.learning_rate", float("nan"), "finite"),
+        ("onpolicy.temperature", -0.5, "greater than or equal to 0"),
+        ("policy.warmup_ratio", 1.5, "less than or equal to 1"),
+        ("curate.eval_fraction", 1.0, "less than 1"),
+        ("token_rewards.abc_beta", 2.0, "less than or equal to 1"),
+        ("policy.loss.loss_type", "kto", "'dpo', 'ipo' or 'simpo'"),
+        ("token_rewards.better_template", "{instruction} {answer}", r"placeholders are \{instruction\}"),
+        ("token_rewards.better_template", "{instruction} only", "both templates embed {response}, or neither"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"{re.escape(key.rsplit('.', 1)[0])}.*{message}"):
+            load_config(None, {key: value})
+    guideline = "{instruction}\n\nYour response should be helpful."
+    cfg = load_config(None, {"token_rewards.better_template": guideline, "token_rewards.worse_template": guideline})
+    assert cfg.token_rewards.better_template == guideline  # neither embeds the response: allowed
+
+
+def test_set_values_parse_as_yaml_and_bad_ones_are_named():
+    from creditflow.flows.config import parse_overrides
+
+    assert parse_overrides(["policy.learning_rate=1e-4", "curate.tokenizer=null", "a.b=[x, y]"]) == {
+        "policy.learning_rate": 1e-4,
+        "curate.tokenizer": None,
+        "a.b": ["x", "y"],
+    }
+    with pytest.raises(ConfigError, match=r"--set policy.lora: '\{r: ' is not a YAML value"):
+        parse_overrides(["policy.lora={r: "])
+    with pytest.raises(ConfigError, match="--set expects KEY=VALUE"):
+        parse_overrides(["policy.lora"])
+
+
+def test_config_commands_import_no_ml_stack():
+    """`creditflow --help`, `creditflow config` and config validation stay light (no torch, transformers, peft,
+    MLflow or Prefect): the measured time is in docs/benchmarks.md."""
+    probe = (
+        "import sys; from typer.testing import CliRunner; from creditflow.flows.cli import app; "
+        "r = CliRunner().invoke(app, ['config', '--set', 'policy.learning_rate=1e-4']); "
+        "assert r.exit_code == 0, r.output; "
+        "r = CliRunner().invoke(app, ['config', '--explain']); assert 'reference_model' in r.output; "
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'mlflow', 'prefect') if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,74 @@
+"""What the CLI prints: rich tables of stage results, the demo comparison, the servers, and where to look next."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+# MLflow 3's UI opens in its GenAI mode; this query parameter switches it to the training-runs view.
+UI_URL = "http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning"
+
+
+def print_stages(result: dict[str, Any], title: str = "stages") -> None:
+    table = Table(title=title, show_lines=False)
+    for column in ("stage", "fingerprint", "cache", "rows", "mlflow run"):
+        table.add_column(column)
+    for name, stage in result["stages"].items():
+        manifest = stage["manifest"]
+        rows = ", ".join(f"{k}={v}" for k, v in manifest["row_counts"].items())
+        table.add_row(
+            name, manifest["fingerprint"], "hit" if stage["cache_hit"] else "computed", rows, stage["mlflow_run_id"]
+        )
+    console.print(table)
+
+
+def print_where_to_look(workspace: str) -> None:
+    ws = Path(workspace)
+    console.print(f"\n[bold]workspace[/]  {ws}")
+    console.print(
+        f"[bold]MLflow[/]     creditflow ui -w {ws}   (or: mlflow ui --backend-store-uri sqlite:///{ws / 'mlflow.db'})"
+    )
+    console.print(f"           then open {UI_URL.format(port=5000)}")
+    console.print(
+        f'[bold]DuckDB[/]     creditflow sql -w {ws} "SELECT rule, count(*) FROM curate_quarantine GROUP BY rule"'
+    )
+    console.print(f"           or: duckdb {ws / 'catalog.duckdb'}")
+
+
+def print_comparison(rows: list[dict[str, Any]]) -> None:
+    def fmt(value: Any, spec: str = ".3f") -> str:
+        return "-" if value is None else format(value, spec)
+
+    table = Table(title=f"policy vs reference on {rows[0]['prompts']} held-out prompts (same sampling seed)")
+    for column in ("method", "seed", "gold score", "RM score", "win rate (gold)", "win rate (RM)", "token corr"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        table.add_row(
+            row["method"],
+            fmt(row["seed"], "d"),
+            fmt(row["gold"]),
+            fmt(row["rm"]),
+            fmt(row["win_gold"], ".2f"),
+            fmt(row["win_rm"], ".2f"),
+            fmt(row["token_corr"]),
+        )
+    console.print(table)
+    console.print(
+        "gold = vaderSentiment compound score of the answer (the sample task's judge); RM = the trained reward model;"
+        " win rate: share of prompts where the policy's answer beats the reference's (ties half);"
+        " token corr: token rewards vs the policy's implicit token rewards at the last training step."
+    )
+
+
+def print_servers(workspace: Optional[str]) -> None:
+    from creditflow.flows import ops
+
+    table = Table("server", "pid", "url", "health", "log")
+    for row in ops.status(workspace):
+        health = "[green]ok[/]" if row["healthy"] else "[red]down[/]"
+        table.add_row(row["server"], str(row["pid"] or "-"), row["url"] or "-", health, row["log"])
+    console.print(table)
