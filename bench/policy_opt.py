@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from memory import reset_peak_rss, status_mib  # bench/memory.py, beside this script
+
 from creditflow.flows.env import apply_defaults
 
 apply_defaults()
@@ -38,18 +40,6 @@ apply_defaults()
 VARIANTS = ("ours-treg", "ours-dpo", "ours-dpo-ungrouped", "trl-dpo")
 LEARNING_RATE = 1e-5
 BETA = 0.1
-
-
-def status_mib(field: str) -> float:
-    """VmRSS (resident now) or VmHWM (peak resident since the last reset) in MiB."""
-    with open("/proc/self/status") as handle:
-        line = next(line for line in handle if line.startswith(f"{field}:"))
-    return int(line.split()[1]) / 1024
-
-
-def reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as handle:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
-        handle.write("5")
 
 
 # ---------------------------------------------------------------------------------------------------------

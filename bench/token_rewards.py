@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from memory import reset_peak_rss, status_mib  # bench/memory.py, beside this script
+
 from creditflow.flows.env import apply_defaults
 
 apply_defaults()
@@ -60,18 +62,6 @@ def model_folder(spec: str) -> tuple[Path, str]:
     texts = [json.loads(line)[k] for line in open(SAMPLE) for k in ("prompt", "chosen", "rejected")]
     folder = Path(tempfile.mkdtemp(prefix="bench-tiny-"))
     return build_tiny_causal_lm(folder, texts, hidden_size=256, intermediate_size=768, num_hidden_layers=4), "tiny"
-
-
-def status_mib(field: str) -> float:
-    """VmRSS (resident now) or VmHWM (peak resident since start or since the last reset) in MiB."""
-    with open("/proc/self/status") as handle:
-        line = next(line for line in handle if line.startswith(f"{field}:"))
-    return int(line.split()[1]) / 1024
-
-
-def reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as handle:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
-        handle.write("5")
 
 
 def naive_scores(model, items, batch_size: int, pad_id: int):
