@@ -3,7 +3,10 @@
 Every row either lands in ``pairs`` or in ``quarantine`` with the rule that rejected it and why; the counts per
 rule are stage metrics. Rules run in a fixed order and a row is charged to the first rule it fails:
 
-    schema -> empty -> identical -> duplicate -> tie -> margin -> length
+    schema -> score -> empty -> identical -> duplicate -> tie -> margin -> length
+
+``score`` quarantines NaN and infinite scores (a margin computed from them would be meaningless); ``empty`` counts
+a turn that shows nothing (whitespace, zero-width and other invisible characters) as empty.
 
 The train/eval split is by prompt id, so no prompt appears in both. A prompt goes to eval when a seeded hash of
 its id falls below ``eval_fraction``: adding data never moves an existing prompt to the other side.
@@ -12,6 +15,7 @@ its id falls below ``eval_fraction``: adding data never moves an existing prompt
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +39,7 @@ from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.schema import completion_text
 from creditflow.tasks.stage import StageContext
 
-RULES = ("schema", "empty", "identical", "duplicate", "tie", "margin", "length")
+RULES = ("schema", "score", "empty", "identical", "duplicate", "tie", "margin", "length")
 _RAW_MAX_CHARS = 20_000
 
 
@@ -64,6 +68,8 @@ class _Quarantine:
     ) -> None:
         self.counts[rule] += 1
         text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
+        # Keep rows whose text cannot be stored as UTF-8 (lone surrogates), escaped, rather than fail the stage.
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
         self.rows.append(
             {
                 "source": source,
@@ -133,7 +139,10 @@ def _validate(
     quarantine: _Quarantine,
     seen: dict[str, str],
 ) -> dict[str, Any] | None:
-    """Canonical record for a row that passes the row-local rules, else None (and the row is quarantined)."""
+    """Canonical record for a row that passes the row-local rules, else None (and the row is quarantined).
+
+    One function on purpose: the rules run in the documented order and a row is charged to the first it fails,
+    which reads best top to bottom."""
     label = source.label
     try:
         prompt, chosen, rejected, score_c, score_r = convert_row(fmt, row)
@@ -148,13 +157,18 @@ def _validate(
         quarantine.add("schema", str(problem), label, location, row, field=problem.field)
         return None
 
+    for name, score in (("score_chosen", score_c), ("score_rejected", score_r)):
+        if score is not None and not math.isfinite(score):
+            quarantine.add("score", f"{name} is {score}", label, location, row, field=name)
+            return None
+
     if rules.drop_empty:
         for name, messages in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-            blank = next((i for i, m in enumerate(messages) if not m["content"].strip()), None)
+            blank = next((i for i, m in enumerate(messages) if S.is_blank(m["content"])), None)
             if blank is not None:
                 quarantine.add(
                     "empty",
-                    f"{name} turn {blank} ({messages[blank]['role']}) is empty or whitespace",
+                    f"{name} turn {blank} ({messages[blank]['role']}) is empty, whitespace or invisible characters",
                     label,
                     location,
                     row,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,6 +34,7 @@ from creditflow.tasks.schema import ROLES, Messages
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 BUILTIN = {"sample": "sample_preferences.jsonl"}
 
+_COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"PK\x03\x04": "zip"}
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _HH_ASSISTANT = "\n\nAssistant:"
 
@@ -112,17 +112,41 @@ def _limited(rows: Iterator[Any], limit: int | None) -> Iterator[Any]:
         yield row
 
 
+def _check_not_compressed(path: Path, label: str) -> None:
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    for prefix, kind in _COMPRESSED_MAGIC.items():
+        if magic.startswith(prefix):
+            raise MalformedInputError(label, None, None, f"the file is {kind}-compressed; decompress it first")
+
+
+def _decode_line(raw: bytes, label: str, location: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedInputError(
+            label, location, None, f"not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1})"
+        ) from None
+
+
+def _parse_json(text: str, label: str, location: str | None) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = location or f"line {exc.lineno}"
+        raise MalformedInputError(label, where, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise MalformedInputError(label, location, None, "JSON nested too deeply to be a preference row") from None
+
+
 def _jsonl_rows(path: Path, label: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    _check_not_compressed(path, label)
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = _decode_line(raw, label, f"line {number}")
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MalformedInputError(
-                    label, f"line {number}", None, f"invalid JSON ({exc.msg} at column {exc.colno})"
-                ) from None
+            row = _parse_json(line, label, f"line {number}")
             if not isinstance(row, dict):
                 raise MalformedInputError(
                     label, f"line {number}", None, f"expected a JSON object, got {type(row).__name__}"
@@ -131,12 +155,14 @@ def _jsonl_rows(path: Path, label: str) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _json_rows(path: Path, label: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    _check_not_compressed(path, label)
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise MalformedInputError(
-            label, f"line {exc.lineno}", None, f"invalid JSON ({exc.msg} at column {exc.colno})"
-        ) from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise MalformedInputError(label, f"line {line}", None, f"not UTF-8 text (byte {raw[exc.start]:#04x})") from None
+    data = _parse_json(text, label, None)
     if not isinstance(data, list):
         raise MalformedInputError(
             label, None, None, "a .json file must hold a list of row objects (use .jsonl for one object per line)"
@@ -263,8 +289,18 @@ def convert_row(fmt: str, row: dict[str, Any]) -> tuple[Messages, Messages, Mess
     return prompt, chosen, rejected, _score(row, "score_chosen"), _score(row, "score_rejected")
 
 
+def _check_encodable(text: str, field: str) -> None:
+    """JSON can spell lone surrogates (``"\\ud800"``), which no UTF-8 writer accepts: refuse them at the row."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        problem = f"invalid Unicode (a lone surrogate {text[exc.start]!a} at character {exc.start})"
+        raise RowProblem(field, problem) from None
+
+
 def to_messages(value: Any, field: str, default_role: str) -> Messages:
     if isinstance(value, str):
+        _check_encodable(value, field)
         return [{"role": default_role, "content": value}]
     if not isinstance(value, list):
         raise RowProblem(field, f"expected a string or a list of messages, got {type(value).__name__}")
@@ -279,6 +315,7 @@ def to_messages(value: Any, field: str, default_role: str) -> Messages:
             raise RowProblem(f"{field}[{i}].role", f"expected one of {ROLES}, got {role!r}")
         if not isinstance(content, str):
             raise RowProblem(f"{field}[{i}].content", f"expected a string, got {type(content).__name__}")
+        _check_encodable(content, f"{field}[{i}].content")
         messages.append({"role": role, "content": content})
     return messages
 
@@ -343,11 +380,10 @@ def _parse_hh(transcript: str) -> Messages:
 
 
 def _score(row: dict[str, Any], field: str) -> float | None:
+    """The score as a float, None when absent; NaN and infinities stay as they are (curation quarantines them)."""
     value = row.get(field)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RowProblem(field, f"expected a number, got {type(value).__name__}")
-    if math.isnan(value):
-        return None
     return float(value)

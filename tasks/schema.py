@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 import pyarrow as pa
@@ -53,6 +54,15 @@ Messages = list[dict[str, str]]
 def normalize_text(text: str) -> str:
     """Whitespace-insensitive form used for ids and dedupe (case and punctuation are kept: they change meaning)."""
     return " ".join(text.split())
+
+
+# Characters that render as nothing but are not Unicode whitespace (fillers that print blank).
+_INVISIBLE = {"\u2800", "\u3164", "\u115f", "\u1160", "\uffa0"}
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` shows nothing: whitespace, zero-width and other format or control characters only."""
+    return all(ch.isspace() or ch in _INVISIBLE or unicodedata.category(ch) in ("Cf", "Cc", "Zs") for ch in text)
 
 
 def messages_key(messages: Messages) -> list[tuple[str, str]]:

@@ -157,8 +157,8 @@ def test_empty_rule(tmp_path):
     only_counts(result, empty=2)
     got = [(q["rule"], q["source_row"], q["field"], q["reason"]) for q in quarantined(result)]
     assert got == [
-        ("empty", "line 4", "chosen", "chosen turn 0 (assistant) is empty or whitespace"),
-        ("empty", "line 5", "prompt", "prompt turn 0 (user) is empty or whitespace"),
+        ("empty", "line 4", "chosen", "chosen turn 0 (assistant) is empty, whitespace or invisible characters"),
+        ("empty", "line 5", "prompt", "prompt turn 0 (user) is empty, whitespace or invisible characters"),
     ]
     _, kept = run(tmp_path, rows, name="again.jsonl", drop_empty=False)
     only_counts(kept)
@@ -172,8 +172,47 @@ def test_empty_rule_checks_every_turn_of_a_conversation(tmp_path):
     assert (q["rule"], q["field"], q["reason"]) == (
         "empty",
         "prompt",
-        "prompt turn 1 (assistant) is empty or whitespace",
+        "prompt turn 1 (assistant) is empty, whitespace or invisible characters",
     )
+
+
+def test_invisible_only_turns_are_empty(tmp_path):
+    invisible = ["\u200b", "\u200b\u200d\ufeff", " \u2060 ", "\u3164", "\u00ad"]
+    rows = [*GOOD, *(row(f"Q{i}?", text, "No.", 0.5, 0.1) for i, text in enumerate(invisible))]
+    rows.append(row("Q?", "\u200bYes\u200b", "No.", 0.5, 0.1))  # visible text around zero-width: not empty
+    _, result = run(tmp_path, rows)
+    only_counts(result, empty=len(invisible))
+    assert kept_rows(result)[-1] == f"line {len(rows)}"
+
+
+def test_score_rule_quarantines_nan_and_infinite_scores(tmp_path):
+    path = tmp_path / "scores.jsonl"
+    rows = [*GOOD, row("Q1?", "a", "b", float("nan"), 0.1), row("Q2?", "a", "b", 0.5, float("inf"))]
+    rows.append(row("Q3?", "a", "b", float("-inf"), 0.1))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # json writes NaN / Infinity literals
+    result = curate(CurateConfig(sources=[SourceConfig(path=str(path))]), progress=False)
+    assert_accounted(result)
+    only_counts(result, score=3)
+    got = [(q["source_row"], q["field"], q["reason"]) for q in quarantined(result)]
+    assert got == [
+        ("line 4", "score_chosen", "score_chosen is nan"),
+        ("line 5", "score_rejected", "score_rejected is inf"),
+        ("line 6", "score_chosen", "score_chosen is -inf"),
+    ]
+
+
+def test_lone_surrogates_are_a_named_row_problem_and_quarantine_cleanly(tmp_path):
+    path = tmp_path / "surrogate.jsonl"
+    lines = [json.dumps(r) for r in GOOD] + ['{"prompt": "Q?", "chosen": "bad \\ud800 text", "rejected": "No.", "score_chosen": 1, "score_rejected": 0}']
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(MalformedInputError, match=r"surrogate.jsonl: line 4: field 'chosen': invalid Unicode"):
+        curate(CurateConfig(sources=[SourceConfig(path=str(path))]), progress=False)
+    lenient = CurateConfig(sources=[SourceConfig(path=str(path))], rules=CurateRules(strict_schema=False))
+    result = curate(lenient, progress=False)
+    assert_accounted(result)
+    [q] = quarantined(result)
+    assert (q["rule"], q["field"]) == ("schema", "chosen") and "\\ud800" in q["raw"]
+    result.quarantine.to_pandas()  # the quarantine table holds valid UTF-8 (it is written to Parquet)
 
 
 def test_identical_rule_is_whitespace_insensitive(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -121,7 +122,7 @@ def test_ultrafeedback_strips_the_repeated_prompt_turn_and_reads_scores():
     assert isinstance(sr, float)
 
 
-def test_ultrafeedback_nan_score_reads_as_missing():
+def test_ultrafeedback_nan_score_is_kept_for_the_score_rule():
     row = {
         "prompt": "Q",
         "chosen": [U("Q"), A("a")],
@@ -130,7 +131,7 @@ def test_ultrafeedback_nan_score_reads_as_missing():
         "score_rejected": 1.0,
     }
     *_, sc, sr = convert_row("ultrafeedback", row)
-    assert sc is None and sr == 1.0
+    assert math.isnan(sc) and sr == 1.0  # curation quarantines it (rule "score")
 
 
 def test_completion_that_does_not_start_with_assistant_is_a_row_problem():
@@ -598,3 +599,31 @@ def test_columns_without_a_detectable_format(tmp_path, suffix):
         curate_strict(path)
     message = str(info.value)
     assert message.startswith(f"{path}: cannot tell the preference format from columns ['answer', 'label', 'question']")
+
+
+def test_non_utf8_bytes_name_the_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}).encode()
+    path.write_bytes(good + b"\n" + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(MalformedInputError, match=r"latin1.jsonl: line 2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        list(read_rows(SourceConfig(path=str(path)))[1])
+    as_json = tmp_path / "latin1.json"
+    as_json.write_bytes(b'[\n{"prompt": "caf\xe9"}]')
+    with pytest.raises(MalformedInputError, match=r"latin1.json: line 2: not UTF-8 text"):
+        read_rows(SourceConfig(path=str(as_json)))
+
+
+def test_compressed_bytes_in_a_jsonl_file_are_named(tmp_path):
+    import gzip
+
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(gzip.compress(b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n'))
+    with pytest.raises(MalformedInputError, match=r"data.jsonl: the file is gzip-compressed; decompress it first"):
+        read_rows(SourceConfig(path=str(path)))
+
+
+def test_deeply_nested_json_is_a_named_error(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n' + '{"prompt": ' + "[" * 100_000 + "\n")
+    with pytest.raises(MalformedInputError, match=r"deep.jsonl: line 2: JSON nested too deeply"):
+        list(read_rows(SourceConfig(path=str(path)))[1])
