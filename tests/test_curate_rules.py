@@ -203,7 +203,8 @@ def test_score_rule_quarantines_nan_and_infinite_scores(tmp_path):
 
 def test_lone_surrogates_are_a_named_row_problem_and_quarantine_cleanly(tmp_path):
     path = tmp_path / "surrogate.jsonl"
-    lines = [json.dumps(r) for r in GOOD] + ['{"prompt": "Q?", "chosen": "bad \\ud800 text", "rejected": "No.", "score_chosen": 1, "score_rejected": 0}']
+    bad = '{"prompt": "Q?", "chosen": "bad \\ud800 text", "rejected": "No.", "score_chosen": 1, "score_rejected": 0}'
+    lines = [json.dumps(r) for r in GOOD] + [bad]
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(MalformedInputError, match=r"surrogate.jsonl: line 4: field 'chosen': invalid Unicode"):
         curate(CurateConfig(sources=[SourceConfig(path=str(path))]), progress=False)
