@@ -20,6 +20,7 @@ from creditflow.flows.render import (  # noqa: E402
     UI_URL,
     console,
     print_comparison,
+    print_rows,
     print_servers,
     print_stages,
     print_where_to_look,
@@ -55,7 +56,7 @@ SetOpt = typer.Option(
     None, "--set", help="Override a config key, e.g. --set curate.eval_fraction=0.2 (value parsed as YAML)."
 )
 # What a user can get wrong (a config, an input file, a missing artifact): one line, no traceback.
-USER_ERRORS = (ValueError, RuntimeError, OSError, KeyError)
+USER_ERRORS = (ValueError, RuntimeError, OSError, KeyError)  # CatalogError and ArtifactError are RuntimeErrors
 
 
 @contextmanager
@@ -152,26 +153,27 @@ def stage(
 def sql(
     query: str = typer.Argument(..., help="SQL over the catalog's views, e.g. SELECT * FROM curate_pairs LIMIT 5"),
     workspace: Optional[str] = WorkspaceOpt,
-    limit: int = typer.Option(50, help="Rows to print."),
+    limit: int = typer.Option(50, help="Rows to print (table format only)."),
+    fmt: str = typer.Option("table", "--format", help="table | csv | json (csv and json print every row)."),
 ) -> None:
-    """Query the workspace's DuckDB catalog (views: <stage>_<table>, artifacts, stage_runs)."""
+    """Query the workspace's DuckDB catalog (views: <stage>_<table>, artifacts, stage_runs); read-only, one SELECT."""
     from creditflow.storage.catalog import Catalog
     from creditflow.storage.workspace import Workspace
 
-    ws = Workspace.resolve(workspace)
-    import duckdb
-
     with _errors():
-        try:
-            columns, rows = Catalog(ws.catalog_path, ws.store).query(query)
-        except duckdb.Error as exc:  # syntax errors, unknown views: the user's query, not a crash
-            raise ValueError(str(exc)) from None
+        if fmt not in ("table", "csv", "json"):
+            raise ValueError(f"--format must be table, csv or json, got {fmt!r}")
+        ws = Workspace.resolve(workspace)
+        columns, rows = Catalog(ws.catalog_path, ws.store).query_user(query)
+    if fmt != "table":
+        print_rows(columns, rows, fmt)
+        return
     table = Table(*columns)
     for row in rows[:limit]:
         table.add_row(*(str(v)[:80] for v in row))
     console.print(table)
     if len(rows) > limit:
-        console.print(f"... {len(rows) - limit} more rows")
+        console.print(f"... {len(rows) - limit} more rows (--format csv or json prints all)")
 
 
 @app.command()
@@ -223,8 +225,12 @@ def catalog_refresh(workspace: Optional[str] = WorkspaceOpt) -> None:
     from creditflow.storage.workspace import Workspace
 
     ws = Workspace.resolve(workspace)
-    views = Catalog(ws.catalog_path, ws.store).refresh()
-    console.print(f"{ws.catalog_path}: views {', '.join(views) or '(none yet)'}")
+    report = Catalog(ws.catalog_path, ws.store).refresh()
+    if report.moved_aside:
+        console.print(f"[yellow]warning:[/] {ws.catalog_path} was not a DuckDB database; moved to {report.moved_aside}")
+    for reason in report.skipped:
+        console.print(f"[yellow]skipped[/] {reason}", highlight=False)
+    console.print(f"{ws.catalog_path}: views {', '.join(report.views) or '(none yet)'}")
 
 
 @data_app.command("sample")
@@ -331,6 +337,9 @@ def artifacts_gc(
 
     ws = Workspace.resolve(workspace)
     report = collect_garbage(ws, keep, dry_run=dry_run, min_age=min_age)
+    if report.refused:
+        console.print(f"[yellow]{report.refused}[/]")
+        return
     verb = "would remove" if dry_run else "removed"
     for stage_name, fingerprint, size in report.removed:
         console.print(f"{verb} {ws.store.path(stage_name, fingerprint)}  ({size:,} bytes)")

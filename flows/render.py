@@ -72,3 +72,18 @@ def print_servers(workspace: Optional[str]) -> None:
         health = "[green]ok[/]" if row["healthy"] else "[red]down[/]"
         table.add_row(row["server"], str(row["pid"] or "-"), row["url"] or "-", health, row["log"])
     console.print(table)
+
+
+def print_rows(columns: list[str], rows: list[tuple], fmt: str) -> None:
+    """Query results as CSV or JSON (one object per row) on stdout, for pipes and files."""
+    import csv
+    import json
+    import sys
+
+    if fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    else:
+        json.dump([dict(zip(columns, row)) for row in rows], sys.stdout, default=str, indent=1)
+        sys.stdout.write("\n")

@@ -140,7 +140,7 @@ STAGES: dict[str, Stage] = {
         name="policy",
         description="DPO / IPO / SimPO with the T-REG regularizer from cached token rewards and reference log-probs.",
         upstream=("curate", "onpolicy", "token_rewards"),
-        outputs=("train_log", "model/"),
+        outputs=("train_log", "train_timings", "model/"),
         recipe="policy",
         # The starting model is the token-reward stage's reference, already in that stage's digest.
         code_modules=_tasks(

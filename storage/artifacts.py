@@ -40,7 +40,7 @@ class Manifest:
     inputs: dict[str, Any]  # upstream artifact digests and source-data digests
     config: dict[str, Any]  # normalized stage config
     code_version: str
-    outputs: dict[str, dict[str, Any]]  # relative file -> {sha256, bytes, rows?}
+    outputs: dict[str, dict[str, Any]]  # relative file -> {sha256, bytes, rows?, volatile?}
     row_counts: dict[str, int]
     metrics: dict[str, float] = field(default_factory=dict)
     mlflow_run_id: str | None = None
@@ -62,11 +62,17 @@ class ArtifactWriter:
     def __init__(self, tmp_dir: Path):
         self.dir = tmp_dir
         self.row_counts: dict[str, int] = {}
+        self.volatile: set[str] = set()  # outputs left out of the content digest (timings, memory readings)
 
-    def write_table(self, name: str, table: pa.Table) -> Path:
+    def write_table(self, name: str, table: pa.Table, volatile: bool = False) -> Path:
+        """``volatile``: the table records how the run went (tokens/s, memory), not what it computed; it is
+        checked like any output but does not enter the digest, so a byte-identical recompute keeps downstream
+        cache hits."""
         path = self.dir / f"{name}.parquet"
         pq.write_table(table, path, compression="zstd")
         self.row_counts[name] = table.num_rows
+        if volatile:
+            self.volatile.add(path.name)
         return path
 
     def write_json(self, name: str, obj: Any) -> Path:
@@ -157,10 +163,12 @@ class ArtifactStore:
             outputs[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         for name, rows in writer.row_counts.items():
             outputs[f"{name}.parquet"]["rows"] = rows
+        for name in writer.volatile:
+            outputs[name]["volatile"] = True
         manifest = Manifest(
             stage=stage,
             fingerprint=fingerprint,
-            digest=sha256_json({k: v["sha256"] for k, v in outputs.items()}),
+            digest=sha256_json({k: v["sha256"] for k, v in outputs.items() if not v.get("volatile")}),
             inputs=inputs,
             config=config,
             code_version=code_version,

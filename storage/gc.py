@@ -28,6 +28,7 @@ class GcReport:
     kept: list[tuple[str, str]] = field(default_factory=list)  # (stage, fingerprint)
     too_young: list[tuple[str, str]] = field(default_factory=list)
     removed: list[tuple[str, str, int]] = field(default_factory=list)  # (stage, fingerprint, bytes)
+    refused: str | None = None  # why nothing was considered for deletion
 
     @property
     def bytes_freed(self) -> int:
@@ -77,6 +78,10 @@ def collect_garbage(workspace: Workspace, keep: int, dry_run: bool = False, min_
     catalog = Catalog(workspace.catalog_path, store)
     report = GcReport()
     report.kept_runs, referenced = _kept_runs(catalog, keep)
+    if not catalog.recent_runs(1):
+        # No history (a new workspace, or a catalog and run log both lost): nothing says what is still needed.
+        report.refused = f"no run history in {catalog.run_log} or the catalog: nothing deleted"
+        return report
     manifests = store.manifests()
     kept = _with_upstream(referenced, manifests)
     now = dt.datetime.now(dt.timezone.utc)

@@ -112,7 +112,9 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
         if entry["step"] not in logged:
             ctx.run.log_metrics({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
 
-    ctx.writer.write_table("train_log", history_table(history))
+    content, timings = split_timings(history)
+    ctx.writer.write_table("train_log", history_table(content))
+    ctx.writer.write_table("train_timings", history_table(timings), volatile=True)
     ctx.run.log_figure(loss_figure(history), "policy/loss_curve.png")
     ctx.run.log_artifacts([model_out], "policy")
     shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)  # the published artifact supersedes it
@@ -368,6 +370,16 @@ class PolicyTrainer:
 
 # ---------------------------------------------------------------------------------------------------------
 # Outputs
+
+
+TIMING_METRICS = ("tokens_per_s", "peak_memory_gb")  # how the run went, not what it computed
+
+
+def split_timings(history: list[dict[str, float]]) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """(the deterministic per-step metrics, the per-step timings), both keyed by step."""
+    content = [{k: v for k, v in h.items() if k not in TIMING_METRICS} for h in history]
+    timings = [{"step": h["step"], **{k: h[k] for k in TIMING_METRICS if k in h}} for h in history]
+    return content, timings
 
 
 def history_table(history: list[dict[str, float]]) -> pa.Table:

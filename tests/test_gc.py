@@ -114,3 +114,16 @@ def test_gc_waits_for_the_artifact_lock_a_publisher_holds(history):
         assert worker.is_alive() and ws.store.exists("curate", "o" * 24)
     worker.join(timeout=30)
     assert not worker.is_alive() and not ws.store.exists("curate", "o" * 24)
+
+
+def test_gc_survives_a_lost_catalog_and_refuses_without_any_history(history, tmp_path):
+    history.catalog_path.unlink()  # the run log keeps the history: gc rebuilds it and keeps what runs need
+    report = collect_garbage(history, keep=1, dry_run=True)
+    assert report.refused is None and {fp[0] for _, fp in report.kept} >= {"a", "z"}
+
+    empty = Workspace.resolve(tmp_path / "empty")
+    _publish(empty, "curate", "c" * 24, rows=1)
+    report = collect_garbage(empty, keep=5)
+    assert report.refused and "no run history" in report.refused and empty.store.exists("curate", "c" * 24)
+    out = CliRunner().invoke(app, ["artifacts", "gc", "--keep", "5", "--min-age", "0", "-w", str(empty.root)])
+    assert out.exit_code == 0 and "no run history" in out.output and empty.store.exists("curate", "c" * 24)

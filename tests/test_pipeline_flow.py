@@ -308,3 +308,15 @@ def test_old_model_keys_point_at_reference_model(tmp_path):
         config.write_text(f"{section}:\n  {key}: smollm2\n")
         with pytest.raises(ConfigError, match=rf"{section}\.{key}: this key is now the top-level `reference_model`"):
             load_config(config)
+
+
+def test_refreshing_a_stage_with_identical_outputs_keeps_downstream_hits(tmp_path):
+    """Timings (tokens/s, memory) are volatile outputs: a recompute with byte-identical weights keeps its digest."""
+    cfg = _config()
+    first = pipeline_flow(config=cfg, workspace=str(tmp_path), progress=False)["stages"]
+    again = pipeline_flow(config=cfg, workspace=str(tmp_path), refresh=["policy"], progress=False)["stages"]
+    assert again["policy"]["cache_hit"] is False
+    assert again["policy"]["manifest"]["digest"] == first["policy"]["manifest"]["digest"]
+    outputs = again["policy"]["manifest"]["outputs"]
+    assert outputs["train_timings.parquet"]["volatile"] is True and "volatile" not in outputs["train_log.parquet"]
+    assert again["evaluate"]["cache_hit"] is True

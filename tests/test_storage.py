@@ -121,7 +121,7 @@ def test_catalog_views_span_artifacts_and_record_runs(tmp_path):
     _publish(store, "a" * 24, rows=2)
     _publish(store, "b" * 24, rows=3)
     catalog = Catalog(tmp_path / "catalog.duckdb", store)
-    assert catalog.refresh() == ["curate_pairs"]
+    assert catalog.refresh().views == ["curate_pairs"]
     catalog.record_stage_run(
         pipeline_run_id="p",
         mlflow_run_id="m",
@@ -142,7 +142,7 @@ def test_catalog_views_span_artifacts_and_record_runs(tmp_path):
     catalog.refresh()
     assert catalog.query("SELECT count(*) FROM curate_pairs")[1] == [(3,)]
     shutil.rmtree(store.path("curate", "b" * 24))
-    assert catalog.refresh() == []
+    assert catalog.refresh().views == []
     with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'curate_pairs'").fetchone()[0] == 0
 
@@ -308,3 +308,84 @@ def test_config_commands_import_no_ml_stack():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_volatile_outputs_are_checked_but_not_in_the_digest(tmp_path):
+    store = ArtifactStore(tmp_path)
+    digests = []
+    for fingerprint, seconds in (("a" * 24, 1.5), ("b" * 24, 9.0)):
+        writer = store.writer("policy", fingerprint)
+        writer.write_table("train_log", pa.table({"step": [1], "loss": [0.5]}))
+        writer.write_table("train_timings", pa.table({"step": [1], "tokens_per_s": [seconds]}), volatile=True)
+        manifest = store.publish(
+            writer, stage="policy", fingerprint=fingerprint, inputs={}, config={}, code_version="v"
+        )
+        assert manifest.outputs["train_timings.parquet"]["volatile"] is True
+        digests.append(manifest.digest)
+    assert digests[0] == digests[1]  # same content, other timings
+    (store.path("policy", "a" * 24) / "train_timings.parquet").write_bytes(b"edited")
+    with pytest.raises(ArtifactError, match="does not match its manifest digest"):
+        store.read_table(store.load("policy", "a" * 24), "train_timings")
+
+
+def _record(catalog, run, fingerprint="a" * 24):
+    catalog.record_stage_run(
+        pipeline_run_id=run,
+        mlflow_run_id="m",
+        stage="curate",
+        fingerprint=fingerprint,
+        digest="d",
+        cache_hit=False,
+        row_counts={"pairs": 2},
+    )
+
+
+def test_a_lost_or_garbage_catalog_is_rebuilt_with_its_run_history(tmp_path):
+    store = ArtifactStore(tmp_path / "artifacts")
+    _publish(store, "a" * 24, rows=2)
+    catalog = Catalog(tmp_path / "catalog.duckdb", store)
+    for run in ("p1", "p2"):
+        _record(catalog, run)
+    (tmp_path / "catalog.duckdb").unlink()
+    report = catalog.refresh()
+    assert catalog.query("SELECT list(pipeline_run_id ORDER BY pipeline_run_id) FROM stage_runs")[1] == [
+        (["p1", "p2"],)
+    ]
+    (tmp_path / "catalog.duckdb").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(RuntimeError, match="not a readable DuckDB catalog"):
+        catalog.query("SELECT 1")  # named, not "locked by another process"
+    report = catalog.refresh()
+    assert report.moved_aside is not None and report.moved_aside.read_bytes().startswith(b"this is not")
+    assert catalog.query("SELECT count(*) FROM stage_runs")[1] == [(2,)] and report.views == ["curate_pairs"]
+
+
+def test_refresh_names_and_skips_a_truncated_manifest(tmp_path):
+    store = ArtifactStore(tmp_path / "artifacts")
+    _publish(store, "a" * 24, rows=2)
+    _publish(store, "b" * 24, rows=3)
+    manifest = store.path("curate", "b" * 24) / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])
+    report = Catalog(tmp_path / "catalog.duckdb", store).refresh()
+    assert report.views == ["curate_pairs"] and len(report.skipped) == 1 and str(manifest) in report.skipped[0]
+
+
+def test_user_sql_is_one_read_only_select_inside_the_store(tmp_path):
+    store = ArtifactStore(tmp_path / "artifacts")
+    _publish(store, "a" * 24, rows=2)
+    catalog = Catalog(tmp_path / "catalog.duckdb", store)
+    catalog.refresh()
+    assert catalog.query_user("SELECT count(*) FROM curate_pairs")[1] == [(2,)]
+    pairs = store.path("curate", "a" * 24) / "pairs.parquet"
+    before = pairs.read_bytes()
+    for sql, message in [
+        (f"COPY (SELECT 1 AS x) TO '{pairs}' (FORMAT parquet)", "one SELECT statement"),
+        (f"COPY (SELECT 1) TO '{tmp_path / 'out.csv'}'", "one SELECT statement"),
+        ("SELECT 1; DROP VIEW curate_pairs", "one SELECT statement"),
+        ("CREATE TABLE t AS SELECT 1", "one SELECT statement"),
+        ("SELECT * FROM read_text('/etc/hostname')", "Permission Error"),
+        ("SET enable_external_access = true", "one SELECT statement"),
+        ("SELEC 1", "syntax error"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            catalog.query_user(sql)
+    assert pairs.read_bytes() == before and not (tmp_path / "out.csv").exists()
