@@ -20,6 +20,7 @@ from creditflow.flows.render import (  # noqa: E402
     UI_URL,
     console,
     print_comparison,
+    print_results,
     print_rows,
     print_servers,
     print_stages,
@@ -59,13 +60,29 @@ SetOpt = typer.Option(
 USER_ERRORS = (ValueError, RuntimeError, OSError, KeyError)  # CatalogError and ArtifactError are RuntimeErrors
 
 
+DEBUG = {"on": False}
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Full tracebacks and Prefect's own logs on errors."),
+) -> None:
+    DEBUG["on"] = debug
+    if not debug:  # Prefect logs every failed flow's traceback itself; our one-line error says what went wrong
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
+    """A user error (bad config, bad input, missing artifact) as one line; the traceback only with --debug."""
     try:
         yield
     except USER_ERRORS as exc:
+        if DEBUG["on"]:
+            raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         console.print(f"[bold red]error:[/] {message}", highlight=False)
+        console.print("(creditflow --debug ... shows the traceback)", style="dim")
         raise typer.Exit(code=2) from None
 
 
@@ -87,6 +104,9 @@ def run(
     ),
     set_: Optional[list[str]] = SetOpt,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    name: Optional[str] = typer.Option(
+        None, "--name", help="MLflow run name. Default: from the config (method, alpha, LoRA, seed)."
+    ),
 ) -> None:
     """Run the whole pipeline (cached stages are reused)."""
     with _errors():
@@ -94,9 +114,15 @@ def run(
         from creditflow.flows.pipeline import pipeline_flow
 
         result = pipeline_flow(
-            config=cfg, workspace=workspace, from_stage=from_stage, refresh=refresh or [], progress=not quiet
+            config=cfg,
+            workspace=workspace,
+            from_stage=from_stage,
+            refresh=refresh or [],
+            progress=not quiet,
+            run_name=name,
         )
-    print_stages(result)
+    print_stages(result, title=result["run_name"])
+    print_results(result)
     print_where_to_look(result["workspace"])
 
 

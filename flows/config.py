@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from creditflow.tasks.configs import (
     CurateConfig,
@@ -24,6 +24,8 @@ from creditflow.tasks.configs import (
     RewardModelConfig,
     StrictConfig,
     TokenRewardsConfig,
+    check_name,
+    method_label,
 )
 
 # Keys that moved: the old spelling gets an error that says where the setting lives now.
@@ -51,6 +53,11 @@ class PipelineConfig(StrictConfig):
     token_rewards: TokenRewardsConfig = Field(default_factory=TokenRewardsConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_name(cls, value: str) -> str:
+        return check_name(value, "experiment")
 
     @model_validator(mode="before")
     @classmethod
@@ -226,3 +233,22 @@ def explain(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> list[t
             default = [d.model_dump(exclude_defaults=True) if isinstance(d, BaseModel) else d for d in default]
         rows.append((key, repr(default), field.description or ""))
     return rows
+
+
+def default_run_name(cfg: PipelineConfig) -> str:
+    """What tells runs apart in MLflow's list: method, T-REG weight and source, LoRA, seed."""
+    label = method_label(cfg.policy.model_dump()).replace(" + T-REG (", "+t-reg(")
+    lora = f" lora-r{cfg.policy.lora.r}" if cfg.policy.lora else ""
+    return f"{label}{lora} seed={cfg.policy.seed}"
+
+
+def pipeline_needs(cfg: PipelineConfig) -> list[str]:
+    """What the stages of this config need of each other, checked before the first stage runs."""
+    problems = []
+    if cfg.curate.eval_fraction == 0:
+        problems.append("curate.eval_fraction is 0, but the evaluate stage needs held-out prompts: set it > 0")
+    if cfg.policy.token_reward_source == "abc" and "abc" not in cfg.token_rewards.sources:
+        problems.append("policy.token_reward_source is 'abc': add 'abc' to token_rewards.sources")
+    if "contrastive" not in cfg.token_rewards.sources:
+        problems.append("token_rewards.sources must include 'contrastive': its rows carry the reference log-probs")
+    return problems

@@ -68,7 +68,7 @@ def run_demo(
 
 def comparison_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per variant plus the reference policy's row, from the evaluate stages' metrics."""
-    from creditflow.tasks.evaluate import method_label
+    from creditflow.tasks.configs import method_label
 
     rows = []
     for result in results:

@@ -49,6 +49,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
         if self.name == "prefect":
             env["PREFECT_HOME"] = str(ws.root / "prefect-server")  # the server's SQLite DB lives there
+            env["PREFECT_UI_API_URL"] = self.url(port)  # else the UI in the browser calls :4200
             argv = ["prefect", "server", "start", "--host", HOST, "--port", str(port)]
         else:
             # MLflow's job runner (8 processes, ~600 MB) only serves GenAI features CreditFlow does not use.

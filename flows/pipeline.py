@@ -7,17 +7,54 @@ once at the end.
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 from prefect import flow
 
-from creditflow.flows.config import validate
+from creditflow.flows.config import default_run_name, pipeline_needs, validate
 from creditflow.flows.stages import STAGES, execute_stage, hash_sources
 from creditflow.storage.artifacts import Manifest
 from creditflow.storage.catalog import Catalog
 from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
+
+# Shown on the parent run, so runs compare in MLflow's list without opening their children.
+HEADLINE_METRICS = {
+    "curate": ("pairs_out", "quarantined"),
+    "reward_model": ("eval.accuracy",),
+    "policy": ("final_loss", "final_rewards_accuracy", "final_token_reward_corr"),
+    "evaluate": ("win_rate_rm", "win_rate_gold", "gold_score.policy", "rm_score.policy"),
+}
+
+
+def headline_params(cfg) -> dict[str, Any]:
+    policy = cfg.policy
+    return {
+        "reference_model": cfg.reference_model,
+        "loss_type": policy.loss.loss_type,
+        "beta": policy.loss.beta,
+        "alpha": policy.loss.alpha,
+        "token_reward_source": policy.token_reward_source,
+        "lora": f"r={policy.lora.r}" if policy.lora else "none",
+        "seed": policy.seed,
+        "onpolicy": cfg.onpolicy.enabled,
+    }
+
+
+def headline_metrics(results: dict[str, Any]) -> dict[str, float]:
+    return {
+        f"{stage}.{name}": results[stage]["manifest"]["metrics"][name]
+        for stage, names in HEADLINE_METRICS.items()
+        if stage in results
+        for name in names
+        if name in results[stage]["manifest"]["metrics"]
+    }
+
+
+def check_run_name(name: str) -> str:
+    if not name.strip() or not name.isprintable() or len(name) > 250:
+        raise ValueError(f"run name {name!r}: printable text, at most 250 characters")
+    return name
 
 
 def _refresh_catalog(ws: Workspace) -> None:
@@ -72,7 +109,8 @@ def pipeline_flow(
     progress: bool = True,
     run_name: str | None = None,
 ) -> dict[str, Any]:
-    """Run every stage in order under one MLflow parent run (named ``run_name``, default ``pipeline-<time>``).
+    """Run every stage in order under one MLflow parent run (named ``run_name``, default from the config: method,
+    T-REG weight, LoRA, seed).
 
     ``from_stage`` recomputes that stage and everything after it, taking earlier stages from the cache (they must
     exist). ``refresh`` names stages to recompute even if cached.
@@ -86,8 +124,11 @@ def pipeline_flow(
     if unknown:
         raise ValueError(f"unknown or disabled stage {unknown[0]!r} (stages in this config: {', '.join(order)})")
     start = order.index(from_stage) if from_stage else 0
+    problems = pipeline_needs(cfg)
+    if problems:
+        raise ValueError("the stages of this config cannot run together: " + "; ".join(problems))
 
-    run_name = run_name or f"pipeline-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    run_name = check_run_name(run_name or default_run_name(cfg))
     parent = Run.start(
         ws,
         cfg.experiment,
@@ -97,7 +138,7 @@ def pipeline_flow(
     results: dict[str, Any] = {}
     manifests: dict[str, Manifest] = {}
     try:
-        parent.log_params({"workspace": str(ws.root), "stages": ",".join(order)})
+        parent.log_params({"workspace": str(ws.root), "stages": ",".join(order), **headline_params(cfg)})
         for index, name in enumerate(order):
             upstream = {u: manifests[u] for u in STAGES[name].upstream if u in manifests}
             if index < start:
@@ -123,6 +164,7 @@ def pipeline_flow(
                 }
             )
         parent.log_metrics({"stages_cached": sum(r["cache_hit"] for r in results.values()), "stages_run": len(results)})
+        parent.log_metrics(headline_metrics(results))
     except BaseException:
         parent.end("FAILED")
         raise

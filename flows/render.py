@@ -26,13 +26,31 @@ def print_stages(result: dict[str, Any], title: str = "stages") -> None:
     console.print(table)
 
 
+def print_results(result: dict[str, Any]) -> None:
+    """The run's headline metrics, one row per stage that has some (the parent run carries the same numbers)."""
+    from creditflow.flows.pipeline import HEADLINE_METRICS
+
+    table = Table("stage", "metric", "value", title="results")
+    for stage, names in HEADLINE_METRICS.items():
+        metrics = result["stages"].get(stage, {}).get("manifest", {}).get("metrics", {})
+        for name in names:
+            if name in metrics:
+                table.add_row(stage, name, f"{metrics[name]:.4g}")
+    console.print(table)
+
+
 def print_where_to_look(workspace: str) -> None:
+    import os
+
     ws = Path(workspace)
     console.print(f"\n[bold]workspace[/]  {ws}")
-    console.print(
-        f"[bold]MLflow[/]     creditflow ui -w {ws}   (or: mlflow ui --backend-store-uri sqlite:///{ws / 'mlflow.db'})"
-    )
-    console.print(f"           then open {UI_URL.format(port=5000)}")
+    server = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if server.startswith("http"):
+        console.print(f"[bold]MLflow[/]     {server}/#/experiments?workflowType=machine_learning")
+    else:
+        store = f"sqlite:///{ws / 'mlflow.db'}"
+        console.print(f"[bold]MLflow[/]     creditflow ui -w {ws}   (or: mlflow ui --backend-store-uri {store})")
+        console.print(f"           then open {UI_URL.format(port=5000)}")
     console.print(
         f'[bold]DuckDB[/]     creditflow sql -w {ws} "SELECT rule, count(*) FROM curate_quarantine GROUP BY rule"'
     )

@@ -12,6 +12,7 @@ manifest record, and what ``creditflow config`` prints.
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Literal
 
@@ -32,6 +33,18 @@ WORSE_TEMPLATE = (
     "{instruction}\n\nHere is a response:\n{response}\n\n"
     "Revise the response to make it unhelpful, incorrect, incoherent, and verbose."
 )
+
+
+# Experiment and run names become MLflow folder names: no path separators, no "..", printable.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._+=,()-]{0,127}$"
+
+
+def check_name(value: str, what: str) -> str:
+    if ".." in value or not re.match(NAME_PATTERN, value):
+        raise ValueError(
+            f"{what} {value!r}: use letters, digits, spaces and ._+=,()- (no '/', no '..'), at most 128 characters"
+        )
+    return value
 
 
 class StrictConfig(BaseModel):
@@ -258,3 +271,12 @@ class EvaluateConfig(SamplingConfig):
     temperature: float = Field(0.7, ge=0, allow_inf_nan=False, description="0 decodes greedily.")
     batch_size: int = Field(16, ge=1, description="Prompts per generate() call.")
     gold_scorer: str | None = Field("vader", description="'vader', 'package.module:function', or null.")
+
+
+def method_label(policy_config: dict) -> str:
+    """ "dpo", "dpo + T-REG (contrastive, α=0.25)", ... from a policy manifest's config."""
+    loss = policy_config.get("loss", {})
+    label = loss.get("loss_type", "policy")
+    if loss.get("alpha", 0):
+        label += f" + T-REG ({policy_config.get('token_reward_source', '?')}, α={loss['alpha']:g})"
+    return label

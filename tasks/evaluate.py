@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from creditflow.storage.artifacts import ArtifactStore, Manifest
 from creditflow.tasks import schema as S
-from creditflow.tasks.configs import EvaluateConfig
+from creditflow.tasks.configs import EvaluateConfig, method_label
 from creditflow.tasks.generation import load_generation_model, sample_responses
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.reward_scoring import RewardScorer
@@ -52,15 +52,6 @@ def win_rate(policy: list[float], reference: list[float]) -> float:
     if not policy:
         return float("nan")
     return sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy, reference)) / len(policy)
-
-
-def method_label(policy_config: dict) -> str:
-    """ "dpo", "dpo + T-REG (contrastive, α=0.25)", ... from a policy manifest's config."""
-    loss = policy_config.get("loss", {})
-    label = loss.get("loss_type", "policy")
-    if loss.get("alpha", 0):
-        label += f" + T-REG ({policy_config.get('token_reward_source', '?')}, α={loss['alpha']:g})"
-    return label
 
 
 def compute_evaluate(ctx: StageContext) -> dict[str, float]:

@@ -4,7 +4,8 @@ import pytest
 from conftest import publish_artifact
 
 from creditflow.storage.artifacts import ArtifactStore
-from creditflow.tasks.evaluate import comparison_figure, comparison_rows, load_gold_scorer, method_label, win_rate
+from creditflow.tasks.configs import method_label
+from creditflow.tasks.evaluate import comparison_figure, comparison_rows, load_gold_scorer, win_rate
 
 
 def length_scorer(prompts, completions):
