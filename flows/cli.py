@@ -111,9 +111,9 @@ def run(
     """Run the whole pipeline (cached stages are reused)."""
     with _errors():
         cfg = _config_dict(config, set_)
-        from creditflow.flows.pipeline import pipeline_flow
+        from creditflow.flows.pipeline import run_pipeline
 
-        result = pipeline_flow(
+        result = run_pipeline(
             config=cfg,
             workspace=workspace,
             from_stage=from_stage,
@@ -369,10 +369,13 @@ def artifacts_gc(
     verb = "would remove" if dry_run else "removed"
     for stage_name, fingerprint, size in report.removed:
         console.print(f"{verb} {ws.store.path(stage_name, fingerprint)}  ({size:,} bytes)")
+    for path, size in report.removed_files:
+        console.print(f"{verb} {path}  ({size:,} bytes)")
     for stage_name, fingerprint in report.too_young:
         console.print(f"kept {stage_name}/{fingerprint}: younger than {min_age:.0f}s")
     console.print(
-        f"{verb} {len(report.removed)} artifacts, {report.bytes_freed:,} bytes; "
+        f"{verb} {len(report.removed)} artifacts and {len(report.removed_files)} checkpoints/cache shards, "
+        f"{report.bytes_freed:,} bytes; "
         f"kept {len(report.kept)} used by {len(report.kept_runs)} runs"
     )
 

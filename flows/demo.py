@@ -55,14 +55,14 @@ def run_demo(
     plan: DemoPlan, workspace: str | None, seeds: list[int], alpha: float, progress: bool = True
 ) -> list[dict[str, Any]]:
     """Run every variant; return the pipeline results (``pipeline_flow``'s dicts) in order."""
-    from creditflow.flows.pipeline import pipeline_flow
+    from creditflow.flows.pipeline import run_pipeline
 
     if alpha <= 0:
         raise ValueError(f"--alpha must be > 0 (the T-REG variant's weight), got {alpha}")
     results = []
     for run_name, overrides in variants(seeds, alpha):
         config = load_config(plan.config, overrides).model_dump(mode="json")
-        results.append(pipeline_flow(config=config, workspace=workspace, progress=progress, run_name=run_name))
+        results.append(run_pipeline(config=config, workspace=workspace, progress=progress, run_name=run_name))
     return results
 
 

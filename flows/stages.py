@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from prefect import task
@@ -61,21 +62,27 @@ class Stage:
 
 
 def _model_digest(spec: str) -> dict[str, str]:
-    """Weights and tokenizer of a model spec: both change what a stage computes."""
-    from creditflow.tasks.models import model_fingerprint, resolve_model
-    from creditflow.tasks.tokenization import load_tokenizer, tokenizer_fingerprint
+    """Weights and tokenizer files of a model spec: both change what a stage computes (read as bytes, so planning
+    imports no transformers)."""
+    from creditflow.tasks.models import model_fingerprint, resolve_model, tokenizer_files_digest
 
     folder = resolve_model(spec)
-    return {"weights": model_fingerprint(folder), "tokenizer": tokenizer_fingerprint(load_tokenizer(str(folder)))}
+    return {"weights": model_fingerprint(folder), "tokenizer": tokenizer_files_digest(folder)}
 
 
 def _curate_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     from creditflow.tasks.ingest import source_digest
-    from creditflow.tasks.tokenization import load_tokenizer, tokenizer_fingerprint
 
     inputs: dict[str, Any] = {"sources": [source_digest(s) for s in cfg.curate.sources]}
     if cfg.curate.tokenizer:
-        inputs["tokenizer"] = tokenizer_fingerprint(load_tokenizer(cfg.curate.tokenizer))
+        if Path(cfg.curate.tokenizer).is_dir():
+            from creditflow.tasks.models import tokenizer_files_digest
+
+            inputs["tokenizer"] = tokenizer_files_digest(cfg.curate.tokenizer)
+        else:  # a hub id: only the loaded tokenizer says what it is
+            from creditflow.tasks.tokenization import load_tokenizer, tokenizer_fingerprint
+
+            inputs["tokenizer"] = tokenizer_fingerprint(load_tokenizer(cfg.curate.tokenizer))
     return inputs
 
 
@@ -320,7 +327,7 @@ def execute_stage(
         parent_run_id=parent_run_id,
     )
     try:
-        run.log_params(plan.config)
+        run.log_params({name: plan.config})  # "policy.loss.alpha": comparable across runs and stages
         compute = compute_stage.with_options(
             result_storage=workspace.prefect_results_dir,
             refresh_cache=refresh,

@@ -104,9 +104,20 @@ class ArtifactStore:
         except (json.JSONDecodeError, TypeError) as exc:
             raise ArtifactError(f"{path}: unreadable manifest ({exc})") from exc
 
-    def manifests(self, stage: str | None = None) -> list[Manifest]:
+    def scan(self, stage: str | None = None) -> tuple[list[Manifest], list[str]]:
+        """Every readable manifest (of ``stage``, or all), and why each unreadable one was skipped."""
         pattern = f"{stage}/*/{MANIFEST}" if stage else f"*/*/{MANIFEST}"
-        return [self.load(p.parent.parent.name, p.parent.name) for p in sorted(self.root.glob(pattern))]
+        manifests, skipped = [], []
+        for path in sorted(self.root.glob(pattern)):
+            try:
+                manifests.append(self.load(path.parent.parent.name, path.parent.name))
+            except ArtifactError as exc:
+                skipped.append(str(exc))
+        return manifests, skipped
+
+    def manifests(self, stage: str | None = None) -> list[Manifest]:
+        """Readable manifests only: a truncated or edited one is skipped (``scan`` says which and why)."""
+        return self.scan(stage)[0]
 
     def find_by_digest(self, stage: str, digest: str) -> Manifest:
         for manifest in self.manifests(stage):

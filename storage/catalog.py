@@ -25,7 +25,7 @@ from typing import Any
 import duckdb
 from filelock import FileLock
 
-from creditflow.storage.artifacts import LOCK_TIMEOUT_S, ArtifactError, ArtifactStore, Manifest
+from creditflow.storage.artifacts import LOCK_TIMEOUT_S, ArtifactStore, Manifest
 
 _IDENT = re.compile(r"[^a-z0-9_]+")
 RUN_COLUMNS = (
@@ -100,7 +100,7 @@ class Catalog:
 
     def refresh(self) -> RefreshReport:
         """Recreate ``artifacts``, ``stage_runs`` (from the run log) and one view per (stage, output table)."""
-        manifests, skipped = self._readable_manifests()
+        manifests, skipped = self.store.scan()
         tables: dict[tuple[str, str], list[str]] = {}
         for manifest in manifests:
             for rel in manifest.outputs:
@@ -117,15 +117,6 @@ class Catalog:
             finally:
                 con.close()
         return RefreshReport(views, skipped, moved)
-
-    def _readable_manifests(self) -> tuple[list[Manifest], list[str]]:
-        manifests, skipped = [], []
-        for path in sorted(self.store.root.glob("*/*/manifest.json")):
-            try:
-                manifests.append(self.store.load(path.parent.parent.name, path.parent.name))
-            except ArtifactError as exc:
-                skipped.append(str(exc))
-        return manifests, skipped
 
     def _move_aside_if_garbage(self) -> Path | None:
         if not self.path.exists():

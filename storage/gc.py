@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +30,11 @@ class GcReport:
     too_young: list[tuple[str, str]] = field(default_factory=list)
     removed: list[tuple[str, str, int]] = field(default_factory=list)  # (stage, fingerprint, bytes)
     refused: str | None = None  # why nothing was considered for deletion
+    removed_files: list[tuple[str, int]] = field(default_factory=list)  # checkpoints and cache shards: (path, bytes)
 
     @property
     def bytes_freed(self) -> int:
-        return sum(size for _, _, size in self.removed)
+        return sum(size for _, _, size in self.removed) + sum(size for _, size in self.removed_files)
 
 
 def _size(folder: Path) -> int:
@@ -107,6 +109,46 @@ def collect_garbage(workspace: Workspace, keep: int, dry_run: bool = False, min_
                 shutil.rmtree(trash, ignore_errors=True)
             result.unlink(missing_ok=True)
         report.removed.append((*key, size))
+    remaining = {(m.stage, m.fingerprint) for m in manifests} - {(s, f) for s, f, _ in report.removed}
+    _prune_checkpoints(workspace, min_age, dry_run, report)
+    _prune_token_cache(
+        workspace, [m for m in manifests if (m.stage, m.fingerprint) in remaining], min_age, dry_run, report
+    )
     if report.removed and not dry_run:
         catalog.refresh()
     return report
+
+
+def _old_enough(path: Path, min_age: float) -> bool:
+    return time.time() - path.stat().st_mtime >= min_age
+
+
+def _remove(path: Path, dry_run: bool, report: GcReport) -> None:
+    size = _size(path) if path.is_dir() else path.stat().st_size
+    if not dry_run:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    report.removed_files.append((str(path), size))
+
+
+def _prune_checkpoints(workspace: Workspace, min_age: float, dry_run: bool, report: GcReport) -> None:
+    """Checkpoints left by runs that died: a finished stage removes its own, and one training now rewrites its
+    folder every ``save_every`` steps, so it stays younger than ``min_age``."""
+    root = workspace.root / "checkpoints"
+    for folder in sorted(root.glob("*/*")) if root.is_dir() else []:
+        if _old_enough(folder, min_age):
+            _remove(folder, dry_run, report)
+
+
+def _prune_token_cache(
+    workspace: Workspace, kept: list[Manifest], min_age: float, dry_run: bool, report: GcReport
+) -> None:
+    """Shards with no row that a remaining token_rewards artifact was assembled from (whole shards only)."""
+    from creditflow.storage.token_cache import TokenCache
+
+    cache = TokenCache.for_workspace(workspace)
+    needed: set[str] = set()
+    for manifest in (m for m in kept if m.stage == "token_rewards"):
+        needed.update(workspace.store.read_table(manifest, "token_rewards").column("key").to_pylist())
+    for shard, keys in cache.keys_by_shard().items():
+        if needed.isdisjoint(keys) and _old_enough(shard, min_age):
+            _remove(shard, dry_run, report)

@@ -64,6 +64,9 @@ class TokenCache:
     def shards(self) -> list[Path]:
         return sorted(self.root.glob("shard-*.parquet"))
 
+    def keys_by_shard(self) -> dict[Path, set[str]]:
+        return {shard: set(_read_shard(shard, columns=["key"]).column("key").to_pylist()) for shard in self.shards()}
+
     def index(self) -> dict[str, Path]:
         """key -> the shard holding it (the first one, if a key was computed twice by concurrent runs)."""
         index: dict[str, Path] = {}

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
@@ -110,10 +109,6 @@ class Run:
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
-
-    def log_artifacts(self, paths: Iterable[Path], artifact_path: str | None = None) -> None:
-        for path in paths:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_rows(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
         """A table shown by the MLflow UI's artifact viewer (JSON split format)."""

@@ -66,6 +66,7 @@ class ContrastiveItem:
     plain_ids: list[int]
     better_ids: list[int]
     worse_ids: list[int]
+    truncated: bool = False  # truncate_pair cut the prompt or the completion
 
     @property
     def n_forward_tokens(self) -> int:
@@ -84,18 +85,20 @@ def encode_contrastive(
     spans = completion_offsets(tokenizer, completions)
     items, better_turns, worse_turns = [], [], []
     for prompt, completion, prompt_ids, completion_ids, span in zip(prompts, completions, plain, full, spans):
+        lengths = len(prompt_ids), len(completion_ids)
         prompt_ids, completion_ids = truncate_pair(
             prompt_ids, completion_ids, config.max_length, config.max_prompt_length, config.truncation
         )
+        truncated = (len(prompt_ids), len(completion_ids)) != lengths
         span = span[: len(completion_ids)]
         # The text of the kept tokens: the whole response unless truncation cut its tail.
         response = completion_text(completion)[: span[-1][1]]
         better_turns.append(contrastive_messages(prompt, response, config.better_template))
         worse_turns.append(contrastive_messages(prompt, response, config.worse_template))
-        items.append((completion_ids, [s for s, _ in span], [e for _, e in span], prompt_ids))
+        items.append((completion_ids, [s for s, _ in span], [e for _, e in span], prompt_ids, truncated))
     better = encode_prompts(tokenizer, better_turns)
     worse = encode_prompts(tokenizer, worse_turns)
-    return [ContrastiveItem(*item, b, w) for item, b, w in zip(items, better, worse)]
+    return [ContrastiveItem(*item[:4], b, w, item[4]) for item, b, w in zip(items, better, worse)]
 
 
 def contrastive_rewards(logp_better: torch.Tensor, logp_worse: torch.Tensor) -> torch.Tensor:

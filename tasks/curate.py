@@ -34,6 +34,7 @@ from creditflow.tasks.ingest import (
     detect_format,
     has_columns,
     read_rows,
+    row_total,
 )
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.schema import completion_text
@@ -98,7 +99,8 @@ def curate(config: CurateConfig, progress: bool = True) -> CurationResult:
         )
         if has_columns(source):
             check_columns(fmt, columns, source.label)
-        for location, row in tqdm(rows, desc=f"curate {source.label}", unit="row", disable=not progress, leave=False):
+        bar = tqdm(rows, desc=f"curate {source.label}", total=row_total(source), unit=" rows", disable=not progress)
+        for location, row in bar:
             rows_in += 1
             record = _validate(fmt, row, source, location, config.rules, quarantine, seen)
             if record is not None:

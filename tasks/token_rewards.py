@@ -19,6 +19,7 @@ char_start/char_end are each token's span in ``schema.completion_text(completion
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from creditflow.tasks.schema import SIDES, Messages
 from creditflow.tasks.stage import StageContext
 from creditflow.tasks.training import inference_dtype, resolve_device
 
+logger = logging.getLogger(__name__)
+TRUNCATION_WARNING = 0.05  # warn when more than this share of the computed rows were cut
 OUTPUT_SCHEMA = pa.schema([("pair_id", pa.string()), ("side", pa.string()), *CACHE_SCHEMA])
 # Modules whose source changes a source's rows: part of its cache knobs.
 CONTRASTIVE_CODE = tuple(f"creditflow.tasks.{m}" for m in ("tokenization", "logprobs", "contrastive", "schema"))
@@ -140,6 +143,7 @@ class SourceRun:
     reused: int
     forward_tokens: int
     seconds: float
+    truncated: int = 0  # computed rows whose prompt or completion max_length / max_prompt_length cut
 
 
 def compute_missing(
@@ -168,7 +172,16 @@ def compute_missing(
             rows = source.score([items[j] for j in chunk], bar)
             cache.write_shard([{**row, "key": missing[j], "source": source.name} for j, row in zip(chunk, rows)])
     seconds = time.perf_counter() - started
-    return SourceRun(keys, len(missing), len(set(keys)) - len(missing), total, seconds)
+    truncated = sum(getattr(item, "truncated", False) for item in items)
+    if truncated > TRUNCATION_WARNING * len(items):
+        logger.warning(
+            "token_rewards (%s): truncation cut %d of %d rows; raise token_rewards.max_length / max_prompt_length "
+            "or drop long rows with curate.rules.max_length",
+            source.name,
+            truncated,
+            len(items),
+        )
+    return SourceRun(keys, len(missing), len(set(keys)) - len(missing), total, seconds, truncated)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,6 +246,7 @@ def compute_token_rewards(ctx: StageContext) -> dict[str, float]:
                 f"{name}.forward_tokens": run.forward_tokens,
                 f"{name}.seconds": run.seconds,
                 f"{name}.tokens_per_s": run.forward_tokens / run.seconds if run.computed else 0.0,
+                f"{name}.rows_truncated": run.truncated,
             }
         )
     metrics["rows_computed"] = sum(metrics[f"{s.name}.rows_computed"] for s in sources)

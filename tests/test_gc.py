@@ -127,3 +127,36 @@ def test_gc_survives_a_lost_catalog_and_refuses_without_any_history(history, tmp
     assert report.refused and "no run history" in report.refused and empty.store.exists("curate", "c" * 24)
     out = CliRunner().invoke(app, ["artifacts", "gc", "--keep", "5", "--min-age", "0", "-w", str(empty.root)])
     assert out.exit_code == 0 and "no run history" in out.output and empty.store.exists("curate", "c" * 24)
+
+
+def test_gc_prunes_dead_checkpoints_and_unreferenced_cache_shards(history):
+    import os
+
+    from creditflow.storage.token_cache import TokenCache
+
+    ws = history
+    cache = TokenCache.for_workspace(ws)
+    row = {"source": "contrastive", "n_tokens": 1, "token_ids": [1], "char_start": [0], "char_end": [1]}
+    row.update(rewards=[0.1], ref_logps=[-1.0])
+    used = cache.write_shard([{**row, "key": "used"}, {**row, "key": "also-orphaned-but-shares-a-shard"}])
+    orphan = cache.write_shard([{**row, "key": "orphan"}])
+    tokens = ws.store.writer("token_rewards", "t" * 24)
+    tokens.write_table("token_rewards", pa.table({"key": ["used"]}))
+    manifest = ws.store.publish(
+        tokens, stage="token_rewards", fingerprint="t" * 24, inputs={}, config={}, code_version="v"
+    )
+    _record(ws, "p3", manifest)  # the newest run uses it
+    dead = ws.root / "checkpoints" / "policy" / ("d" * 24)
+    live = ws.root / "checkpoints" / "policy" / ("l" * 24)
+    for folder in (dead, live):
+        folder.mkdir(parents=True)
+        (folder / "state.pt").write_bytes(b"x" * 10)
+    hour_ago = time.time() - 3600
+    for path in (dead, used, orphan):
+        os.utime(path, (hour_ago, hour_ago))
+
+    report = collect_garbage(ws, keep=1, min_age=600)
+    removed = {path for path, _ in report.removed_files}
+    assert removed == {str(dead), str(orphan)}  # the live checkpoint is young; the used shard is referenced
+    assert used.exists() and live.exists() and not orphan.exists() and not dead.exists()
+    assert ws.store.exists("token_rewards", "t" * 24)

@@ -627,3 +627,16 @@ def test_deeply_nested_json_is_a_named_error(tmp_path):
     path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n' + '{"prompt": ' + "[" * 100_000 + "\n")
     with pytest.raises(MalformedInputError, match=r"deep.jsonl: line 2: JSON nested too deeply"):
         list(read_rows(SourceConfig(path=str(path)))[1])
+
+
+def test_row_total_counts_what_read_rows_yields(tmp_path):
+    from creditflow.tasks.ingest import row_total
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "p", "chosen": "a", "rejected": str(i)}) + "\n\n" for i in range(7)))
+    assert row_total(SourceConfig(path=str(path))) == 7 == len(list(read_rows(SourceConfig(path=str(path)))[1]))
+    assert row_total(SourceConfig(path=str(path), limit=3)) == 3
+    table = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"prompt": ["p"] * 5, "chosen": ["a"] * 5, "rejected": ["b"] * 5}), table)
+    assert row_total(SourceConfig(path=str(table))) == 5
+    assert row_total(SourceConfig(path=str(tmp_path / "rows.csv"))) is None  # unknown without reading it

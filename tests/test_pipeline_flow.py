@@ -208,6 +208,8 @@ def test_cli_in_a_new_process_hits_the_cache(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "hit" in out.stdout
+    assert "dpo seed=0" in out.stdout  # the run name from the config
+    assert "results" in out.stdout and "win_rate_rm" in out.stdout and "final_loss" in out.stdout
     with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
         rows = con.execute(
             "SELECT fingerprint, cache_hit FROM stage_runs WHERE stage = 'curate' ORDER BY finished_at"
@@ -241,7 +243,7 @@ def test_reward_model_stage_checkpoint_and_its_own_cache_key(tmp_path):
     history = client.get_metric_history(first["reward_model"]["mlflow_run_id"], "train.loss")
     assert [m.step for m in history] == [1, 2, 3, 4, 5]  # reward_model.max_steps
     artifacts = {a.path for a in client.list_artifacts(first["reward_model"]["mlflow_run_id"], "reward_model")}
-    assert "reward_model/eval_rewards.png" in artifacts and "reward_model/model" in artifacts
+    assert "reward_model/eval_rewards.png" in artifacts and "reward_model/model.json" in artifacts
 
     # A reward-model knob: curation is reused, the reward model is retrained.
     cfg["reward_model"]["learning_rate"] = 1e-4
@@ -320,3 +322,63 @@ def test_refreshing_a_stage_with_identical_outputs_keeps_downstream_hits(tmp_pat
     outputs = again["policy"]["manifest"]["outputs"]
     assert outputs["train_timings.parquet"]["volatile"] is True and "volatile" not in outputs["train_log.parquet"]
     assert again["evaluate"]["cache_hit"] is True
+
+
+def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": oops}\n')
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(_config(sources=[{"path": str(data)}])))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_LOGGING_LEVEL"}  # as a user's shell has it
+    env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+    command = [sys.executable, "-m", "creditflow.flows.cli"]
+    args = ["run", "-c", str(config), "-w", str(tmp_path / "ws"), "--quiet"]
+    out = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "bad.jsonl: line 2: invalid JSON" in out.stdout and "Traceback" not in out.stdout + out.stderr
+    debug = subprocess.run([*command, "--debug", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "MalformedInputError" in debug.stderr
+
+
+def test_parent_run_carries_the_headline_and_a_name_from_the_config(tmp_path):
+    cfg = _config()
+    cfg["policy"]["loss"]["alpha"] = 0.25
+    result = pipeline_flow(config=cfg, workspace=str(tmp_path), progress=False)
+    assert result["run_name"] == "dpo+t-reg(contrastive, α=0.25) seed=0"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(result["mlflow_run_id"]).data
+    assert parent.params["alpha"] == "0.25" and parent.params["loss_type"] == "dpo" and parent.params["lora"] == "none"
+    assert {"evaluate.win_rate_rm", "policy.final_loss", "curate.pairs_out"} <= set(parent.metrics)
+    named = pipeline_flow(config=cfg, workspace=str(tmp_path), progress=False, run_name="my sweep 1")
+    assert client.get_run(named["mlflow_run_id"]).info.run_name == "my sweep 1"
+    with pytest.raises(ValueError, match="cannot run together: curate.eval_fraction is 0"):
+        pipeline_flow(config={**cfg, "curate": {**cfg["curate"], "eval_fraction": 0.0}}, workspace=str(tmp_path))
+
+
+def test_a_fully_cached_run_is_one_light_record_without_prefect_or_models(tmp_path):
+    cfg = _config()
+    first = pipeline_flow(config=cfg, workspace=str(tmp_path), progress=False)
+    probe = (
+        "import json, sys; from creditflow.flows.pipeline import run_pipeline; "
+        f"r = run_pipeline(config=json.loads({json.dumps(json.dumps(cfg))}), workspace={str(tmp_path)!r}); "
+        "print(json.dumps({'hits': [s['cache_hit'] for s in r['stages'].values()], 'run': r['mlflow_run_id'], "
+        "'heavy': [m for m in ('torch', 'transformers') if m in sys.modules]}))"
+    )
+    # An unreachable Prefect API: touching Prefect at all would fail the run.
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["hits"] == [True] * 5 and report["heavy"] == []
+
+    client, children = _child_runs(tmp_path, report["run"])
+    assert children == {}  # one run, no child per stage
+    tags = client.get_run(report["run"]).data.tags
+    assert tags["creditflow.cached"] == "true"
+    for name, stage in first["stages"].items():
+        assert tags[f"creditflow.source_run.{name}"] == stage["mlflow_run_id"]  # links the run that computed it
+    with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
+        recorded = con.execute("SELECT count(*) FROM stage_runs WHERE pipeline_run_id = ?", [report["run"]]).fetchone()
+    assert recorded == (5,)

@@ -442,5 +442,7 @@ def test_stage_writes_model_train_log_and_mlflow_artifacts(model_dir, data, tmp_
     assert not torch.equal(trained.model.norm.weight, AutoModelForCausalLM.from_pretrained(model_dir).model.norm.weight)
     assert not ctx.checkpoint_dir.exists()  # removed once the model is in the artifact
     logged = {a.path for a in run.client.list_artifacts(run.run_id, "policy")}
-    assert {"policy/loss_curve.png", "policy/model"} <= logged
+    assert {"policy/loss_curve.png", "policy/model.json"} <= logged
+    location = run.client.get_run(run.run_id).data.tags["creditflow.model_path"]
+    assert location == str(store.path("policy", "p1") / "model")  # one copy of the weights: the artifact store's
     assert [m.step for m in run.client.get_metric_history(run.run_id, "loss")] == [1, 2, 3]

@@ -368,3 +368,12 @@ def test_model_specs_resolve_or_explain(policy_dir, tmp_path, monkeypatch):
     assert models.model_fingerprint(copy) == models.model_fingerprint(policy_dir)
     build_tiny_causal_lm(tmp_path / "copy", CORPUS, seed=1)  # same config, other weights
     assert models.model_fingerprint(copy) != models.model_fingerprint(policy_dir)
+
+
+def test_truncated_rows_are_counted_and_warned_about(stage_env, policy_dir, caplog):
+    long_pairs = [_pair(i, extra=" (long) " + "and then it went on " * 12) for i in range(3)]
+    config = TokenRewardsConfig(max_length=40, max_prompt_length=16)
+    with caplog.at_level("WARNING", logger="creditflow.tasks.token_rewards"):
+        metrics, _ = _run_stage(stage_env, policy_dir, long_pairs, config, "truncated")
+    assert metrics["contrastive.rows_truncated"] == 6  # every side's prompt was cut to 16 tokens
+    assert "truncation cut 6 of 6 rows" in caplog.text
