@@ -81,7 +81,7 @@ def _errors() -> Iterator[None]:
         if DEBUG["on"]:
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        console.print(f"[bold red]error:[/] {message}", highlight=False)
+        console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # paths stay whole
         console.print("(creditflow --debug ... shows the traceback)", style="dim")
         raise typer.Exit(code=2) from None
 

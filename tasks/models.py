@@ -127,12 +127,12 @@ def _tiny_lm_folder() -> Path:
 
     from creditflow.tasks.configs import SourceConfig
     from creditflow.tasks.ingest import source_path
-    from creditflow.tasks.tiny import build_tiny_causal_lm
 
     sample = source_path(SourceConfig(builtin="sample"))
     target = model_cache_dir() / f"tiny-lm-{sha256_file(sample)[:12]}"
     if target.is_dir():
         return target
+    from creditflow.tasks.tiny import build_tiny_causal_lm  # imports transformers: only when building
     rows = [json.loads(line) for line in sample.read_text().splitlines() if line.strip()]
     corpus = [row[key] for row in rows for key in ("prompt", "chosen", "rejected")]
     tmp = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:8]}")

@@ -296,3 +296,11 @@ def test_infra_files_parse_and_point_at_real_flows_and_services():
     container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
     assert container["args"] == "{{ command }}" and "nvidia.com/gpu" in container["resources"]["limits"]
     assert variables["env"]["default"]["CREDITFLOW_WORKSPACE"] in workspaces
+
+
+def test_prefect_server_on_a_custom_port_points_its_ui_at_that_port(tmp_path):
+    ws = Workspace.resolve(tmp_path / "ws")
+    argv, env = ops.PREFECT.command(ws, 4321)
+    assert argv[-4:] == ["--host", "127.0.0.1", "--port", "4321"]
+    assert env["PREFECT_UI_API_URL"] == "http://127.0.0.1:4321/api"  # the browser UI calls this API
+    assert env["PREFECT_HOME"] == str(ws.root / "prefect-server")
