@@ -68,7 +68,8 @@ def main() -> None:
         subprocess.run([*CLI, "down", "-w", str(workspace)], env=env, capture_output=True)
     print(f"{'baseline: pipeline_flow (Prefect path), embedded':<50} {baseline:6.1f} s")
     print(f"{'creditflow run, embedded defaults':<50} {light:6.1f} s   {light / baseline:5.2f}x baseline")
-    print(f"{'creditflow run, with creditflow up':<50} {with_servers:6.1f} s   {with_servers / baseline:5.2f}x baseline")
+    ratio = with_servers / baseline
+    print(f"{'creditflow run, with creditflow up':<50} {with_servers:6.1f} s   {ratio:5.2f}x baseline")
 
 
 if __name__ == "__main__":
