@@ -133,6 +133,7 @@ def _tiny_lm_folder() -> Path:
     if target.is_dir():
         return target
     from creditflow.tasks.tiny import build_tiny_causal_lm  # imports transformers: only when building
+
     rows = [json.loads(line) for line in sample.read_text().splitlines() if line.strip()]
     corpus = [row[key] for row in rows for key in ("prompt", "chosen", "rejected")]
     tmp = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:8]}")
