@@ -20,8 +20,10 @@ from creditflow.flows.render import (  # noqa: E402
     UI_URL,
     console,
     print_comparison,
+    print_gc,
     print_results,
     print_rows,
+    print_runs,
     print_servers,
     print_stages,
     print_where_to_look,
@@ -334,18 +336,7 @@ def runs(
     """Recent pipeline runs: each stage's fingerprint, cache hit and whether its artifact still exists."""
     from creditflow.flows import ops
 
-    found = ops.list_runs(workspace, limit)
-    for run in found:  # one block per run: fingerprints stay whole in a narrow terminal
-        console.print(
-            f"[bold]{run['name'] or run['run_id']}[/]  {run['status'] or '?'}  "
-            f"finished {str(run['finished_at'])[:19]}  ({run['kind']} run {run['run_id']})"
-        )
-        for stage in run["stages"]:
-            cache = "hit     " if stage["cache_hit"] else "computed"
-            artifact = "" if stage["artifact"] else "  (artifact deleted)"
-            console.print(f"  {stage['stage']:<14} {stage['fingerprint']}  {cache}{artifact}", highlight=False)
-    if not found:
-        console.print("no runs recorded in this workspace yet")
+    print_runs(ops.list_runs(workspace, limit))
 
 
 @artifacts_app.command("gc")
@@ -363,21 +354,7 @@ def artifacts_gc(
 
     ws = Workspace.resolve(workspace)
     report = collect_garbage(ws, keep, dry_run=dry_run, min_age=min_age)
-    if report.refused:
-        console.print(f"[yellow]{report.refused}[/]")
-        return
-    verb = "would remove" if dry_run else "removed"
-    for stage_name, fingerprint, size in report.removed:
-        console.print(f"{verb} {ws.store.path(stage_name, fingerprint)}  ({size:,} bytes)")
-    for path, size in report.removed_files:
-        console.print(f"{verb} {path}  ({size:,} bytes)")
-    for stage_name, fingerprint in report.too_young:
-        console.print(f"kept {stage_name}/{fingerprint}: younger than {min_age:.0f}s")
-    console.print(
-        f"{verb} {len(report.removed)} artifacts and {len(report.removed_files)} checkpoints/cache shards, "
-        f"{report.bytes_freed:,} bytes; "
-        f"kept {len(report.kept)} used by {len(report.kept_runs)} runs"
-    )
+    print_gc(report, ws, dry_run, min_age)
 
 
 rewards_app = typer.Typer(help="Token-level rewards.", no_args_is_help=True)

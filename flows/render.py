@@ -105,3 +105,36 @@ def print_rows(columns: list[str], rows: list[tuple], fmt: str) -> None:
     else:
         json.dump([dict(zip(columns, row)) for row in rows], sys.stdout, default=str, indent=1)
         sys.stdout.write("\n")
+
+
+def print_runs(found: list[dict[str, Any]]) -> None:
+    """``creditflow runs``: one block per run, so fingerprints stay whole in a narrow terminal."""
+    for run in found:
+        console.print(
+            f"[bold]{run['name'] or run['run_id']}[/]  {run['status'] or '?'}  "
+            f"finished {str(run['finished_at'])[:19]}  ({run['kind']} run {run['run_id']})"
+        )
+        for stage in run["stages"]:
+            cache = "hit     " if stage["cache_hit"] else "computed"
+            artifact = "" if stage["artifact"] else "  (artifact deleted)"
+            console.print(f"  {stage['stage']:<14} {stage['fingerprint']}  {cache}{artifact}", highlight=False)
+    if not found:
+        console.print("no runs recorded in this workspace yet")
+
+
+def print_gc(report, ws, dry_run: bool, min_age: float) -> None:
+    """What ``creditflow artifacts gc`` removed (or would remove) and kept."""
+    if report.refused:
+        console.print(f"[yellow]{report.refused}[/]")
+        return
+    verb = "would remove" if dry_run else "removed"
+    for stage_name, fingerprint, size in report.removed:
+        console.print(f"{verb} {ws.store.path(stage_name, fingerprint)}  ({size:,} bytes)")
+    for path, size in report.removed_files:
+        console.print(f"{verb} {path}  ({size:,} bytes)")
+    for stage_name, fingerprint in report.too_young:
+        console.print(f"kept {stage_name}/{fingerprint}: younger than {min_age:.0f}s")
+    console.print(
+        f"{verb} {len(report.removed)} artifacts and {len(report.removed_files)} checkpoints/cache shards, "
+        f"{report.bytes_freed:,} bytes; kept {len(report.kept)} used by {len(report.kept_runs)} runs"
+    )
