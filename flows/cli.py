@@ -9,13 +9,21 @@ apply_defaults()  # before Prefect/MLflow/transformers read their settings
 import os  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Iterator, Optional  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import typer  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from creditflow.flows.cli_common import (  # noqa: E402
+    DEBUG,
+    ConfigOpt,
+    SetOpt,
+    WorkspaceOpt,
+    config_dict,
+    user_errors,
+)
+from creditflow.flows.cli_rewards import rewards_app  # noqa: E402
 from creditflow.flows.render import (  # noqa: E402
     UI_URL,
     console,
@@ -38,33 +46,6 @@ app.add_typer(data_app, name="data")
 app.add_typer(catalog_app, name="catalog")
 
 
-def _use_workspace(value: Optional[str]) -> Optional[str]:
-    """``-w`` callback: point this process at the workspace's servers (``creditflow up``) before Prefect or MLflow
-    are imported, which read their settings once, at import."""
-    from creditflow.flows.ops import use_servers
-
-    use_servers(value)
-    return value
-
-
-ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline YAML (see configs/). Default: built-in demo settings.")
-WorkspaceOpt = typer.Option(
-    None,
-    "--workspace",
-    "-w",
-    help="Workspace folder (default $CREDITFLOW_WORKSPACE or ./creditflow-workspace).",
-    callback=_use_workspace,
-)
-SetOpt = typer.Option(
-    None, "--set", help="Override a config key, e.g. --set curate.eval_fraction=0.2 (value parsed as YAML)."
-)
-# What a user can get wrong (a config, an input file, a missing artifact): one line, no traceback.
-USER_ERRORS = (ValueError, RuntimeError, OSError, KeyError)  # CatalogError and ArtifactError are RuntimeErrors
-
-
-DEBUG = {"on": False}
-
-
 @app.callback()
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Full tracebacks and Prefect's own logs on errors."),
@@ -72,26 +53,6 @@ def _main(
     DEBUG["on"] = debug
     if not debug:  # Prefect logs every failed flow's traceback itself; our one-line error says what went wrong
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    """A user error (bad config, bad input, missing artifact) as one line; the traceback only with --debug."""
-    try:
-        yield
-    except USER_ERRORS as exc:
-        if DEBUG["on"]:
-            raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # paths stay whole
-        console.print("(creditflow --debug ... shows the traceback)", style="dim")
-        raise typer.Exit(code=2) from None
-
-
-def _config_dict(config: Optional[Path], overrides: Optional[list[str]]) -> dict[str, Any]:
-    from creditflow.flows.config import load_config, parse_overrides
-
-    return load_config(config, parse_overrides(overrides or [])).model_dump(mode="json")
 
 
 @app.command()
@@ -111,8 +72,8 @@ def run(
     ),
 ) -> None:
     """Run the whole pipeline (cached stages are reused)."""
-    with _errors():
-        cfg = _config_dict(config, set_)
+    with user_errors():
+        cfg = config_dict(config, set_)
         from creditflow.flows.pipeline import run_pipeline
 
         result = run_pipeline(
@@ -146,7 +107,7 @@ def demo(
     if plan.fallback_reason:
         console.print(f"[bold yellow]note:[/] {plan.fallback_reason}")
     console.print(f"demo config: {plan.config}")
-    with _errors():
+    with user_errors():
         results = run_demo(plan, workspace, seed or [0], alpha, progress=not quiet)
     for result in results:
         print_stages(result, title=result["run_name"])
@@ -164,8 +125,8 @@ def stage(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Run one stage alone; its upstream artifacts must already be in the workspace."""
-    with _errors():
-        cfg = _config_dict(config, set_)
+    with user_errors():
+        cfg = config_dict(config, set_)
         from creditflow.flows.pipeline import STAGE_FLOWS
 
         if name not in STAGE_FLOWS:
@@ -188,7 +149,7 @@ def sql(
     from creditflow.storage.catalog import Catalog
     from creditflow.storage.workspace import Workspace
 
-    with _errors():
+    with user_errors():
         if fmt not in ("table", "csv", "json"):
             raise ValueError(f"--format must be table, csv or json, got {fmt!r}")
         ws = Workspace.resolve(workspace)
@@ -242,8 +203,8 @@ def show_config(
             table.add_row(key, default, description)
         console.print(table)
         return
-    with _errors():
-        console.print(yaml.safe_dump(_config_dict(config, set_), sort_keys=False), end="", highlight=False)
+    with user_errors():
+        console.print(yaml.safe_dump(config_dict(config, set_), sort_keys=False), end="", highlight=False)
 
 
 @catalog_app.command("refresh")
@@ -287,7 +248,7 @@ def up(
     """Start local Prefect and MLflow servers for this workspace; later creditflow commands use them."""
     from creditflow.flows import ops
 
-    with _errors():
+    with user_errors():
         env = ops.up(workspace, {"prefect": prefect_port, "mlflow": mlflow_port}, timeout=timeout)
     for key, value in env.items():
         console.print(f"{key}={value}")
@@ -324,8 +285,8 @@ def serve(
     """Register the pipeline as a scheduled Prefect deployment and run its flow runs (Ctrl-C to stop)."""
     from creditflow.flows import ops
 
-    with _errors():
-        ops.serve(_config_dict(config, set_), workspace, name, cron=cron, interval=interval)
+    with user_errors():
+        ops.serve(config_dict(config, set_), workspace, name, cron=cron, interval=interval)
 
 
 @app.command()
@@ -357,38 +318,7 @@ def artifacts_gc(
     print_gc(report, ws, dry_run, min_age)
 
 
-rewards_app = typer.Typer(help="Token-level rewards.", no_args_is_help=True)
 app.add_typer(rewards_app, name="rewards")
-
-
-@rewards_app.command("show")
-def rewards_show(
-    pair_id: str = typer.Argument(..., help="pair_id from curate_pairs / token_rewards_token_rewards"),
-    workspace: Optional[str] = WorkspaceOpt,
-) -> None:
-    """Print one pair's token rewards, each token coloured by r (green good, red bad), from the newest artifact."""
-    from creditflow.storage.workspace import Workspace
-    from creditflow.tasks.models import resolve_model
-    from creditflow.tasks.token_view import render_pair
-    from creditflow.tasks.tokenization import load_tokenizer
-
-    store = Workspace.resolve(workspace).store
-    for manifest in sorted(store.manifests("token_rewards"), key=lambda m: m.created_at, reverse=True):
-        table = store.read_table(manifest, "token_rewards")
-        rows = [r for r in table.to_pylist() if r["pair_id"] == pair_id]
-        if rows:
-            tokenizers = {"contrastive": load_tokenizer(str(resolve_model(manifest.config["reference_model"])))}
-            if any(r["source"] == "abc" for r in rows):
-                rm = store.load("reward_model", _upstream_fingerprint(store, "reward_model", manifest))
-                tokenizers["abc"] = load_tokenizer(str(store.path(rm.stage, rm.fingerprint) / "model"))
-            console.print(render_pair(pair_id, rows, tokenizers))
-            return
-    with _errors():
-        raise KeyError(f"no token rewards for pair {pair_id!r} in {store.root}")
-
-
-def _upstream_fingerprint(store, stage: str, manifest) -> str:
-    return store.find_by_digest(stage, manifest.inputs["upstream"][stage]).fingerprint
 
 
 def main() -> None:

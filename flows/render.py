@@ -138,3 +138,28 @@ def print_gc(report, ws, dry_run: bool, min_age: float) -> None:
         f"{verb} {len(report.removed)} artifacts and {len(report.removed_files)} checkpoints/cache shards, "
         f"{report.bytes_freed:,} bytes; kept {len(report.kept)} used by {len(report.kept_runs)} runs"
     )
+
+
+def print_audit(rows) -> None:
+    """The token-reward audit table, and a loud warning for every source that points the wrong way."""
+    from creditflow.tasks.audit import AUC_WARNING
+
+    def fmt(value: float) -> str:
+        return "-" if value != value else f"{value:.3f}"  # NaN: nothing to compare
+
+    table = Table("source", "probe", "items", "bad tokens", "AUC", "paired acc", "coverage", title="token-reward audit")
+    for row in rows:
+        style = "bold red" if row.auc < AUC_WARNING else None
+        cells = (row.source, row.kind, str(row.items), str(row.bad_tokens), fmt(row.auc))
+        table.add_row(*cells, fmt(row.paired_accuracy), fmt(row.coverage), style=style)
+    console.print(table)
+    console.print(
+        "AUC: P(bad token scores below another token); 0.5 is chance. paired acc: bad tokens below the "
+        "correct answer's tokens at the same place."
+    )
+    for row in rows:
+        if row.kind == "all" and row.auc < AUC_WARNING:
+            console.print(
+                f"[bold red]WARNING: {row.source} points the wrong way (AUC {row.auc:.3f} < 0.5): "
+                "planted errors get HIGHER token rewards than correct tokens[/]"
+            )

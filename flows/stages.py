@@ -198,7 +198,7 @@ def plan_stage(name: str, cfg: PipelineConfig, upstream: dict[str, Manifest]) ->
     section = stage.section(cfg)
     upstream = {u: upstream[u] for u in active_upstream(name, cfg)}
     inputs = {"upstream": {u: m.digest for u, m in upstream.items()}, **stage.input_digests(cfg)}
-    config = section.model_dump(mode="json")
+    config = {**section.model_dump(mode="json"), **section.cache_fields()}
     reference = cfg.reference_model if stage.uses_reference else None
     if reference is not None:
         config["reference_model"] = reference

@@ -23,16 +23,22 @@ TOKEN_REWARD_SOURCES = ("contrastive", "abc")
 LOSS_TYPES = ("dpo", "ipo", "simpo")
 TINY_BACKBONE = "tiny"  # reward_model.base_model: a tiny backbone built from the curated text (tests, offline)
 
-# T-REG contrastive prompts, reading A of the spec (docs/algorithms.md): a revision request that embeds the
-# instruction and the response. Only the attribute lists are from the paper; the wording around them is ours.
-BETTER_TEMPLATE = (
-    "{instruction}\n\nHere is a response:\n{response}\n\n"
-    "Revise the response to make it more helpful, correct, coherent, and concise."
-)
-WORSE_TEMPLATE = (
-    "{instruction}\n\nHere is a response:\n{response}\n\n"
-    "Revise the response to make it unhelpful, incorrect, incoherent, and verbose."
-)
+# T-REG contrastive prompt presets. Only the attribute lists are from the paper; the wording around them is ours.
+# revision: reading A of the spec (the response is embedded and the model is asked to revise it);
+# guideline: reading B (the attributes are appended to the instruction; the response is not embedded).
+TEMPLATE_PRESETS = {
+    "revision": (
+        "{instruction}\n\nHere is a response:\n{response}\n\n"
+        "Revise the response to make it more helpful, correct, coherent, and concise.",
+        "{instruction}\n\nHere is a response:\n{response}\n\n"
+        "Revise the response to make it unhelpful, incorrect, incoherent, and verbose.",
+    ),
+    "guideline": (
+        "{instruction}\n\nYour response should be helpful, correct, coherent, and concise.",
+        "{instruction}\n\nYour response should be unhelpful, incorrect, incoherent, and verbose.",
+    ),
+}
+DEFAULT_TEMPLATE = "guideline"  # chosen by `creditflow rewards audit` on SmolLM2 (docs/benchmarks.md)
 
 
 # Experiment and run names become MLflow folder names: no path separators, no "..", printable.
@@ -51,6 +57,10 @@ class StrictConfig(BaseModel):
     """Base of every config section: unknown keys and wrong types are errors."""
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+    def cache_fields(self) -> dict:
+        """Derived values the stage fingerprint must also cover (none by default)."""
+        return {}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -180,8 +190,11 @@ class TokenRewardsConfig(StrictConfig):
     max_length: int | None = Field(1024, ge=2, description="Prompt + completion tokens, as the policy truncates.")
     max_prompt_length: int | None = Field(512, ge=1)
     truncation: Literal["keep_start", "keep_end"] = "keep_start"
-    better_template: str = Field(BETTER_TEMPLATE, description="str.format with {instruction} and {response}.")
-    worse_template: str = Field(WORSE_TEMPLATE, description="Its contrast; literal braces as {{ }}.")
+    template: Literal["revision", "guideline", "custom"] = Field(
+        DEFAULT_TEMPLATE, description="Contrastive prompt preset; 'custom' uses better_template / worse_template."
+    )
+    better_template: str | None = Field(None, description="custom only: str.format with {instruction} [{response}].")
+    worse_template: str | None = Field(None, description="custom only: its contrast; literal braces as {{ }}.")
     batch_size: int = Field(8, ge=1, description="Sequences per forward (each response needs 3).")
     rows_per_shard: int = Field(256, ge=1, description="Cache rows per shard: the unit of resumption.")
     abc_beta: float = Field(0.8, ge=0, le=1, description="ABC mixing coefficient (Chan et al. 2024 use 0.8).")
@@ -199,6 +212,13 @@ class TokenRewardsConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _templates(self) -> "TokenRewardsConfig":
+        custom = self.better_template is not None or self.worse_template is not None
+        if self.template != "custom":
+            if custom:
+                raise ValueError("token_rewards: better_template / worse_template need template: custom")
+            return self
+        if self.better_template is None or self.worse_template is None:
+            raise ValueError("token_rewards: template custom needs both better_template and worse_template")
         uses_response = {}
         for name in ("better_template", "worse_template"):
             fields = _placeholders(getattr(self, name), f"token_rewards.{name}")
@@ -212,6 +232,17 @@ class TokenRewardsConfig(StrictConfig):
             # One prompt with the response in context and one without compares copying, not quality.
             raise ValueError("token_rewards: both templates embed {response}, or neither does")
         return self
+
+    def templates(self) -> tuple[str, str]:
+        """(better, worse) prompt templates: the preset's, or the custom strings."""
+        if self.template == "custom":
+            return self.better_template, self.worse_template
+        return TEMPLATE_PRESETS[self.template]
+
+    def cache_fields(self) -> dict[str, str]:
+        """The exact template texts: part of the stage fingerprint, so editing a preset's wording is a miss."""
+        better, worse = self.templates()
+        return {"better_text": better, "worse_text": worse}
 
 
 def _placeholders(template: str, where: str) -> set[str]:
@@ -231,6 +262,12 @@ class PreferenceLossConfig(StrictConfig):
     alpha: float = Field(0.0, ge=0, allow_inf_nan=False, description="T-REG weight; 0 disables the regularizer.")
     gamma: float = Field(0.5, allow_inf_nan=False, description="SimPO target margin (not gamma/beta).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO only (conservative DPO).")
+
+    @model_validator(mode="after")
+    def _smoothing_is_dpo_only(self) -> "PreferenceLossConfig":
+        if self.label_smoothing and self.loss_type != "dpo":
+            raise ValueError(f"policy.loss.label_smoothing applies to dpo only, not {self.loss_type}")
+        return self
 
 
 class LoraConfig(StrictConfig):

@@ -48,7 +48,8 @@ def load_reference_model(folder: str | Path, device: torch.device, dtype: torch.
 
 
 def contrastive_messages(prompt: Messages, response: str, template: str) -> Messages:
-    """The prompt with its last user turn rewritten by ``template`` (which embeds that turn and the response)."""
+    """The prompt with its last user turn rewritten by ``template`` (which embeds that turn, and the response when
+    the template has a ``{response}`` placeholder)."""
     last_user = max((i for i, m in enumerate(prompt) if m["role"] == "user"), default=None)
     if last_user is None:
         raise ValueError("contrastive prompting needs a prompt with a user turn")
@@ -83,6 +84,7 @@ def encode_contrastive(
     plain = encode_prompts(tokenizer, prompts)
     full = encode_completions(tokenizer, completions)
     spans = completion_offsets(tokenizer, completions)
+    better_template, worse_template = config.templates()
     items, better_turns, worse_turns = [], [], []
     for prompt, completion, prompt_ids, completion_ids, span in zip(prompts, completions, plain, full, spans):
         lengths = len(prompt_ids), len(completion_ids)
@@ -93,8 +95,8 @@ def encode_contrastive(
         span = span[: len(completion_ids)]
         # The text of the kept tokens: the whole response unless truncation cut its tail.
         response = completion_text(completion)[: span[-1][1]]
-        better_turns.append(contrastive_messages(prompt, response, config.better_template))
-        worse_turns.append(contrastive_messages(prompt, response, config.worse_template))
+        better_turns.append(contrastive_messages(prompt, response, better_template))
+        worse_turns.append(contrastive_messages(prompt, response, worse_template))
         items.append((completion_ids, [s for s, _ in span], [e for _, e in span], prompt_ids, truncated))
     better = encode_prompts(tokenizer, better_turns)
     worse = encode_prompts(tokenizer, worse_turns)

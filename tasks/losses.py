@@ -15,12 +15,15 @@ Sequence losses
 T-REG regularizer (Zhou, Zhang, Zhao, Meng 2024, "T-REG: Preference Optimization with Token-Level Reward
 Regularization", arXiv 2412.02685), added with weight α and a detached sequence weight w:
         L_total = L + α · w · (L_REG(y_w) + L_REG(y_l))
-    DPO:   L_REG(y) = −β Σ_t m_t r̂_t ℓ_t,          w = sg(σ(−z))   (the coefficient of the DPO gradient)
+    DPO:   L_REG(y) = −β Σ_t m_t r̂_t ℓ_t,          w = sg(max(σ(−z) − ε, 0))   (the coefficient of the DPO gradient)
     SimPO: L_REG(y) = −(β/|y|) Σ_t m_t r̂_t ℓ_t,    w = sg(σ(−z))   (z includes the margin γ)
     IPO:   L_REG(y) = −(β/|y|) Σ_t m_t r̂_t ℓ_t,    w = sg(clamp(1 − 2βh, 0, 1))
 The IPO pairing is our choice (the paper covers DPO and SimPO): IPO's implicit token reward is length-normalized,
 and its gradient magnitude |h − 1/(2β)|, scaled to 1 at h = 0, vanishes once the pair reaches its target margin.
-With α = 0 every loss is exactly its plain form.
+With label smoothing ε (DPO only; the config refuses it for IPO and SimPO) the DPO gradient's coefficient is
+−∂L/∂z = σ(−z) − ε, which turns negative once σ(−z) < ε (a pair learned past the smoothing target). w clamps it at
+0: the regularizer then stops rather than pushing the token rewards the other way. With α = 0 every loss is exactly
+its plain form.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ def preference_loss(
             z = reward_w - reward_l
             eps = config.label_smoothing
             sequence = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-            weight = torch.sigmoid(-z).detach()
+            weight = (torch.sigmoid(-z) - eps).clamp(min=0).detach()
         else:  # ipo
             h = ratio_w / length_w - ratio_l / length_l
             reward_w, reward_l = beta * ratio_w / length_w, beta * ratio_l / length_l

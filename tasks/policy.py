@@ -170,6 +170,7 @@ def load_policy_model(model_dir: str | Path, config: PolicyConfig, device: torch
     lm = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa").to(device)
     check_lm_head(lm)
     lm.config.use_cache = False
+    disable_dropout(lm)
     if config.gradient_checkpointing:
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if config.lora is None:
@@ -188,6 +189,17 @@ def load_policy_model(model_dir: str | Path, config: PolicyConfig, device: torch
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         model = get_peft_model(lm, adapters)  # adapters are fp32 even on a bf16 base (autocast_adapter_dtype)
     return model.train(), model.get_base_model()
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off in the policy's own layers, as TRL's ``disable_dropout``: with it on, log π(y) of the very first
+    step already differs from the reference's, and the DPO margin starts away from 0. LoRA adapters added after
+    this keep their configured ``lora.dropout``."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # attention kernels read a float
+            module.attention_dropout = 0.0
 
 
 class PolicyTrainer:

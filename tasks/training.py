@@ -80,13 +80,14 @@ def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
 
 
 def cosine_schedule(optimizer, warmup: int, total_steps: int) -> LambdaLR:
-    """Linear warmup to the peak learning rate, then cosine decay to 0: transformers'
-    ``get_cosine_schedule_with_warmup``, written out because importing that module imports peft (seconds per
-    torchrun worker)."""
+    """Linear warmup to the peak learning rate, then cosine decay to 0. Unlike transformers'
+    ``get_cosine_schedule_with_warmup`` the warmup starts at peak/(warmup + 1), not 0, so the first optimizer step
+    updates the weights (written out, too, because importing that module imports peft: seconds per torchrun worker).
+    """
 
     def factor(step: int) -> float:
         if step < warmup:
-            return step / max(1, warmup)
+            return (step + 1) / (warmup + 1)
         progress = (step - warmup) / max(1, total_steps - warmup)
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 

@@ -163,3 +163,26 @@ def test_token_reward_correlation():
         -1.0
     )
     assert math.isnan(token_reward_correlation(logp, ref, mask, torch.ones(1, 4), beta=0.1))
+
+
+def test_label_smoothing_weight_is_the_real_gradient_coefficient_clamped_at_zero():
+    """With ε, −∂L_DPO/∂z = σ(−z) − ε: the T-REG weight follows it, and stops (0) once it would turn negative."""
+    inputs = tensors(requires_grad=True)
+    eps = 0.2
+    out = preference_loss(PreferenceLossConfig(beta=0.5, alpha=1.0, label_smoothing=eps), **inputs)
+    z = (out.rewards_chosen - out.rewards_rejected).detach()
+    expected = (torch.sigmoid(-z) - eps).clamp(min=0)
+    assert torch.allclose(out.weight, expected)
+    # The same coefficient, from autograd: d sequence_loss / dz.
+    z_leaf = z.clone().requires_grad_(True)
+    seq = -(1 - eps) * torch.nn.functional.logsigmoid(z_leaf) - eps * torch.nn.functional.logsigmoid(-z_leaf)
+    (grad,) = torch.autograd.grad(seq.sum(), z_leaf)
+    assert torch.allclose(out.weight, (-grad).clamp(min=0))
+    far = preference_loss(PreferenceLossConfig(beta=50.0, alpha=1.0, label_smoothing=eps), **tensors())
+    assert (far.weight >= 0).all() and (far.weight == 0).any()  # learned past the smoothing target: no push back
+
+
+@pytest.mark.parametrize("kind", ["ipo", "simpo"])
+def test_label_smoothing_outside_dpo_is_refused(kind):
+    with pytest.raises(ValueError, match=f"label_smoothing applies to dpo only, not {kind}"):
+        PreferenceLossConfig(loss_type=kind, label_smoothing=0.1)

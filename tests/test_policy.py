@@ -105,11 +105,15 @@ def model_dir(tmp_path_factory):
     return build_tiny_causal_lm(tmp_path_factory.mktemp("policy_base"), corpus * 3, seed=0)
 
 
-@pytest.fixture(scope="module")
-def data(model_dir):
+def _data(model_dir):
     """(pairs table, token-reward table with contrastive and abc rows) for 24 train pairs."""
     pairs = [_pair(i) for i in range(24)]
     return S.rows_to_table(pairs, S.PAIRS_SCHEMA), _token_rewards(model_dir, pairs, abc=True)
+
+
+@pytest.fixture(scope="module")
+def data(model_dir):
+    return _data(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +222,7 @@ def test_config_validation():
     assert PolicyConfig.model_validate(json.loads(json.dumps(config.model_dump()))) == config
 
 
-def test_cosine_schedule_matches_transformers():
+def test_cosine_schedule_warms_up_from_a_nonzero_rate_then_follows_transformers():
     from transformers import get_cosine_schedule_with_warmup
 
     lrs = []
@@ -230,8 +234,24 @@ def test_cosine_schedule_matches_transformers():
             lrs[-1].append(scheduler.get_last_lr()[0])
             optimizer.step()
             scheduler.step()
-    assert lrs[0] == pytest.approx(lrs[1], abs=1e-12)
-    assert lrs[0][:4] == pytest.approx([0.0, 2 / 3, 4 / 3, 2.0]) and lrs[0][10] == 0.0
+    assert lrs[0][:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])  # the first step runs at peak / (warmup + 1), not 0
+    assert lrs[1][0] == 0.0  # transformers' first step would not move the weights
+    assert lrs[0][3:] == pytest.approx(lrs[1][3:], abs=1e-12) and lrs[0][10] == 0.0  # the same cosine decay
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    assert cosine_schedule(optimizer, 0, 10).get_last_lr()[0] == 2.0  # no warmup: the peak at once
+
+
+def test_dropout_is_off_in_the_policy_so_step_zero_is_the_reference(tmp_path, examples):
+    from creditflow.tasks.tiny import build_tiny_causal_lm
+
+    corpus = [S.completion_text(p[k]) for p in map(_pair, range(40)) for k in ("prompt", "chosen", "rejected")]
+    noisy = build_tiny_causal_lm(tmp_path / "noisy", corpus * 3, seed=0, attention_dropout=0.5)
+    model, _ = load_policy_model(noisy, _config(), CPU)
+    assert model.training
+    assert all(getattr(m, "attention_dropout", 0.0) == 0.0 for m in model.modules())
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    _, history = _train(noisy, _examples(noisy, _data(noisy), "contrastive"), _config(max_steps=1))
+    assert history[0]["sequence_loss"] == pytest.approx(math.log(2), abs=1e-6)  # z = 0: log π = log π_ref
 
 
 def test_length_grouping_cuts_padding_and_keeps_every_pair(examples):

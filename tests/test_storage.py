@@ -272,14 +272,22 @@ def test_config_reads_yaml12_floats_and_checks_ranges(tmp_path):
         ("curate.eval_fraction", 1.0, "less than 1"),
         ("token_rewards.abc_beta", 2.0, "less than or equal to 1"),
         ("policy.loss.loss_type", "kto", "'dpo', 'ipo' or 'simpo'"),
-        ("token_rewards.better_template", "{instruction} {answer}", r"placeholders are \{instruction\}"),
-        ("token_rewards.better_template", "{instruction} only", "both templates embed {response}, or neither"),
+        ("token_rewards.better_template", "{instruction}", "need template: custom"),
     ]:
         with pytest.raises(ConfigError, match=rf"{re.escape(key.rsplit('.', 1)[0])}.*{message}"):
             load_config(None, {key: value})
     guideline = "{instruction}\n\nYour response should be helpful."
-    cfg = load_config(None, {"token_rewards.better_template": guideline, "token_rewards.worse_template": guideline})
-    assert cfg.token_rewards.better_template == guideline  # neither embeds the response: allowed
+    custom = {"token_rewards.template": "custom", "token_rewards.worse_template": guideline}
+    cfg = load_config(None, {**custom, "token_rewards.better_template": guideline})
+    assert cfg.token_rewards.templates() == (guideline, guideline)  # neither embeds the response: allowed
+    for better, message in [
+        ("{instruction} {answer}", r"placeholders are \{instruction\}"),
+        ("{instruction} {response}", "both templates embed {response}, or neither"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, {**custom, "token_rewards.better_template": better})
+    with pytest.raises(ConfigError, match="template custom needs both"):
+        load_config(None, {"token_rewards.template": "custom"})
 
 
 def test_set_values_parse_as_yaml_and_bad_ones_are_named():

@@ -16,7 +16,7 @@ from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
 from creditflow.tasks import contrastive as T
 from creditflow.tasks import schema as S
-from creditflow.tasks.configs import BETTER_TEMPLATE, TokenRewardsConfig
+from creditflow.tasks.configs import TEMPLATE_PRESETS, TokenRewardsConfig
 from creditflow.tasks.logprobs import label_logprobs, naive_completion_logprobs
 from creditflow.tasks.stage import StageContext
 from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone, build_tiny_tokenizer
@@ -25,6 +25,7 @@ from creditflow.tasks.tokenization import encode_pair, encode_prompts, load_toke
 from creditflow.tasks.training import inference_dtype
 
 CPU = torch.device("cpu")
+BETTER_TEMPLATE = TEMPLATE_PRESETS["revision"][0]
 
 
 def _messages(role, text):
@@ -98,7 +99,7 @@ def test_contrastive_messages_rewrite_the_last_user_turn():
 
 def test_config_rejects_bad_templates_and_sources():
     with pytest.raises(ValueError, match="better_template"):
-        TokenRewardsConfig(better_template="{instruction} {answer}")
+        TokenRewardsConfig(template="custom", better_template="{instruction} {answer}", worse_template="{instruction}")
     with pytest.raises(ValueError, match="sources"):
         TokenRewardsConfig(sources=["contrastive", "dense"])
 
@@ -122,8 +123,9 @@ def test_rewards_and_reference_logps_are_the_defined_log_prob_differences(tokeni
 
     # the revision prompts embed the kept (truncated) response text, tokenized on their own
     kept = tokenizer.decode(completion_ids)
-    better = encode_prompts(tokenizer, [T.contrastive_messages(prompt, kept, config.better_template)])[0]
-    worse = encode_prompts(tokenizer, [T.contrastive_messages(prompt, kept, config.worse_template)])[0]
+    better_template, worse_template = config.templates()
+    better = encode_prompts(tokenizer, [T.contrastive_messages(prompt, kept, better_template)])[0]
+    worse = encode_prompts(tokenizer, [T.contrastive_messages(prompt, kept, worse_template)])[0]
     assert (item.better_ids, item.worse_ids) == (better, worse)
     assert np.allclose(result.ref_logps, reference(prompt_ids).numpy(), atol=1e-5)
     expected = torch.sigmoid(reference(better) - reference(worse)) - 0.5
@@ -281,8 +283,16 @@ def test_every_knob_changes_the_key(stage_env, policy_dir, tmp_path):
         ({"max_length": 512}, policy_dir),
         ({"max_prompt_length": 256}, policy_dir),
         ({"truncation": "keep_end"}, policy_dir),
-        ({"better_template": "{instruction} better {response}"}, policy_dir),
-        ({"worse_template": "{instruction} worse {response}"}, policy_dir),
+        ({"template": "revision"}, policy_dir),
+        ({"template": "guideline"}, policy_dir),
+        (
+            {"template": "custom", "better_template": "{instruction} better", "worse_template": "{instruction} worse"},
+            policy_dir,
+        ),
+        (
+            {"template": "custom", "better_template": "{instruction} good", "worse_template": "{instruction} worse"},
+            policy_dir,
+        ),
         ({"dtype": "bfloat16"}, policy_dir),
         ({}, other_weights),
         ({}, other_tokenizer),
@@ -299,7 +309,7 @@ def test_every_knob_changes_the_key(stage_env, policy_dir, tmp_path):
         keys.add(row_key(source.name, source.knobs, prompt, completion))
     keys.add(row_key(source.name, source.knobs, prompt, _messages("assistant", "Hello  there")))
     keys.add(row_key(source.name, source.knobs, _messages("system", "Hi"), completion))
-    assert len(keys) == len(variants) + 4 + 2
+    assert len(keys) == len(variants) - 1 + 4 + 2  # {} is the default preset: the same key as naming it
 
 
 def _cache_row(key):

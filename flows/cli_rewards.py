@@ -1,0 +1,88 @@
+"""``creditflow rewards``: look at token rewards, and audit whether they point the right way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from creditflow.flows.cli_common import WorkspaceOpt, user_errors
+from creditflow.flows.render import console, print_audit
+
+rewards_app = typer.Typer(help="Token-level rewards.", no_args_is_help=True)
+
+
+@rewards_app.command("audit")
+def rewards_audit(
+    model: str = typer.Option("smollm2", "--model", help="Reference model: a folder or a named model."),
+    preset: Optional[list[str]] = typer.Option(None, "--preset", help="Template presets to audit (default: all)."),
+    per_kind: int = typer.Option(40, help="Planted-error items per kind (arithmetic, counting, ordering, units)."),
+    sentiment: int = typer.Option(60, help="Sentiment-flip items from the bundled task."),
+    probe: Optional[Path] = typer.Option(None, "--probe", help="Your JSONL: prompt, response, bad_spans."),
+    seed: int = typer.Option(0, help="Probe seed."),
+    reward_model: Optional[str] = typer.Option(None, help="A reward-model folder: audit ABC too."),
+    policy: Optional[str] = typer.Option(None, help="A trained policy folder: audit its DPO-implicit reward."),
+    max_length: int = typer.Option(512, help="Prompt + response tokens."),
+    workspace: Optional[str] = WorkspaceOpt,
+    experiment: str = typer.Option("creditflow-audit", help="MLflow experiment of the audit run."),
+) -> None:
+    """Do token rewards point the right way? AUC of bad vs other tokens on a probe with known errors."""
+    from creditflow.tasks import audit
+    from creditflow.tasks.configs import TEMPLATE_PRESETS
+    from creditflow.tasks.models import resolve_model
+
+    with user_errors():
+        unknown = sorted(set(preset or []) - set(TEMPLATE_PRESETS))
+        if unknown:
+            raise ValueError(f"--preset {unknown[0]!r}: presets are {', '.join(TEMPLATE_PRESETS)}")
+        items = audit.planted_error_probe(per_kind, seed) + audit.sentiment_flip_probe(sentiment, seed)
+        items += audit.user_probe(probe) if probe else []
+        presets = {name: TEMPLATE_PRESETS[name] for name in (preset or TEMPLATE_PRESETS)}
+        extra = {
+            "reward_model": reward_model and resolve_model(reward_model),
+            "policy": policy and resolve_model(policy),
+        }
+        console.print(f"auditing {len(items)} probe items on {model} ...")
+        rows = audit.run_audit(resolve_model(model), presets, items, max_length=max_length, **extra)
+    print_audit(rows)
+    from creditflow.storage.tracking import Run
+    from creditflow.storage.workspace import Workspace
+
+    run = Run.start(Workspace.resolve(workspace), experiment, f"audit {model}", tags={"creditflow.kind": "audit"})
+    run.log_params({"model": model, "presets": ",".join(presets), "items": len(items), "seed": seed})
+    run.log_metrics({f"{r.source}.{r.kind}.auc": r.auc for r in rows})
+    run.log_rows([vars(r) for r in rows], "audit/table.json")
+    run.log_figure(audit.audit_figure(rows), "audit/auc.png")
+    run.end()
+    console.print(f"logged to MLflow experiment {experiment!r}, run {run.run_id}")
+
+
+@rewards_app.command("show")
+def rewards_show(
+    pair_id: str = typer.Argument(..., help="pair_id from curate_pairs / token_rewards_token_rewards"),
+    workspace: Optional[str] = WorkspaceOpt,
+) -> None:
+    """Print one pair's token rewards, each token coloured by r (green good, red bad), from the newest artifact."""
+    from creditflow.storage.workspace import Workspace
+    from creditflow.tasks.models import resolve_model
+    from creditflow.tasks.token_view import render_pair
+    from creditflow.tasks.tokenization import load_tokenizer
+
+    store = Workspace.resolve(workspace).store
+    for manifest in sorted(store.manifests("token_rewards"), key=lambda m: m.created_at, reverse=True):
+        table = store.read_table(manifest, "token_rewards")
+        rows = [r for r in table.to_pylist() if r["pair_id"] == pair_id]
+        if rows:
+            tokenizers = {"contrastive": load_tokenizer(str(resolve_model(manifest.config["reference_model"])))}
+            if any(r["source"] == "abc" for r in rows):
+                rm = store.load("reward_model", _upstream_fingerprint(store, "reward_model", manifest))
+                tokenizers["abc"] = load_tokenizer(str(store.path(rm.stage, rm.fingerprint) / "model"))
+            console.print(render_pair(pair_id, rows, tokenizers))
+            return
+    with user_errors():
+        raise KeyError(f"no token rewards for pair {pair_id!r} in {store.root}")
+
+
+def _upstream_fingerprint(store, stage: str, manifest) -> str:
+    return store.find_by_digest(stage, manifest.inputs["upstream"][stage]).fingerprint

@@ -1,0 +1,355 @@
+"""Token-reward audit: do the token rewards point the right way?
+
+A probe set of responses with known bad character spans is built offline and seeded:
+
+- ``arithmetic``, ``counting``, ``ordering``, ``units``: answers whose truth is computed, with one number or word
+  replaced by a wrong one; the correct answer is kept, so the same position can be compared;
+- ``sentiment``: responses of the bundled "respond warmly" task with one positive word flipped to a negative one
+  (vaderSentiment's lexicon confirms the flip: positive valence before, negative after);
+- ``user``: a JSONL of ``{"prompt", "response", "bad_spans": [[start, end], ...]}``.
+
+Each source gives every response token a score, higher meaning better: contrastive r̂ per template preset, ABC's
+redistributed reward, the DPO-implicit reward β·(log π − log π_ref) of a trained policy, and the reference
+log-prob (surprisal, negated) as the trivial baseline. Per source and probe kind:
+
+- **AUC**: P(score of a bad token < score of another token) over all (bad, other) token pairs, ties half. 1 means
+  every bad token scores below every other one; 0.5 is chance; below 0.5 the source points the wrong way.
+- **paired accuracy**: the share of items whose bad tokens score below the tokens at the same characters of the
+  correct answer (items that have one).
+- **coverage**: the share of items with at least one token on a bad span (truncation can cut it off).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from creditflow.tasks.schema import Messages
+
+KINDS = ("arithmetic", "counting", "ordering", "units", "sentiment", "user")
+AUC_WARNING = 0.5
+
+
+@dataclass
+class ProbeItem:
+    kind: str
+    prompt: Messages
+    response: str  # with the planted error
+    bad_spans: list[tuple[int, int]]  # character spans of ``response`` that are wrong
+    original: str | None = None  # the correct response, when there is one
+    original_spans: list[tuple[int, int]] = field(default_factory=list)  # the same positions in ``original``
+
+
+def _user(text: str) -> Messages:
+    return [{"role": "user", "content": text}]
+
+
+def _planted(kind: str, question: str, template: str, right: str, wrong: str) -> ProbeItem:
+    """``template`` holds one ``{}`` where the answer goes."""
+    start = template.index("{}")
+    response, original = template.format(wrong), template.format(right)
+    return ProbeItem(
+        kind, _user(question), response, [(start, start + len(wrong))], original, [(start, start + len(right))]
+    )
+
+
+WORDS = ["apple", "river", "window", "garden", "planet", "yellow", "pencil", "orange", "silver", "bridge", "kitten"]
+WORDS += ["mountain", "library", "teacher", "blanket", "forest", "camera", "rocket", "violin", "island", "dragon"]
+UNITS = [("meters", "centimeters", 100), ("kilograms", "grams", 1000), ("hours", "minutes", 60)]
+UNITS += [("minutes", "seconds", 60), ("kilometers", "meters", 1000), ("days", "hours", 24), ("weeks", "days", 7)]
+
+
+def planted_error_probe(n_per_kind: int = 40, seed: int = 0) -> list[ProbeItem]:
+    """Answers whose truth is computed, each with one wrong number or word."""
+    rng = random.Random(seed)
+    items = []
+    for _ in range(n_per_kind):
+        a, b = rng.randint(2, 60), rng.randint(2, 60)
+        op, value = rng.choice([("+", a + b), ("-", a - b), ("times", a * b)])
+        wrong = value + rng.choice([-3, -2, -1, 1, 2, 3, 10])
+        question = f"What is {a} {op} {b}?"
+        items.append(_planted("arithmetic", question, f"{a} {op} {b} is {{}}.", str(value), str(wrong)))
+    for _ in range(n_per_kind):
+        word = rng.choice(WORDS)
+        wrong = len(word) + rng.choice([-2, -1, 1, 2, 3])
+        question = f'How many letters are in the word "{word}"?'
+        items.append(_planted("counting", question, f'The word "{word}" has {{}} letters.', str(len(word)), str(wrong)))
+    for _ in range(n_per_kind):
+        a, b = rng.sample(range(1, 1000), 2)
+        big, small = max(a, b), min(a, b)
+        question = f"Which number is larger, {a} or {b}?"
+        items.append(_planted("ordering", question, f"{{}} is the larger number of {a} and {b}.", str(big), str(small)))
+    for _ in range(n_per_kind):
+        big_unit, small_unit, factor = rng.choice(UNITS)
+        k = rng.randint(2, 12)
+        wrong = k * factor * rng.choice([10, 2]) if rng.random() < 0.5 else k * factor // rng.choice([10, 2]) or 1
+        question = f"How many {small_unit} are in {k} {big_unit}?"
+        template = f"There are {{}} {small_unit} in {k} {big_unit}."
+        items.append(_planted("units", question, template, str(k * factor), str(wrong)))
+    return items
+
+
+FLIPS = {
+    "friendly": "rude",
+    "kind": "cruel",
+    "helpful": "useless",
+    "joyful": "miserable",
+    "relaxing": "stressful",
+    "inspiring": "depressing",
+    "refreshed": "exhausted",
+    "grateful": "resentful",
+    "excited": "bored",
+    "wonderful": "terrible",
+    "lovely": "awful",
+    "beautiful": "ugly",
+    "delightful": "dreadful",
+    "great": "awful",
+    "best": "worst",
+    "happy": "sad",
+    "fantastic": "horrible",
+    "pleasant": "unpleasant",
+}
+
+
+def sentiment_flip_probe(n: int = 60, seed: int = 0) -> list[ProbeItem]:
+    """The bundled task's responses with one positive word flipped to a negative one (vader-checked)."""
+    import re
+
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    from creditflow.tasks.configs import SourceConfig
+    from creditflow.tasks.ingest import source_path
+
+    lexicon = SentimentIntensityAnalyzer().lexicon
+    flips = {good: bad for good, bad in FLIPS.items() if lexicon.get(good, 0) > 0 > lexicon.get(bad, 0)}
+    pattern = re.compile(r"\b(" + "|".join(flips) + r")\b")
+    rows = [json.loads(line) for line in source_path(SourceConfig(builtin="sample")).read_text().splitlines()]
+    candidates = list(dict.fromkeys((r["prompt"], r["chosen"]) for r in rows if pattern.search(r["chosen"])))
+    random.Random(seed).shuffle(candidates)
+    items = []
+    for prompt, text in candidates[:n]:
+        match = pattern.search(text)
+        bad = flips[match.group(1)]
+        response = text[: match.start()] + bad + text[match.end() :]
+        span = (match.start(), match.start() + len(bad))
+        items.append(ProbeItem("sentiment", _user(prompt), response, [span], text, [(match.start(), match.end())]))
+    return items
+
+
+def user_probe(path: str | Path) -> list[ProbeItem]:
+    """``{"prompt": str or messages, "response": str, "bad_spans": [[start, end], ...]}`` per line."""
+    items = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {number}"
+        try:
+            row = json.loads(line)
+            prompt = _user(row["prompt"]) if isinstance(row["prompt"], str) else row["prompt"]
+            response, spans = row["response"], [tuple(s) for s in row["bad_spans"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{where}: expected prompt, response and bad_spans ({exc})") from None
+        if not isinstance(response, str) or not all(len(s) == 2 and 0 <= s[0] < s[1] <= len(response) for s in spans):
+            raise ValueError(f"{where}: field 'bad_spans': each span is [start, end) inside the response")
+        items.append(ProbeItem("user", prompt, response, spans))
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def auc(bad: np.ndarray, other: np.ndarray) -> float:
+    """P(bad < other) + ½ P(bad == other): 1 when every bad score is below every other score."""
+    bad, other = np.asarray(bad, dtype=np.float64), np.sort(np.asarray(other, dtype=np.float64))
+    if not len(bad) or not len(other):
+        return float("nan")
+    above = len(other) - np.searchsorted(other, bad, side="right")  # others strictly above each bad score
+    ties = np.searchsorted(other, bad, side="right") - np.searchsorted(other, bad, side="left")
+    return float((above + 0.5 * ties).sum() / (len(bad) * len(other)))
+
+
+def _overlaps(starts, ends, spans) -> np.ndarray:
+    starts, ends = np.asarray(starts), np.asarray(ends)
+    hit = np.zeros(len(starts), dtype=bool)
+    for s, e in spans:
+        hit |= (np.minimum(ends, e) - np.maximum(starts, s)) > 0
+    return hit
+
+
+@dataclass
+class TokenScores:
+    """One response's token scores (higher = better) and each token's character span in the response."""
+
+    scores: np.ndarray
+    char_start: list[int]
+    char_end: list[int]
+
+
+Scorer = Callable[[list[Messages], list[str]], list[TokenScores]]
+
+
+@dataclass
+class AuditRow:
+    source: str
+    kind: str
+    items: int
+    bad_tokens: int
+    auc: float
+    paired_accuracy: float
+    coverage: float
+
+
+def audit_source(name: str, scorer: Scorer, probe: list[ProbeItem]) -> list[AuditRow]:
+    """Rows for every probe kind present, and one for all of them together (kind ``all``)."""
+    corrupted = scorer([i.prompt for i in probe], [i.response for i in probe])
+    with_original = [j for j, i in enumerate(probe) if i.original is not None]
+    originals = dict(
+        zip(with_original, scorer([probe[j].prompt for j in with_original], [probe[j].original for j in with_original]))
+    )
+    per_item = []
+    for j, (item, scored) in enumerate(zip(probe, corrupted)):
+        real = np.asarray(scored.char_end) > np.asarray(scored.char_start)  # EOS has an empty span: not text
+        bad = _overlaps(scored.char_start, scored.char_end, item.bad_spans) & real
+        paired = None
+        if j in originals and bad.any():
+            ref = originals[j]
+            right = _overlaps(ref.char_start, ref.char_end, item.original_spans)
+            if right.any():
+                paired = float(scored.scores[bad].mean() < ref.scores[right].mean())
+        per_item.append((item.kind, scored.scores[bad], scored.scores[real & ~bad], paired, bool(bad.any())))
+    rows = []
+    for kind in [*[k for k in KINDS if any(p[0] == k for p in per_item)], "all"]:
+        chosen = [p for p in per_item if kind in ("all", p[0])]
+        bad = np.concatenate([p[1] for p in chosen])
+        other = np.concatenate([p[2] for p in chosen])
+        paired = [p[3] for p in chosen if p[3] is not None]
+        rows.append(
+            AuditRow(
+                name,
+                kind,
+                len(chosen),
+                len(bad),
+                auc(bad, other),
+                float(np.mean(paired)) if paired else float("nan"),
+                float(np.mean([p[4] for p in chosen])),
+            )
+        )
+    return rows
+
+
+def audit_figure(rows: list[AuditRow]):
+    from creditflow.tasks.plots import finish, new_figure
+
+    overall = [r for r in rows if r.kind == "all"]
+    fig, (ax,) = new_figure(1, (max(5, 1.2 * len(overall)), 3.5))
+    colors = ["#c0504d" if r.auc < AUC_WARNING else "#4f81bd" for r in overall]
+    ax.bar(range(len(overall)), [r.auc for r in overall], color=colors)
+    ax.axhline(0.5, color="black", lw=0.8, ls="--")
+    ax.set_xticks(range(len(overall)), [r.source for r in overall], rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("AUC (bad tokens score lower)")
+    ax.set_title("token-reward audit: below 0.5 points the wrong way")
+    return finish(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def _completion(text: str) -> Messages:
+    return [{"role": "assistant", "content": text}]
+
+
+def run_audit(
+    reference: str | Path,
+    presets: dict[str, tuple[str, str]],
+    probe: list[ProbeItem],
+    *,
+    max_length: int | None = 512,
+    batch_size: int = 8,
+    reward_model: str | Path | None = None,
+    reward_model_max_length: int = 512,
+    abc_beta: float = 0.8,
+    policy: str | Path | None = None,
+    beta: float = 0.1,
+) -> list[AuditRow]:
+    """Audit every source the arguments make available: contrastive r̂ per preset and the reference surprisal
+    (always), ABC (with ``reward_model``), the DPO-implicit reward (with a trained ``policy``)."""
+    import torch
+
+    from creditflow.tasks import abc, contrastive
+    from creditflow.tasks.configs import TokenRewardsConfig
+    from creditflow.tasks.logprobs import completion_logprobs
+    from creditflow.tasks.tokenization import load_tokenizer, pad_token_id, padded_batch
+    from creditflow.tasks.training import inference_dtype, resolve_device
+
+    device = resolve_device()
+    dtype = inference_dtype("auto", device)
+    tokenizer = load_tokenizer(str(reference))
+    model = contrastive.load_reference_model(reference, device, dtype)
+    pad = pad_token_id(tokenizer)
+
+    def contrastive_pass(config: TokenRewardsConfig, prompts, texts):
+        items = contrastive.encode_contrastive(tokenizer, prompts, [_completion(t) for t in texts], config)
+        return items, contrastive.score_contrastive(model, items, batch_size, pad)
+
+    rows: list[AuditRow] = []
+    for preset, (better, worse) in presets.items():
+        config = TokenRewardsConfig(
+            template="custom", better_template=better, worse_template=worse, max_length=max_length
+        )
+        seen = {}
+
+        def scores(prompts, texts, which, config=config, seen=seen):
+            key = (tuple(map(str, prompts)), tuple(texts))
+            if key not in seen:
+                seen[key] = contrastive_pass(config, prompts, texts)
+            items, results = seen[key]
+            return [
+                TokenScores(np.asarray(getattr(r, which), dtype=np.float64), i.char_start, i.char_end)
+                for i, r in zip(items, results)
+            ]
+
+        rows += audit_source(f"contrastive:{preset}", lambda p, t, s=scores: s(p, t, "rewards"), probe)
+        if not any(r.source == "reference log-prob" for r in rows):  # the same for every preset: once
+            rows += audit_source("reference log-prob", lambda p, t, s=scores: s(p, t, "ref_logps"), probe)
+
+    if policy is not None:
+        trained = contrastive.load_reference_model(policy, device, dtype)
+
+        @torch.no_grad()
+        def implicit(prompts, texts):
+            config = TokenRewardsConfig(max_length=max_length)
+            items = contrastive.encode_contrastive(tokenizer, prompts, [_completion(t) for t in texts], config)
+            out = []
+            for item in items:
+                ids, mask = padded_batch([item.plain_ids + item.completion_ids], pad)
+                args = (ids.to(device), mask.to(device), [len(item.plain_ids)], [len(item.completion_ids)])
+                logp_policy = completion_logprobs(trained, *args)[0].cpu().numpy()
+                logp_ref = completion_logprobs(model, *args)[0].cpu().numpy()
+                out.append(TokenScores(beta * (logp_policy - logp_ref), item.char_start, item.char_end))
+            return out
+
+        rows += audit_source("dpo-implicit", implicit, probe)
+
+    if reward_model is not None:
+        rm_tokenizer, rm = abc.load_abc_model(reward_model, device, torch.float32)
+
+        def abc_scores(prompts, texts):
+            items = [
+                abc.encode_for_abc(rm_tokenizer, p, _completion(t), reward_model_max_length)
+                for p, t in zip(prompts, texts)
+            ]
+            results = abc.score_abc(rm, items, abc_beta, batch_size, rm_tokenizer.pad_token_id)
+            return [
+                TokenScores(np.asarray(r.rewards, np.float64), i.char_start, i.char_end) for i, r in zip(items, results)
+            ]
+
+        rows += audit_source("abc", abc_scores, probe)
+    return rows

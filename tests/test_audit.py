@@ -1,0 +1,124 @@
+"""The token-reward audit: AUC and paired accuracy on hand-made cases, the probe builders, and a real run of every
+source on tiny models."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import CORPUS
+
+from creditflow.tasks.audit import (
+    KINDS,
+    ProbeItem,
+    TokenScores,
+    auc,
+    audit_source,
+    planted_error_probe,
+    sentiment_flip_probe,
+    user_probe,
+)
+
+
+def test_auc_hand_values_including_the_inverted_case():
+    assert auc([0.0, 1.0], [2.0, 3.0]) == 1.0  # every bad token below every other
+    assert auc([2.0, 3.0], [0.0, 1.0]) == 0.0  # inverted: the source points the wrong way
+    assert auc([1.0], [1.0, 1.0]) == 0.5  # ties count half
+    assert auc([1.0, 3.0], [2.0]) == 0.5
+    assert auc([0.0, 2.0], [1.0, 3.0, 5.0]) == pytest.approx(5 / 6)  # 0 < all three, 2 < two of three
+    assert math.isnan(auc([], [1.0]))
+    rng = np.random.default_rng(0)
+    bad, other = rng.normal(size=200), rng.normal(size=300)
+    brute = np.mean([(b < o) + 0.5 * (b == o) for b in bad for o in other])
+    assert auc(bad, other) == pytest.approx(brute)
+
+
+def _by_character(scores_of):
+    """A scorer with one token per character, each scored by ``scores_of(response, position)``."""
+
+    def scorer(prompts, texts):
+        return [
+            TokenScores(
+                np.array([scores_of(t, i) for i in range(len(t))]), list(range(len(t))), list(range(1, len(t) + 1))
+            )
+            for t in texts
+        ]
+
+    return scorer
+
+
+def test_audit_rows_on_a_perfect_an_inverted_and_a_blind_scorer():
+    probe = [
+        ProbeItem("arithmetic", [], "2 + 2 is 5.", [(9, 10)], "2 + 2 is 4.", [(9, 10)]),
+        ProbeItem("user", [], "bad word here", [(0, 3)]),
+    ]
+    digits = {"5": -1.0, "4": 1.0}
+    perfect = audit_source(
+        "perfect", _by_character(lambda t, i: -1.0 if t == "bad word here" and i < 3 else digits.get(t[i], 0.0)), probe
+    )
+    by_kind = {r.kind: r for r in perfect}
+    assert list(by_kind) == ["arithmetic", "user", "all"]
+    assert by_kind["all"].auc == 1.0 and by_kind["arithmetic"].paired_accuracy == 1.0
+    assert by_kind["all"].coverage == 1.0 and by_kind["all"].bad_tokens == 4
+    assert math.isnan(by_kind["user"].paired_accuracy)  # no correct answer to compare with
+
+    inverted = audit_source(
+        "inverted", _by_character(lambda t, i: 1.0 if (t[i] == "5" or (t.startswith("bad") and i < 3)) else 0.0), probe
+    )
+    assert inverted[-1].auc == 0.0 and inverted[0].paired_accuracy == 0.0
+    blind = audit_source("blind", _by_character(lambda t, i: 0.0), probe)
+    assert blind[-1].auc == 0.5 and blind[0].paired_accuracy == 0.0  # equal means are not "below"
+
+
+def test_probes_are_seeded_and_their_spans_hold_the_planted_words():
+    probe = planted_error_probe(n_per_kind=10, seed=3)
+    assert probe == planted_error_probe(n_per_kind=10, seed=3) and probe != planted_error_probe(10, seed=4)
+    assert {i.kind for i in probe} == {"arithmetic", "counting", "ordering", "units"}
+    for item in probe:
+        (s, e), (os_, oe) = item.bad_spans[0], item.original_spans[0]
+        assert item.response[:s] == item.original[:os_]  # the same text up to the planted word
+        assert item.response[s:e] != item.original[os_:oe] and item.response[s:e].lstrip("-").isdigit()
+    arithmetic = next(i for i in probe if i.kind == "arithmetic")
+    a, op, b = arithmetic.prompt[0]["content"].removeprefix("What is ").rstrip("?").split(" ")
+    truth = {"+": int(a) + int(b), "-": int(a) - int(b), "times": int(a) * int(b)}[op]
+    assert arithmetic.original.endswith(f" is {truth}.")
+
+    flips = sentiment_flip_probe(n=20, seed=0)
+    assert len(flips) == 20
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    lexicon = SentimentIntensityAnalyzer().lexicon
+    for item in flips:
+        (s, e), (os_, oe) = item.bad_spans[0], item.original_spans[0]
+        assert lexicon[item.response[s:e]] < 0 < lexicon[item.original[os_:oe]]
+
+
+def test_user_probe_reads_spans_and_names_bad_lines(tmp_path):
+    path = tmp_path / "probe.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "Capital of France?", "response": "It is Rome.", "bad_spans": [[6, 10]]}) + "\n"
+    )
+    [item] = user_probe(path)
+    assert item.response[6:10] == "Rome" and item.kind == "user"
+    path.write_text(json.dumps({"prompt": "Q", "response": "short", "bad_spans": [[2, 99]]}) + "\n")
+    with pytest.raises(ValueError, match=r"probe.jsonl: line 1: field 'bad_spans'"):
+        user_probe(path)
+    path.write_text('{"prompt": "Q"}\n')
+    with pytest.raises(ValueError, match=r"probe.jsonl: line 1: expected prompt, response and bad_spans"):
+        user_probe(path)
+
+
+@pytest.mark.slow
+def test_every_source_runs_on_tiny_models(tiny_lm_dir, tmp_path):
+    from creditflow.tasks.audit import run_audit
+    from creditflow.tasks.configs import TEMPLATE_PRESETS
+    from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
+
+    probe = planted_error_probe(n_per_kind=3, seed=0) + sentiment_flip_probe(n=3, seed=0)
+    policy = build_tiny_causal_lm(tmp_path / "policy", CORPUS, seed=1)  # the reference's tokenizer, other weights
+    reward_model = build_tiny_reward_backbone(tmp_path / "rm", [i.response for i in probe])
+    rows = run_audit(tiny_lm_dir, TEMPLATE_PRESETS, probe, max_length=128, reward_model=reward_model, policy=policy)
+    sources = set(r.source for r in rows)
+    assert sources == {*(f"contrastive:{p}" for p in TEMPLATE_PRESETS), "reference log-prob", "dpo-implicit", "abc"}
+    for row in rows:
+        assert row.kind in (*KINDS, "all") and 0.0 <= row.auc <= 1.0 and row.coverage == 1.0
