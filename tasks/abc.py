@@ -205,6 +205,54 @@ def project_rewards(
     return (np.asarray(rewards, dtype=np.float64) @ weights).astype(np.float32)
 
 
+def regularizer_rewards(
+    row: dict,
+    tokenizer: PreTrainedTokenizerBase,
+    completion: Messages,
+    n_tokens: int,
+    beta: float,
+    reward_mean: float,
+    reward_std: float,
+) -> np.ndarray:
+    """ABC as a T-REG r̂ on the policy's first ``n_tokens`` completion tokens: centered and bounded like the
+    contrastive r̂, unlike the official form (whose every token takes the sign of r, scaled by the RM's arbitrary
+    offset, with (1 − β)·r on the last RM token).
+
+        a_t = (r_t − (1 − β)·r·[t = last]) / (β·r)      the attention shares (≥ 0, sum 1), recovered from the row
+        a'  = a projected onto the policy's tokens (sum 1)
+        z   = (r − mean) / std                           r standardized over the rows being trained on
+        r̂_t = σ(z · T · a'_t) − 0.5  ∈ (−0.5, 0.5)       T = number of policy tokens
+
+    A response as good as the average gets 0 everywhere; uniform attention gives every token σ(z) − 0.5; tokens the
+    read-out attends to more get a larger share of the sign. With β = 0 or r ≈ 0 the shares are uniform.
+    """
+    reward, shares = attention_shares(row["rewards"], beta)
+    spans = completion_offsets(tokenizer, [completion])[0][:n_tokens]
+    targets = [s for s, _ in spans], [e for _, e in spans]
+    projected = project_rewards(shares, row["char_start"], row["char_end"], *targets)
+    return bounded_rewards((reward - reward_mean) / max(reward_std, 1e-8), projected)
+
+
+def attention_shares(rewards, beta: float) -> tuple[float, np.ndarray]:
+    """(r, a) from an official-form row: r = Σ r_t, a_t = (r_t − (1 − β)·r·[t = last]) / (β·r), uniform when β = 0
+    or r ≈ 0 (the row then carries no attention information)."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    reward = float(rewards.sum())
+    if beta > 0 and abs(reward) > 1e-8:
+        shares = rewards.copy()
+        shares[-1] -= (1.0 - beta) * reward
+        shares = np.clip(shares / (beta * reward), 0.0, None)
+    else:
+        shares = np.ones_like(rewards)
+    return reward, shares / shares.sum()
+
+
+def bounded_rewards(z: float, shares: np.ndarray) -> np.ndarray:
+    """σ(z · T · a_t) − 0.5 for T = len(shares): the standardized reward z spread by the shares, in (−0.5, 0.5)."""
+    shares = np.asarray(shares, dtype=np.float64)
+    return (1.0 / (1.0 + np.exp(-z * len(shares) * shares)) - 0.5).astype(np.float32)
+
+
 def project_to_policy(row: dict, tokenizer: PreTrainedTokenizerBase, completion: Messages, n_tokens: int) -> np.ndarray:
     """ABC rewards of a stored row on the policy's first ``n_tokens`` completion tokens (``encode_pair`` ids)."""
     spans = completion_offsets(tokenizer, [completion])[0][:n_tokens]

@@ -341,15 +341,22 @@ def run_audit(
     if reward_model is not None:
         rm_tokenizer, rm = abc.load_abc_model(reward_model, device, torch.float32)
 
-        def abc_scores(prompts, texts):
+        def abc_scores(prompts, texts, centered: bool):
             items = [
                 abc.encode_for_abc(rm_tokenizer, p, _completion(t), reward_model_max_length)
                 for p, t in zip(prompts, texts)
             ]
             results = abc.score_abc(rm, items, abc_beta, batch_size, rm_tokenizer.pad_token_id)
-            return [
-                TokenScores(np.asarray(r.rewards, np.float64), i.char_start, i.char_end) for i, r in zip(items, results)
-            ]
+            scores = [np.asarray(r.rewards, np.float64) for r in results]
+            if centered:  # the regularizer's form: standardized over these responses, spread by attention, bounded
+                scalars = np.array([r.reward for r in results])
+                mean, std = scalars.mean(), max(scalars.std(), 1e-8)
+                scores = [
+                    abc.bounded_rewards((r.reward - mean) / std, abc.attention_shares(x, abc_beta)[1])
+                    for r, x in zip(results, scores)
+                ]
+            return [TokenScores(np.asarray(x, np.float64), i.char_start, i.char_end) for i, x in zip(items, scores)]
 
-        rows += audit_source("abc", abc_scores, probe)
+        rows += audit_source("abc (official)", lambda p, t: abc_scores(p, t, False), probe)
+        rows += audit_source("abc (centered)", lambda p, t: abc_scores(p, t, True), probe)
     return rows

@@ -20,6 +20,11 @@ Regularization", arXiv 2412.02685), added with weight α and a detached sequence
     IPO:   L_REG(y) = −(β/|y|) Σ_t m_t r̂_t ℓ_t,    w = sg(clamp(1 − 2βh, 0, 1))
 The IPO pairing is our choice (the paper covers DPO and SimPO): IPO's implicit token reward is length-normalized,
 and its gradient magnitude |h − 1/(2β)|, scaled to 1 at h = 0, vanishes once the pair reaches its target margin.
+Token rewards r̂ come from contrastive prompting (in (−0.5, 0.5) by construction) or from ABC, made comparable:
+centered by the reward model's mean over the trained pairs, standardized, spread by the attention shares and
+squashed into (−0.5, 0.5) (``abc.regularizer_rewards``). The raw official ABC form (Σ_t r_t = r, the remainder on
+the last token) stays what the token-reward stage stores, for online RL.
+
 With label smoothing ε (DPO only; the config refuses it for IPO and SimPO) the DPO gradient's coefficient is
 −∂L/∂z = σ(−z) − ε, which turns negative once σ(−z) < ε (a pair learned past the smoothing target). w clamps it at
 0: the regularizer then stops rather than pushing the token rewards the other way. With α = 0 every loss is exactly

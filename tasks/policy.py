@@ -82,7 +82,7 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
     knobs = ctx.upstream["token_rewards"].config
     try:
         model_dir = resolve_model(knobs["reference_model"])
-        tokenization = {k: knobs[k] for k in ("max_length", "max_prompt_length", "truncation")}
+        tokenization = {k: knobs[k] for k in ("max_length", "max_prompt_length", "truncation", "abc_beta")}
     except KeyError as exc:
         raise ValueError(f"policy: the token_rewards manifest config has no {exc} (an older artifact?)") from None
     pairs = ctx.read_upstream("onpolicy" if "onpolicy" in ctx.upstream else "curate", "pairs")

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 
-from creditflow.tasks.abc import project_to_policy
+from creditflow.tasks.abc import regularizer_rewards
 from creditflow.tasks.schema import SIDES, Messages
 from creditflow.tasks.tokenization import encode_pair, padded_batch
 
@@ -61,12 +62,15 @@ def build_examples(
     max_length: int | None,
     max_prompt_length: int | None,
     truncation: str,
+    abc_beta: float = 0.8,
 ) -> list[PolicyExample]:
     """Training examples for ``pairs`` from the token-reward table, checked token by token.
 
     Ids are re-derived with :func:`encode_pair` under the token-reward stage's tokenization knobs and must equal the
     ``contrastive`` rows' ``token_ids``: those rows carry the reference log-probs, and their r_hat is aligned to
-    exactly these tokens. ``abc`` rows live on the reward model's tokens and are projected onto the policy's.
+    exactly these tokens. ``abc`` rows live on the reward model's tokens: they become centered, bounded r̂ on the
+    policy's tokens (``abc.regularizer_rewards``, with ``abc_beta`` the token-reward stage's β and the reward
+    standardized over these pairs' rows).
     """
     wanted = set(pairs.column("pair_id").to_pylist())
     columns = ["pair_id", "side", "source", "token_ids", "rewards", "ref_logps"]
@@ -77,6 +81,8 @@ def build_examples(
         for r in token_rewards.select(columns).to_pylist()
         if r["pair_id"] in wanted and r["source"] in ("contrastive", source)
     }
+    abc_rewards = [sum(r["rewards"]) for key, r in rows.items() if key[2] == "abc"]
+    abc = (abc_beta, float(np.mean(abc_rewards)), float(np.std(abc_rewards))) if abc_rewards else None
     examples = []
     for pair in pairs.select(["pair_id", "prompt", *SIDES]).to_pylist():
         sides = {}
@@ -85,14 +91,14 @@ def build_examples(
                 tokenizer, pair["prompt"], pair[side], max_length, max_prompt_length, truncation
             )
             sides[side] = _side_tokens(
-                rows, pair["pair_id"], side, pair[side], prompt_ids, completion_ids, source, tokenizer
+                rows, pair["pair_id"], side, pair[side], prompt_ids, completion_ids, source, tokenizer, abc
             )
         examples.append(PolicyExample(pair["pair_id"], sides["chosen"], sides["rejected"]))
     return examples
 
 
 def _side_tokens(
-    rows: dict, pair_id: str, side: str, completion: Messages, prompt_ids, completion_ids, source, tokenizer
+    rows: dict, pair_id: str, side: str, completion: Messages, prompt_ids, completion_ids, source, tokenizer, abc
 ) -> SideTokens:
     where = f"policy: pair {pair_id} ({side})"
     row = rows.get((pair_id, side, "contrastive"))
@@ -124,7 +130,7 @@ def _side_tokens(
         abc_row = rows.get((pair_id, side, "abc"))
         if abc_row is None:
             raise ValueError(f"{where}: token_reward_source is 'abc' but the token_rewards artifact has no abc row")
-        rewards = project_to_policy(abc_row, tokenizer, completion, len(completion_ids)).tolist()
+        rewards = regularizer_rewards(abc_row, tokenizer, completion, len(completion_ids), *abc).tolist()
     if rewards is not None and len(rewards) != len(stored):
         raise ValueError(f"{where}: {len(rewards)} token rewards for {len(stored)} tokens")
     return SideTokens(prompt_ids, completion_ids, row["ref_logps"], rewards)

@@ -1,5 +1,7 @@
 """ABC: redistribution formula, the attention row read from the reward model, and projection onto policy tokens."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -180,3 +182,18 @@ def test_project_to_policy_aligns_with_encode_pair(reward_model, tokenizers_pair
         projected = project_to_policy(row, policy, completion, len(completion_ids))
         assert len(projected) == len(completion_ids)
         assert float(projected.sum(dtype=np.float64)) == pytest.approx(result.reward, abs=1e-5)
+
+
+def test_regularizer_form_recovers_the_shares_and_is_centered_and_bounded():
+    from creditflow.tasks.abc import attention_shares, bounded_rewards
+
+    official = abc_token_rewards(torch.tensor([1.0, 3.0]), reward=2.0, beta=0.5).numpy()  # [0.25, 1.75]
+    reward, shares = attention_shares(official, beta=0.5)
+    assert reward == pytest.approx(2.0) and shares.tolist() == pytest.approx([0.25, 0.75])  # the attention row
+    assert attention_shares(official, beta=0.0)[1].tolist() == pytest.approx([0.5, 0.5])  # no attention: uniform
+    assert attention_shares([0.0, 0.0], beta=0.8)[1].tolist() == pytest.approx([0.5, 0.5])  # r = 0: uniform
+    assert bounded_rewards(0.0, shares).tolist() == [0.0, 0.0]  # an average response: nothing to push
+    up, down = bounded_rewards(1.0, shares), bounded_rewards(-1.0, shares)
+    assert np.allclose(up, -down) and (up > 0).all() and (np.abs(up) < 0.5).all()
+    assert up.tolist() == pytest.approx([1 / (1 + math.exp(-0.5)) - 0.5, 1 / (1 + math.exp(-1.5)) - 0.5])
+    assert up[1] > up[0]  # more attention, more of the sign

@@ -8,6 +8,7 @@ The token-reward table is built here with the reference model (``logprobs.comple
 import json
 import math
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -371,12 +372,15 @@ def test_mismatched_token_ids_are_refused(model_dir, data):
         _examples(model_dir, (pairs, no_contrastive), "abc")
 
 
-def test_abc_rewards_are_projected_onto_policy_tokens(model_dir, data):
+def test_abc_rewards_become_centered_bounded_rewards_on_policy_tokens(model_dir, data):
+    """The abc rows carry r = +0.3 (chosen) and −0.3 (rejected): standardized, z = ±1, so every chosen token gets
+    σ(T·a_t) − 0.5 > 0 and every rejected one the mirror, all inside (−0.5, 0.5)."""
     examples = _examples(model_dir, data, "abc")
     for example in examples[:5]:
         for side, sign in ((example.chosen, 1), (example.rejected, -1)):
-            assert len(side.rewards) == len(side.completion_ids)
-            assert sum(side.rewards) == pytest.approx(sign * 0.3, abs=1e-5)  # sum-preserving projection
+            rewards = np.array(side.rewards)
+            assert len(rewards) == len(side.completion_ids)
+            assert (np.sign(rewards[rewards != 0]) == sign).all() and (np.abs(rewards) < 0.5).all()
     _, history = _train(model_dir, examples, _config(token_reward_source="abc", max_steps=2))
     assert all(math.isfinite(h["loss"]) for h in history)
 
@@ -436,7 +440,7 @@ def test_stage_writes_model_train_log_and_mlflow_artifacts(model_dir, data, tmp_
         "token_rewards",
         "t",
         {"token_rewards": table},
-        {"reference_model": str(model_dir), "sources": ["contrastive"], **KNOBS},
+        {"reference_model": str(model_dir), "sources": ["contrastive"], "abc_beta": 0.8, **KNOBS},
     )
     run = Run.start(workspace, "policy-test", "policy")
     config = _config(max_steps=3, save_every=1)
