@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from creditflow.tasks.configs import (
+    AuditConfig,
     CurateConfig,
     EvaluateConfig,
     OnPolicyConfig,
@@ -53,6 +54,7 @@ class PipelineConfig(StrictConfig):
     token_rewards: TokenRewardsConfig = Field(default_factory=TokenRewardsConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @field_validator("experiment")
     @classmethod

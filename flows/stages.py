@@ -95,6 +95,13 @@ def _reference_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     return {"reference_model": _model_digest(cfg.reference_model)}
 
 
+def _audit_inputs(cfg: PipelineConfig) -> dict[str, Any]:
+    from creditflow.storage.hashing import sha256_file
+
+    probe = {"probe": sha256_file(cfg.audit.probe)} if cfg.audit.probe else {}
+    return {**_reference_inputs(cfg), **probe}
+
+
 def _token_rewards_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     # Only contrastive rows come from the reference model; ABC reads the reward model (an upstream artifact).
     return _reference_inputs(cfg) if "contrastive" in cfg.token_rewards.sources else {}
@@ -161,6 +168,17 @@ STAGES: dict[str, Stage] = {
         outputs=("generations",),
         recipe="evaluate",
         code_modules=_tasks("evaluate", "generation", "reward_scoring"),
+    ),
+    "audit": Stage(
+        name="audit",
+        description="Token-reward audit: AUC of planted-error tokens per source (contrastive presets, ABC, DPO).",
+        upstream=("reward_model", "policy"),
+        outputs=("audit",),
+        recipe="audit",
+        code_modules=_tasks("audit", "contrastive", "abc", "logprobs", "reward_scoring", "tokenization"),
+        input_digests=_audit_inputs,
+        uses_reference=True,
+        optional=True,
     ),
 }
 

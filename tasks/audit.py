@@ -22,8 +22,9 @@ log-prob (surprisal, negated) as the trivial baseline. Per source and probe kind
 from __future__ import annotations
 
 import json
+import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +32,7 @@ import numpy as np
 
 from creditflow.tasks.schema import Messages
 
+logger = logging.getLogger(__name__)
 KINDS = ("arithmetic", "counting", "ordering", "units", "sentiment", "user")
 AUC_WARNING = 0.5
 
@@ -357,6 +359,43 @@ def run_audit(
                 ]
             return [TokenScores(np.asarray(x, np.float64), i.char_start, i.char_end) for i, x in zip(items, scores)]
 
-        rows += audit_source("abc (official)", lambda p, t: abc_scores(p, t, False), probe)
-        rows += audit_source("abc (centered)", lambda p, t: abc_scores(p, t, True), probe)
+        rows += audit_source("abc-official", lambda p, t: abc_scores(p, t, False), probe)
+        rows += audit_source("abc-centered", lambda p, t: abc_scores(p, t, True), probe)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage entry point
+
+
+def compute_audit(ctx) -> dict[str, float]:
+    """Audit the reference model's contrastive presets, the reward model's ABC and the trained policy's DPO-implicit
+    reward on the probe; write ``audit`` (one row per source and probe kind) and log the table and a plot."""
+    import pyarrow as pa
+
+    from creditflow.tasks.configs import TEMPLATE_PRESETS
+    from creditflow.tasks.models import resolve_model
+
+    config = ctx.config
+    probe = planted_error_probe(config.per_kind, config.seed) + sentiment_flip_probe(config.sentiment, config.seed)
+    probe += user_probe(config.probe) if config.probe else []
+    rows = run_audit(
+        resolve_model(ctx.reference_model),
+        {name: TEMPLATE_PRESETS[name] for name in config.presets},
+        probe,
+        max_length=config.max_length,
+        batch_size=config.batch_size,
+        reward_model=ctx.upstream_dir("reward_model") / "model",
+        reward_model_max_length=int(ctx.upstream["reward_model"].config["max_length"]),
+        policy=ctx.upstream_dir("policy") / "model",
+        beta=float(ctx.upstream["policy"].config["loss"]["beta"]),
+    )
+    for row in rows:
+        if row.kind == "all" and row.auc < AUC_WARNING:
+            logger.warning(
+                "audit: %s points the wrong way (AUC %.3f < 0.5 on %d items)", row.source, row.auc, row.items
+            )
+    ctx.writer.write_table("audit", pa.Table.from_pylist([asdict(r) for r in rows]))
+    ctx.run.log_rows([asdict(r) for r in rows], "audit/table.json")
+    ctx.run.log_figure(audit_figure(rows), "audit/auc.png")
+    return {f"{r.source}.{r.kind}.auc": r.auc for r in rows if r.auc == r.auc} | {"items": len(probe)}

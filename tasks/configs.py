@@ -310,6 +310,21 @@ class EvaluateConfig(SamplingConfig):
     gold_scorer: str | None = Field("vader", description="'vader', 'package.module:function', or null.")
 
 
+class AuditConfig(StrictConfig):
+    """The optional ``audit`` stage: do the token rewards point the right way (tasks/audit.py)?"""
+
+    enabled: bool = Field(False, description="Run the token-reward audit after evaluation.")
+    presets: list[Literal["revision", "guideline"]] = Field(
+        default_factory=lambda: ["revision", "guideline"], description="Contrastive template presets to audit."
+    )
+    per_kind: int = Field(40, ge=1, description="Planted-error items per kind (arithmetic, counting, ...).")
+    sentiment: int = Field(60, ge=0, description="Sentiment-flip items from the bundled task.")
+    probe: str | None = Field(None, description="Your JSONL of prompt, response, bad_spans.")
+    seed: int = Field(0, description="Probe seed.")
+    max_length: int = Field(512, ge=2, description="Prompt + response tokens.")
+    batch_size: int = Field(8, ge=1)
+
+
 def method_label(policy_config: dict) -> str:
     """ "dpo", "dpo + T-REG (contrastive, α=0.25)", ... from a policy manifest's config."""
     loss = policy_config.get("loss", {})

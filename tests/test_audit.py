@@ -120,8 +120,8 @@ def test_every_source_runs_on_tiny_models(tiny_lm_dir, tmp_path):
     rows = run_audit(tiny_lm_dir, TEMPLATE_PRESETS, probe, max_length=128, reward_model=reward_model, policy=policy)
     sources = set(r.source for r in rows)
     assert sources == {*(f"contrastive:{p}" for p in TEMPLATE_PRESETS), "reference log-prob", "dpo-implicit"} | {
-        "abc (official)",
-        "abc (centered)",
+        "abc-official",
+        "abc-centered",
     }
     for row in rows:
         assert row.kind in (*KINDS, "all") and 0.0 <= row.auc <= 1.0 and row.coverage == 1.0

@@ -382,3 +382,19 @@ def test_a_fully_cached_run_is_one_light_record_without_prefect_or_models(tmp_pa
     with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
         recorded = con.execute("SELECT count(*) FROM stage_runs WHERE pipeline_run_id = ?", [report["run"]]).fetchone()
     assert recorded == (5,)
+
+
+def test_the_optional_audit_stage_runs_after_evaluation_and_is_cached(tmp_path):
+    cfg = _config()
+    cfg["audit"].update(enabled=True, per_kind=2, sentiment=2, max_length=128)
+    result = pipeline_flow(config=cfg, workspace=str(tmp_path), progress=False)["stages"]
+    assert list(result)[-1] == "audit"
+    manifest = result["audit"]["manifest"]
+    assert manifest["inputs"]["upstream"].keys() == {"reward_model", "policy"}
+    assert manifest["config"]["reference_model"] == "tiny-lm" and manifest["metrics"]["items"] == 10
+    sources = {k.split(".")[0] for k in manifest["metrics"] if k.endswith(".auc")}
+    assert {"contrastive:revision", "contrastive:guideline", "reference log-prob", "dpo-implicit"} <= sources
+    with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(DISTINCT source) FROM audit_audit").fetchone()[0] == 6
+    again = pipeline_flow(config=cfg, workspace=str(tmp_path), progress=False)["stages"]
+    assert again["audit"]["cache_hit"] is True
