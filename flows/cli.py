@@ -34,6 +34,7 @@ from creditflow.flows.render import (  # noqa: E402
     print_runs,
     print_servers,
     print_stages,
+    print_summary,
     print_where_to_look,
 )
 
@@ -95,23 +96,29 @@ def demo(
     tiny: bool = typer.Option(False, "--tiny", help="Tiny models, few steps: every stage in about a minute (CI)."),
     seed: Optional[list[int]] = typer.Option(None, "--seed", help="Policy seed (repeatable). Default: 0."),
     alpha: float = typer.Option(0.25, help="T-REG weight of the DPO + T-REG variant."),
+    method: Optional[list[str]] = typer.Option(
+        None, "--method", help="dpo, t-reg, t-reg-abc (repeatable). Default: dpo and t-reg."
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Offline demo: DPO vs DPO + T-REG on SmolLM2-135M-Instruct, evaluated against the reference, as a table."""
     # A newcomer reads progress bars and the table, not Prefect's per-flow-run log lines or loading reports.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from creditflow.flows.demo import comparison_table, plan_demo, run_demo
+    from creditflow.flows.demo import DEFAULT_METHODS, comparison_table, plan_demo, run_demo, summary_table
 
     plan = plan_demo(tiny)
     if plan.fallback_reason:
         console.print(f"[bold yellow]note:[/] {plan.fallback_reason}")
     console.print(f"demo config: {plan.config}")
     with user_errors():
-        results = run_demo(plan, workspace, seed or [0], alpha, progress=not quiet)
+        results = run_demo(plan, workspace, seed or [0], alpha, not quiet, tuple(method or DEFAULT_METHODS))
     for result in results:
         print_stages(result, title=result["run_name"])
-    print_comparison(comparison_table(results))
+    rows = comparison_table(results)
+    print_comparison(rows)
+    if len(seed or [0]) > 1:
+        print_summary(summary_table(rows))
     print_where_to_look(results[-1]["workspace"])
 
 

@@ -42,17 +42,41 @@ def plan_demo(tiny: bool) -> DemoPlan:
     return DemoPlan(config_path(DEMO_CONFIG), None)
 
 
-def variants(seeds: list[int], alpha: float) -> list[tuple[str, dict[str, Any]]]:
+# Method -> (run-name label, overrides). T-REG with ABC token rewards needs the ABC rows computed too; the
+# contrastive rows come from the shard cache, so that costs one reward-model pass.
+METHODS = {
+    "dpo": ("dpo", {}),
+    "t-reg": ("dpo+t-reg", {}),
+    "t-reg-abc": (
+        "dpo+t-reg-abc",
+        {"policy.token_reward_source": "abc", "token_rewards.sources": ["contrastive", "abc"]},
+    ),
+}
+DEFAULT_METHODS = ("dpo", "t-reg")
+
+
+def variants(seeds: list[int], alpha: float, methods=DEFAULT_METHODS) -> list[tuple[str, dict[str, Any]]]:
     """(MLflow run name, config overrides) per variant; seeds outermost so a cut-short run still compares methods."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"--method {unknown[0]!r}: methods are {', '.join(METHODS)}")
     return [
-        (f"demo {method} seed={seed}", {"policy.loss.alpha": method_alpha, "policy.seed": seed})
+        (
+            f"demo {METHODS[method][0]} seed={seed}",
+            {"policy.loss.alpha": 0.0 if method == "dpo" else alpha, "policy.seed": seed, **METHODS[method][1]},
+        )
         for seed in seeds
-        for method, method_alpha in (("dpo", 0.0), ("dpo+t-reg", alpha))
+        for method in methods
     ]
 
 
 def run_demo(
-    plan: DemoPlan, workspace: str | None, seeds: list[int], alpha: float, progress: bool = True
+    plan: DemoPlan,
+    workspace: str | None,
+    seeds: list[int],
+    alpha: float,
+    progress: bool = True,
+    methods=DEFAULT_METHODS,
 ) -> list[dict[str, Any]]:
     """Run every variant; return the pipeline results (``pipeline_flow``'s dicts) in order."""
     from creditflow.flows.pipeline import run_pipeline
@@ -60,7 +84,7 @@ def run_demo(
     if alpha <= 0:
         raise ValueError(f"--alpha must be > 0 (the T-REG variant's weight), got {alpha}")
     results = []
-    for run_name, overrides in variants(seeds, alpha):
+    for run_name, overrides in variants(seeds, alpha, methods):
         config = load_config(plan.config, overrides).model_dump(mode="json")
         results.append(run_pipeline(config=config, workspace=workspace, progress=progress, run_name=run_name))
     return results
@@ -99,3 +123,22 @@ def comparison_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "prompts": metrics["prompts"],
     }
     return [reference, *rows]
+
+
+def summary_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds per method (the reference row once), for two or more seeds."""
+    import statistics
+
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_method.setdefault(row["method"], []).append(row)
+    summary = []
+    for method, group in by_method.items():
+        entry = {"method": method, "seeds": len(group) if group[0]["seed"] is not None else None}
+        for key in ("gold", "rm", "win_gold", "win_rm", "token_corr"):
+            values = [r[key] for r in group if r[key] is not None]
+            entry[key] = (
+                (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else None
+            )
+        summary.append(entry)
+    return summary

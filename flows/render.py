@@ -82,6 +82,22 @@ def print_comparison(rows: list[dict[str, Any]]) -> None:
     )
 
 
+def print_summary(summary: list[dict[str, Any]]) -> None:
+    """Mean ± standard deviation over seeds, per method."""
+
+    def fmt(value, spec: str = ".3f") -> str:
+        return "-" if value is None else f"{value[0]:{spec}} ± {value[1]:{spec}}"
+
+    table = Table(title="mean ± std over seeds")
+    for column in ("method", "seeds", "gold score", "RM score", "win rate (gold)", "win rate (RM)", "token corr"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in summary:
+        seeds = "-" if row["seeds"] is None else str(row["seeds"])
+        cells = [fmt(row[k]) for k in ("gold", "rm")] + [fmt(row[k], ".2f") for k in ("win_gold", "win_rm")]
+        table.add_row(row["method"], seeds, *cells, fmt(row["token_corr"]))
+    console.print(table)
+
+
 def print_servers(workspace: Optional[str]) -> None:
     from creditflow.flows import ops
 

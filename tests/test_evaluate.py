@@ -64,3 +64,36 @@ def test_comparison_rows_join_evaluations_to_their_policies(tmp_path):
     assert all(r["seed"] == 1 for r in rows)
     figure = comparison_figure(rows)
     assert len(figure.axes) == 3 and len(figure.axes[0].patches) == 2
+
+
+def test_demo_variants_and_the_summary_over_seeds():
+    from creditflow.flows.demo import summary_table, variants
+
+    runs = variants([0, 1], 0.25, ("dpo", "t-reg-abc"))
+    assert [name for name, _ in runs] == [
+        "demo dpo seed=0",
+        "demo dpo+t-reg-abc seed=0",
+        "demo dpo seed=1",
+        "demo dpo+t-reg-abc seed=1",
+    ]
+    abc = runs[1][1]
+    assert abc["policy.token_reward_source"] == "abc" and abc["token_rewards.sources"] == ["contrastive", "abc"]
+    assert runs[0][1] == {"policy.loss.alpha": 0.0, "policy.seed": 0}
+    with pytest.raises(ValueError, match="--method 'kto'"):
+        variants([0], 0.25, ("kto",))
+    rows = [
+        {
+            "method": "reference",
+            "seed": None,
+            "gold": 0.5,
+            "rm": 1.0,
+            "win_gold": None,
+            "win_rm": None,
+            "token_corr": None,
+        },
+        {"method": "dpo", "seed": 0, "gold": 0.6, "rm": 1.0, "win_gold": 0.7, "win_rm": 0.6, "token_corr": None},
+        {"method": "dpo", "seed": 1, "gold": 0.8, "rm": 2.0, "win_gold": 0.9, "win_rm": 0.8, "token_corr": None},
+    ]
+    reference, dpo = summary_table(rows)
+    assert reference["seeds"] is None and reference["gold"] == (0.5, 0.0)
+    assert dpo["seeds"] == 2 and dpo["gold"] == pytest.approx((0.7, 0.1414213), abs=1e-6) and dpo["token_corr"] is None
