@@ -1,0 +1,47 @@
+"""Contrastive template wordings under the token-reward audit, against the reference log-prob baseline.
+
+    .venv/bin/python bench/template_presets.py [--model smollm2] [--seed 1] [--per-kind 25] [--sentiment 30]
+
+Candidates are the two presets plus other wordings tried when choosing the default (docs/benchmarks.md). Prints
+one line per source and probe kind; the same numbers as ``creditflow rewards audit`` for the presets.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from creditflow.flows.env import apply_defaults
+
+apply_defaults()
+
+CANDIDATES = {
+    "accuracy": (
+        "{instruction}\n\nAnswer accurately: every fact and number in your response must be correct.",
+        "{instruction}\n\nAnswer inaccurately: the facts and numbers in your response must be wrong.",
+    ),
+    "correct-wrong": (
+        "{instruction}\n\nGive a correct and helpful answer.",
+        "{instruction}\n\nGive a wrong and unhelpful answer.",
+    ),
+}
+
+
+def main() -> None:
+    from creditflow.tasks import audit
+    from creditflow.tasks.configs import TEMPLATE_PRESETS
+    from creditflow.tasks.models import resolve_model
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--per-kind", type=int, default=25)
+    parser.add_argument("--sentiment", type=int, default=30)
+    args = parser.parse_args()
+    probe = audit.planted_error_probe(args.per_kind, args.seed) + audit.sentiment_flip_probe(args.sentiment, args.seed)
+    presets = {"guideline": TEMPLATE_PRESETS["guideline"], **CANDIDATES}
+    for row in audit.run_audit(resolve_model(args.model), presets, probe, max_length=512):
+        print(f"{row.source:26} {row.kind:11} auc={row.auc:.3f} paired={row.paired_accuracy:.3f}")
+
+
+if __name__ == "__main__":
+    main()
