@@ -199,7 +199,11 @@ class TokenRewardsConfig(StrictConfig):
     rows_per_shard: int = Field(256, ge=1, description="Cache rows per shard: the unit of resumption.")
     abc_beta: float = Field(0.8, ge=0, le=1, description="ABC mixing coefficient (Chan et al. 2024 use 0.8).")
     abc_max_length: int | None = Field(None, ge=2, description="RM tokens; null: the RM's training max_length.")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="auto: the policy's precision (fp32 weights, bf16 autocast on CUDA; fp32 on CPU), so DPO's margin "
+        "starts at 0; bfloat16: pure bf16 weights (faster, approximate reference log-probs).",
+    )
     device: str = Field("auto", description="auto (cuda if available) | cpu | cuda | cuda:N.")
     heatmap_pairs: int = Field(3, ge=0, description="Sample pairs logged as HTML/PNG heat maps.")
 

@@ -36,7 +36,7 @@ from creditflow.tasks import abc, contrastive, tokenization
 from creditflow.tasks.configs import TokenRewardsConfig
 from creditflow.tasks.schema import SIDES, Messages
 from creditflow.tasks.stage import StageContext
-from creditflow.tasks.training import inference_dtype, resolve_device
+from creditflow.tasks.training import autocast, inference_dtype, reference_precision, resolve_device
 
 logger = logging.getLogger(__name__)
 TRUNCATION_WARNING = 0.05  # warn when more than this share of the computed rows were cut
@@ -59,10 +59,11 @@ class Source:
     score: Callable[[list, Any], list[dict[str, Any]]]  # (items, progress) -> cache rows without key/source
 
 
-def contrastive_source(config: TokenRewardsConfig, reference_model: str, device, dtype) -> Source:
+def contrastive_source(config: TokenRewardsConfig, reference_model: str, device) -> Source:
     """T-REG contrastive prompting on the reference model (whose tokenizer is the policy's)."""
     from creditflow.tasks.models import model_fingerprint, resolve_model
 
+    dtype, bf16_autocast = reference_precision(config.dtype, device)
     folder = resolve_model(reference_model)
     tokenizer = tokenization.load_tokenizer(str(folder))
     knobs = {
@@ -73,7 +74,7 @@ def contrastive_source(config: TokenRewardsConfig, reference_model: str, device,
         "max_length": config.max_length,
         "max_prompt_length": config.max_prompt_length,
         "truncation": config.truncation,
-        "dtype": str(dtype),
+        "dtype": f"{dtype}{'+autocast-bf16' if bf16_autocast else ''}",
         "code": code_version(CONTRASTIVE_CODE),
     }
     model = None
@@ -83,7 +84,8 @@ def contrastive_source(config: TokenRewardsConfig, reference_model: str, device,
         nonlocal model
         if model is None:  # loaded on first use: a fully cached run never loads it
             model = contrastive.load_reference_model(folder, device, dtype)
-        results = contrastive.score_contrastive(model, items, config.batch_size, pad_id, progress)
+        with autocast(device, bf16_autocast):
+            results = contrastive.score_contrastive(model, items, config.batch_size, pad_id, progress)
         return [
             {
                 "n_tokens": len(item.completion_ids),
@@ -232,7 +234,7 @@ def compute_token_rewards(ctx: StageContext) -> dict[str, float]:
     sources, keys = [], []
     for name in config.sources:
         if name == "contrastive":
-            source = contrastive_source(config, ctx.reference_model, device, dtype)
+            source = contrastive_source(config, ctx.reference_model, device)
         else:
             folder, rm_max_length = _reward_model_folder(ctx)
             source = abc_source(config, folder, rm_max_length, device, dtype)

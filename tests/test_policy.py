@@ -470,3 +470,32 @@ def test_stage_writes_model_train_log_and_mlflow_artifacts(model_dir, data, tmp_
     location = run.client.get_run(run.run_id).data.tags["creditflow.model_path"]
     assert location == str(store.path("policy", "p1") / "model")  # one copy of the weights: the artifact store's
     assert [m.step for m in run.client.get_metric_history(run.run_id, "loss")] == [1, 2, 3]
+
+
+def test_reference_logprobs_at_the_policys_precision_start_dpo_at_a_zero_margin(model_dir, examples):
+    """bf16 emulated on CPU: reference log-probs taken under the policy's precision (fp32 weights, bf16 autocast;
+    `token_rewards.dtype: auto`) equal the policy's first forward, so z = 0 at step 0. From bf16 weights (what the
+    reference pass used on CUDA before) they do not."""
+    import copy
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    pairs = examples[:4]
+    batch = collate(pairs, 0, CPU)
+    sides = [e.chosen for e in pairs] + [e.rejected for e in pairs]
+    prompts, completions = [len(s.prompt_ids) for s in sides], [len(s.completion_ids) for s in sides]
+
+    def margins(flat):
+        per_row = torch.stack([t.sum() for t in flat.split(completions)])
+        return 0.1 * (per_row[: len(pairs)] - per_row[len(pairs) :])
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        policy = training_logprobs(model, batch.input_ids, batch.attention_mask, batch.rows, batch.cols)
+        reference = torch.cat(completion_logprobs(model, batch.input_ids, batch.attention_mask, prompts, completions))
+    assert torch.equal(policy, reference)
+    assert margins(policy - reference).abs().max() == 0  # z = 0 at step 0
+    bf16_weights = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.no_grad():
+        approximate = torch.cat(
+            completion_logprobs(bf16_weights, batch.input_ids, batch.attention_mask, prompts, completions)
+        )
+    assert margins(policy - approximate).abs().max() > 1e-4

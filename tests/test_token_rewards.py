@@ -300,7 +300,7 @@ def test_every_knob_changes_the_key(stage_env, policy_dir, tmp_path):
     keys = set()
     for variant, reference in variants:
         config = TokenRewardsConfig(**variant)
-        source = contrastive_source(config, str(reference), CPU, inference_dtype(config.dtype, CPU))
+        source = contrastive_source(config, str(reference), CPU)
         keys.add(row_key(source.name, source.knobs, prompt, completion))
     folder = workspace.store.path("reward_model", "rm") / "model"
     for variant in ({}, {"abc_beta": 0.5}, {"abc_max_length": 64}, {"dtype": "bfloat16"}):
