@@ -238,3 +238,28 @@ def test_encoder_backbone_uses_text_pairs_and_trains(encoder_backbone):
         for p, c in zip(data.prompts * 3, (data.chosen + data.rejected) + data.chosen)
     ]
     assert batched == pytest.approx(single, abs=1e-5)
+
+
+class _Planted:
+    """A pickle that would run code when loaded with weights_only=False."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_refused_not_run(backbone, tmp_path):
+    import pickle
+
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    marker = tmp_path / "pwned"
+    (checkpoint / "state.pt").write_bytes(pickle.dumps({"step": 1, "payload": _Planted(marker)}, protocol=2))
+    config = RewardModelConfig(max_steps=1, batch_size=4)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        train_reward_model(
+            backbone, _separable(8), _separable(4, 100), config, checkpoint_dir=checkpoint, progress=False
+        )
+    assert not marker.exists()
