@@ -244,6 +244,27 @@ def default_run_name(cfg: PipelineConfig) -> str:
     return f"{label}{lora} seed={cfg.policy.seed}"
 
 
+def data_needs(stage: str, metrics: dict[str, float], cfg: PipelineConfig) -> list[str]:
+    """What later stages need of the pairs ``stage`` just produced: checked before the next stage starts, so a
+    too-small dataset fails in seconds, not after the reward model has trained."""
+    problems = []
+    policy = cfg.policy
+    need = (policy.num_processes - 1) * policy.batch_size + 1  # one micro-batch for every process
+    if stage == "curate":
+        if metrics.get("train_pairs", 0) == 0:
+            problems.append("curate produced no train pairs (see the quarantine table for why rows were rejected)")
+        if metrics.get("eval_prompts", 0) == 0:
+            problems.append("curate produced no eval prompts, which evaluate needs: raise curate.eval_fraction")
+        if not cfg.onpolicy.enabled and metrics.get("train_pairs", 0) < need:
+            problems.append(
+                f"policy needs {need} train pairs for {policy.num_processes} processes of batch "
+                f"{policy.batch_size}; curate produced {int(metrics.get('train_pairs', 0))}"
+            )
+    if stage == "onpolicy" and metrics.get("pairs_out", 0) < need:
+        problems.append(f"policy needs {need} train pairs; onpolicy produced {int(metrics.get('pairs_out', 0))}")
+    return problems
+
+
 def pipeline_needs(cfg: PipelineConfig) -> list[str]:
     """What the stages of this config need of each other, checked before the first stage runs."""
     problems = []

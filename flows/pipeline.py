@@ -11,8 +11,8 @@ from typing import Any
 
 from prefect import flow
 
-from creditflow.flows.config import default_run_name, pipeline_needs, validate
-from creditflow.flows.stages import STAGES, execute_stage, hash_sources, plan_stage
+from creditflow.flows.config import data_needs, default_run_name, pipeline_needs, validate
+from creditflow.flows.stages import STAGES, execute_stage, hash_sources, plan_stage, record_stage_run
 from creditflow.storage.artifacts import Manifest
 from creditflow.storage.catalog import Catalog
 from creditflow.storage.tracking import Run
@@ -157,6 +157,9 @@ def pipeline_flow(
                 )
             results[name] = result
             manifests[name] = Manifest.from_dict(result["manifest"])
+            problems = data_needs(name, manifests[name].metrics, cfg)
+            if problems:
+                raise ValueError(f"after {name}: " + "; ".join(problems))
             parent.set_tags(
                 {
                     f"creditflow.fingerprint.{name}": result["manifest"]["fingerprint"],
@@ -226,16 +229,8 @@ def record_cached_run(
         parent.log_params({"workspace": str(ws.root), "stages": ",".join(manifests), **headline_params(cfg)})
         parent.log_metrics({"stages_cached": len(stages), "stages_run": len(stages), **headline_metrics(stages)})
         catalog = Catalog(ws.catalog_path, ws.store)
-        for name, manifest in manifests.items():
-            catalog.record_stage_run(
-                pipeline_run_id=parent.run_id,
-                mlflow_run_id=manifest.mlflow_run_id,
-                stage=name,
-                fingerprint=manifest.fingerprint,
-                digest=manifest.digest,
-                cache_hit=True,
-                row_counts=manifest.row_counts,
-            )
+        for manifest in manifests.values():
+            record_stage_run(catalog, manifest, parent.run_id, manifest.mlflow_run_id, cache_hit=True)
         catalog.refresh()
     except BaseException:
         parent.end("FAILED")

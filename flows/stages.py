@@ -312,6 +312,18 @@ class StageResult:
         }
 
 
+def record_stage_run(catalog: Catalog, manifest: Manifest, pipeline_run_id, mlflow_run_id, cache_hit: bool) -> None:
+    catalog.record_stage_run(
+        pipeline_run_id=pipeline_run_id,
+        mlflow_run_id=mlflow_run_id,
+        stage=manifest.stage,
+        fingerprint=manifest.fingerprint,
+        digest=manifest.digest,
+        cache_hit=cache_hit,
+        row_counts=manifest.row_counts,
+    )
+
+
 def execute_stage(
     name: str,
     cfg: PipelineConfig,
@@ -371,14 +383,8 @@ def execute_stage(
             run.log_metrics(manifest.metrics)
         run.log_metrics({f"rows.{table}": n for table, n in manifest.row_counts.items()})
         run.log_dict(manifest.to_dict(), "manifest.json")
-        Catalog(workspace.catalog_path, workspace.store).record_stage_run(
-            pipeline_run_id=parent_run_id,
-            mlflow_run_id=run.run_id,
-            stage=name,
-            fingerprint=plan.fingerprint,
-            digest=manifest.digest,
-            cache_hit=cache_hit,
-            row_counts=manifest.row_counts,
+        record_stage_run(
+            Catalog(workspace.catalog_path, workspace.store), manifest, parent_run_id, run.run_id, cache_hit
         )
     except BaseException:
         run.end("FAILED")
