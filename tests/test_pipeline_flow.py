@@ -402,7 +402,7 @@ def test_the_optional_audit_stage_runs_after_evaluation_and_is_cached(tmp_path):
 
 def test_too_few_pairs_fail_right_after_curation_before_the_reward_model_trains(tmp_path):
     data = tmp_path / "few.jsonl"
-    rows = [{"prompt": f"question {i}", "chosen": f"good answer {i}", "rejected": f"bad answer {i}"} for i in range(6)]
+    rows = [{"prompt": f"question {i}", "chosen": f"good answer {i}", "rejected": f"bad answer {i}"} for i in range(4)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = _config(sources=[{"path": str(data)}], eval_fraction=0.3)
     cfg["policy"].update(num_processes=2, batch_size=4)  # needs 5 train pairs
