@@ -268,6 +268,98 @@ def _completion(text: str) -> Messages:
     return [{"role": "assistant", "content": text}]
 
 
+@dataclass
+class Reference:
+    """The reference model loaded once for every source that reads it."""
+
+    model: object
+    tokenizer: object
+    pad: int
+    device: object
+    max_length: int | None
+    batch_size: int
+
+    def encode(self, prompts, texts, config=None):
+        from creditflow.tasks import contrastive
+        from creditflow.tasks.configs import TokenRewardsConfig
+
+        config = config or TokenRewardsConfig(max_length=self.max_length)
+        return contrastive.encode_contrastive(self.tokenizer, prompts, [_completion(t) for t in texts], config)
+
+
+def _contrastive_scorers(ref: Reference, better: str, worse: str) -> tuple[Scorer, Scorer]:
+    """(r̂ scorer, reference log-prob scorer) of one preset: one contrastive pass per probe, shared by both."""
+    from creditflow.tasks import contrastive
+    from creditflow.tasks.configs import TokenRewardsConfig
+
+    config = TokenRewardsConfig(
+        template="custom", better_template=better, worse_template=worse, max_length=ref.max_length
+    )
+    seen: dict = {}
+
+    def scores(prompts, texts, which: str) -> list[TokenScores]:
+        key = (tuple(map(str, prompts)), tuple(texts))
+        if key not in seen:
+            items = ref.encode(prompts, texts, config)
+            seen[key] = items, contrastive.score_contrastive(ref.model, items, ref.batch_size, ref.pad)
+        items, results = seen[key]
+        return [
+            TokenScores(np.asarray(getattr(r, which), np.float64), i.char_start, i.char_end)
+            for i, r in zip(items, results)
+        ]
+
+    return (lambda p, t: scores(p, t, "rewards")), (lambda p, t: scores(p, t, "ref_logps"))
+
+
+def _implicit_scorer(ref: Reference, policy: str | Path, beta: float) -> Scorer:
+    """β·(log π − log π_ref) per token: what DPO's training made of each token."""
+    import torch
+
+    from creditflow.tasks import contrastive
+    from creditflow.tasks.logprobs import completion_logprobs
+    from creditflow.tasks.tokenization import padded_batch
+
+    trained = contrastive.load_reference_model(policy, ref.device, next(ref.model.parameters()).dtype)
+
+    @torch.no_grad()
+    def implicit(prompts, texts):
+        out = []
+        for item in ref.encode(prompts, texts):
+            ids, mask = padded_batch([item.plain_ids + item.completion_ids], ref.pad)
+            args = (ids.to(ref.device), mask.to(ref.device), [len(item.plain_ids)], [len(item.completion_ids)])
+            logp_policy = completion_logprobs(trained, *args)[0].cpu().numpy()
+            logp_ref = completion_logprobs(ref.model, *args)[0].cpu().numpy()
+            out.append(TokenScores(beta * (logp_policy - logp_ref), item.char_start, item.char_end))
+        return out
+
+    return implicit
+
+
+def _abc_scorers(folder: str | Path, max_length: int, beta: float, batch_size: int, device) -> tuple[Scorer, Scorer]:
+    """(official ABC, centered ABC): the stored form (Σ r_t = r) and the regularizer's (standardized over the
+    probe's responses, spread by attention, bounded)."""
+    import torch
+
+    from creditflow.tasks import abc
+
+    tokenizer, model = abc.load_abc_model(folder, device, torch.float32)
+
+    def scores(prompts, texts, centered: bool):
+        items = [abc.encode_for_abc(tokenizer, p, _completion(t), max_length) for p, t in zip(prompts, texts)]
+        results = abc.score_abc(model, items, beta, batch_size, tokenizer.pad_token_id)
+        values = [np.asarray(r.rewards, np.float64) for r in results]
+        if centered:
+            scalars = np.array([r.reward for r in results])
+            mean, std = scalars.mean(), max(scalars.std(), 1e-8)
+            values = [
+                abc.bounded_rewards((r.reward - mean) / std, abc.attention_shares(v, beta)[1])
+                for r, v in zip(results, values)
+            ]
+        return [TokenScores(np.asarray(v, np.float64), i.char_start, i.char_end) for i, v in zip(items, values)]
+
+    return (lambda p, t: scores(p, t, False)), (lambda p, t: scores(p, t, True))
+
+
 def run_audit(
     reference: str | Path,
     presets: dict[str, tuple[str, str]],
@@ -281,86 +373,28 @@ def run_audit(
     policy: str | Path | None = None,
     beta: float = 0.1,
 ) -> list[AuditRow]:
-    """Audit every source the arguments make available: contrastive r̂ per preset and the reference surprisal
-    (always), ABC (with ``reward_model``), the DPO-implicit reward (with a trained ``policy``)."""
-    import torch
-
-    from creditflow.tasks import abc, contrastive
-    from creditflow.tasks.configs import TokenRewardsConfig
-    from creditflow.tasks.logprobs import completion_logprobs
-    from creditflow.tasks.tokenization import load_tokenizer, pad_token_id, padded_batch
+    """Audit every source the arguments make available: contrastive r̂ per preset and the reference log-prob
+    (always), the DPO-implicit reward (with a trained ``policy``), ABC (with a ``reward_model``)."""
+    from creditflow.tasks import contrastive
+    from creditflow.tasks.tokenization import load_tokenizer, pad_token_id
     from creditflow.tasks.training import inference_dtype, resolve_device
 
     device = resolve_device()
-    dtype = inference_dtype("auto", device)
     tokenizer = load_tokenizer(str(reference))
-    model = contrastive.load_reference_model(reference, device, dtype)
-    pad = pad_token_id(tokenizer)
-
-    def contrastive_pass(config: TokenRewardsConfig, prompts, texts):
-        items = contrastive.encode_contrastive(tokenizer, prompts, [_completion(t) for t in texts], config)
-        return items, contrastive.score_contrastive(model, items, batch_size, pad)
-
+    model = contrastive.load_reference_model(reference, device, inference_dtype("auto", device))
+    ref = Reference(model, tokenizer, pad_token_id(tokenizer), device, max_length, batch_size)
     rows: list[AuditRow] = []
-    for preset, (better, worse) in presets.items():
-        config = TokenRewardsConfig(
-            template="custom", better_template=better, worse_template=worse, max_length=max_length
-        )
-        seen = {}
-
-        def scores(prompts, texts, which, config=config, seen=seen):
-            key = (tuple(map(str, prompts)), tuple(texts))
-            if key not in seen:
-                seen[key] = contrastive_pass(config, prompts, texts)
-            items, results = seen[key]
-            return [
-                TokenScores(np.asarray(getattr(r, which), dtype=np.float64), i.char_start, i.char_end)
-                for i, r in zip(items, results)
-            ]
-
-        rows += audit_source(f"contrastive:{preset}", lambda p, t, s=scores: s(p, t, "rewards"), probe)
-        if not any(r.source == "reference log-prob" for r in rows):  # the same for every preset: once
-            rows += audit_source("reference log-prob", lambda p, t, s=scores: s(p, t, "ref_logps"), probe)
-
+    for index, (preset, (better, worse)) in enumerate(presets.items()):
+        rhat, logprob = _contrastive_scorers(ref, better, worse)
+        rows += audit_source(f"contrastive:{preset}", rhat, probe)
+        if index == 0:  # the reference log-prob is the same under every preset
+            rows += audit_source("reference log-prob", logprob, probe)
     if policy is not None:
-        trained = contrastive.load_reference_model(policy, device, dtype)
-
-        @torch.no_grad()
-        def implicit(prompts, texts):
-            config = TokenRewardsConfig(max_length=max_length)
-            items = contrastive.encode_contrastive(tokenizer, prompts, [_completion(t) for t in texts], config)
-            out = []
-            for item in items:
-                ids, mask = padded_batch([item.plain_ids + item.completion_ids], pad)
-                args = (ids.to(device), mask.to(device), [len(item.plain_ids)], [len(item.completion_ids)])
-                logp_policy = completion_logprobs(trained, *args)[0].cpu().numpy()
-                logp_ref = completion_logprobs(model, *args)[0].cpu().numpy()
-                out.append(TokenScores(beta * (logp_policy - logp_ref), item.char_start, item.char_end))
-            return out
-
-        rows += audit_source("dpo-implicit", implicit, probe)
-
+        rows += audit_source("dpo-implicit", _implicit_scorer(ref, policy, beta), probe)
     if reward_model is not None:
-        rm_tokenizer, rm = abc.load_abc_model(reward_model, device, torch.float32)
-
-        def abc_scores(prompts, texts, centered: bool):
-            items = [
-                abc.encode_for_abc(rm_tokenizer, p, _completion(t), reward_model_max_length)
-                for p, t in zip(prompts, texts)
-            ]
-            results = abc.score_abc(rm, items, abc_beta, batch_size, rm_tokenizer.pad_token_id)
-            scores = [np.asarray(r.rewards, np.float64) for r in results]
-            if centered:  # the regularizer's form: standardized over these responses, spread by attention, bounded
-                scalars = np.array([r.reward for r in results])
-                mean, std = scalars.mean(), max(scalars.std(), 1e-8)
-                scores = [
-                    abc.bounded_rewards((r.reward - mean) / std, abc.attention_shares(x, abc_beta)[1])
-                    for r, x in zip(results, scores)
-                ]
-            return [TokenScores(np.asarray(x, np.float64), i.char_start, i.char_end) for i, x in zip(items, scores)]
-
-        rows += audit_source("abc-official", lambda p, t: abc_scores(p, t, False), probe)
-        rows += audit_source("abc-centered", lambda p, t: abc_scores(p, t, True), probe)
+        official, centered = _abc_scorers(reward_model, reward_model_max_length, abc_beta, batch_size, device)
+        rows += audit_source("abc-official", official, probe)
+        rows += audit_source("abc-centered", centered, probe)
     return rows
 
 
