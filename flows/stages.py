@@ -61,13 +61,26 @@ class Stage:
 # Inputs outside the artifact store: data files, models, tokenizers
 
 
-def _model_digest(spec: str) -> dict[str, str]:
-    """Weights and tokenizer files of a model spec: both change what a stage computes (read as bytes, so planning
-    imports no transformers)."""
-    from creditflow.tasks.models import model_fingerprint, resolve_model, tokenizer_files_digest
+def _resolve(key: str, spec: str) -> Path:
+    """The folder of a model or tokenizer spec; an error names the config key."""
+    from creditflow.tasks.models import resolve_model
 
-    folder = resolve_model(spec)
-    return {"weights": model_fingerprint(folder), "tokenizer": tokenizer_files_digest(folder)}
+    try:
+        return resolve_model(spec)
+    except (ValueError, ModuleNotFoundError) as exc:
+        raise ValueError(f"{key}: {exc}") from None
+
+
+def _model_digest(key: str, spec: str) -> dict[str, str]:
+    """Weights and tokenizer files of the model ``key`` names: both change what a stage computes (read as bytes, so
+    planning imports no transformers). A hub snapshot also records its commit."""
+    from creditflow.tasks.models import model_fingerprint, tokenizer_files_digest
+
+    folder = _resolve(key, spec)
+    digest = {"weights": model_fingerprint(folder), "tokenizer": tokenizer_files_digest(folder)}
+    if folder.parent.name == "snapshots":  # a hub id: the folder is named by the resolved commit
+        digest["revision"] = folder.name
+    return digest
 
 
 def _curate_inputs(cfg: PipelineConfig) -> dict[str, Any]:
@@ -75,24 +88,21 @@ def _curate_inputs(cfg: PipelineConfig) -> dict[str, Any]:
 
     inputs: dict[str, Any] = {"sources": [source_digest(s) for s in cfg.curate.sources]}
     if cfg.curate.tokenizer:
-        if Path(cfg.curate.tokenizer).is_dir():
-            from creditflow.tasks.models import tokenizer_files_digest
+        from creditflow.tasks.models import tokenizer_files_digest
 
-            inputs["tokenizer"] = tokenizer_files_digest(cfg.curate.tokenizer)
-        else:  # a hub id: only the loaded tokenizer says what it is
-            from creditflow.tasks.tokenization import load_tokenizer, tokenizer_fingerprint
-
-            inputs["tokenizer"] = tokenizer_fingerprint(load_tokenizer(cfg.curate.tokenizer))
+        inputs["tokenizer"] = tokenizer_files_digest(_resolve("curate.tokenizer", cfg.curate.tokenizer))
     return inputs
 
 
 def _reward_model_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     base = cfg.reward_model.base_model
-    return {"base_model": {"tiny": "built from the upstream data"} if base == TINY_BACKBONE else _model_digest(base)}
+    if base == TINY_BACKBONE:
+        return {"base_model": {"tiny": "built from the upstream data"}}
+    return {"base_model": _model_digest("reward_model.base_model", base)}
 
 
 def _reference_inputs(cfg: PipelineConfig) -> dict[str, Any]:
-    return {"reference_model": _model_digest(cfg.reference_model)}
+    return {"reference_model": _model_digest("reference_model", cfg.reference_model)}
 
 
 def _audit_inputs(cfg: PipelineConfig) -> dict[str, Any]:

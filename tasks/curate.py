@@ -227,9 +227,10 @@ def _validate(
 def _apply_length_rules(
     candidates: list[dict[str, Any]], raw_by_key: dict[int, Any], config: CurateConfig, quarantine: _Quarantine
 ) -> None:
+    from creditflow.tasks.models import resolve_model
     from creditflow.tasks.tokenization import encode_completions, encode_prompts, load_tokenizer
 
-    tokenizer = load_tokenizer(config.tokenizer)
+    tokenizer = load_tokenizer(str(resolve_model(config.tokenizer)))
     rules = config.rules
     batch = 1024
     for start in range(0, len(candidates), batch):

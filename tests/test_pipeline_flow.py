@@ -411,3 +411,25 @@ def test_too_few_pairs_fail_right_after_curation_before_the_reward_model_trains(
     assert (
         Workspace.resolve(tmp_path).store.manifests("curate") and not (tmp_path / "artifacts" / "reward_model").exists()
     )
+
+
+def test_the_pipeline_runs_on_a_hub_id_from_the_offline_hf_cache(tmp_path, monkeypatch):
+    """The real hub code path (huggingface_hub's cache layout, HF_HUB_OFFLINE=1), no mocks: `org/name` specs."""
+    from conftest import CORPUS
+
+    from creditflow.tasks.tiny import build_tiny_causal_lm
+
+    snapshot = tmp_path / "hub" / "models--acme--tiny-lm" / "snapshots" / ("c" * 40)
+    build_tiny_causal_lm(snapshot, CORPUS)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("c" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = _config(sources=[{"builtin": "sample", "limit": 60}], tokenizer="acme/tiny-lm", rules={"max_length": 512})
+    cfg["reference_model"] = "acme/tiny-lm"
+    stages = pipeline_flow(config=cfg, workspace=str(tmp_path / "ws"), progress=False)["stages"]
+    assert stages["token_rewards"]["manifest"]["inputs"]["reference_model"]["revision"] == "c" * 40
+    assert stages["evaluate"]["manifest"]["metrics"]["prompts"] > 0
+    cfg["reference_model"] = "acme/not-cached"
+    with pytest.raises(ValueError, match=r"reference_model: hub model 'acme/not-cached' is not in the Hugging Face"):
+        pipeline_flow(config=cfg, workspace=str(tmp_path / "ws"), progress=False)

