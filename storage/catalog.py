@@ -64,6 +64,11 @@ class RefreshReport:
     moved_aside: Path | None = None  # a catalog file that was not a DuckDB database
 
 
+def _is_lock_error(exc: duckdb.IOException) -> bool:
+    """DuckDB reports a file held by another process and a file that is not a database as the same exception."""
+    return "lock" in str(exc).lower()
+
+
 def _view_name(stage: str, table: str) -> str:
     return _IDENT.sub("_", f"{stage}_{table}".lower())
 
@@ -88,7 +93,7 @@ class Catalog:
             try:
                 return duckdb.connect(str(self.path), read_only=read_only)
             except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower():  # not a DuckDB file at all: retrying will not help
+                if not _is_lock_error(exc):  # not a DuckDB file at all: retrying will not help
                     raise CatalogError(
                         f"{self.path}: not a readable DuckDB catalog ({exc}); `creditflow catalog refresh` rebuilds it"
                     ) from None
@@ -124,7 +129,7 @@ class Catalog:
         try:
             duckdb.connect(str(self.path), read_only=True).close()
         except duckdb.IOException as exc:
-            if "lock" in str(exc).lower():
+            if _is_lock_error(exc):
                 return None
             aside = self.path.with_name(f"{self.path.name}.corrupt-{dt.datetime.now():%Y%m%d-%H%M%S}")
             self.path.rename(aside)
@@ -221,13 +226,15 @@ class Catalog:
 
     # -- reading -------------------------------------------------------------------------------------------
 
-    def query(self, sql: str, params: list[Any] | None = None) -> tuple[list[str], list[tuple]]:
-        """Run CreditFlow's own read-only SQL; returns (column names, rows)."""
+    def query(self, sql: str, params: list[Any] | None = None, settings: tuple[str, ...] = ()) -> tuple[list, list]:
+        """Run read-only SQL, after the connection ``settings`` statements; returns (column names, rows)."""
         if not self.path.exists():
             self.refresh()
         with self._lock():
             con = self._connect(read_only=True)
             try:
+                for statement in settings:
+                    con.execute(statement)
                 result = con.execute(sql, params or [])
                 columns = [d[0] for d in result.description] if result.description else []
                 return columns, result.fetchall()
@@ -243,21 +250,15 @@ class Catalog:
         if len(statements) != 1 or statements[0].type not in _ALLOWED_STATEMENTS:
             kinds = ", ".join(s.type.name for s in statements) or "nothing"
             raise CatalogError(f"creditflow sql runs one SELECT statement (got {kinds}); the catalog is read-only")
-        if not self.path.exists():
-            self.refresh()
-        with self._lock():
-            con = self._connect(read_only=True)
-            try:
-                con.execute(f"SET allowed_directories = [{_sql_str(str(self.store.root.resolve()))}]")
-                con.execute("SET enable_external_access = false")
-                con.execute("SET lock_configuration = true")
-                result = con.execute(sql)
-                columns = [d[0] for d in result.description] if result.description else []
-                return columns, result.fetchall()
-            except duckdb.Error as exc:
-                raise CatalogError(str(exc).splitlines()[0]) from None
-            finally:
-                con.close()
+        settings = (
+            f"SET allowed_directories = [{_sql_str(str(self.store.root.resolve()))}]",
+            "SET enable_external_access = false",
+            "SET lock_configuration = true",
+        )
+        try:
+            return self.query(sql, settings=settings)
+        except duckdb.Error as exc:
+            raise CatalogError(str(exc).splitlines()[0]) from None
 
     def recent_runs(self, limit: int) -> list[tuple]:
         """Stage runs of the ``limit`` most recent runs, newest run first, each run's stages in order:

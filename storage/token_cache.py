@@ -70,8 +70,8 @@ class TokenCache:
     def index(self) -> dict[str, Path]:
         """key -> the shard holding it (the first one, if a key was computed twice by concurrent runs)."""
         index: dict[str, Path] = {}
-        for shard in self.shards():
-            for key in _read_shard(shard, columns=["key"]).column("key").to_pylist():
+        for shard, keys in self.keys_by_shard().items():
+            for key in keys:
                 index.setdefault(key, shard)
         return index
 

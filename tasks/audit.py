@@ -270,7 +270,7 @@ def _completion(text: str) -> Messages:
 
 @dataclass
 class Reference:
-    """The reference model loaded once for every source that reads it."""
+    """The reference model loaded once for every source that reads it, at the token-reward stage's precision."""
 
     model: object
     tokenizer: object
@@ -278,6 +278,12 @@ class Reference:
     device: object
     max_length: int | None
     batch_size: int
+    bf16_autocast: bool
+
+    def precision(self):
+        from creditflow.tasks.training import autocast
+
+        return autocast(self.device, self.bf16_autocast)
 
     def encode(self, prompts, texts, config=None):
         from creditflow.tasks import contrastive
@@ -301,7 +307,8 @@ def _contrastive_scorers(ref: Reference, better: str, worse: str) -> tuple[Score
         key = (tuple(map(str, prompts)), tuple(texts))
         if key not in seen:
             items = ref.encode(prompts, texts, config)
-            seen[key] = items, contrastive.score_contrastive(ref.model, items, ref.batch_size, ref.pad)
+            with ref.precision():
+                seen[key] = items, contrastive.score_contrastive(ref.model, items, ref.batch_size, ref.pad)
         items, results = seen[key]
         return [
             TokenScores(np.asarray(getattr(r, which), np.float64), i.char_start, i.char_end)
@@ -327,8 +334,9 @@ def _implicit_scorer(ref: Reference, policy: str | Path, beta: float) -> Scorer:
         for item in ref.encode(prompts, texts):
             ids, mask = padded_batch([item.plain_ids + item.completion_ids], ref.pad)
             args = (ids.to(ref.device), mask.to(ref.device), [len(item.plain_ids)], [len(item.completion_ids)])
-            logp_policy = completion_logprobs(trained, *args)[0].cpu().numpy()
-            logp_ref = completion_logprobs(ref.model, *args)[0].cpu().numpy()
+            with ref.precision():
+                logp_policy = completion_logprobs(trained, *args)[0].cpu().numpy()
+                logp_ref = completion_logprobs(ref.model, *args)[0].cpu().numpy()
             out.append(TokenScores(beta * (logp_policy - logp_ref), item.char_start, item.char_end))
         return out
 
@@ -377,12 +385,13 @@ def run_audit(
     (always), the DPO-implicit reward (with a trained ``policy``), ABC (with a ``reward_model``)."""
     from creditflow.tasks import contrastive
     from creditflow.tasks.tokenization import load_tokenizer, pad_token_id
-    from creditflow.tasks.training import inference_dtype, resolve_device
+    from creditflow.tasks.training import reference_precision, resolve_device
 
     device = resolve_device()
     tokenizer = load_tokenizer(str(reference))
-    model = contrastive.load_reference_model(reference, device, inference_dtype("auto", device))
-    ref = Reference(model, tokenizer, pad_token_id(tokenizer), device, max_length, batch_size)
+    dtype, bf16_autocast = reference_precision("auto", device)  # what token_rewards.dtype: auto scores with
+    model = contrastive.load_reference_model(reference, device, dtype)
+    ref = Reference(model, tokenizer, pad_token_id(tokenizer), device, max_length, batch_size, bf16_autocast)
     rows: list[AuditRow] = []
     for index, (preset, (better, worse)) in enumerate(presets.items()):
         rhat, logprob = _contrastive_scorers(ref, better, worse)

@@ -24,7 +24,6 @@ are written atomically every ``save_every`` steps, so a killed run resumes and c
 
 from __future__ import annotations
 
-import shutil
 import time
 import warnings
 from contextlib import nullcontext
@@ -117,7 +116,7 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
     ctx.writer.write_table("train_timings", history_table(timings), volatile=True)
     ctx.run.log_figure(loss_figure(history), "policy/loss_curve.png")
     ctx.log_model_location("model")
-    shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)  # the published artifact supersedes it
+    training.Checkpoint(ctx.checkpoint_dir).remove()  # the published artifact supersedes it (and its .old copy)
     last = history[-1]
     metrics = {
         "train_pairs": len(examples),
