@@ -307,6 +307,25 @@ def runs(
     print_runs(ops.list_runs(workspace, limit))
 
 
+@app.command()
+def export(
+    stage_name: str = typer.Argument(..., metavar="STAGE", help="A stage that trains a model: policy or reward_model."),
+    out: Path = typer.Option(..., "--out", help="New (or empty) folder for the Hugging Face model."),
+    run: Optional[str] = typer.Option(None, "--run", help="Pipeline or MLflow run id (or prefix); default: newest."),
+    adapter: bool = typer.Option(False, "--adapter", help="Export the LoRA adapter instead of the merged model."),
+    workspace: Optional[str] = WorkspaceOpt,
+) -> None:
+    """Write a self-contained Hugging Face folder (weights, tokenizer, model card) for a trained model."""
+    from creditflow.storage.export import export_model
+    from creditflow.storage.workspace import Workspace
+
+    with user_errors():
+        folder = export_model(Workspace.resolve(workspace), stage_name, out, run_id=run, adapter=adapter)
+    auto_class = "AutoModelForSequenceClassification" if stage_name == "reward_model" else "AutoModelForCausalLM"
+    loader = "peft.AutoPeftModelForCausalLM" if adapter else f"transformers.{auto_class}"
+    console.print(f"exported {stage_name} to {folder}; load it with {loader}.from_pretrained({str(folder)!r})")
+
+
 @artifacts_app.command("gc")
 def artifacts_gc(
     keep: int = typer.Option(..., "--keep", min=0, help="Keep the artifacts of this many most recent runs."),

@@ -86,7 +86,13 @@ def _model_digest(key: str, spec: str) -> dict[str, str]:
 def _curate_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     from creditflow.tasks.ingest import source_digest
 
-    inputs: dict[str, Any] = {"sources": [source_digest(s) for s in cfg.curate.sources]}
+    digests = []
+    for i, source in enumerate(cfg.curate.sources):
+        try:
+            digests.append(source_digest(source))
+        except ValueError as exc:
+            raise ValueError(f"curate.sources[{i}]: {exc}") from None
+    inputs: dict[str, Any] = {"sources": digests}
     if cfg.curate.tokenizer:
         from creditflow.tasks.models import tokenizer_files_digest
 
@@ -133,7 +139,7 @@ STAGES: dict[str, Stage] = {
         upstream=("curate",),
         outputs=("eval_scores", "model/"),
         recipe="reward_model",
-        code_modules=_tasks("reward_model", "reward_scoring", "training", "tokenization"),
+        code_modules=_tasks("reward_model", "reward_scoring", "training", "tokenization", "model_card"),
         input_digests=_reward_model_inputs,
     ),
     "onpolicy": Stage(
@@ -168,7 +174,15 @@ STAGES: dict[str, Stage] = {
         recipe="policy",
         # The starting model is the token-reward stage's reference, already in that stage's digest.
         code_modules=_tasks(
-            "policy", "policy_worker", "preference_batches", "training", "losses", "logprobs", "tokenization", "abc"
+            "policy",
+            "policy_worker",
+            "preference_batches",
+            "training",
+            "losses",
+            "logprobs",
+            "tokenization",
+            "abc",
+            "model_card",
         ),
     ),
     "evaluate": Stage(

@@ -32,6 +32,17 @@ class ArtifactError(RuntimeError):
     """An artifact is missing, incomplete or corrupted."""
 
 
+def grant_umask_permissions(root: Path) -> None:
+    """Give every file under ``root`` the read/write bits the umask allows: safetensors 0.8 writes its files 0600,
+    which would hide a published model from the group that shares the workspace."""
+    umask = os.umask(0)
+    os.umask(umask)
+    wanted = 0o666 & ~umask
+    for path in root.rglob("*"):
+        if path.is_file() and (mode := path.stat().st_mode & 0o777) & wanted != wanted:
+            path.chmod(mode | wanted)
+
+
 @dataclass
 class Manifest:
     stage: str
@@ -168,6 +179,7 @@ class ArtifactStore:
         If another process published the same fingerprint first, its artifact wins and ours is discarded
         (same fingerprint means same inputs), unless ``replace`` asks for a forced recompute.
         """
+        grant_umask_permissions(writer.dir)
         outputs = {}
         for path in sorted(p for p in writer.dir.rglob("*") if p.is_file()):
             rel = str(path.relative_to(writer.dir))

@@ -260,6 +260,19 @@ class Catalog:
         except duckdb.Error as exc:
             raise CatalogError(str(exc).splitlines()[0]) from None
 
+    def stage_fingerprints(self, stage: str, run_id: str | None = None) -> list[str]:
+        """Fingerprints ``stage`` ran (or hit) with, newest first; with ``run_id`` (a pipeline or MLflow run id, or
+        a unique prefix of one) only that run's."""
+        where, params = "stage = ?", [stage]
+        if run_id:
+            where += " AND (starts_with(pipeline_run_id, ?) OR starts_with(mlflow_run_id, ?))"
+            params += [run_id, run_id]
+        _, rows = self.query(
+            f"SELECT fingerprint, max(finished_at) AS last FROM stage_runs WHERE {where} GROUP BY 1 ORDER BY 2 DESC",
+            params,
+        )
+        return [fingerprint for fingerprint, _ in rows]
+
     def recent_runs(self, limit: int) -> list[tuple]:
         """Stage runs of the ``limit`` most recent runs, newest run first, each run's stages in order:
         (run_id, finished_at, in_pipeline, stage, fingerprint, cache_hit). A stage run outside a pipeline is a run of

@@ -107,6 +107,7 @@ class SourceConfig(StrictConfig):
     split: str = Field("train", description="Split of an hf dataset or a saved DatasetDict.")
     name: str | None = Field(None, description="hf dataset config name.")
     data_files: str | list[str] | None = Field(None, description="For hf builders such as json/parquet over files.")
+    revision: str | None = Field(None, description="hf dataset revision: a branch, tag or commit (default: main).")
     limit: int | None = Field(None, ge=0, description="Read only the first N rows.")
 
     @model_validator(mode="after")
@@ -114,6 +115,8 @@ class SourceConfig(StrictConfig):
         given = [k for k in ("path", "hf", "builtin") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(f"a source needs exactly one of path/hf/builtin, got {given or 'none'}")
+        if self.revision and not self.hf:
+            raise ValueError("a source's revision applies to hf datasets only")
         return self
 
     @property
@@ -121,7 +124,8 @@ class SourceConfig(StrictConfig):
         if self.builtin:
             return f"builtin:{self.builtin}"
         if self.hf:
-            return f"hf:{self.hf}" + (f"/{self.name}" if self.name else "") + f"[{self.split}]"
+            revision = f"@{self.revision}" if self.revision else ""
+            return f"hf:{self.hf}{revision}" + (f"/{self.name}" if self.name else "") + f"[{self.split}]"
         return str(self.path)
 
 
@@ -281,6 +285,7 @@ class LoraConfig(StrictConfig):
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+    save_adapter: bool = Field(True, description="Also save the PEFT adapter alone, in adapter/ beside model/.")
 
 
 class PolicyConfig(TrainingConfig):

@@ -72,7 +72,24 @@ def source_digest(source: SourceConfig) -> str:
     path = source_path(source)
     if path is not None and path.is_file():
         return sha256_file(path)
+    snapshot = hub_dataset_snapshot(source)
+    if snapshot is not None:  # a hub repo: its commit names its content
+        return f"hub:{source.hf}@{snapshot.name}"
     return "hfds:" + _load_hf(source)._fingerprint
+
+
+def hub_dataset_snapshot(source: SourceConfig) -> Path | None:
+    """The HF-cache snapshot folder of an ``org/name`` hub dataset (HF_HUB_OFFLINE honoured); None for a builder
+    name (``json``, ``parquet``, ...) or a local folder."""
+    from creditflow.tasks.models import hub_snapshot, is_hub_id
+
+    if not source.hf or not is_hub_id(source.hf):
+        return None
+    spec = f"{source.hf}@{source.revision}" if source.revision else source.hf
+    try:
+        return hub_snapshot(spec, repo_type="dataset")
+    except ValueError as exc:
+        raise MalformedInputError(source.label, None, None, str(exc)) from None
 
 
 def row_total(source: SourceConfig) -> int | None:
@@ -234,8 +251,12 @@ def _load_hf(source: SourceConfig):
     try:
         if source.path:
             loaded = datasets.load_from_disk(str(source_path(source)))
+        elif (snapshot := hub_dataset_snapshot(source)) is not None:  # resolved like models, through the HF cache
+            loaded = datasets.load_dataset(str(snapshot), source.name, data_files=source.data_files, split=source.split)
         else:
-            loaded = datasets.load_dataset(source.hf, source.name, data_files=source.data_files, split=source.split)
+            loaded = datasets.load_dataset(
+                source.hf, source.name, data_files=source.data_files, split=source.split, revision=source.revision
+            )
     except FileNotFoundError as exc:
         raise MalformedInputError(source.label, None, None, f"dataset not found ({exc})") from None
     if isinstance(loaded, datasets.DatasetDict):

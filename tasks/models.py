@@ -24,6 +24,7 @@ import uuid
 from functools import lru_cache
 from pathlib import Path
 
+from creditflow.storage.artifacts import grant_umask_permissions
 from creditflow.storage.hashing import sha256_file, sha256_json
 
 MODEL_CACHE_ENV = "CREDITFLOW_MODEL_CACHE"
@@ -56,13 +57,18 @@ _TOKENIZER_FILES = (
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
+def is_hub_id(spec: str | Path) -> bool:
+    """``org/name`` or ``org/name@revision`` that is not an existing folder or a named model."""
+    return str(spec) not in NAMED_MODELS and bool(_HUB_ID.match(str(spec))) and not Path(spec).expanduser().is_dir()
+
+
 def resolve_model(spec: str | Path) -> Path:
     """A local folder for ``spec``: an existing path as is, a named model located (or converted), a hub id's
     snapshot folder in the HF cache (its name is the resolved commit, so a moved branch is another folder)."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return path.resolve()
-    if str(spec) not in NAMED_MODELS and _HUB_ID.match(str(spec)):
+    if is_hub_id(spec):
         return hub_snapshot(str(spec))
     if spec == "smollm2":
         return _smollm2_folder()
@@ -76,8 +82,9 @@ def resolve_model(spec: str | Path) -> Path:
     )
 
 
-def hub_snapshot(spec: str) -> Path:
-    """The cached snapshot folder of hub id ``org/name[@revision]``; downloaded first unless HF_HUB_OFFLINE=1."""
+def hub_snapshot(spec: str, repo_type: str = "model") -> Path:
+    """The cached snapshot folder of hub id ``org/name[@revision]`` (a model, or with ``repo_type="dataset"`` a
+    dataset repo); downloaded first unless HF_HUB_OFFLINE=1."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -86,16 +93,18 @@ def hub_snapshot(spec: str) -> Path:
     # Read at call time (huggingface_hub reads them once, at import): a test or a user may set them late.
     cache = os.environ.get("HF_HUB_CACHE") or (os.environ.get("HF_HOME") and str(Path(os.environ["HF_HOME"]) / "hub"))
     try:
-        folder = snapshot_download(repo, revision=revision or None, cache_dir=cache or None, local_files_only=offline)
+        folder = snapshot_download(
+            repo, repo_type=repo_type, revision=revision or None, cache_dir=cache or None, local_files_only=offline
+        )
     except LocalEntryNotFoundError:
         raise ValueError(
-            f"hub model {spec!r} is not in the Hugging Face cache ({cache or 'the default HF cache'}) and "
+            f"hub {repo_type} {spec!r} is not in the Hugging Face cache ({cache or 'the default HF cache'}) and "
             "HF_HUB_OFFLINE=1: download it once with HF_HUB_OFFLINE=0 (`hf auth login` first for gated models), "
             "or check the revision"
         ) from None
     except (HfHubHTTPError, OSError) as exc:
         raise ValueError(
-            f"hub model {spec!r}: {str(exc).splitlines()[0]} (check the id and revision; gated models need "
+            f"hub {repo_type} {spec!r}: {str(exc).splitlines()[0]} (check the id and revision; gated models need "
             "`hf auth login`)"
         ) from None
     return Path(folder)
@@ -176,6 +185,7 @@ def _tiny_lm_folder() -> Path:
     tmp = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:8]}")
     try:
         build_tiny_causal_lm(tmp, corpus, seed=0)
+        grant_umask_permissions(tmp)
         os.rename(tmp, target)
     except OSError:
         if not target.is_dir():
@@ -209,6 +219,7 @@ def _convert_gguf(package: Path, gguf_file: str, target: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        grant_umask_permissions(tmp)  # a shared model cache
         os.rename(tmp, target)
     except OSError:
         if not target.is_dir():  # a concurrent converter that renamed first is fine; anything else is not

@@ -24,6 +24,7 @@ are written atomically every ``save_every`` steps, so a killed run resumes and c
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from contextlib import nullcontext
@@ -98,15 +99,18 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
         logged.add(step)
 
     model_out = ctx.writer.dir / "model"
+    adapter_out = ctx.writer.dir / "adapter" if config.lora is not None and config.lora.save_adapter else None
     if config.num_processes == 1:
         trainer = PolicyTrainer(
             model_dir, examples, config, checkpoint_dir=ctx.checkpoint_dir, on_step=log_step, progress=ctx.progress
         )
         history = trainer.train()
-        trainer.save_pretrained(model_out)
+        trainer.save_pretrained(model_out, adapter_out)
         del trainer
     else:
-        history = launch_distributed(model_dir, examples, config, model_out, ctx.checkpoint_dir, on_step=log_step)
+        history = launch_distributed(
+            model_dir, examples, config, model_out, adapter_out, ctx.checkpoint_dir, on_step=log_step
+        )
     for entry in history:  # steps restored from a checkpoint were logged by the run that made them
         if entry["step"] not in logged:
             ctx.run.log_metrics({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
@@ -129,7 +133,45 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
     }
     if "token_reward_corr" in last:  # token rewards vs the policy's implicit token rewards, at the last step
         metrics["final_token_reward_corr"] = last["token_reward_corr"]
+    _write_cards(ctx, knobs["reference_model"], metrics, [model_out] + ([adapter_out] if adapter_out else []))
     return metrics
+
+
+def _write_cards(ctx: StageContext, base_model: str, metrics: dict[str, float], folders: list[Path]) -> None:
+    """A model card in the merged folder and the adapter folder; the adapter also names its base by hub id when
+    it has one (PEFT records the local snapshot path it was loaded from)."""
+    from creditflow.tasks.configs import method_label
+    from creditflow.tasks.model_card import stage_config, stage_datasets, write_card
+    from creditflow.tasks.models import is_hub_id
+
+    config: PolicyConfig = ctx.config
+    content = {k: v for k, v in metrics.items() if k not in ("tokens_per_s", "peak_memory_gb")}  # no timings
+    loss = config.loss
+    for folder in folders:
+        adapter = folder.name == "adapter"
+        if adapter and is_hub_id(base_model):
+            repo, _, revision = base_model.partition("@")
+            adapter_config = json.loads((folder / "adapter_config.json").read_text())
+            adapter_config.update(base_model_name_or_path=repo, revision=revision or None)
+            (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+        write_card(
+            folder,
+            title=f"{method_label(config.model_dump())} policy" + (" (LoRA adapter)" if adapter else ""),
+            summary="Preference-optimized with CreditFlow from its token-reward stage's reference model.",
+            base_model=base_model,
+            datasets=stage_datasets(ctx),
+            tags=[loss.loss_type, *(["t-reg"] if loss.alpha else []), *(["lora", "peft"] if config.lora else [])],
+            metadata={
+                "method": method_label(config.model_dump()),
+                "loss": loss.loss_type,
+                "beta": loss.beta,
+                "alpha": loss.alpha,
+                "token_reward_source": config.token_reward_source,
+            },
+            metrics=content,
+            config=stage_config(ctx),
+            library_name="peft" if adapter else "transformers",
+        )
 
 
 def launch_distributed(
@@ -137,6 +179,7 @@ def launch_distributed(
     examples: list[PolicyExample],
     config: PolicyConfig,
     output_dir: str | Path,
+    adapter_dir: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
     on_step: training.StepCallback | None = None,
 ) -> list[dict[str, float]]:
@@ -146,6 +189,7 @@ def launch_distributed(
         "config": config.model_dump(),
         "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir is not None else None,
         "output_dir": str(output_dir),
+        "adapter_dir": str(adapter_dir) if adapter_dir is not None else None,
     }
     write_examples = lambda path: torch.save([asdict(e) for e in examples], path)  # noqa: E731
     return training.launch_torchrun(
@@ -349,14 +393,20 @@ class PolicyTrainer:
             *rewards,
         )
 
-    def save_pretrained(self, out_dir: str | Path) -> None:
-        """The trained model (LoRA merged) and its tokenizer as safetensors; written by rank 0."""
+    def save_pretrained(self, out_dir: str | Path, adapter_dir: str | Path | None = None) -> None:
+        """The trained model (LoRA merged) and its tokenizer as safetensors, and with ``adapter_dir`` the PEFT adapter
+        alone (``adapter_config.json`` + ``adapter_model.safetensors``, loadable with ``PeftModel.from_pretrained``
+        on the base model); written by rank 0."""
         from transformers import AutoTokenizer
 
         if self.rank == 0:
+            tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+            if self.config.lora is not None and adapter_dir is not None:
+                self.model.save_pretrained(str(adapter_dir), safe_serialization=True)  # before merging changes it
+                tokenizer.save_pretrained(str(adapter_dir))
             model = self.model.merge_and_unload() if self.config.lora is not None else self.model
             model.save_pretrained(str(out_dir), safe_serialization=True)
-            AutoTokenizer.from_pretrained(str(self.model_dir)).save_pretrained(str(out_dir))
+            tokenizer.save_pretrained(str(out_dir))
         if self.world > 1:
             dist.barrier()
 

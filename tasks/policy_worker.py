@@ -32,7 +32,7 @@ def main(spec_path: str) -> None:
             spec["model_dir"], examples, config, checkpoint_dir=spec["checkpoint_dir"], on_step=append, progress=False
         )
         history = trainer.train()
-        trainer.save_pretrained(spec["output_dir"])
+        trainer.save_pretrained(spec["output_dir"], spec["adapter_dir"])
         append.close()
         if dist.get_rank() == 0:
             Path(spec["history"]).write_text(json.dumps(history))

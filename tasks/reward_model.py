@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from creditflow.tasks import training
 from creditflow.tasks.configs import TINY_BACKBONE, RewardModelConfig
+from creditflow.tasks.model_card import stage_config, stage_datasets, write_card
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.reward_scoring import encode_for_reward, load_reward_model, reward_batch, score_pairs
 from creditflow.tasks.schema import SIDES, Messages, split_rows
@@ -252,12 +253,25 @@ def compute_reward_model(ctx: StageContext) -> dict[str, float]:
     ctx.run.log_dict(history, "reward_model/eval_history.json")
     ctx.log_model_location("model")
     training.Checkpoint(ctx.checkpoint_dir).remove()  # the published artifact supersedes it
-    return {
+    metrics = {
         **final.metrics(),
         "train_pairs": len(train),
         "eval_pairs": len(evaluation),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+    write_card(
+        model_dir,
+        title="Bradley-Terry reward model",
+        summary="A scalar reward head trained with CreditFlow on chosen/rejected pairs: "
+        "loss = -log sigmoid(r(x, y_w) - r(x, y_l)).",
+        base_model=config.base_model,
+        datasets=stage_datasets(ctx),
+        tags=["reward-model", "bradley-terry"],
+        metadata={"method": "bradley-terry"},
+        metrics=metrics,
+        config=stage_config(ctx),
+    )
+    return metrics
 
 
 def _reward_figure(result: EvalResult):

@@ -361,6 +361,45 @@ def test_hf_load_dataset_builder_over_local_files(tmp_path):
     assert source_digest(source).startswith("hfds:")
 
 
+def _hub_dataset(root: Path, repo: str, files: dict[str, list[dict]], commit: str, refs: tuple[str, ...]) -> None:
+    """A dataset repo written into a Hugging Face cache in the hub's own layout (refs/<ref> -> snapshots/<commit>)."""
+    folder = root / ("datasets--" + repo.replace("/", "--"))
+    for name, rows in files.items():
+        (folder / "snapshots" / commit / name).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(folder / "snapshots" / commit / name, rows)
+    for ref in refs:
+        (folder / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / ref).write_text(commit)
+
+
+def test_hub_dataset_ids_load_offline_through_the_hf_cache_with_revision_name_and_split(tmp_path, monkeypatch):
+    """The real hub code path (huggingface_hub's cache, HF_HUB_OFFLINE=1, datasets.load_dataset), no mocks."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    held_out = [{"prompt": "Held out?", "chosen": "Yes.", "rejected": "No."}]
+    _hub_dataset(tmp_path / "hub", "acme/prefs", {"data/train.jsonl": EXPLICIT_ROWS}, "a" * 40, ("main",))
+    files = {"data/train.jsonl": EXPLICIT_ROWS[:1], "data/test.jsonl": held_out}
+    _hub_dataset(tmp_path / "hub", "acme/prefs", files, "b" * 40, ("v2",))  # a tag, cached as refs/v2
+
+    main = SourceConfig(hf="acme/prefs")
+    assert load(main) == [("row 1", *EXPLICIT_EXPECTED[0], None, None), ("row 2", *EXPLICIT_EXPECTED[1], None, None)]
+    assert source_digest(main) == f"hub:acme/prefs@{'a' * 40}"
+    tagged = SourceConfig(hf="acme/prefs", revision="v2", split="test")
+    assert tagged.label == "hf:acme/prefs@v2[test]"
+    assert load(tagged) == [("row 1", [U("Held out?")], [A("Yes.")], [A("No.")], None, None)]
+    assert source_digest(tagged) == f"hub:acme/prefs@{'b' * 40}"  # another commit: another curation fingerprint
+
+    for source, message in [
+        (SourceConfig(hf="acme/missing"), r"hf:acme/missing\[train\]: hub dataset 'acme/missing' is not in the Hug"),
+        (SourceConfig(hf="acme/prefs", revision="v9"), r"hub dataset 'acme/prefs@v9' .* check the revision"),
+    ]:
+        with pytest.raises(MalformedInputError, match=message):
+            source_digest(source)
+    with pytest.raises(ValueError, match="revision applies to hf datasets only"):
+        SourceConfig(path="x.jsonl", revision="main")
+
+
 def test_limit_reads_only_the_first_rows(tmp_path):
     rows = [{"prompt": f"Q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
     jsonl = write_jsonl(tmp_path / "data.jsonl", rows)

@@ -10,6 +10,7 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -413,23 +414,84 @@ def test_too_few_pairs_fail_right_after_curation_before_the_reward_model_trains(
     )
 
 
-def test_the_pipeline_runs_on_a_hub_id_from_the_offline_hf_cache(tmp_path, monkeypatch):
-    """The real hub code path (huggingface_hub's cache layout, HF_HUB_OFFLINE=1), no mocks: `org/name` specs."""
+def test_the_pipeline_runs_on_hub_ids_from_the_offline_hf_cache_and_exports_hf_folders(tmp_path, monkeypatch):
+    """The real hub code path (huggingface_hub's cache layout, HF_HUB_OFFLINE=1), no mocks: `org/name` specs for
+    the model, tokenizer and dataset; a LoRA policy with its adapter; model cards; `creditflow export`."""
     from conftest import CORPUS
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
 
-    from creditflow.tasks.tiny import build_tiny_causal_lm
+    from creditflow.flows.cli import app
+    from creditflow.tasks.configs import SourceConfig
+    from creditflow.tasks.ingest import BUILTIN, source_path
 
-    snapshot = tmp_path / "hub" / "models--acme--tiny-lm" / "snapshots" / ("c" * 40)
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--acme--tiny-lm" / "snapshots" / ("c" * 40)
     build_tiny_causal_lm(snapshot, CORPUS)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("c" * 40)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    data = hub / "datasets--acme--prefs" / "snapshots" / ("d" * 40) / "data" / "train.jsonl"
+    data.parent.mkdir(parents=True)
+    sample = source_path(SourceConfig(builtin="sample")).read_text().splitlines()
+    assert BUILTIN["sample"] and len(sample) > 60
+    data.write_text("\n".join(sample[:60]) + "\n")
+    (hub / "datasets--acme--prefs" / "refs").mkdir()
+    (hub / "datasets--acme--prefs" / "refs" / "main").write_text("d" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = _config(sources=[{"builtin": "sample", "limit": 60}], tokenizer="acme/tiny-lm", rules={"max_length": 512})
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+
+    cfg = _config(sources=[{"hf": "acme/prefs"}], tokenizer="acme/tiny-lm", rules={"max_length": 512})
     cfg["reference_model"] = "acme/tiny-lm"
-    stages = pipeline_flow(config=cfg, workspace=str(tmp_path / "ws"), progress=False)["stages"]
+    cfg["policy"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    cfg["policy"]["loss"]["alpha"] = 0.25
+    workspace = tmp_path / "ws"
+    stages = pipeline_flow(config=cfg, workspace=str(workspace), progress=False)["stages"]
+    assert stages["curate"]["manifest"]["inputs"]["sources"] == [f"hub:acme/prefs@{'d' * 40}"]
     assert stages["token_rewards"]["manifest"]["inputs"]["reference_model"]["revision"] == "c" * 40
     assert stages["evaluate"]["manifest"]["metrics"]["prompts"] > 0
+
+    # Exported folders load with the standard classes and carry a card with YAML metadata.
+    cli = CliRunner()
+    result = cli.invoke(app, ["export", "policy", "--out", str(tmp_path / "policy"), "-w", str(workspace)])
+    assert result.exit_code == 0, result.output
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    card = (tmp_path / "policy" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == "acme/tiny-lm" and meta["datasets"] == ["acme/prefs"]
+    assert meta["library_name"] == "transformers" and {"creditflow", "dpo", "t-reg", "lora"} <= set(meta["tags"])
+    assert meta["creditflow"]["alpha"] == cfg["policy"]["loss"]["alpha"] and meta["creditflow"]["loss"] == "dpo"
+    assert "final_loss" in {m["name"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert "tokens_per_s" not in card and "lora:" in card  # no timings (they would move the digest); the config
+    result = cli.invoke(
+        app, ["export", "policy", "--adapter", "--out", str(tmp_path / "adapter"), "-w", str(workspace)]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        "acme/tiny-lm"
+    )
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(snapshot), tmp_path / "adapter")
+    ids = torch.tensor([[1, 5, 9, 12]])
+    with torch.no_grad():
+        torch.testing.assert_close(adapted.eval()(ids).logits, policy.eval()(ids).logits, atol=1e-5, rtol=1e-4)
+    result = cli.invoke(app, ["export", "reward_model", "--out", str(tmp_path / "rm"), "-w", str(workspace)])
+    assert result.exit_code == 0 and "bradley-terry" in (tmp_path / "rm" / "README.md").read_text()
+    # An existing folder is refused, not overwritten; an unknown run is named.
+    result = cli.invoke(app, ["export", "policy", "--out", str(tmp_path / "policy"), "-w", str(workspace)])
+    assert result.exit_code != 0 and "exists and is not an empty folder" in result.output
+    result = cli.invoke(app, ["export", "policy", "--run", "nope", "--out", str(tmp_path / "x"), "-w", str(workspace)])
+    assert result.exit_code != 0 and "no policy stage run in run 'nope'" in result.output
+    # Files others can read (not 0600), as the umask allows.
+    umask = os.umask(0)
+    os.umask(umask)
+    private = [
+        p
+        for p in workspace.joinpath("artifacts").rglob("*")
+        if p.is_file() and p.stat().st_mode & 0o044 & ~umask != 0o044 & ~umask
+    ]
+    assert not private, private[:3]
+
     cfg["reference_model"] = "acme/not-cached"
     with pytest.raises(ValueError, match=r"reference_model: hub model 'acme/not-cached' is not in the Hugging Face"):
-        pipeline_flow(config=cfg, workspace=str(tmp_path / "ws"), progress=False)
+        pipeline_flow(config=cfg, workspace=str(workspace), progress=False)

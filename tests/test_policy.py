@@ -385,7 +385,9 @@ def test_abc_rewards_become_centered_bounded_rewards_on_policy_tokens(model_dir,
     assert all(math.isfinite(h["loss"]) for h in history)
 
 
-def test_lora_trains_only_adapters_and_merges(model_dir, examples, tmp_path):
+def test_lora_trains_only_adapters_merges_and_saves_a_peft_adapter(model_dir, examples, tmp_path):
+    from peft import PeftModel
+
     lora = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
     config = _config(lora=lora, max_steps=6, learning_rate=1e-2)
     model, _ = load_policy_model(model_dir, config, CPU)
@@ -394,13 +396,19 @@ def test_lora_trains_only_adapters_and_merges(model_dir, examples, tmp_path):
     trainer, history = _train(model_dir, examples, config)
     assert abs(history[0]["rewards_margin"]) < 1e-6  # lora_B starts at zero: the first step sees the reference
     assert history[-1]["rewards_margin"] > 0.05 and history[-1]["rewards_accuracy"] > 0.9
-    trainer.save_pretrained(tmp_path / "merged")
+    trainer.save_pretrained(tmp_path / "merged", tmp_path / "adapter")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     base = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
     changed = {n for n, t in merged.state_dict().items() if not torch.equal(t, base[n])}
     assert changed == {f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "v_proj")}
     assert not any("lora" in n for n in merged.state_dict())
     assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
+    # The adapter alone, on a fresh base, is the same network as the merged weights.
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "adapter").iterdir()}
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "adapter").eval()
+    ids = torch.tensor([examples[0].chosen.prompt_ids + examples[0].chosen.completion_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(ids).logits, merged.eval()(ids).logits, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.slow  # the slowest test here: two torchrun workers each import torch and transformers

@@ -1,0 +1,82 @@
+"""Hugging Face model cards for the models the stages train: ``README.md`` with YAML metadata, so an exported folder
+says what it is (base model, data, method, knobs, headline metrics and the creditflow config that made it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from creditflow.tasks.models import is_hub_id
+
+if TYPE_CHECKING:
+    from creditflow.tasks.stage import StageContext
+
+
+def card_text(
+    *,
+    title: str,
+    summary: str,
+    base_model: str,
+    datasets: list[str],
+    tags: list[str],
+    metadata: dict[str, Any],
+    metrics: dict[str, float],
+    config: dict[str, Any],
+    library_name: str = "transformers",
+) -> str:
+    """The README.md text. ``base_model`` is recorded in the metadata only when it is a hub id (the Hub links it);
+    a local folder or bundled name goes under ``creditflow`` instead."""
+    front: dict[str, Any] = {"library_name": library_name, "tags": ["creditflow", *tags]}
+    if is_hub_id(base_model):
+        front["base_model"] = base_model.partition("@")[0]
+    hub_datasets = [d.partition("@")[0] for d in datasets if is_hub_id(d)]
+    if hub_datasets:
+        front["datasets"] = hub_datasets
+    front["creditflow"] = {"base_model": base_model, "datasets": datasets, **metadata}
+    rounded = {k: round(float(v), 6) for k, v in metrics.items()}
+    front["model-index"] = [
+        {
+            "name": title,
+            "results": [
+                {
+                    "task": {"type": "text-generation"},
+                    "metrics": [{"type": k, "name": k, "value": v} for k, v in rounded.items()],
+                }
+            ],
+        }
+    ]
+    table = "\n".join(f"| {k} | {v:.4g} |" for k, v in rounded.items())
+    return (
+        f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# {title}\n\n{summary}\n\n"
+        f"Base model: `{base_model}`. Data: {', '.join(f'`{d}`' for d in datasets) or 'none recorded'}.\n\n"
+        f"## Metrics\n\n| metric | value |\n|---|---|\n{table}\n\n"
+        f"## CreditFlow config\n\nThe stage's config and those of the artifacts it read:\n\n"
+        f"```yaml\n{yaml.safe_dump(config, sort_keys=False)}```\n"
+    )
+
+
+def stage_datasets(ctx: StageContext) -> list[str]:
+    """What the model was trained on: the curated sources (hub ids stay ids) and the curate artifact's digest."""
+    curate = ctx.upstream.get("curate")
+    if curate is None:
+        return []
+    labels = []
+    for source in curate.config.get("sources", []):
+        if source.get("hf"):
+            revision = f"@{source['revision']}" if source.get("revision") else ""
+            labels.append(source["hf"] + revision)
+        else:
+            labels.append(f"file:{source['path']}" if source.get("path") else f"builtin:{source.get('builtin')}")
+    return [*labels, f"creditflow:curate/{curate.fingerprint}"]
+
+
+def stage_config(ctx: StageContext) -> dict[str, Any]:
+    """This stage's config and its direct upstream artifacts' configs, keyed by stage."""
+    upstream = {name: manifest.config for name, manifest in sorted(ctx.upstream.items())}
+    return {ctx.stage: ctx.config.model_dump(mode="json"), "upstream": upstream}
+
+
+def write_card(folder: str | Path, **card: Any) -> None:
+    Path(folder, "README.md").write_text(card_text(**card))
