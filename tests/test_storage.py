@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -441,3 +442,14 @@ def test_hub_ids_resolve_offline_from_the_hf_cache_and_a_moved_branch_is_a_miss(
     ]:
         with pytest.raises(ValueError, match=message):
             plan_stage("onpolicy", load_config(None, {"reference_model": spec}), {"curate": c, "reward_model": r})
+
+
+def test_every_bundled_recipe_validates_and_says_what_it_is_for_and_how_to_launch_it():
+    recipes = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert len(recipes) >= 6
+    for recipe in recipes:
+        text = recipe.read_text()
+        header = [line for line in text.splitlines() if line.startswith("#")]
+        assert header and text.startswith("#"), recipe.name
+        assert any("Launch" in line or "creditflow " in line for line in header), recipe.name
+        load_config(recipe)  # strict: an unknown or misspelled key fails here
