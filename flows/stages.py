@@ -176,6 +176,7 @@ STAGES: dict[str, Stage] = {
         code_modules=_tasks(
             "policy",
             "policy_worker",
+            "causal_lm",
             "preference_batches",
             "training",
             "losses",

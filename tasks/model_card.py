@@ -3,6 +3,7 @@ says what it is (base model, data, method, knobs, headline metrics and the credi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,3 +81,40 @@ def stage_config(ctx: StageContext) -> dict[str, Any]:
 
 def write_card(folder: str | Path, **card: Any) -> None:
     Path(folder, "README.md").write_text(card_text(**card))
+
+
+TIMINGS = ("tokens_per_s", "peak_memory_gb")  # metrics that vary run to run: kept out of cards (and digests)
+
+
+def write_trained_cards(
+    ctx: StageContext,
+    folders: list[Path],
+    *,
+    base_model: str,
+    title: str,
+    tags: list[str],
+    metadata: dict[str, Any],
+    metrics: dict[str, float],
+) -> None:
+    """Cards for a trained causal LM's merged ``model/`` and, for LoRA runs, its ``adapter/``; the adapter also names
+    its base by hub id when it has one (PEFT records the local snapshot path it was loaded from)."""
+    lora = getattr(ctx.config, "lora", None) is not None
+    for folder in folders:
+        adapter = folder.name == "adapter"
+        if adapter and is_hub_id(base_model):
+            repo, _, revision = base_model.partition("@")
+            adapter_config = json.loads((folder / "adapter_config.json").read_text())
+            adapter_config.update(base_model_name_or_path=repo, revision=revision or None)
+            (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+        write_card(
+            folder,
+            title=title + (" (LoRA adapter)" if adapter else ""),
+            summary=f"Trained with CreditFlow's {ctx.stage} stage from its reference model.",
+            base_model=base_model,
+            datasets=stage_datasets(ctx),
+            tags=[*tags, *(["lora", "peft"] if lora else [])],
+            metadata=metadata,
+            metrics={k: v for k, v in metrics.items() if k not in TIMINGS},
+            config=stage_config(ctx),
+            library_name="peft" if adapter else "transformers",
+        )

@@ -24,9 +24,7 @@ are written atomically every ``save_every`` steps, so a killed run resumes and c
 
 from __future__ import annotations
 
-import json
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -38,8 +36,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from creditflow.tasks import training
+from creditflow.tasks.causal_lm import load_policy_model
 from creditflow.tasks.configs import PolicyConfig
-from creditflow.tasks.logprobs import CompletionLogprobs, check_lm_head
+from creditflow.tasks.logprobs import CompletionLogprobs
 from creditflow.tasks.losses import preference_loss, token_reward_correlation
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.preference_batches import (
@@ -75,6 +74,8 @@ METRIC_NAMES = {  # LossOutput.metrics() -> our metric names (no "/": they are a
 
 def compute_policy(ctx: StageContext) -> dict[str, float]:
     """Train the token-reward stage's reference model on the train pairs; write ``model/`` and ``train_log``."""
+    from creditflow.tasks.configs import method_label
+    from creditflow.tasks.model_card import write_trained_cards
     from creditflow.tasks.models import resolve_model
     from creditflow.tasks.tokenization import load_tokenizer
 
@@ -133,45 +134,23 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
     }
     if "token_reward_corr" in last:  # token rewards vs the policy's implicit token rewards, at the last step
         metrics["final_token_reward_corr"] = last["token_reward_corr"]
-    _write_cards(ctx, knobs["reference_model"], metrics, [model_out] + ([adapter_out] if adapter_out else []))
-    return metrics
-
-
-def _write_cards(ctx: StageContext, base_model: str, metrics: dict[str, float], folders: list[Path]) -> None:
-    """A model card in the merged folder and the adapter folder; the adapter also names its base by hub id when
-    it has one (PEFT records the local snapshot path it was loaded from)."""
-    from creditflow.tasks.configs import method_label
-    from creditflow.tasks.model_card import stage_config, stage_datasets, write_card
-    from creditflow.tasks.models import is_hub_id
-
-    config: PolicyConfig = ctx.config
-    content = {k: v for k, v in metrics.items() if k not in ("tokens_per_s", "peak_memory_gb")}  # no timings
     loss = config.loss
-    for folder in folders:
-        adapter = folder.name == "adapter"
-        if adapter and is_hub_id(base_model):
-            repo, _, revision = base_model.partition("@")
-            adapter_config = json.loads((folder / "adapter_config.json").read_text())
-            adapter_config.update(base_model_name_or_path=repo, revision=revision or None)
-            (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-        write_card(
-            folder,
-            title=f"{method_label(config.model_dump())} policy" + (" (LoRA adapter)" if adapter else ""),
-            summary="Preference-optimized with CreditFlow from its token-reward stage's reference model.",
-            base_model=base_model,
-            datasets=stage_datasets(ctx),
-            tags=[loss.loss_type, *(["t-reg"] if loss.alpha else []), *(["lora", "peft"] if config.lora else [])],
-            metadata={
-                "method": method_label(config.model_dump()),
-                "loss": loss.loss_type,
-                "beta": loss.beta,
-                "alpha": loss.alpha,
-                "token_reward_source": config.token_reward_source,
-            },
-            metrics=content,
-            config=stage_config(ctx),
-            library_name="peft" if adapter else "transformers",
-        )
+    write_trained_cards(
+        ctx,
+        [model_out] + ([adapter_out] if adapter_out else []),
+        base_model=knobs["reference_model"],
+        title=f"{method_label(config.model_dump())} policy",
+        tags=[loss.loss_type, *(["t-reg"] if loss.alpha else [])],
+        metadata={
+            "method": method_label(config.model_dump()),
+            "loss": loss.loss_type,
+            "beta": loss.beta,
+            "alpha": loss.alpha,
+            "token_reward_source": config.token_reward_source,
+        },
+        metrics=metrics,
+    )
+    return metrics
 
 
 def launch_distributed(
@@ -199,50 +178,6 @@ def launch_distributed(
 
 # ---------------------------------------------------------------------------------------------------------
 # The trainer
-
-
-def load_policy_model(model_dir: str | Path, config: PolicyConfig, device: torch.device):
-    """(trained model, causal LM inside it): the same object, or a PEFT wrapper and the LM it patched."""
-    from transformers import AutoModelForCausalLM
-
-    # bf16 on CUDA: autocast over fp32 master weights. Pure bf16 weights would be ~13% faster and ~6 GiB lighter at
-    # 0.5B params (docs/gpu_notes.md), but DPO learning rates (1e-7..1e-6) are far below bf16's relative precision
-    # (2^-8), so most updates would round away. Frozen LoRA bases hold no updates and load in bf16.
-    cuda_bf16 = config.bf16 and device.type == "cuda"
-    dtype = torch.bfloat16 if cuda_bf16 and config.lora else torch.float32
-    lm = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa").to(device)
-    check_lm_head(lm)
-    lm.config.use_cache = False
-    disable_dropout(lm)
-    if config.gradient_checkpointing:
-        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if config.lora is None:
-        return lm.train(), lm
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    adapters = PeftLoraConfig(
-        r=config.lora.r,
-        lora_alpha=config.lora.alpha,
-        lora_dropout=config.lora.dropout,
-        target_modules=list(config.lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        model = get_peft_model(lm, adapters)  # adapters are fp32 even on a bf16 base (autocast_adapter_dtype)
-    return model.train(), model.get_base_model()
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off in the policy's own layers, as TRL's ``disable_dropout``: with it on, log π(y) of the very first
-    step already differs from the reference's, and the DPO margin starts away from 0. LoRA adapters added after
-    this keep their configured ``lora.dropout``."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):  # attention kernels read a float
-            module.attention_dropout = 0.0
 
 
 class PolicyTrainer:

@@ -20,9 +20,10 @@ from transformers import AutoModelForCausalLM
 from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
 from creditflow.tasks import schema as S
+from creditflow.tasks.causal_lm import load_policy_model
 from creditflow.tasks.configs import LoraConfig, PolicyConfig, PreferenceLossConfig
 from creditflow.tasks.logprobs import completion_logprobs, training_logprobs
-from creditflow.tasks.policy import PolicyTrainer, compute_policy, launch_distributed, load_policy_model
+from creditflow.tasks.policy import PolicyTrainer, compute_policy, launch_distributed
 from creditflow.tasks.preference_batches import build_examples, collate, epoch_batches
 from creditflow.tasks.stage import StageContext
 from creditflow.tasks.tiny import build_tiny_causal_lm
