@@ -23,6 +23,7 @@ from creditflow.tasks.configs import (
     OnPolicyConfig,
     PolicyConfig,
     RewardModelConfig,
+    RLConfig,
     StrictConfig,
     TokenRewardsConfig,
     check_name,
@@ -53,6 +54,7 @@ class PipelineConfig(StrictConfig):
     onpolicy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
     token_rewards: TokenRewardsConfig = Field(default_factory=TokenRewardsConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
 

@@ -23,7 +23,8 @@ HEADLINE_METRICS = {
     "curate": ("pairs_out", "quarantined"),
     "reward_model": ("eval.accuracy",),
     "policy": ("final_loss", "final_rewards_accuracy", "final_token_reward_corr"),
-    "evaluate": ("win_rate_rm", "win_rate_gold", "gold_score.policy", "rm_score.policy"),
+    "rl": ("final_reward", "final_gold", "final_kl"),
+    "evaluate": ("win_rate_rm", "win_rate_gold", "gold_score.policy", "rm_score.policy", "gold_score.rl"),
 }
 
 
@@ -38,6 +39,7 @@ def headline_params(cfg) -> dict[str, Any]:
         "lora": f"r={policy.lora.r}" if policy.lora else "none",
         "seed": policy.seed,
         "onpolicy": cfg.onpolicy.enabled,
+        "rl": f"{cfg.rl.algorithm} ({cfg.rl.reward_source})" if cfg.rl.enabled else "none",
     }
 
 
@@ -97,6 +99,7 @@ reward_model_flow = STAGE_FLOWS["reward_model"]
 onpolicy_flow = STAGE_FLOWS["onpolicy"]
 token_rewards_flow = STAGE_FLOWS["token_rewards"]
 policy_flow = STAGE_FLOWS["policy"]
+rl_flow = STAGE_FLOWS["rl"]
 evaluate_flow = STAGE_FLOWS["evaluate"]
 
 

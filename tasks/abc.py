@@ -259,3 +259,20 @@ def project_to_policy(row: dict, tokenizer: PreTrainedTokenizerBase, completion:
     return project_rewards(
         row["rewards"], row["char_start"], row["char_end"], [s for s, _ in spans], [e for _, e in spans]
     )
+
+
+def official_policy_rewards(
+    rm_rewards, rm_char_start, rm_char_end, policy_char_start, policy_char_end, beta: float
+) -> np.ndarray:
+    """ABC's official form on the policy's response tokens, for online RL:
+
+        r_t = beta * r * a'_t + (1 - beta) * r * [t = last policy token]        sum_t r_t = r
+
+    a' is the attention shares moved from the reward model's tokens onto the policy's through character spans. The
+    remainder lands on the policy's own last token (its EOS when it stopped, else the last sampled token), not on
+    whichever policy token overlaps the reward model's last one."""
+    reward, shares = attention_shares(rm_rewards, beta)
+    projected = project_rewards(shares, rm_char_start, rm_char_end, policy_char_start, policy_char_end)
+    rewards = beta * reward * projected.astype(np.float64)
+    rewards[-1] += (1.0 - beta) * reward
+    return rewards.astype(np.float32)

@@ -61,3 +61,20 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):  # attention kernels read a float
             module.attention_dropout = 0.0
+
+
+def save_trained_lm(
+    model, lora: bool, tokenizer_dir: str | Path, out_dir: str | Path, adapter_dir: str | Path | None = None
+) -> None:
+    """The trained model (LoRA merged) and its tokenizer as safetensors, and with ``adapter_dir`` (LoRA runs) the
+    PEFT adapter alone: ``adapter_config.json`` + ``adapter_model.safetensors``, loadable with
+    ``PeftModel.from_pretrained`` on the base model."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if lora and adapter_dir is not None:
+        model.save_pretrained(str(adapter_dir), safe_serialization=True)  # before merging changes the model
+        tokenizer.save_pretrained(str(adapter_dir))
+    merged = model.merge_and_unload() if lora else model
+    merged.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))

@@ -309,6 +309,84 @@ class PolicyConfig(TrainingConfig):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Online RL
+
+
+RL_REWARD_SOURCES = ("sparse", "abc", "contrastive", "abc+contrastive")
+
+
+class RolloutSampling(SamplingConfig):
+    """How the policy samples its rollouts. T = 1 and top_p = 1 by default: the policy gradient assumes the samples
+    come from the policy itself."""
+
+    temperature: float = Field(1.0, ge=0, allow_inf_nan=False, description="1: sample from the policy itself.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per rollout.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generate() call.")
+    max_prompts: int | None = Field(None, ge=1, description="First N train-split prompts to train on.")
+
+
+class RLConfig(TrainingConfig):
+    """Online RL from the reference policy (PPO or RLOO) on per-token rewards; tasks/rl.py says what each knob does.
+    One iteration samples ``batch_size`` prompts x ``samples_per_prompt`` rollouts and makes ``ppo_epochs`` passes
+    of ``minibatches`` optimizer steps over them; ``epochs`` passes over the train prompts (``max_steps`` caps the
+    iterations)."""
+
+    enabled: bool = Field(False, description="Train an RL policy too (evaluate then compares it with the others).")
+    algorithm: Literal["ppo", "rloo"] = Field("ppo", description="ppo: value head + GAE; rloo: leave-one-out.")
+    reward_source: Literal["sparse", "abc", "contrastive", "abc+contrastive"] = Field(
+        "abc",
+        description="sparse: RM score on the last token; abc: spread by the RM's attention (official form); "
+        "contrastive: sparse + contrastive_scale * r_hat from the reference model; abc+contrastive: both.",
+    )
+    learning_rate: float = Field(1e-5, gt=0, allow_inf_nan=False, description="Peak AdamW learning rate.")
+    batch_size: int = Field(8, ge=1, description="Prompts per iteration.")
+    max_steps: int | None = Field(None, ge=1, description="Iterations; caps epochs. null: no cap.")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Share of optimizer steps with linear warmup.")
+    samples_per_prompt: int = Field(1, ge=1, description="Rollouts per prompt (k); RLOO needs k >= 2.")
+    ppo_epochs: int = Field(2, ge=1, description="Passes over each iteration's rollouts.")
+    minibatches: int = Field(2, ge=1, description="Optimizer steps per pass.")
+    clip_range: float = Field(0.2, gt=0, allow_inf_nan=False, description="PPO ratio clip epsilon.")
+    value_clip: float = Field(0.2, gt=0, allow_inf_nan=False, description="PPO value clip epsilon (ppo only).")
+    vf_coef: float = Field(0.1, ge=0, allow_inf_nan=False, description="Value-loss weight (ppo only).")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount (ppo's GAE; rloo uses 1).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (ppo only).")
+    whiten_advantages: bool = Field(True, description="Standardize advantages over each iteration's tokens.")
+    kl_coef: float = Field(0.05, ge=0, allow_inf_nan=False, description="Per-token KL penalty to pi_ref.")
+    kl_target: float | None = Field(None, gt=0, description="Adaptive KL controller target; null: fixed kl_coef.")
+    kl_horizon: int = Field(10000, ge=1, description="Adaptive KL controller horizon, in samples.")
+    abc_beta: float = Field(0.8, ge=0, le=1, description="ABC: share of r spread by attention (the paper: 0.8).")
+    contrastive_scale: float = Field(1.0, ge=0, allow_inf_nan=False, description="Weight of r_hat_t per token.")
+    contrastive_template: Literal["revision", "guideline"] = Field(
+        DEFAULT_TEMPLATE, description="T-REG prompt preset for the contrastive reward."
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="null: no clipping (the norm is still logged).")
+    gradient_checkpointing: bool = Field(False, description="Recompute decoder activations in backward.")
+    chunk_size: int = Field(1024, ge=1, description="Response positions per LM-head chunk.")
+    lora: LoraConfig | None = None
+    sampling: RolloutSampling = Field(default_factory=RolloutSampling)
+    gold_scorer: str | None = Field("vader", description="Logged on every iteration's rollouts (reward curves).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RLConfig":
+        if self.algorithm == "rloo" and self.samples_per_prompt < 2:
+            raise ValueError("rl.algorithm 'rloo' needs samples_per_prompt >= 2 (the leave-one-out baseline)")
+        rollouts = self.batch_size * self.samples_per_prompt
+        if rollouts < self.minibatches * self.grad_accum:
+            raise ValueError(
+                f"rl: {rollouts} rollouts per iteration cannot fill {self.minibatches} minibatches x "
+                f"{self.grad_accum} micro-batches (raise batch_size or samples_per_prompt)"
+            )
+        return self
+
+    def cache_fields(self) -> dict[str, str]:
+        if "contrastive" not in self.reward_source:
+            return {}
+        better, worse = TEMPLATE_PRESETS[self.contrastive_template]
+        return {"better_template_text": better, "worse_template_text": worse}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Evaluation
 
 

@@ -11,9 +11,7 @@ in the workspace (e.g. DPO vs DPO+T-REG) is drawn as a PNG.
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import math
-from typing import Callable
 
 import pyarrow as pa
 
@@ -21,30 +19,10 @@ from creditflow.storage.artifacts import ArtifactStore, Manifest
 from creditflow.tasks import schema as S
 from creditflow.tasks.configs import EvaluateConfig, method_label
 from creditflow.tasks.generation import load_generation_model, sample_responses
+from creditflow.tasks.gold import load_gold_scorer
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.reward_scoring import RewardScorer
 from creditflow.tasks.stage import StageContext
-
-GoldScorer = Callable[[list[S.Messages], list[str]], list[float]]
-
-
-def vader_scorer(prompts: list[S.Messages], completions: list[str]) -> list[float]:
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    analyzer = SentimentIntensityAnalyzer()
-    return [analyzer.polarity_scores(text)["compound"] for text in completions]
-
-
-def load_gold_scorer(spec: str) -> GoldScorer:
-    if spec == "vader":
-        return vader_scorer
-    module, _, name = spec.partition(":")
-    if not name:
-        raise ValueError(f"gold_scorer {spec!r}: expected 'vader' or 'package.module:function'")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"gold_scorer {spec!r}: cannot import ({exc})") from exc
 
 
 def win_rate(policy: list[float], reference: list[float]) -> float:
@@ -63,11 +41,10 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
 
     from creditflow.tasks.models import resolve_model
 
-    systems = {
-        "policy": ctx.upstream_dir("policy") / "model",
-        # The model the policy started from: the token-reward stage's reference (its log-probs trained the policy).
-        "reference": resolve_model(ctx.upstream["token_rewards"].config["reference_model"]),
-    }
+    trained = ["policy", *(["rl"] if "rl" in ctx.upstream else [])]  # the RL policy when that stage is enabled
+    systems = {name: ctx.upstream_dir(name) / "model" for name in trained}
+    # The model the policies started from: the token-reward stage's reference (its log-probs trained the policy).
+    systems["reference"] = resolve_model(ctx.upstream["token_rewards"].config["reference_model"])
     completions: dict[str, list[str]] = {}
     for name, folder in systems.items():
         tokenizer, model = load_generation_model(folder)
@@ -115,34 +92,63 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
                 "gold_score.reference": mean(gold_scores["reference"]),
             }
         )
+    if "rl" in systems:
+        metrics.update(
+            {
+                "win_rate_rm.rl": win_rate(rm_scores["rl"], rm_scores["reference"]),
+                "rm_score.rl": mean(rm_scores["rl"]),
+                "length.rl": mean([len(t) for t in completions["rl"]]),
+            }
+        )
+        if gold:
+            metrics["win_rate_gold.rl"] = win_rate(gold_scores["rl"], gold_scores["reference"])
+            metrics["gold_score.rl"] = mean(gold_scores["rl"])
     policy = ctx.upstream["policy"]
     if "final_token_reward_corr" in policy.metrics:
         metrics["token_reward_correlation"] = policy.metrics["final_token_reward_corr"]
-    current = _comparison_row(policy, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), metrics)
-    ctx.run.log_figure(comparison_figure([*comparison_rows(ctx.workspace.store), current]), "evaluate/comparison.png")
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    current = _comparison_rows(policy, ctx.upstream.get("rl"), now, metrics)
+    ctx.run.log_figure(comparison_figure([*comparison_rows(ctx.workspace.store), *current]), "evaluate/comparison.png")
     return metrics
 
 
 def comparison_rows(store: ArtifactStore) -> list[dict]:
-    """One row per evaluation in the store: its method (from the policy it evaluated) and headline metrics."""
-    policies: dict[str, Manifest] = {m.digest: m for m in store.manifests("policy")}
-    rows = [
-        _comparison_row(policies.get(m.inputs["upstream"].get("policy", "")), m.created_at, m.metrics)
-        for m in store.manifests("evaluate")
-    ]
+    """Rows per evaluation in the store: the policy it evaluated (and the RL policy, if any), headline metrics."""
+    by_digest = {stage: {m.digest: m for m in store.manifests(stage)} for stage in ("policy", "rl")}
+    rows = []
+    for m in store.manifests("evaluate"):
+        upstream = m.inputs["upstream"]
+        policy, rl = by_digest["policy"].get(upstream.get("policy", "")), by_digest["rl"].get(upstream.get("rl", ""))
+        rows.extend(_comparison_rows(policy, rl if "rl" in upstream else None, m.created_at, m.metrics))
     return sorted(rows, key=lambda r: r["created_at"])
 
 
 COMPARED = ("gold_score.policy", "gold_score.reference", "rm_score.policy", "win_rate_rm", "win_rate_gold")
 
 
-def _comparison_row(policy: Manifest | None, created_at: str, metrics: dict[str, float]) -> dict:
-    return {
-        "method": method_label(policy.config) if policy else "?",
-        "seed": policy.config.get("seed") if policy else None,
-        "created_at": created_at,
-        **{key: metrics.get(key) for key in COMPARED},
-    }
+def _comparison_rows(policy: Manifest | None, rl: Manifest | None, created_at: str, metrics: dict) -> list[dict]:
+    rows = [
+        {
+            "method": method_label(policy.config) if policy else "?",
+            "seed": policy.config.get("seed") if policy else None,
+            "created_at": created_at,
+            **{key: metrics.get(key) for key in COMPARED},
+        }
+    ]
+    if "rm_score.rl" in metrics:
+        rows.append(
+            {
+                "method": f"RL {rl.config['algorithm']} ({rl.config['reward_source']})" if rl else "RL",
+                "seed": rl.config.get("seed") if rl else None,
+                "created_at": created_at,
+                "gold_score.policy": metrics.get("gold_score.rl"),
+                "gold_score.reference": metrics.get("gold_score.reference"),
+                "rm_score.policy": metrics.get("rm_score.rl"),
+                "win_rate_rm": metrics.get("win_rate_rm.rl"),
+                "win_rate_gold": metrics.get("win_rate_gold.rl"),
+            }
+        )
+    return rows
 
 
 def comparison_figure(rows: list[dict]):

@@ -123,12 +123,26 @@ def training_logprobs(
     block in backward instead of keeping it: peak extra memory is one block in either pass.
     """
     hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    states, labels = hidden[rows, cols - 1], input_ids[rows, cols]
+    return states_logprobs(lm, hidden[rows, cols - 1], input_ids[rows, cols], chunk_size)
+
+
+def states_logprobs(lm, states: torch.Tensor, labels: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """log-probs of ``labels`` from the [N, hidden] states that predict them, per checkpointed LM-head chunk."""
     # The LM head draws no random numbers, so the checkpoint need not stash RNG state.
     chunk = partial(checkpoint, partial(_chunk_logprobs, lm), use_reentrant=False, preserve_rng_state=False)
     return torch.cat(
         [chunk(states[s : s + chunk_size], labels[s : s + chunk_size]) for s in range(0, len(labels), chunk_size)]
     )
+
+
+@torch.no_grad()
+def states_entropy(lm, states: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Entropy (nats, fp32) of the next-token distribution at each of the [N, hidden] states, chunk by chunk."""
+    out = []
+    for start in range(0, states.shape[0], chunk_size):
+        logp = torch.log_softmax(lm_head_logits(lm, states[start : start + chunk_size]).float(), dim=-1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(out) if out else states.new_zeros(0, dtype=torch.float32)
 
 
 class CompletionLogprobs(torch.nn.Module):

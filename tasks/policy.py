@@ -36,7 +36,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from creditflow.tasks import training
-from creditflow.tasks.causal_lm import load_policy_model
+from creditflow.tasks.causal_lm import load_policy_model, save_trained_lm
 from creditflow.tasks.configs import PolicyConfig
 from creditflow.tasks.logprobs import CompletionLogprobs
 from creditflow.tasks.losses import preference_loss, token_reward_correlation
@@ -329,19 +329,10 @@ class PolicyTrainer:
         )
 
     def save_pretrained(self, out_dir: str | Path, adapter_dir: str | Path | None = None) -> None:
-        """The trained model (LoRA merged) and its tokenizer as safetensors, and with ``adapter_dir`` the PEFT adapter
-        alone (``adapter_config.json`` + ``adapter_model.safetensors``, loadable with ``PeftModel.from_pretrained``
-        on the base model); written by rank 0."""
-        from transformers import AutoTokenizer
-
+        """The trained model (LoRA merged) and its tokenizer, and with ``adapter_dir`` the PEFT adapter alone;
+        written by rank 0."""
         if self.rank == 0:
-            tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-            if self.config.lora is not None and adapter_dir is not None:
-                self.model.save_pretrained(str(adapter_dir), safe_serialization=True)  # before merging changes it
-                tokenizer.save_pretrained(str(adapter_dir))
-            model = self.model.merge_and_unload() if self.config.lora is not None else self.model
-            model.save_pretrained(str(out_dir), safe_serialization=True)
-            tokenizer.save_pretrained(str(out_dir))
+            save_trained_lm(self.model, self.config.lora is not None, self.model_dir, out_dir, adapter_dir)
         if self.world > 1:
             dist.barrier()
 

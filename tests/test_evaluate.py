@@ -5,7 +5,8 @@ from conftest import publish_artifact
 
 from creditflow.storage.artifacts import ArtifactStore
 from creditflow.tasks.configs import method_label
-from creditflow.tasks.evaluate import comparison_figure, comparison_rows, load_gold_scorer, win_rate
+from creditflow.tasks.evaluate import comparison_figure, comparison_rows, win_rate
+from creditflow.tasks.gold import load_gold_scorer
 
 
 def length_scorer(prompts, completions):

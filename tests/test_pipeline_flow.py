@@ -495,3 +495,29 @@ def test_the_pipeline_runs_on_hub_ids_from_the_offline_hf_cache_and_exports_hf_f
     cfg["reference_model"] = "acme/not-cached"
     with pytest.raises(ValueError, match=r"reference_model: hub model 'acme/not-cached' is not in the Hugging Face"):
         pipeline_flow(config=cfg, workspace=str(workspace), progress=False)
+
+
+def test_the_rl_stage_trains_next_to_dpo_and_evaluate_compares_them(tmp_path):
+    """rl.enabled: an RL policy from the reference (ABC rewards from the trained RM), cached, evaluated, exported;
+    `creditflow stage rl` without a reward model names what is missing."""
+    from creditflow.flows.pipeline import rl_flow
+    from creditflow.storage.export import export_model
+
+    cfg = _config(sources=[{"builtin": "sample", "limit": 60}])
+    cfg["rl"].update(
+        enabled=True, max_steps=2, batch_size=4, samples_per_prompt=2, learning_rate=1e-3, sampling={"max_new_tokens": 8}
+    )
+    workspace = tmp_path / "ws"
+    with pytest.raises(StageNotReady, match=r"stage 'rl' needs the 'curate' artifact"):
+        rl_flow(config=cfg, workspace=str(workspace), progress=False)
+    stages = pipeline_flow(config=cfg, workspace=str(workspace), progress=False)["stages"]
+    rl = stages["rl"]["manifest"]
+    assert rl["metrics"]["iterations"] == 2 and rl["row_counts"]["samples"] == 2 * 4 * 2
+    assert {"reward", "kl", "entropy", "policy_loss", "value_loss", "clip_fraction"} <= set(
+        pq.read_table(workspace / "artifacts" / "rl" / rl["fingerprint"] / "train_log.parquet").column_names
+    )
+    metrics = stages["evaluate"]["manifest"]["metrics"]
+    assert {"rm_score.rl", "win_rate_rm.rl", "gold_score.rl", "rm_score.policy"} <= set(metrics)
+    assert export_model(Workspace.resolve(str(workspace)), "rl", tmp_path / "rl_out").joinpath("README.md").is_file()
+    again = pipeline_flow(config=cfg, workspace=str(workspace), progress=False)["stages"]
+    assert again["rl"]["cache_hit"] and again["evaluate"]["cache_hit"]
