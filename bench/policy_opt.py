@@ -3,6 +3,7 @@
     ours-treg            PolicyTrainer, DPO + T-REG (alpha 0.25, contrastive r_hat), length-grouped batches
     ours-dpo             PolicyTrainer, plain DPO (alpha 0, no token rewards), length-grouped batches
     ours-dpo-ungrouped   the same in random order: what length grouping is worth on its own
+    ours-fsdp            PolicyTrainer, DPO + T-REG, strategy fsdp (FSDP2) in a 1-process group
     trl-dpo              trl.DPOTrainer, loss "sigmoid", precompute_ref_log_probs=True, gradient checkpointing off
                          (TRL defaults it on; ours is off), fed the exact same token ids (its tokenization skipped)
 
@@ -37,7 +38,7 @@ from creditflow.flows.env import apply_defaults
 
 apply_defaults()
 
-VARIANTS = ("ours-treg", "ours-dpo", "ours-dpo-ungrouped", "trl-dpo")
+VARIANTS = ("ours-treg", "ours-dpo", "ours-dpo-ungrouped", "ours-fsdp", "trl-dpo")
 LEARNING_RATE = 1e-5
 BETA = 0.1
 
@@ -61,10 +62,10 @@ def build_model(folder: Path, args) -> None:
         tokenizer,
         vocab_size=args.vocab,
         hidden_size=args.hidden,
-        intermediate_size=args.hidden * 8 // 3,
+        intermediate_size=args.intermediate or args.hidden * 8 // 3,
         num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        num_key_value_heads=max(1, args.hidden // 128),
+        num_attention_heads=max(1, args.hidden // 64),
+        num_key_value_heads=args.kv_heads or max(1, args.hidden // 128),
         max_position_embeddings=2048,
     )
     LlamaForCausalLM(config).save_pretrained(str(folder))
@@ -111,7 +112,7 @@ def setup_ours(args, examples: list[dict], device):
     from creditflow.tasks.policy import PolicyTrainer
     from creditflow.tasks.preference_batches import PolicyExample, epoch_batches
 
-    treg = args.variant == "ours-treg"
+    treg = args.variant in ("ours-treg", "ours-fsdp")
     if not treg:
         for example in examples:
             example["chosen"]["rewards"] = example["rejected"]["rewards"] = None
@@ -125,7 +126,16 @@ def setup_ours(args, examples: list[dict], device):
         batch_size=args.batch_size,
         length_grouped=args.variant != "ours-dpo-ungrouped",
         save_every=10**9,
+        strategy="fsdp" if args.variant == "ours-fsdp" else "ddp",
     )
+    if config.strategy == "fsdp":  # FSDP needs a process group, even of one
+        import os
+
+        import torch.distributed as dist
+
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29512")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
     examples = [PolicyExample.from_dict(e) for e in examples]
     ends: list[float] = []
     trainer = PolicyTrainer(
@@ -243,12 +253,24 @@ def worker(args) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def print_table(mode: str, reports: dict[str, list[dict]], repeats: int) -> None:
-    """Medians per variant and their ratios to TRL (or to the last variant when TRL was not run)."""
+def print_table(mode: str, reports: dict[str, list[dict]], repeats: int, as_json: bool = False) -> None:
+    """Medians per variant and their ratios to TRL (or to the last variant when TRL was not run); with ``as_json``
+    one JSON line per variant instead."""
     variants = list(reports)
 
     def median(variant: str, field: str) -> float:
         return statistics.median(r[field] for r in reports[variant])
+
+    if as_json:
+        memory = "cuda_peak_mib" if reports[variants[0]][0]["cuda_peak_mib"] is not None else "rss_growth_mib"
+        baseline = "trl-dpo" if "trl-dpo" in variants else variants[-1]
+        for variant in variants:
+            speed = median(variant, "tokens_per_s")
+            record = {"check": "policy", "variant": variant, "lengths": mode, "device": reports[variant][0]["device"]}
+            record.update(tokens_per_s=round(speed), peak_memory_mib=round(median(variant, memory)))
+            record[f"speed_vs_{baseline}"] = round(speed / median(baseline, "tokens_per_s"), 3)
+            print(json.dumps(record), flush=True)
+        return
 
     memory = "cuda_peak_mib" if reports[variants[0]][0]["cuda_peak_mib"] is not None else "rss_growth_mib"
     baseline = "trl-dpo" if "trl-dpo" in variants else variants[-1]
@@ -275,6 +297,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default 8/3 hidden)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default hidden / 128)")
+    parser.add_argument("--json", action="store_true", help="one JSON line per variant instead of a table")
     parser.add_argument("--lengths", choices=["variable", "fixed", "both"], default="both")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--repeats", type=int, default=1, help="runs per variant, interleaved; medians reported")
@@ -294,7 +319,8 @@ def main() -> None:
     modes = ["variable", "fixed"] if args.lengths == "both" else [args.lengths]
     params = sum(t.numel() for t in load_file(scratch / "model" / "model.safetensors").values())
     print(
-        f"Llama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab} ({params / 1e6:.1f}M params, tied); "
+        ("# " if args.json else "")
+        + f"Llama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab} ({params / 1e6:.1f}M params, tied); "
         f"{args.pairs} pairs, batch {args.batch_size} pairs, {args.steps} steps ({args.warmup} warm-up left out); "
         f"prompt {args.prompt_min}-{args.prompt_max}, completions {args.completion_min}-{args.completion_max} tokens; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
@@ -312,7 +338,7 @@ def main() -> None:
                     sys.exit(f"{variant} failed:\n{done.stderr[-4000:]}")
                 reports[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
 
-        print_table(mode, reports, args.repeats)
+        print_table(mode, reports, args.repeats, args.json)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=2, help="runs per path, alternating; medians are reported")
+    parser.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     parser.add_argument("--path", choices=["ours", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -181,13 +182,22 @@ def main() -> None:
         return statistics.median(r[field] for r in reports[path])
 
     first = reports["ours"][0]
+    memory = "cuda_peak_mib" if first["cuda_peak_mib"] is not None else "rss_growth_mib"
+    if args.json:
+        record = {"check": "token_rewards", "device": first["device"], "dtype": first["dtype"], "max_diff": diff}
+        for path in ("ours", "naive"):
+            record[f"{path}_tokens_per_s"] = round(median(path, "tokens") / median(path, "seconds"))
+            record[f"{path}_peak_memory_mib"] = round(median(path, memory))
+        record["speed_vs_naive"] = round(median("naive", "seconds") / median("ours", "seconds"), 3)
+        record["memory_vs_naive"] = round(median("ours", memory) / max(median("naive", memory), 1e-9), 4)
+        print(json.dumps(record))
+        return
     print(
         f"model {name} ({folder}), {args.pairs} pairs = {first['sequences']} sequences, "
         f"{first['tokens']} tokens, batch {args.batch_size}, {first['device']} {first['dtype']}, "
         f"{args.repeats} runs per path (median)"
     )
     print(f"max |difference| of rewards and reference log-probs between paths: {diff:.2e}")
-    memory = "cuda_peak_mib" if first["cuda_peak_mib"] is not None else "rss_growth_mib"
     print(f"{'path':6} {'tokens/s':>10} {'seconds':>8} {'peak RSS MiB':>13} {memory:>15}")
     for path in ("ours", "naive"):
         tps = median(path, "tokens") / median(path, "seconds")

@@ -177,6 +177,7 @@ STAGES: dict[str, Stage] = {
             "policy",
             "policy_worker",
             "causal_lm",
+            "fsdp",
             "preference_batches",
             "training",
             "losses",

@@ -300,11 +300,19 @@ class PolicyConfig(TrainingConfig):
     chunk_size: int = Field(1024, ge=1, description="Completion positions per LM-head chunk.")
     lora: LoraConfig | None = None
     num_processes: int = Field(1, ge=1, description="1: in-process; N > 1: torchrun with DDP (gloo/nccl).")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: a full copy per process; fsdp: FSDP2 shards weights, gradients and AdamW state over the "
+        "processes (torchrun, even for 1 process), bf16 params and compute with fp32 reduction on CUDA.",
+    )
+    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep sharded params and optimizer state in CPU memory.")
 
     @model_validator(mode="after")
     def _regularizer_needs_rewards(self) -> "PolicyConfig":
         if self.token_reward_source == "none" and self.loss.alpha != 0:
             raise ValueError("policy.token_reward_source 'none' needs loss.alpha == 0 (the regularizer needs r_hat)")
+        if self.fsdp_cpu_offload and self.strategy != "fsdp":
+            raise ValueError("policy.fsdp_cpu_offload needs strategy: fsdp")
         return self
 
 

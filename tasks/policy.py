@@ -30,12 +30,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pyarrow as pa
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from creditflow.tasks import training
+from creditflow.tasks import fsdp, training
 from creditflow.tasks.causal_lm import load_policy_model, save_trained_lm
 from creditflow.tasks.configs import PolicyConfig
 from creditflow.tasks.logprobs import CompletionLogprobs
@@ -101,7 +100,7 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
 
     model_out = ctx.writer.dir / "model"
     adapter_out = ctx.writer.dir / "adapter" if config.lora is not None and config.lora.save_adapter else None
-    if config.num_processes == 1:
+    if config.num_processes == 1 and config.strategy == "ddp":
         trainer = PolicyTrainer(
             model_dir, examples, config, checkpoint_dir=ctx.checkpoint_dir, on_step=log_step, progress=ctx.progress
         )
@@ -116,9 +115,9 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
         if entry["step"] not in logged:
             ctx.run.log_metrics({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
 
-    content, timings = split_timings(history)
-    ctx.writer.write_table("train_log", history_table(content))
-    ctx.writer.write_table("train_timings", history_table(timings), volatile=True)
+    content, timings = training.split_timings(history)
+    ctx.writer.write_table("train_log", training.history_table(content))
+    ctx.writer.write_table("train_timings", training.history_table(timings), volatile=True)
     ctx.run.log_figure(loss_figure(history), "policy/loss_curve.png")
     ctx.log_model_location("model")
     training.Checkpoint(ctx.checkpoint_dir).remove()  # the published artifact supersedes it (and its .old copy)
@@ -205,9 +204,15 @@ class PolicyTrainer:
         self.device = training.resolve_device()
         self.pad_multiple = CUDA_PAD_MULTIPLE if self.device.type == "cuda" else 1
 
-        torch.manual_seed(config.seed)  # LoRA initialization; DDP then broadcasts rank 0's weights
+        self.fsdp = config.strategy == "fsdp"
+        if self.fsdp and not dist.is_initialized():
+            raise ValueError("policy.strategy 'fsdp' runs under torchrun (compute_policy launches it)")
+        torch.manual_seed(config.seed)  # LoRA initialization: the same on every rank (DDP also broadcasts it)
         self.model, self.lm = load_policy_model(model_dir, config, self.device)
         self.pad_id = pad_token_id(AutoTokenizer.from_pretrained(str(model_dir)))
+        module = CompletionLogprobs(self.lm, config.chunk_size)
+        if self.fsdp:  # before the optimizer is built: it must hold the sharded parameters
+            fsdp.shard(module, self.lm, self.device, config.bf16, config.fsdp_cpu_offload)
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = training.adamw(self.trainable, config.learning_rate, config.weight_decay, self.device)
         self.lengths = [e.length for e in examples]
@@ -219,12 +224,12 @@ class PolicyTrainer:
         warmup = training.warmup_steps(config.warmup_ratio, self.total_steps)
         self.scheduler = training.cosine_schedule(self.optimizer, warmup, self.total_steps)
         self.step, self.position, self.history = 0, (0, 0), []
+        self.module = module
         self.checkpoint = training.Checkpoint(checkpoint_dir, self.rank) if checkpoint_dir is not None else None
         self.resumed_from = self._resume() if self.checkpoint and self.checkpoint.latest() else 0
         if not self.resumed_from:
             torch.manual_seed(config.seed + self.rank)  # distinct dropout masks per process
-        module = CompletionLogprobs(self.lm, config.chunk_size)
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             module = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
         self.module = module
@@ -272,7 +277,9 @@ class PolicyTrainer:
         for i, rows in enumerate(mine):
             batch = collate([self.examples[j] for j in rows], self.pad_id, self.device, self.pad_multiple)
             last = i == len(mine) - 1
-            with nullcontext() if last or self.world == 1 else self.module.no_sync():
+            if self.fsdp:  # reduce-scatter gradients only after the step's last micro-batch
+                self.module.set_requires_gradient_sync(last)
+            with nullcontext() if last or self.world == 1 or self.fsdp else self.module.no_sync():
                 with training.autocast(self.device, self.config.bf16):
                     flat = self.module(batch.input_ids, batch.attention_mask, batch.rows, batch.cols)
                 logp = flat.new_zeros(batch.mask.shape).index_put((batch.rows, batch.index), flat)
@@ -288,7 +295,7 @@ class PolicyTrainer:
                 refs.append(batch.ref_logps[keep].cpu())
                 targets.append(batch.rewards[keep].cpu())
         norm = self.config.max_grad_norm or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), norm).item()
+        grad_norm = fsdp.total_norm(torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -331,8 +338,17 @@ class PolicyTrainer:
     def save_pretrained(self, out_dir: str | Path, adapter_dir: str | Path | None = None) -> None:
         """The trained model (LoRA merged) and its tokenizer, and with ``adapter_dir`` the PEFT adapter alone;
         written by rank 0."""
-        if self.rank == 0:
-            save_trained_lm(self.model, self.config.lora is not None, self.model_dir, out_dir, adapter_dir)
+        lora = self.config.lora is not None
+        if self.fsdp:  # gather the shards once, into a fresh unsharded copy on rank 0's CPU
+            full = fsdp.full_state_dict(self.module)
+            if self.rank == 0:
+                model, lm = load_policy_model(self.model_dir, self.config, torch.device("cpu"))
+                missing, unexpected = lm.load_state_dict({k.removeprefix("lm."): v for k, v in full.items()}, False)
+                if unexpected or set(missing) - {"lm_head.weight"}:  # a tied LM head is not stored twice
+                    raise RuntimeError(f"FSDP state dict does not match the model: {missing[:3]} {unexpected[:3]}")
+                save_trained_lm(model, lora, self.model_dir, out_dir, adapter_dir)
+        elif self.rank == 0:
+            save_trained_lm(self.model, lora, self.model_dir, out_dir, adapter_dir)
         if self.world > 1:
             dist.barrier()
 
@@ -343,37 +359,31 @@ class PolicyTrainer:
 
     def _save(self) -> None:
         progress = {"step": self.step, "position": list(self.position), "history": self.history}
+        if self.fsdp:  # every rank writes its shards of weights and optimizer state (DCP)
+            state = {"scheduler": self.scheduler.state_dict(), **self._identity(), **progress}
+            shards = lambda folder: fsdp.save_sharded(folder, self.module, self.optimizer)  # noqa: E731
+            self.checkpoint.save({}, state, write_shards=shards)
+            return
         training.save_training_state(
             self.checkpoint, self.trainable, self.optimizer, self.scheduler, self._identity(), **progress
         )
 
     def _resume(self) -> int:
-        state = training.resume_training_state(
-            self.checkpoint, self.trainable, self.optimizer, self.scheduler, self._identity()
-        )
+        if self.fsdp:
+            folder = self.checkpoint.latest()
+            _, state = self.checkpoint.load(self._identity())
+            fsdp.load_sharded(folder, self.module, self.optimizer)
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:
+            state = training.resume_training_state(
+                self.checkpoint, self.trainable, self.optimizer, self.scheduler, self._identity()
+            )
         self.step, self.position, self.history = state["step"], tuple(state["position"]), state["history"]
         return self.step
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Outputs
-
-
-TIMING_METRICS = ("tokens_per_s", "peak_memory_gb")  # how the run went, not what it computed
-
-
-def split_timings(history: list[dict[str, float]]) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
-    """(the deterministic per-step metrics, the per-step timings), both keyed by step."""
-    content = [{k: v for k, v in h.items() if k not in TIMING_METRICS} for h in history]
-    timings = [{"step": h["step"], **{k: h[k] for k in TIMING_METRICS if k in h}} for h in history]
-    return content, timings
-
-
-def history_table(history: list[dict[str, float]]) -> pa.Table:
-    names = list(dict.fromkeys(k for entry in history for k in entry if k != "step"))
-    columns = {"step": pa.array([h["step"] for h in history], pa.int32())}
-    columns.update({k: pa.array([h.get(k) for h in history], pa.float64()) for k in names})
-    return pa.table(columns)
 
 
 def loss_figure(history: list[dict[str, float]]):

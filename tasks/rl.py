@@ -110,10 +110,9 @@ def compute_rl(ctx: StageContext) -> dict[str, float]:
     adapter_out = ctx.writer.dir / "adapter" if config.lora is not None and config.lora.save_adapter else None
     save_trained_lm(trainer.model, config.lora is not None, trainer.model_dir, ctx.writer.dir / "model", adapter_out)
 
-    timing_keys = ("tokens_per_s", "seconds")
-    ctx.writer.write_table("train_log", _table([{k: v for k, v in h.items() if k not in timing_keys} for h in history]))
-    timings = [{"step": h["step"], **{k: h[k] for k in timing_keys}} for h in history]
-    ctx.writer.write_table("train_timings", _table(timings), volatile=True)
+    content, timings = training.split_timings(history)
+    ctx.writer.write_table("train_log", training.history_table(content))
+    ctx.writer.write_table("train_timings", training.history_table(timings), volatile=True)
     ctx.writer.write_table("samples", pa.Table.from_pylist(trainer.samples))
     ctx.run.log_rows(trainer.samples[-50:], "rl/samples.json")
     ctx.run.log_figure(reward_figure(history), "rl/reward_curve.png")
@@ -141,10 +140,6 @@ def compute_rl(ctx: StageContext) -> dict[str, float]:
         metrics=metrics,
     )
     return metrics
-
-
-def _table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows) if rows else pa.table({"step": pa.array([], pa.int64())})
 
 
 # ---------------------------------------------------------------------------------------------------------

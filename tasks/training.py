@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -109,6 +110,26 @@ def total_steps(micro_batches_per_epoch: int, micro_per_step: int, epochs: int, 
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Training logs
+
+TIMING_METRICS = ("tokens_per_s", "peak_memory_gb", "seconds")  # how the run went, not what it computed
+
+
+def split_timings(history: list[dict[str, float]]) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """(the deterministic per-step metrics, the per-step timings), both keyed by step."""
+    content = [{k: v for k, v in h.items() if k not in TIMING_METRICS} for h in history]
+    timings = [{"step": h["step"], **{k: h[k] for k in TIMING_METRICS if k in h}} for h in history]
+    return content, timings
+
+
+def history_table(history: list[dict[str, float]]) -> pa.Table:
+    names = list(dict.fromkeys(k for entry in history for k in entry if k != "step"))
+    columns = {"step": pa.array([h["step"] for h in history], pa.int32())}
+    columns.update({k: pa.array([h.get(k) for h in history], pa.float64()) for k in names})
+    return pa.table(columns)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Checkpoints
 
 
@@ -143,13 +164,22 @@ class Checkpoint:
                 return folder
         return None
 
-    def save(self, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    def save(
+        self,
+        weights: dict[str, torch.Tensor],
+        state: dict[str, Any],
+        write_shards: Callable[[Path], None] | None = None,
+    ) -> None:
+        """Rank 0 writes ``weights`` (may be empty) and ``state``; with ``write_shards`` every rank also writes its
+        shards into the new folder (FSDP) before it is renamed into place."""
         tmp = self.folder.with_name(f"{self.folder.name}.tmp-{state['step']}")
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
         torch.save(_rng_state(), tmp / f"rng-{self.rank}.pt")
+        if write_shards is not None:
+            write_shards(tmp)
         _barrier()
         if self.rank == 0:
             save_file({n: t.detach().contiguous().cpu() for n, t in weights.items()}, tmp / self.WEIGHTS)

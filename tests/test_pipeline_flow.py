@@ -505,7 +505,12 @@ def test_the_rl_stage_trains_next_to_dpo_and_evaluate_compares_them(tmp_path):
 
     cfg = _config(sources=[{"builtin": "sample", "limit": 60}])
     cfg["rl"].update(
-        enabled=True, max_steps=2, batch_size=4, samples_per_prompt=2, learning_rate=1e-3, sampling={"max_new_tokens": 8}
+        enabled=True,
+        max_steps=2,
+        batch_size=4,
+        samples_per_prompt=2,
+        learning_rate=1e-3,
+        sampling={"max_new_tokens": 8},
     )
     workspace = tmp_path / "ws"
     with pytest.raises(StageNotReady, match=r"stage 'rl' needs the 'curate' artifact"):
