@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from creditflow.tasks.configs import (
     AuditConfig,
+    ComputeConfig,
     CurateConfig,
     EvaluateConfig,
     OnPolicyConfig,
@@ -49,6 +50,7 @@ class PipelineConfig(StrictConfig):
         description="pi_ref: samples on-policy pairs, scores contrastive token rewards, starts the policy, and is "
         "what evaluation compares against. A local folder or a named model (smollm2, minilm, tiny-lm).",
     )
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
     reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
     onpolicy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)

@@ -255,6 +255,7 @@ class StagePlan:
     section: Any  # the stage's config section, typed
     reference_model: str | None
     upstream: dict[str, Manifest]
+    compute: Any = None  # where inference runs (ComputeConfig): never part of the fingerprint
 
 
 def active_upstream(name: str, cfg: PipelineConfig) -> list[str]:
@@ -272,7 +273,8 @@ def plan_stage(name: str, cfg: PipelineConfig, upstream: dict[str, Manifest]) ->
     if reference is not None:
         config["reference_model"] = reference
     key = {"stage": name, "config": config, "inputs": inputs, "code": code_version(stage.code_modules)}
-    return StagePlan(stage, sha256_json(key)[:FINGERPRINT_CHARS], inputs, config, section, reference, upstream)
+    fingerprint = sha256_json(key)[:FINGERPRINT_CHARS]
+    return StagePlan(stage, fingerprint, inputs, config, section, reference, upstream, cfg.compute)
 
 
 def resolve_upstream(name: str, cfg: PipelineConfig, workspace: Workspace) -> dict[str, Manifest]:
@@ -323,7 +325,16 @@ def compute_stage(
     writer = store.writer(name, fingerprint)
     try:
         context = StageContext(
-            plan.section, workspace, plan.upstream, writer, run, progress, name, fingerprint, plan.reference_model
+            plan.section,
+            workspace,
+            plan.upstream,
+            writer,
+            run,
+            progress,
+            name,
+            fingerprint,
+            plan.reference_model,
+            plan.compute,
         )
         metrics = plan.stage.compute(context)
         missing = [o for o in plan.stage.outputs if not (writer.dir / _output_path(o)).exists()]

@@ -94,6 +94,23 @@ class SamplingConfig(StrictConfig):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Where inference runs
+
+
+class ComputeConfig(StrictConfig):
+    """Where the token-reward stage's scoring runs: in this process, or on a Ray cluster (one actor per worker, each
+    holding the model). Results are identical either way, so none of this is part of any cache key."""
+
+    backend: Literal["local", "ray"] = Field("local", description="local: this process; ray: Ray actors.")
+    address: str | None = Field(
+        None, description="Ray cluster: 'auto' (the running one), 'ray://host:10001', or null: start a local one."
+    )
+    workers: int = Field(2, ge=1, description="Ray actors, each holding one copy of the model.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each actor reserves (1: one actor per GPU).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each actor reserves.")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Curation
 
 

@@ -23,6 +23,7 @@ class StageContext:
     stage: str = ""
     fingerprint: str = ""
     reference_model: str | None = None  # the pipeline's reference_model, for the stages that declare they use it
+    compute: Any = None  # the pipeline's ComputeConfig: where inference runs (local or Ray)
 
     @property
     def checkpoint_dir(self):

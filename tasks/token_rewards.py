@@ -23,8 +23,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,10 +34,12 @@ from tqdm.auto import tqdm
 from creditflow.storage.hashing import code_version, sha256_text
 from creditflow.storage.token_cache import CACHE_SCHEMA, TokenCache, row_key
 from creditflow.tasks import abc, contrastive, tokenization
-from creditflow.tasks.configs import TokenRewardsConfig
+from creditflow.tasks.configs import ComputeConfig, TokenRewardsConfig
 from creditflow.tasks.schema import SIDES, Messages
-from creditflow.tasks.stage import StageContext
 from creditflow.tasks.training import autocast, inference_dtype, reference_precision, resolve_device
+
+if TYPE_CHECKING:  # importing it imports MLflow, which Ray workers building a source never need
+    from creditflow.tasks.stage import StageContext
 
 logger = logging.getLogger(__name__)
 TRUNCATION_WARNING = 0.05  # warn when more than this share of the computed rows were cut
@@ -148,6 +151,22 @@ class SourceRun:
     truncated: int = 0  # computed rows whose prompt or completion max_length / max_prompt_length cut
 
 
+def build_source(
+    name: str,
+    config: dict[str, Any],
+    reference_model: str | None = None,
+    reward_model_dir: str | None = None,
+    rm_max_length: int | None = None,
+) -> Source:
+    """The source ``name`` on this process's device: picklable arguments, so a Ray worker can build its own."""
+    settings = TokenRewardsConfig.model_validate(config)
+    device = resolve_device(settings.device)
+    if name == "contrastive":
+        return contrastive_source(settings, reference_model, device)
+    dtype = inference_dtype(settings.dtype, device)
+    return abc_source(settings, Path(reward_model_dir), rm_max_length, device, dtype)
+
+
 def compute_missing(
     cache: TokenCache,
     source: Source,
@@ -155,8 +174,11 @@ def compute_missing(
     completions: list[Messages],
     rows_per_shard: int,
     progress: bool = True,
+    compute: ComputeConfig | None = None,
+    build: Callable[[], Source] | None = None,
 ) -> SourceRun:
-    """Compute and cache the rows of ``source`` whose keys are not cached yet; a shard is written per chunk."""
+    """Compute and cache the rows of ``source`` whose keys are not cached yet; a shard is written per chunk. With a
+    Ray ``compute`` the shards are scored by actors that each ``build`` the source (tasks/distributed.py)."""
     keys = [row_key(source.name, source.knobs, p, c) for p, c in zip(prompts, completions)]
     missing = cache.missing_keys(keys)
     if not missing:
@@ -168,11 +190,19 @@ def compute_missing(
     order = sorted(range(len(items)), key=lambda j: -items[j].n_forward_tokens)  # similar lengths share a shard
     total = sum(item.n_forward_tokens for item in items)
     started = time.perf_counter()
+    chunks = [order[start : start + rows_per_shard] for start in range(0, len(order), rows_per_shard)]
+
+    def write(index: int, rows: list[dict[str, Any]]) -> None:
+        cache.write_shard([{**row, "key": missing[j], "source": source.name} for j, row in zip(chunks[index], rows)])
+
     with tqdm(total=total, unit="tok", desc=f"token rewards ({source.name})", disable=not progress) as bar:
-        for start in range(0, len(order), rows_per_shard):
-            chunk = order[start : start + rows_per_shard]
-            rows = source.score([items[j] for j in chunk], bar)
-            cache.write_shard([{**row, "key": missing[j], "source": source.name} for j, row in zip(chunk, rows)])
+        if compute is not None and compute.backend == "ray":
+            from creditflow.tasks.distributed import score_shards
+
+            score_shards([[items[j] for j in chunk] for chunk in chunks], build, compute, write, bar)
+        else:
+            for index, chunk in enumerate(chunks):
+                write(index, source.score([items[j] for j in chunk], bar))
     seconds = time.perf_counter() - started
     truncated = sum(getattr(item, "truncated", False) for item in items)
     if truncated > TRUNCATION_WARNING * len(items):
@@ -227,18 +257,19 @@ def compute_token_rewards(ctx: StageContext) -> dict[str, float]:
     pairs = ctx.read_upstream("onpolicy" if "onpolicy" in ctx.upstream else "curate", "pairs")
     pair_ids, sides, prompts, completions = side_requests(pairs)
     cache = TokenCache.for_workspace(ctx.workspace)
-    device = resolve_device(config.device)
-    dtype = inference_dtype(config.dtype, device)
 
     metrics: dict[str, float] = {"pairs": pairs.num_rows}
     sources, keys = [], []
     for name in config.sources:
-        if name == "contrastive":
-            source = contrastive_source(config, ctx.reference_model, device)
-        else:
+        models = {"reference_model": ctx.reference_model}
+        if name == "abc":
             folder, rm_max_length = _reward_model_folder(ctx)
-            source = abc_source(config, folder, rm_max_length, device, dtype)
-        run = compute_missing(cache, source, prompts, completions, config.rows_per_shard, ctx.progress)
+            models = {"reward_model_dir": str(folder), "rm_max_length": rm_max_length}
+        build = partial(build_source, name, config.model_dump(mode="json"), **models)
+        source = build()
+        run = compute_missing(
+            cache, source, prompts, completions, config.rows_per_shard, ctx.progress, ctx.compute, build
+        )
         sources.append(source)
         keys.append(run.keys)
         metrics.update(

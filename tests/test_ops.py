@@ -298,6 +298,33 @@ def test_infra_files_parse_and_point_at_real_flows_and_services():
     assert variables["env"]["default"]["CREDITFLOW_WORKSPACE"] in workspaces
 
 
+def test_the_kuberay_cluster_mounts_the_workspace_of_the_job_template_and_serves_ray_clients():
+    import yaml
+
+    from creditflow.flows.config import validate
+
+    infra = Path(__file__).resolve().parents[1] / "infra" / "k8s"
+    cluster = yaml.safe_load((infra / "raycluster.yaml").read_text())
+    template = yaml.safe_load((infra / "base-job-template.yaml").read_text())["variables"]["properties"]
+    assert cluster["apiVersion"] == "ray.io/v1" and cluster["kind"] == "RayCluster"
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    workers = [group["template"]["spec"] for group in cluster["spec"]["workerGroupSpecs"]]
+    assert 10001 in {port["containerPort"] for port in head["containers"][0]["ports"]}  # the Ray Client port
+    for spec in [head, *workers]:
+        (container,) = spec["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["CREDITFLOW_WORKSPACE"] == template["env"]["default"]["CREDITFLOW_WORKSPACE"]
+        assert spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == template["workspace_pvc"]["default"]
+        assert (
+            container["volumeMounts"][0]["mountPath"] == "/data" and container["image"] == template["image"]["default"]
+        )
+    assert all(spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] for spec in workers)
+    header = (infra / "raycluster.yaml").read_text().split("apiVersion")[0]
+    address = header.split("address: ")[1].split(",")[0].strip('"')
+    assert address == f"ray://{cluster['metadata']['name']}-head-svc:10001"
+    validate({"compute": {"backend": "ray", "address": address, "workers": 4, "gpus_per_worker": 1}})
+
+
 def test_prefect_server_on_a_custom_port_points_its_ui_at_that_port(tmp_path):
     ws = Workspace.resolve(tmp_path / "ws")
     argv, env = ops.PREFECT.command(ws, 4321)

@@ -1,0 +1,129 @@
+"""compute.backend: ray on a real local Ray cluster (2 workers, started here): token rewards identical to the local
+path, and a worker that dies mid-run loses no finished shard."""
+
+import os
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from creditflow.storage.token_cache import TokenCache, row_key
+from creditflow.storage.tracking import Run
+from creditflow.storage.workspace import Workspace
+from creditflow.tasks import schema as S
+from creditflow.tasks.configs import ComputeConfig, TokenRewardsConfig
+from creditflow.tasks.stage import StageContext
+from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
+from creditflow.tasks.token_rewards import build_source, compute_missing, compute_token_rewards, side_requests
+
+ray = pytest.importorskip("ray")  # in the dev install; a plain install runs without it
+
+CORPUS = ["It was lovely, thank you", "It was awful.", "Question: how was the trip?"] * 20
+RAY = ComputeConfig(backend="ray", workers=2)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, namespace="creditflow", include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    policy = build_tiny_causal_lm(tmp_path_factory.mktemp("lm"), CORPUS)
+    reward = build_tiny_reward_backbone(tmp_path_factory.mktemp("rm"), CORPUS)
+    return policy, reward
+
+
+def _pairs(n: int, tag: str = "") -> list[dict]:
+    rows = []
+    for i in range(n):
+        prompt = [{"role": "user", "content": f"Question {i}{tag}: how was the trip?"}]
+        chosen = [{"role": "assistant", "content": f"It was lovely {i}, thank you"}]
+        rejected = [{"role": "assistant", "content": f"It was awful {i}."}]
+        rows.append(
+            {
+                "pair_id": S.pair_id(prompt, chosen, rejected),
+                "prompt_id": S.prompt_id(prompt),
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "source": "test",
+                "source_row": str(i),
+                "split": "train",
+            }
+        )
+    return rows
+
+
+def _stage(root, models, pairs, config, compute):
+    """The token-reward stage recipe in a fresh workspace, with ``compute`` as the pipeline would pass it."""
+    policy, reward = models
+    workspace = Workspace.resolve(root)
+    writer = workspace.store.writer("reward_model", "rm")
+    (writer.dir / "model").mkdir()
+    for file in reward.iterdir():
+        (writer.dir / "model" / file.name).write_bytes(file.read_bytes())
+    rm = workspace.store.publish(
+        writer, stage="reward_model", fingerprint="rm", inputs={}, config={"max_length": 64}, code_version="t"
+    )
+    from conftest import publish_artifact
+
+    curate = publish_artifact(workspace.store, "curate", "c", {"pairs": S.rows_to_table(pairs, S.PAIRS_SCHEMA)})
+    run = Run.start(workspace, "distributed-test", "token_rewards")
+    out = workspace.store.writer("token_rewards", "t")
+    ctx = StageContext(
+        config, workspace, {"curate": curate, "reward_model": rm}, out, run, False, "token_rewards", "t",
+        reference_model=str(policy), compute=compute,
+    )  # fmt: skip
+    metrics = compute_token_rewards(ctx)
+    return metrics, pq.read_table(out.dir / "token_rewards.parquet")
+
+
+@pytest.mark.usefixtures("cluster")
+def test_ray_actors_give_the_local_rows_for_contrastive_and_abc(models, tmp_path):
+    config = TokenRewardsConfig(sources=["contrastive", "abc"], max_length=64, rows_per_shard=3, batch_size=2)
+    pairs = _pairs(5)
+    local_metrics, local = _stage(tmp_path / "local", models, pairs, config, None)
+    ray_metrics, distributed = _stage(tmp_path / "ray", models, pairs, config, RAY)
+    assert ray_metrics["rows_computed"] == local_metrics["rows_computed"] == 20
+    assert distributed.to_pylist() == local.to_pylist()  # same shards, same batches, same code: the same bits
+
+
+def _dies_on_second_shard(name: str, config: dict, **models):
+    """A real source whose worker process exits (as a killed or OOM-ed worker would) on its second shard."""
+    source = build_source(name, config, **models)
+    score, calls = source.score, []
+
+    def score_then_die(items, progress):
+        calls.append(1)
+        if len(calls) == 2:
+            os._exit(1)
+        return score(items, progress)
+
+    source.score = score_then_die
+    return source
+
+
+@pytest.mark.usefixtures("cluster")
+def test_a_dead_worker_loses_no_finished_shard_and_the_rerun_computes_only_the_rest(models, tmp_path):
+    from functools import partial
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the dying builder travels to the worker
+    policy, _ = models
+    config = TokenRewardsConfig(max_length=64, rows_per_shard=2, batch_size=2)
+    _, _, prompts, completions = side_requests(S.rows_to_table(_pairs(3, " (kill)"), S.PAIRS_SCHEMA))
+    cache = TokenCache(tmp_path / "cache")
+    settings = config.model_dump(mode="json")
+    source = build_source("contrastive", settings, reference_model=str(policy))
+    dying = partial(_dies_on_second_shard, "contrastive", settings, reference_model=str(policy))
+    one_worker = ComputeConfig(backend="ray", workers=1)
+    with pytest.raises(ray.exceptions.RayActorError):
+        compute_missing(cache, source, prompts, completions, 2, False, one_worker, dying)
+    keys = [row_key(source.name, source.knobs, p, c) for p, c in zip(prompts, completions)]
+    assert len(cache.missing_keys(keys)) == 4  # the first shard (2 rows) was written before the worker died
+    rerun = compute_missing(
+        cache, source, prompts, completions, 2, False, RAY, partial(build_source, "contrastive", settings, str(policy))
+    )
+    assert (rerun.computed, rerun.reused) == (4, 2)  # 6 rows in shards of 2: the first shard survived
