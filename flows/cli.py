@@ -308,6 +308,25 @@ def runs(
 
 
 @app.command()
+def join(
+    stage_name: str = typer.Argument("policy", metavar="STAGE", help="The multi-node stage: policy."),
+    config: Optional[Path] = ConfigOpt,
+    workspace: Optional[str] = WorkspaceOpt,
+    set_: Optional[list[str]] = SetOpt,
+    node_rank: int = typer.Option(..., "--node-rank", envvar="CREDITFLOW_NODE_RANK", help="This node: 1..nnodes-1."),
+    timeout: float = typer.Option(86400.0, help="Seconds to wait for node 0."),
+) -> None:
+    """Join node 0's multi-node policy run (policy.nnodes > 1) from another node, same config and workspace."""
+    from creditflow.flows import ops
+
+    with user_errors():
+        if stage_name != "policy":
+            raise ValueError(f"only the policy stage runs over several nodes, not {stage_name!r}")
+        status = ops.join_policy(config_dict(config, set_), workspace, node_rank, timeout)
+    raise typer.Exit(status)
+
+
+@app.command()
 def export(
     stage_name: str = typer.Argument(..., metavar="STAGE", help="A stage that trains a model: policy or reward_model."),
     out: Path = typer.Option(..., "--out", help="New (or empty) folder for the Hugging Face model."),

@@ -253,7 +253,7 @@ def data_needs(stage: str, metrics: dict[str, float], cfg: PipelineConfig) -> li
     too-small dataset fails in seconds, not after the reward model has trained."""
     problems = []
     policy = cfg.policy
-    need = (policy.num_processes - 1) * policy.batch_size + 1  # one micro-batch for every process
+    need = (policy.num_processes * policy.nnodes - 1) * policy.batch_size + 1  # one micro-batch for every process
     if stage == "curate":
         if metrics.get("train_pairs", 0) == 0:
             problems.append("curate produced no train pairs (see the quarantine table for why rows were rejected)")

@@ -323,6 +323,12 @@ class PolicyConfig(TrainingConfig):
         "processes (torchrun, even for 1 process), bf16 params and compute with fp32 reduction on CUDA.",
     )
     fsdp_cpu_offload: bool = Field(False, description="fsdp: keep sharded params and optimizer state in CPU memory.")
+    nnodes: int = Field(
+        1,
+        ge=1,
+        description="Nodes of num_processes each; > 1: node 0 runs the stage, the others `creditflow join policy` "
+        "(rendezvous at $CREDITFLOW_RDZV_ENDPOINT, a workspace shared by all).",
+    )
 
     @model_validator(mode="after")
     def _regularizer_needs_rewards(self) -> "PolicyConfig":

@@ -100,7 +100,7 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
 
     model_out = ctx.writer.dir / "model"
     adapter_out = ctx.writer.dir / "adapter" if config.lora is not None and config.lora.save_adapter else None
-    if config.num_processes == 1 and config.strategy == "ddp":
+    if config.num_processes == 1 and config.nnodes == 1 and config.strategy == "ddp":
         trainer = PolicyTrainer(
             model_dir, examples, config, checkpoint_dir=ctx.checkpoint_dir, on_step=log_step, progress=ctx.progress
         )
@@ -109,8 +109,9 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
         del trainer
     else:
         history = launch_distributed(
-            model_dir, examples, config, model_out, adapter_out, ctx.checkpoint_dir, on_step=log_step
-        )
+            model_dir, examples, config, model_out, adapter_out, ctx.checkpoint_dir, on_step=log_step,
+            launch_dir=launch_folder(ctx.checkpoint_dir),
+        )  # fmt: skip
     for entry in history:  # steps restored from a checkpoint were logged by the run that made them
         if entry["step"] not in logged:
             ctx.run.log_metrics({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
@@ -160,8 +161,10 @@ def launch_distributed(
     adapter_dir: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
     on_step: training.StepCallback | None = None,
+    launch_dir: Path | None = None,
 ) -> list[dict[str, float]]:
-    """Train with ``config.num_processes`` torchrun workers (tasks/policy_worker.py); returns the history."""
+    """Train with ``config.num_processes`` torchrun workers per node (tasks/policy_worker.py) on ``config.nnodes``
+    nodes (the others join through ``launch_dir``); returns the history."""
     spec = {
         "model_dir": str(model_dir),
         "config": config.model_dump(),
@@ -171,8 +174,20 @@ def launch_distributed(
     }
     write_examples = lambda path: torch.save([asdict(e) for e in examples], path)  # noqa: E731
     return training.launch_torchrun(
-        WORKER_MODULE, spec, config.num_processes, files={"examples": write_examples}, on_step=on_step
+        WORKER_MODULE,
+        spec,
+        config.num_processes,
+        files={"examples": write_examples},
+        on_step=on_step,
+        nnodes=config.nnodes,
+        launch_dir=launch_dir,
     )
+
+
+def launch_folder(checkpoint_dir: Path) -> Path:
+    """Where node 0 of a multi-node run leaves its launch spec for the others: beside the checkpoint folder (which
+    checkpoint saves replace wholesale), on the shared workspace."""
+    return Path(checkpoint_dir).with_name(Path(checkpoint_dir).name + ".launch")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -245,6 +245,25 @@ def resume_training_state(checkpoint: Checkpoint, trainable, optimizer, schedule
 # Several processes: torchrun in a subprocess, metrics streamed back
 
 
+RDZV_ENV = "CREDITFLOW_RDZV_ENDPOINT"  # host:port of node 0's rendezvous, for runs over several nodes
+SPEC = "spec.json"
+
+
+def torchrun_command(worker_module: str, spec_path: Path, nproc: int, nnodes: int, node_rank: int, rdzv_id: str):
+    """``python -m torch.distributed.run ...``: standalone on one node, a c10d rendezvous at $CREDITFLOW_RDZV_ENDPOINT
+    over several."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    if nnodes == 1:
+        command.append("--standalone")
+    else:
+        endpoint = os.environ.get(RDZV_ENV)
+        if not endpoint:
+            raise ValueError(f"a run over {nnodes} nodes needs ${RDZV_ENV} (host:port of node 0, reachable from all)")
+        command += [f"--nnodes={nnodes}", f"--node_rank={node_rank}", "--rdzv_backend=c10d"]
+        command += [f"--rdzv_endpoint={endpoint}", f"--rdzv_id={rdzv_id}"]
+    return [*command, "-m", worker_module, str(spec_path)]
+
+
 def launch_torchrun(
     worker_module: str,
     spec: dict[str, Any],
@@ -252,24 +271,33 @@ def launch_torchrun(
     files: dict[str, Callable[[Path], None]] | None = None,
     on_step: StepCallback | None = None,
     poll_seconds: float = 0.5,
+    nnodes: int = 1,
+    launch_dir: Path | None = None,
 ) -> list[dict[str, float]]:
-    """Run ``python -m torch.distributed.run --standalone --nproc_per_node N -m WORKER SPEC.json`` and wait.
+    """Run ``python -m torch.distributed.run --nproc_per_node N -m WORKER SPEC.json`` (node 0's share) and wait.
 
     Running in a subprocess frees every GPU byte when the stage ends. ``files`` writers put inputs beside the spec
     (their paths are added to it under the same names). The worker's rank 0 appends one JSON line of metrics per
     step to ``spec["metrics"]``, which this process tails and hands to ``on_step``, and writes the whole history to
-    ``spec["history"]``, which is returned.
+    ``spec["history"]``, which is returned. With ``nnodes`` > 1 the spec goes to ``launch_dir``, a folder on the
+    shared workspace where :func:`join_torchrun` on the other nodes finds it.
     """
-    work = Path(tempfile.mkdtemp(prefix="creditflow-torchrun-"))
+    if nnodes > 1 and launch_dir is None:
+        raise ValueError("a run over several nodes needs a launch folder on the shared workspace")
+    work = Path(launch_dir) if nnodes > 1 else Path(tempfile.mkdtemp(prefix="creditflow-torchrun-"))
     process = None
     try:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
         spec = {**spec, "metrics": str(work / "metrics.jsonl"), "history": str(work / "history.json")}
         for name, write in (files or {}).items():
             write(work / name)
             spec[name] = str(work / name)
-        (work / "spec.json").write_text(json.dumps(spec))
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        command += ["-m", worker_module, str(work / "spec.json")]
+        launch = {"spec": spec, "worker": worker_module, "nproc": nproc, "nnodes": nnodes, "rdzv_id": work.name}
+        (work / f".{SPEC}.tmp").write_text(json.dumps(launch))
+        os.rename(work / f".{SPEC}.tmp", work / SPEC)  # complete when visible: other nodes start from it
+        (work / "worker-spec.json").write_text(json.dumps(spec))
+        command = torchrun_command(worker_module, work / "worker-spec.json", nproc, nnodes, 0, work.name)
         with open(work / "output.log", "wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
             offset = 0
@@ -291,6 +319,25 @@ def launch_torchrun(
             except subprocess.TimeoutExpired:
                 process.kill()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def join_torchrun(launch_dir: str | Path, node_rank: int, timeout: float = 3600.0, poll_seconds: float = 1.0) -> int:
+    """On node ``node_rank`` > 0: wait for node 0's launch spec in ``launch_dir``, run this node's torchrun share with
+    it, and return torchrun's exit status (rank 0, and so every output, lives on node 0)."""
+    spec_path, deadline = Path(launch_dir) / SPEC, time.monotonic() + timeout
+    while not spec_path.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no launch spec appeared in {launch_dir} within {timeout:.0f} s (is node 0 running?)")
+        time.sleep(poll_seconds)
+    launch = json.loads(spec_path.read_text())
+    if not 0 < node_rank < launch["nnodes"]:
+        raise ValueError(f"node_rank {node_rank}: this run has nodes 0..{launch['nnodes'] - 1} and 0 is the launcher")
+    spec_copy = Path(tempfile.mkdtemp(prefix="creditflow-join-")) / "worker-spec.json"
+    spec_copy.write_text(json.dumps(launch["spec"]))  # node 0 removes its launch folder when the run ends
+    command = torchrun_command(
+        launch["worker"], spec_copy, launch["nproc"], launch["nnodes"], node_rank, launch["rdzv_id"]
+    )
+    return subprocess.run(command).returncode
 
 
 def _forward_metrics(path: Path, offset: int, on_step: StepCallback | None) -> int:

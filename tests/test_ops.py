@@ -325,6 +325,31 @@ def test_the_kuberay_cluster_mounts_the_workspace_of_the_job_template_and_serves
     validate({"compute": {"backend": "ray", "address": address, "workers": 4, "gpus_per_worker": 1}})
 
 
+def test_the_multinode_job_gives_node_0_a_rendezvous_name_and_the_others_join(tmp_path):
+    import yaml
+
+    infra = Path(__file__).resolve().parents[1] / "infra" / "k8s"
+    service, job = yaml.safe_load_all((infra / "policy-multinode.yaml").read_text())
+    template = yaml.safe_load((infra / "base-job-template.yaml").read_text())["variables"]["properties"]
+    spec = job["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == job["spec"]["parallelism"]
+    assert service["spec"]["clusterIP"] == "None" and spec["subdomain"] == service["metadata"]["name"]
+    host, port = env["CREDITFLOW_RDZV_ENDPOINT"].split(":")
+    assert host == f"{job['metadata']['name']}-0.{service['metadata']['name']}" and int(port) == 29400
+    script = container["args"][0]
+    nodes = job["spec"]["completions"]
+    assert f"policy.nnodes={nodes}" in script and "creditflow join policy" in script and "creditflow run" in script
+    assert env["CREDITFLOW_WORKSPACE"] == template["env"]["default"]["CREDITFLOW_WORKSPACE"]
+    assert spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == template["workspace_pvc"]["default"]
+    recipe = Path(__file__).resolve().parents[1] / "configs" / Path(env["CONFIG"]).name
+    from creditflow.flows.config import load_config
+
+    policy = load_config(recipe, {"policy.nnodes": nodes}).policy
+    assert policy.strategy == "fsdp" and policy.num_processes == int(container["resources"]["limits"]["nvidia.com/gpu"])
+
+
 def test_prefect_server_on_a_custom_port_points_its_ui_at_that_port(tmp_path):
     ws = Workspace.resolve(tmp_path / "ws")
     argv, env = ops.PREFECT.command(ws, 4321)

@@ -475,6 +475,38 @@ def test_two_process_fsdp_matches_one_process_and_resumes_exactly_from_its_shard
         assert torch.equal(tensor, again[name]), name
 
 
+@pytest.mark.slow  # two torchrun agents
+def test_two_nodes_of_one_process_train_as_two_processes_on_one_node(model_dir, examples, tmp_path, monkeypatch):
+    """policy.nnodes = 2 on one machine: node 0 launches through a folder on the (here local) shared workspace, node
+    1 joins from another process through the c10d rendezvous; the result is the one-process run's (as for DDP)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("CREDITFLOW_RDZV_ENDPOINT", f"127.0.0.1:{port}")
+    launch = tmp_path / "policy.launch"
+    join = (
+        f"import sys; from creditflow.tasks.training import join_torchrun; sys.exit(join_torchrun({str(launch)!r}, 1))"
+    )
+    node1 = subprocess.Popen([sys.executable, "-c", join], env=os.environ)
+    try:
+        config = _config(grad_accum=2, learning_rate=1e-3, num_processes=1, nnodes=2)
+        history = launch_distributed(model_dir, examples, config, tmp_path / "model", launch_dir=launch)
+        assert node1.wait(timeout=120) == 0
+    finally:
+        node1.kill()
+    single, single_history = _train(model_dir, examples, _config(grad_accum=4, learning_rate=1e-3))
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in single_history], abs=1e-5)
+    two_nodes = AutoModelForCausalLM.from_pretrained(tmp_path / "model").state_dict()
+    for name, tensor in single.model.state_dict().items():
+        assert torch.allclose(tensor, two_nodes[name], atol=1e-5), name
+    assert not launch.exists()  # node 0 cleans up its launch folder
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Stage entry point
 
