@@ -1,0 +1,159 @@
+"""Benchmark: the RL stage's trainer (tasks/rl.py, RLOO) against TRL 1.16's RLOOTrainer on the same tiny models.
+
+Both sample ``--k`` completions for each of ``--prompts`` prompts per step, score them with the same reward model
+(a sequence classifier), take one optimizer step per generation batch (no reuse of rollouts), with a KL penalty to
+the reference (beta 0.05), and run ``--steps`` steps. Speed is rollouts per second of wall time between steps
+(median over the steps after ``--warmup``), each trainer in its own subprocess. TRL ships no PPOTrainer any more
+(1.16 has GRPO-style RLOO), so PPO has no baseline here.
+
+    .venv/bin/python bench/rl_speed.py [--steps 8] [--prompts 8] [--k 4] [--max-new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from creditflow.flows.env import apply_defaults
+
+apply_defaults()
+
+SAMPLE = Path(__file__).resolve().parents[1] / "creditflow" / "data" / "sample_preferences.jsonl"
+
+
+def prompts(n: int) -> list[list[dict]]:
+    rows = [json.loads(line) for line in open(SAMPLE)]
+    return [[{"role": "user", "content": row["prompt"]}] for row in rows[:n]]
+
+
+def build_models(folder: Path) -> tuple[Path, Path]:
+    from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
+
+    texts = [json.loads(line)[k] for line in open(SAMPLE) for k in ("prompt", "chosen", "rejected")]
+    size = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4)
+    policy = build_tiny_causal_lm(folder / "policy", texts, **size)
+    reward = build_tiny_reward_backbone(folder / "reward", texts, **size)
+    return policy, reward
+
+
+def run_ours(args) -> list[float]:
+    from creditflow.tasks.configs import RLConfig
+    from creditflow.tasks.rl import RLTrainer
+
+    config = RLConfig(
+        algorithm="rloo",
+        reward_source="sparse",
+        batch_size=args.prompts,
+        samples_per_prompt=args.k,
+        ppo_epochs=1,
+        minibatches=1,
+        kl_coef=0.05,
+        learning_rate=1e-5,
+        epochs=args.steps,
+        max_steps=args.steps,
+        gold_scorer=None,
+        sampling={"max_new_tokens": args.max_new_tokens, "batch_size": args.prompts},
+    )
+    trainer = RLTrainer(args.policy, args.reward, prompts(args.prompts * args.steps), config, progress=False)
+    return [h["seconds"] for h in trainer.train()]
+
+
+def run_trl(args) -> list[float]:
+    import warnings
+
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    warnings.filterwarnings("ignore")
+    tokenizer = AutoTokenizer.from_pretrained(args.policy)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    reward_tokenizer = AutoTokenizer.from_pretrained(args.reward)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward, num_labels=1)
+    reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
+    config = RLOOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-rloo-"),
+        per_device_train_batch_size=args.prompts * args.k,
+        num_generations=args.k,
+        max_completion_length=args.max_new_tokens,
+        num_iterations=1,
+        beta=0.05,
+        learning_rate=1e-5,
+        max_steps=args.steps,
+        temperature=1.0,
+        logging_steps=10**9,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        bf16=False,
+        seed=0,
+    )
+    ends: list[float] = []
+
+    class StepTimes(TrainerCallback):
+        def on_train_begin(self, *_, **__):
+            ends.append(time.perf_counter())
+
+        def on_step_end(self, *_, **__):
+            ends.append(time.perf_counter())
+
+    trainer = RLOOTrainer(
+        model=args.policy,
+        reward_funcs=reward_model,
+        args=config,
+        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts(args.prompts * args.steps)]),
+        processing_class=tokenizer,
+        reward_processing_classes=reward_tokenizer,
+        callbacks=[StepTimes()],
+    )
+    trainer.train()
+    return [b - a for a, b in zip(ends, ends[1:])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--trainer", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--policy", help=argparse.SUPPRESS)
+    parser.add_argument("--reward", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.trainer:
+        seconds = (run_ours if args.trainer == "ours" else run_trl)(args)
+        print(json.dumps({"trainer": args.trainer, "step_seconds": seconds}))
+        return
+
+    import torch
+
+    policy, reward = build_models(Path(tempfile.mkdtemp(prefix="bench-rl-")))
+    rollouts = args.prompts * args.k
+    results = {}
+    for trainer in ("ours", "trl"):
+        command = [sys.executable, __file__, "--trainer", trainer, "--policy", str(policy), "--reward", str(reward)]
+        command += ["--steps", str(args.steps), "--prompts", str(args.prompts), "--k", str(args.k)]
+        command += ["--max-new-tokens", str(args.max_new_tokens)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{trainer} failed:\n{done.stderr[-4000:]}")
+        seconds = json.loads(done.stdout.strip().splitlines()[-1])["step_seconds"][args.warmup :]
+        results[trainer] = rollouts / statistics.median(seconds)
+    print(
+        f"tiny Llama (4 layers, hidden 256), {args.prompts} prompts x k={args.k}, {args.max_new_tokens} new tokens, "
+        f"{args.steps} steps ({args.warmup} left out); torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    for trainer, speed in results.items():
+        print(f"{trainer:5} {speed:8.1f} rollouts/s")
+    print(f"ours vs TRL RLOOTrainer: {results['ours'] / results['trl']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
