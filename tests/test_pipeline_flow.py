@@ -513,7 +513,8 @@ def test_the_rl_stage_trains_next_to_dpo_and_evaluate_compares_them(tmp_path):
         sampling={"max_new_tokens": 8},
     )
     workspace = tmp_path / "ws"
-    with pytest.raises(StageNotReady, match=r"stage 'rl' needs the 'curate' artifact"):
+    curate_flow(config=cfg, workspace=str(workspace), progress=False)
+    with pytest.raises(StageNotReady, match=r"stage 'rl' needs the 'reward_model' artifact .* creditflow stage reward"):
         rl_flow(config=cfg, workspace=str(workspace), progress=False)
     stages = pipeline_flow(config=cfg, workspace=str(workspace), progress=False)["stages"]
     rl = stages["rl"]["manifest"]

@@ -13,7 +13,15 @@ from creditflow.tasks.abc import abc_token_rewards, official_policy_rewards
 from creditflow.tasks.configs import LoraConfig, RewardModelConfig, RLConfig
 from creditflow.tasks.reward_model import PairData, train_reward_model
 from creditflow.tasks.rl import RLTrainer
-from creditflow.tasks.rl_losses import AdaptiveKL, gae, ppo_policy_loss, rloo_advantages, value_loss, whiten
+from creditflow.tasks.rl_losses import (
+    AdaptiveKL,
+    gae,
+    ppo_policy_loss,
+    returns_to_go,
+    rloo_advantages,
+    value_loss,
+    whiten,
+)
 from creditflow.tasks.rl_rewards import token_spans
 from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
 from creditflow.tasks.tokenization import load_tokenizer
@@ -86,6 +94,8 @@ def test_abc_official_rewards_on_policy_tokens_sum_to_r_with_the_remainder_on_th
     rewards = official_policy_rewards(rm_rewards, [0, 3], [3, 6], [0, 2, 6], [2, 6, 6], beta=0.8)
     np.testing.assert_allclose(rewards, [0.8 * 2 * 0.25 * 2 / 3, 0.8 * 2 * (0.25 / 3 + 0.75), 0.2 * 2], rtol=1e-6)
     assert rewards.sum() == pytest.approx(2.0)
+    returns = returns_to_go(torch.from_numpy(rewards)[None], torch.ones(1, 3))
+    assert float(returns[0, 0]) == pytest.approx(2.0)  # the return of the whole response is r, as with sparse
     sparse = official_policy_rewards(rm_rewards, [0, 3], [3, 6], [0, 2, 6], [2, 6, 6], beta=0.0)
     np.testing.assert_allclose(sparse, [0.0, 0.0, 2.0], atol=1e-7)  # beta = 0 is the sparse reward
 
