@@ -514,7 +514,8 @@ def test_the_rl_stage_trains_next_to_dpo_and_evaluate_compares_them(tmp_path):
     )
     workspace = tmp_path / "ws"
     curate_flow(config=cfg, workspace=str(workspace), progress=False)
-    with pytest.raises(StageNotReady, match=r"stage 'rl' needs the 'reward_model' artifact .* creditflow stage reward"):
+    missing_rm = r"stage 'rl' needs the 'reward_model' artifact .*creditflow stage reward_model"
+    with pytest.raises(StageNotReady, match=missing_rm):
         rl_flow(config=cfg, workspace=str(workspace), progress=False)
     stages = pipeline_flow(config=cfg, workspace=str(workspace), progress=False)["stages"]
     rl = stages["rl"]["manifest"]
