@@ -356,3 +356,16 @@ def test_prefect_server_on_a_custom_port_points_its_ui_at_that_port(tmp_path):
     assert argv[-4:] == ["--host", "127.0.0.1", "--port", "4321"]
     assert env["PREFECT_UI_API_URL"] == "http://127.0.0.1:4321/api"  # the browser UI calls this API
     assert env["PREFECT_HOME"] == str(ws.root / "prefect-server")
+
+
+def test_join_explains_a_single_node_config_and_waits_for_node_0s_upstream(tmp_path):
+    from creditflow.flows import ops
+    from creditflow.flows.config import PipelineConfig
+    from creditflow.flows.stages import StageNotReady
+
+    config = PipelineConfig().model_dump(mode="json")
+    with pytest.raises(ValueError, match="policy.nnodes is 1: there is no run to join"):
+        ops.join_policy(config, str(tmp_path), node_rank=1, timeout=0)
+    config["policy"]["nnodes"] = 2
+    with pytest.raises(StageNotReady, match="stage 'policy' needs the 'curate' artifact"):
+        ops.join_policy(config, str(tmp_path), node_rank=1, timeout=0)  # node 0 has computed nothing yet
