@@ -78,31 +78,19 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     metrics = {
         "prompts": len(messages),
-        "win_rate_rm": win_rate(rm_scores["policy"], rm_scores["reference"]),
-        "rm_score.policy": mean(rm_scores["policy"]),
         "rm_score.reference": mean(rm_scores["reference"]),
-        "length.policy": mean([len(t) for t in completions["policy"]]),
         "length.reference": mean([len(t) for t in completions["reference"]]),
     }
     if gold:
-        metrics.update(
-            {
-                "win_rate_gold": win_rate(gold_scores["policy"], gold_scores["reference"]),
-                "gold_score.policy": mean(gold_scores["policy"]),
-                "gold_score.reference": mean(gold_scores["reference"]),
-            }
-        )
-    if "rl" in systems:
-        metrics.update(
-            {
-                "win_rate_rm.rl": win_rate(rm_scores["rl"], rm_scores["reference"]),
-                "rm_score.rl": mean(rm_scores["rl"]),
-                "length.rl": mean([len(t) for t in completions["rl"]]),
-            }
-        )
+        metrics["gold_score.reference"] = mean(gold_scores["reference"])
+    for name in trained:  # the DPO policy's win rates keep their unsuffixed names
+        suffix = "" if name == "policy" else f".{name}"
+        metrics[f"win_rate_rm{suffix}"] = win_rate(rm_scores[name], rm_scores["reference"])
+        metrics[f"rm_score.{name}"] = mean(rm_scores[name])
+        metrics[f"length.{name}"] = mean([len(t) for t in completions[name]])
         if gold:
-            metrics["win_rate_gold.rl"] = win_rate(gold_scores["rl"], gold_scores["reference"])
-            metrics["gold_score.rl"] = mean(gold_scores["rl"])
+            metrics[f"win_rate_gold{suffix}"] = win_rate(gold_scores[name], gold_scores["reference"])
+            metrics[f"gold_score.{name}"] = mean(gold_scores[name])
     policy = ctx.upstream["policy"]
     if "final_token_reward_corr" in policy.metrics:
         metrics["token_reward_correlation"] = policy.metrics["final_token_reward_corr"]

@@ -30,7 +30,7 @@ def label_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int =
     return out
 
 
-def _completion_positions(
+def completion_positions(
     prompt_lengths: list[int], completion_lengths: list[int], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, column) of every completion token, row by row; the token at column c is predicted at column c - 1."""
@@ -57,7 +57,7 @@ def completion_logprobs(
 ) -> list[torch.Tensor]:
     """Per-token log-probs (fp32) of each row's completion, rows right-padded as ``[prompt | completion | pad]``."""
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    rows, cols = _completion_positions(prompt_lengths, completion_lengths, input_ids.device)
+    rows, cols = completion_positions(prompt_lengths, completion_lengths, input_ids.device)
     states, labels = hidden[rows, cols - 1], input_ids[rows, cols]
     out = torch.empty(labels.shape[0], dtype=torch.float32, device=input_ids.device)
     for start in range(0, labels.shape[0], chunk_size):
@@ -77,7 +77,7 @@ def naive_completion_logprobs(
     """Reference: full [B, S, V] logits and their fp32 ``log_softmax``, then gather. Same output as above."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     logps = torch.log_softmax(logits.float(), dim=-1)
-    rows, cols = _completion_positions(prompt_lengths, completion_lengths, input_ids.device)
+    rows, cols = completion_positions(prompt_lengths, completion_lengths, input_ids.device)
     picked = logps[rows, cols - 1].gather(-1, input_ids[rows, cols][:, None])[:, 0]
     return list(picked.split(completion_lengths))
 

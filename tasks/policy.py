@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from creditflow.tasks import fsdp, training
 from creditflow.tasks.causal_lm import load_policy_model, save_trained_lm
-from creditflow.tasks.configs import PolicyConfig
+from creditflow.tasks.configs import PolicyConfig, method_label
 from creditflow.tasks.logprobs import CompletionLogprobs
 from creditflow.tasks.losses import preference_loss, token_reward_correlation
 from creditflow.tasks.plots import finish, new_figure
@@ -73,7 +73,6 @@ METRIC_NAMES = {  # LossOutput.metrics() -> our metric names (no "/": they are a
 
 def compute_policy(ctx: StageContext) -> dict[str, float]:
     """Train the token-reward stage's reference model on the train pairs; write ``model/`` and ``train_log``."""
-    from creditflow.tasks.configs import method_label
     from creditflow.tasks.model_card import write_trained_cards
     from creditflow.tasks.models import resolve_model
     from creditflow.tasks.tokenization import load_tokenizer

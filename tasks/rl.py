@@ -64,7 +64,7 @@ from creditflow.tasks.causal_lm import disable_dropout, load_policy_model, save_
 from creditflow.tasks.configs import RLConfig
 from creditflow.tasks.generation import sample_token_ids
 from creditflow.tasks.gold import load_gold_scorer
-from creditflow.tasks.logprobs import completion_logprobs, states_entropy, states_logprobs
+from creditflow.tasks.logprobs import completion_logprobs, completion_positions, states_entropy, states_logprobs
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.rl_losses import (
     AdaptiveKL,
@@ -77,7 +77,7 @@ from creditflow.tasks.rl_losses import (
 )
 from creditflow.tasks.rl_rewards import Rollout, TokenRewards, token_spans
 from creditflow.tasks.schema import Messages, split_rows, unique_prompts
-from creditflow.tasks.tokenization import pad_right, pad_token_id
+from creditflow.tasks.tokenization import pad_token_id, padded_batch
 
 if TYPE_CHECKING:
     from creditflow.tasks.stage import StageContext
@@ -159,15 +159,13 @@ class Layout:
 
     @classmethod
     def of(cls, rollouts: list[Rollout], pad_id: int, device: torch.device) -> "Layout":
-        rows_ids = [r.prompt_ids + r.completion_ids for r in rollouts]
+        prompt_lengths = [len(r.prompt_ids) for r in rollouts]
         lengths = [len(r.completion_ids) for r in rollouts]
-        rows = torch.repeat_interleave(torch.arange(len(rollouts)), torch.tensor(lengths))
-        index = torch.cat([torch.arange(n) for n in lengths])
-        cols = torch.cat([torch.arange(len(r.prompt_ids), len(r.prompt_ids) + n) for r, n in zip(rollouts, lengths)])
+        input_ids, attention = padded_batch([r.prompt_ids + r.completion_ids for r in rollouts], pad_id)
+        rows, cols = completion_positions(prompt_lengths, lengths, torch.device("cpu"))
+        index = cols - torch.tensor(prompt_lengths)[rows]
         mask = torch.zeros(len(rollouts), max(lengths))
         mask[rows, index] = 1.0
-        input_ids = pad_right(rows_ids, pad_id)
-        attention = pad_right([[1] * len(ids) for ids in rows_ids], 0)
         return cls(*(t.to(device) for t in (input_ids, attention, rows, cols, index, mask)))
 
     def scatter(self, flat: torch.Tensor) -> torch.Tensor:
@@ -308,11 +306,9 @@ class RLTrainer:
             old_logp, old_values, states = self._forward(layout)
             entropy = masked_mean(layout.scatter(states_entropy(self.lm, states, config.chunk_size)), mask)
             with self.reference() as reference, training.autocast(self.device, config.bf16):
-                ref_logp = torch.cat([lp for lp in completion_logprobs(
-                    reference, layout.input_ids, layout.attention_mask,
-                    [len(r.prompt_ids) for r in rollouts], [len(r.completion_ids) for r in rollouts],
-                )])  # fmt: skip
-                ref_logp = layout.scatter(ref_logp.to(old_logp.dtype))
+                lengths = [len(r.prompt_ids) for r in rollouts], [len(r.completion_ids) for r in rollouts]
+                per_row = completion_logprobs(reference, layout.input_ids, layout.attention_mask, *lengths)
+                ref_logp = layout.scatter(torch.cat(per_row).to(old_logp.dtype))
                 token_rewards, scores = self.rewards(rollouts, reference, self.tokenizer)
         source = layout.scatter(torch.from_numpy(np.concatenate(token_rewards)).to(self.device))
         kl = (old_logp - ref_logp) * mask
