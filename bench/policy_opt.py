@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from memory import reset_peak_rss, status_mib  # bench/memory.py, beside this script
+from timing import trainer_step_times  # bench/timing.py
 
 from creditflow.flows.env import apply_defaults
 
@@ -161,7 +162,7 @@ def setup_trl(args, examples: list[dict], device):
     """(train, step end times, real tokens per step) for TRL's DPOTrainer on the same ids (reference precomputed)."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     class PretokenizedDPOTrainer(DPOTrainer):
@@ -202,13 +203,6 @@ def setup_trl(args, examples: list[dict], device):
     )
     ends: list[float] = []
 
-    class StepTimes(TrainerCallback):
-        def on_train_begin(self, *_, **__):
-            ends.append(time.perf_counter())
-
-        def on_step_end(self, *_, **__):
-            ends.append(time.perf_counter())
-
     model = AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.float32)
     trainer = PretokenizedDPOTrainer(
         model=model, args=config, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(args.folder)
@@ -221,7 +215,7 @@ def setup_trl(args, examples: list[dict], device):
         return batch
 
     trainer.data_collator = counting_collator
-    trainer.add_callback(StepTimes())
+    trainer.add_callback(trainer_step_times(ends))
     return trainer.train, ends, tokens
 
 

@@ -17,8 +17,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from timing import trainer_step_times  # bench/timing.py, beside this script
 
 from creditflow.flows.env import apply_defaults
 
@@ -68,7 +69,7 @@ def run_trl(args) -> list[float]:
     import warnings
 
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RLOOConfig, RLOOTrainer
 
     warnings.filterwarnings("ignore")
@@ -96,13 +97,6 @@ def run_trl(args) -> list[float]:
     )
     ends: list[float] = []
 
-    class StepTimes(TrainerCallback):
-        def on_train_begin(self, *_, **__):
-            ends.append(time.perf_counter())
-
-        def on_step_end(self, *_, **__):
-            ends.append(time.perf_counter())
-
     trainer = RLOOTrainer(
         model=args.policy,
         reward_funcs=reward_model,
@@ -110,7 +104,7 @@ def run_trl(args) -> list[float]:
         train_dataset=Dataset.from_list([{"prompt": p} for p in prompts(args.prompts * args.steps)]),
         processing_class=tokenizer,
         reward_processing_classes=reward_tokenizer,
-        callbacks=[StepTimes()],
+        callbacks=[trainer_step_times(ends)],
     )
     trainer.train()
     return [b - a for a, b in zip(ends, ends[1:])]

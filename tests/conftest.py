@@ -68,3 +68,33 @@ def publish_artifact(store, stage: str, fingerprint: str, tables: dict, config: 
 @pytest.fixture
 def publish():
     return publish_artifact
+
+
+def pair_row(prompt: list[dict], chosen: list[dict], rejected: list[dict], row: int, split: str = "train") -> dict:
+    """A curated pair (tasks/schema.py's PAIRS_SCHEMA) of the given prompt, chosen and rejected messages."""
+    from creditflow.tasks import schema as S
+
+    return {
+        "pair_id": S.pair_id(prompt, chosen, rejected),
+        "prompt_id": S.prompt_id(prompt),
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "source": "test",
+        "source_row": str(row),
+        "split": split,
+    }
+
+
+class Interrupt(Exception):
+    """What :func:`stop_at` raises: a training run killed right after a step."""
+
+
+def stop_at(step: int):
+    """An ``on_step`` callback that interrupts the run when it reaches ``step``."""
+
+    def callback(current: int, metrics: dict) -> None:
+        if current == step:
+            raise Interrupt
+
+    return callback

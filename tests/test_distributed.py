@@ -6,6 +6,7 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import pair_row, publish_artifact
 
 from creditflow.storage.token_cache import TokenCache, row_key
 from creditflow.storage.tracking import Run
@@ -37,24 +38,15 @@ def models(tmp_path_factory):
 
 
 def _pairs(n: int, tag: str = "") -> list[dict]:
-    rows = []
-    for i in range(n):
-        prompt = [{"role": "user", "content": f"Question {i}{tag}: how was the trip?"}]
-        chosen = [{"role": "assistant", "content": f"It was lovely {i}, thank you"}]
-        rejected = [{"role": "assistant", "content": f"It was awful {i}."}]
-        rows.append(
-            {
-                "pair_id": S.pair_id(prompt, chosen, rejected),
-                "prompt_id": S.prompt_id(prompt),
-                "prompt": prompt,
-                "chosen": chosen,
-                "rejected": rejected,
-                "source": "test",
-                "source_row": str(i),
-                "split": "train",
-            }
+    return [
+        pair_row(
+            [{"role": "user", "content": f"Question {i}{tag}: how was the trip?"}],
+            [{"role": "assistant", "content": f"It was lovely {i}, thank you"}],
+            [{"role": "assistant", "content": f"It was awful {i}."}],
+            i,
         )
-    return rows
+        for i in range(n)
+    ]
 
 
 def _stage(root, models, pairs, config, compute):
@@ -68,8 +60,6 @@ def _stage(root, models, pairs, config, compute):
     rm = workspace.store.publish(
         writer, stage="reward_model", fingerprint="rm", inputs={}, config={"max_length": 64}, code_version="t"
     )
-    from conftest import publish_artifact
-
     curate = publish_artifact(workspace.store, "curate", "c", {"pairs": S.rows_to_table(pairs, S.PAIRS_SCHEMA)})
     run = Run.start(workspace, "distributed-test", "token_rewards")
     out = workspace.store.writer("token_rewards", "t")

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import Interrupt, pair_row, stop_at
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -42,16 +43,7 @@ def _pair(i: int, split: str = "train") -> dict:
     # Lengths vary from pair to pair, so batches are padded and length grouping matters.
     chosen = [{"role": "assistant", "content": "It was " + " and ".join(GOOD[(i + k) % 6] for k in range(1 + i % 3))}]
     rejected = [{"role": "assistant", "content": f"It was {BAD[i % 6]}" + " indeed" * (i % 4) + "."}]
-    return {
-        "pair_id": S.pair_id(prompt, chosen, rejected),
-        "prompt_id": S.prompt_id(prompt),
-        "prompt": prompt,
-        "chosen": chosen,
-        "rejected": rejected,
-        "source": "test",
-        "source_row": str(i),
-        "split": split,
-    }
+    return pair_row(prompt, chosen, rejected, i, split)
 
 
 def _token_rewards(model_dir, pairs: list[dict], abc: bool = False) -> pa.Table:
@@ -326,16 +318,9 @@ def test_interrupted_run_resumes_to_the_same_weights_and_curve(model_dir, exampl
     config = _config(epochs=3, save_every=2, warmup_ratio=0.2, grad_accum=1, weight_decay=0.01)
     straight, straight_history = _train(model_dir, examples, config)
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_seven(step, metrics):
-        if step == 7:
-            raise Interrupt
-
     checkpoints = tmp_path / "ckpt"
     with pytest.raises(Interrupt):
-        _train(model_dir, examples, config, checkpoint_dir=checkpoints, on_step=stop_at_seven)
+        _train(model_dir, examples, config, checkpoint_dir=checkpoints, on_step=stop_at(7))
     assert torch.load(checkpoints / "state.pt", weights_only=True)["step"] == 6
     assert set(load_file(checkpoints / "trainable.safetensors")) == {n for n, _ in straight.model.named_parameters()}
     steps = []
@@ -451,17 +436,10 @@ def test_two_process_fsdp_matches_one_process_and_resumes_exactly_from_its_shard
     for (name, a), b in zip(single.model.state_dict().items(), sharded.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), name
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_three(step, metrics):
-        if step == 3:
-            raise Interrupt
-
     checkpoint = tmp_path / "ckpt"
     with pytest.raises(Interrupt):
         launch_distributed(
-            model_dir, examples, config, tmp_path / "never", checkpoint_dir=checkpoint, on_step=stop_after_three
+            model_dir, examples, config, tmp_path / "never", checkpoint_dir=checkpoint, on_step=stop_at(3)
         )
     assert torch.load(checkpoint / "state.pt", weights_only=True)["step"] == 2 and (checkpoint / "sharded").is_dir()
     resumed_steps = []

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import Interrupt, stop_at
 from transformers import AutoModelForCausalLM
 
 from creditflow.tasks import schema as S
@@ -210,15 +211,8 @@ def test_an_interrupted_run_resumes_exactly(model_dir, reward_dir, tmp_path):
     config = _config(epochs=3, max_steps=5, save_every=2, warmup_ratio=0.2)
     straight, straight_history = _train(model_dir, reward_dir, config)
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_three(step, metrics):
-        if step == 3:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        _train(model_dir, reward_dir, config, checkpoint_dir=tmp_path / "ckpt", on_step=stop_at_three)
+        _train(model_dir, reward_dir, config, checkpoint_dir=tmp_path / "ckpt", on_step=stop_at(3))
     steps = []
     resumed, history = _train(
         model_dir, reward_dir, config, checkpoint_dir=tmp_path / "ckpt", on_step=lambda s, m: steps.append(s)

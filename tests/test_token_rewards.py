@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import CORPUS, publish_artifact
+from conftest import CORPUS, pair_row, publish_artifact
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -167,16 +167,7 @@ def _pair(i, extra=""):
     prompt = _messages("user", f"Question {i}{extra}: how was the trip?")
     chosen = _messages("assistant", f"It was lovely {i}, thank you 🎉")
     rejected = _messages("assistant", f"It was awful {i}.")
-    return {
-        "pair_id": S.pair_id(prompt, chosen, rejected),
-        "prompt_id": S.prompt_id(prompt),
-        "prompt": prompt,
-        "chosen": chosen,
-        "rejected": rejected,
-        "source": "test",
-        "source_row": str(i),
-        "split": "train",
-    }
+    return pair_row(prompt, chosen, rejected, i)
 
 
 @pytest.fixture(scope="module")
