@@ -85,12 +85,25 @@ class TrainingConfig(StrictConfig):
 class SamplingConfig(StrictConfig):
     """What every sampler shares (on-policy pairs, evaluation): seeded nucleus sampling, batched prompts."""
 
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: transformers generate(); vllm: a vLLM engine per worker (GPU; pip install vllm)."
+    )
     temperature: float = Field(0.8, ge=0, allow_inf_nan=False, description="0 decodes greedily.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(50, ge=0, description="Sample from the k likeliest tokens (transformers' default); 0: off.")
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated per answer.")
     batch_size: int = Field(8, ge=1, description="Prompts per generate() call.")
     seed: int = Field(0, description="Same seed and settings, same samples.")
     max_prompts: int | None = Field(None, ge=1, description="First N prompts of the split, in curated order.")
+
+    @field_validator("backend")
+    @classmethod
+    def _vllm_is_installed(cls, backend: str) -> str:
+        import importlib.util
+
+        if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError("backend 'vllm' needs vLLM, which is not installed: pip install 'creditflow[vllm]' (GPU)")
+        return backend
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -98,8 +111,9 @@ class SamplingConfig(StrictConfig):
 
 
 class ComputeConfig(StrictConfig):
-    """Where the token-reward stage's scoring runs: in this process, or on a Ray cluster (one actor per worker, each
-    holding the model). Results are identical either way, so none of this is part of any cache key."""
+    """Where inference runs (token-reward scoring, on-policy sampling, evaluation answers, reward-model scores): in
+    this process, or on a Ray cluster (one actor per worker, each holding the model). Results are identical either
+    way, so none of this is part of any cache key."""
 
     backend: Literal["local", "ray"] = Field("local", description="local: this process; ray: Ray actors.")
     address: str | None = Field(
@@ -347,11 +361,14 @@ RL_REWARD_SOURCES = ("sparse", "abc", "contrastive", "abc+contrastive")
 
 
 class RolloutSampling(SamplingConfig):
-    """How the policy samples its rollouts. T = 1 and top_p = 1 by default: the policy gradient assumes the samples
-    come from the policy itself."""
+    """How the policy samples its rollouts. T = 1, top_p = 1 and top_k = 0 by default: the policy gradient assumes
+    the samples come from the policy itself. Always transformers' generate(): the policy changes every iteration
+    and the trainer needs the exact token ids it sampled."""
 
+    backend: Literal["hf"] = Field("hf", description="hf only: rollouts come from the policy being trained.")
     temperature: float = Field(1.0, ge=0, allow_inf_nan=False, description="1: sample from the policy itself.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="0: sample from the whole vocabulary (the policy itself).")
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per rollout.")
     batch_size: int = Field(16, ge=1, description="Prompts per generate() call.")
     max_prompts: int | None = Field(None, ge=1, description="First N train-split prompts to train on.")

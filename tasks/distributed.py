@@ -1,78 +1,142 @@
-"""Token-reward scoring on a Ray cluster (``compute.backend: ray``): one actor per worker holds the model, and the
-shards of the content-keyed cache are the unit of work.
+"""Inference on a Ray cluster (``compute.backend: ray``): one actor per worker holds the model, and shards of the
+work are the unit of scheduling and of resumption. Token rewards, on-policy sampling, evaluation answers and
+reward-model scoring all go through :func:`map_shards`.
 
-The driver tokenizes everything, cuts the work into the same length-sorted shards the local path writes, and
-hands one shard at a time to each actor; every finished shard is written to the cache as soon as it comes back.
-So results are identical to a local run (same items, same batches, same code), and a worker that dies takes only
-its unfinished shard with it: the run fails, and the rerun finds the finished shards in the cache and computes only
-what is missing. A local cluster is started (and stopped) when no Ray is running and ``compute.address`` is null;
-``auto`` or ``ray://host:10001`` joins an existing one (KubeRay: infra/k8s/raycluster.yaml).
+The driver cuts the work into the same shards the local path computes (same items, same batches, same seeds, same
+code), so results are identical either way; it hands one shard at a time to each actor and stores every finished
+shard as soon as it comes back (the token-reward cache, or storage/shard_results.py). A worker that dies takes only
+its unfinished shard with it: the run fails, and the rerun computes only what is missing. A local cluster is
+started (and stopped) when no Ray is running and ``compute.address`` is null; ``auto`` or ``ray://host:10001``
+joins an existing one (KubeRay: infra/k8s/raycluster.yaml).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from creditflow.tasks.configs import ComputeConfig
 
-ACTOR_PREFIX = "creditflow-token-rewards"
+ACTOR_PREFIX = "creditflow-worker"
 NAMESPACE = "creditflow"
 
 
-class ScoringActor:
-    """Holds one source (and so one copy of its model) and scores shards of items with it."""
-
-    def __init__(self, build: Callable[[], Any]):
-        self.source = build()
-
-    def score(self, items: list) -> list[dict[str, Any]]:
-        return self.source.score(items, None)
+def uses_ray(compute: ComputeConfig | None) -> bool:
+    return compute is not None and compute.backend == "ray"
 
 
-def score_shards(
-    shards: list[list],
-    build: Callable[[], Any],
-    compute: ComputeConfig,
-    write: Callable[[int, list[dict[str, Any]]], None],
-    progress=None,
-) -> None:
-    """Score every shard on ``compute.workers`` actors; ``write(index, rows)`` is called as each one finishes.
-    ``build`` (picklable) makes the source inside each actor."""
+@contextmanager
+def ray_session(compute: ComputeConfig | None) -> Iterator[None]:
+    """Connect to (or start) the cluster ``compute`` names for the duration of the block, unless Ray is already up
+    or the backend is local. A stage holds one session across its jobs instead of starting a cluster per job."""
+    if not uses_ray(compute):
+        yield
+        return
     import ray
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(
-            address=compute.address,
-            namespace=NAMESPACE,
-            include_dashboard=False,
-            log_to_driver=False,
-            **({} if compute.address else {"num_cpus": max(1, round(compute.workers * compute.cpus_per_worker))}),
-        )
-    remote = ray.remote(num_cpus=compute.cpus_per_worker, num_gpus=compute.gpus_per_worker)(ScoringActor)
-    run_id = uuid.uuid4().hex[:8]
-    actors = [
-        remote.options(name=f"{ACTOR_PREFIX}-{run_id}-{i}").remote(build)
-        for i in range(min(compute.workers, len(shards)))
-    ]
-    pending: dict[Any, tuple[Any, int]] = {}
-    queue = iter(range(len(shards)))
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(
+        address=compute.address,
+        namespace=NAMESPACE,
+        include_dashboard=False,
+        log_to_driver=False,
+        **({} if compute.address else {"num_cpus": max(1, round(compute.workers * compute.cpus_per_worker))}),
+    )
     try:
-        for actor, index in zip(actors, queue):
-            pending[actor.score.remote(shards[index])] = (actor, index)
-        while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            actor, index = pending.pop(ref)
-            write(index, ray.get(ref))  # a dead worker raises here: finished shards are already in the cache
-            if progress is not None:
-                progress.update(sum(item.n_forward_tokens for item in shards[index]))
-            following = next(queue, None)
-            if following is not None:
-                pending[actor.score.remote(shards[following])] = (actor, following)
+        yield
     finally:
-        for actor in actors:
-            ray.kill(actor)
-        if started_here:
-            ray.shutdown()
+        ray.shutdown()
+
+
+class ShardWorker:
+    """Holds what ``build()`` made (a callable owning one copy of a model) and runs shards through it."""
+
+    def __init__(self, build: Callable[[], Callable[[Any], list]]):
+        self.work = build()
+
+    def run(self, shard: Any) -> list:
+        return self.work(shard)
+
+
+def map_shards(
+    shards: list,
+    build: Callable[[], Callable[[Any], list]],
+    compute: ComputeConfig | None,
+    write: Callable[[int, list], None],
+    progress=None,
+    weigh: Callable[[Any], int] = lambda shard: 1,
+) -> None:
+    """Run every shard through a worker that ``build()`` makes (picklable: Ray actors build their own), in this
+    process or on ``compute.workers`` Ray actors. ``write(index, rows)`` is called as each shard finishes, and
+    ``progress`` (a tqdm bar or None) advances by ``weigh(shard)``. Nothing is built when there are no shards."""
+    if not shards:
+        return
+    if not uses_ray(compute):
+        work = build()
+        for index, shard in enumerate(shards):
+            write(index, work(shard))
+            if progress is not None:
+                progress.update(weigh(shard))
+        return
+    import ray
+
+    with ray_session(compute):
+        remote = ray.remote(num_cpus=compute.cpus_per_worker, num_gpus=compute.gpus_per_worker)(ShardWorker)
+        run_id = uuid.uuid4().hex[:8]
+        actors = [
+            remote.options(name=f"{ACTOR_PREFIX}-{run_id}-{i}").remote(build)
+            for i in range(min(compute.workers, len(shards)))
+        ]
+        pending: dict[Any, tuple[Any, int]] = {}
+        queue = iter(range(len(shards)))
+        try:
+            for actor, index in zip(actors, queue):
+                pending[actor.run.remote(shards[index])] = (actor, index)
+            while pending:
+                (ref,), _ = ray.wait(list(pending), num_returns=1)
+                actor, index = pending.pop(ref)
+                write(index, ray.get(ref))  # a dead worker raises here: finished shards are already stored
+                if progress is not None:
+                    progress.update(weigh(shards[index]))
+                following = next(queue, None)
+                if following is not None:
+                    pending[actor.run.remote(shards[following])] = (actor, following)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+
+
+def resumable_map(
+    shards: list,
+    build: Callable[[], Callable[[Any], list]],
+    compute: ComputeConfig | None,
+    store=None,
+    desc: str = "shards",
+    progress: bool = True,
+) -> list[list]:
+    """Every shard's rows, in order: shards already in ``store`` (a storage.shard_results.ShardResults, or None)
+    are read back, the rest are computed by :func:`map_shards` and stored as each one finishes. A shard's stored
+    rows are keyed by the shard itself, so a changed input is recomputed."""
+    done: dict[int, list] = {}
+    if store is not None:
+        for index, shard in enumerate(shards):
+            rows = store.read(index, shard)
+            if rows is not None:
+                done[index] = rows
+    todo = [index for index in range(len(shards)) if index not in done]
+
+    def write(position: int, rows: list) -> None:
+        index = todo[position]
+        if store is not None:
+            store.write(index, shards[index], rows)
+        done[index] = rows
+
+    with tqdm(total=len(shards), initial=len(done), desc=desc, unit="shard", disable=not progress, leave=False) as bar:
+        map_shards([shards[index] for index in todo], build, compute, write, bar)
+    return [done[index] for index in range(len(shards))]

@@ -18,10 +18,11 @@ import pyarrow as pa
 from creditflow.storage.artifacts import ArtifactStore, Manifest
 from creditflow.tasks import schema as S
 from creditflow.tasks.configs import EvaluateConfig, method_label
-from creditflow.tasks.generation import load_generation_model, sample_responses
+from creditflow.tasks.distributed import ray_session
+from creditflow.tasks.generation import generate
 from creditflow.tasks.gold import load_gold_scorer
 from creditflow.tasks.plots import finish, new_figure
-from creditflow.tasks.reward_scoring import RewardScorer
+from creditflow.tasks.reward_scoring import score_rewards
 from creditflow.tasks.stage import StageContext
 
 
@@ -45,19 +46,20 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
     systems = {name: ctx.upstream_dir(name) / "model" for name in trained}
     # The model the policies started from: the token-reward stage's reference (its log-probs trained the policy).
     systems["reference"] = resolve_model(ctx.upstream["token_rewards"].config["reference_model"])
-    completions: dict[str, list[str]] = {}
-    for name, folder in systems.items():
-        tokenizer, model = load_generation_model(folder)
-        samples = sample_responses(model, tokenizer, messages, 1, config, progress=ctx.progress)
-        completions[name] = [s[0] for s in samples]
-        del model
-
-    scorer = RewardScorer(ctx.upstream_dir("reward_model") / "model")
     gold = load_gold_scorer(config.gold_scorer) if config.gold_scorer else None
+    completions: dict[str, list[str]] = {}
     rm_scores, gold_scores = {}, {}
-    for name, texts in completions.items():
-        rm_scores[name] = scorer.score(messages, [[{"role": "assistant", "content": t}] for t in texts])
-        gold_scores[name] = [float(x) for x in gold(messages, texts)] if gold else [None] * len(texts)
+    with ray_session(ctx.compute):  # local, or one Ray session for every job
+        for name, folder in systems.items():
+            samples = generate(folder, messages, 1, config, ctx.compute, ctx.shard_results(name), ctx.progress)
+            completions[name] = [s[0] for s in samples]
+        for name, texts in completions.items():
+            rm_scores[name] = score_rewards(
+                ctx.upstream_dir("reward_model") / "model", messages,
+                [[{"role": "assistant", "content": t}] for t in texts], ctx.compute,
+                ctx.shard_results(f"rm-{name}"), ctx.progress,
+            )  # fmt: skip
+            gold_scores[name] = [float(x) for x in gold(messages, texts)] if gold else [None] * len(texts)
 
     rows = [
         {
@@ -73,6 +75,7 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
         for i, (prompt_id, prompt) in enumerate(zip(prompts.column("prompt_id").to_pylist(), messages))
     ]
     ctx.writer.write_table("generations", pa.Table.from_pylist(rows))
+    ctx.drop_shard_results()
     ctx.run.log_rows(rows[: 2 * 50], "evaluate/generations.json")
 
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731

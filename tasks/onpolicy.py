@@ -15,8 +15,9 @@ import pyarrow as pa
 
 from creditflow.tasks import schema as S
 from creditflow.tasks.configs import OnPolicyConfig
-from creditflow.tasks.generation import load_generation_model, sample_responses
-from creditflow.tasks.reward_scoring import RewardScorer
+from creditflow.tasks.distributed import ray_session
+from creditflow.tasks.generation import generate
+from creditflow.tasks.reward_scoring import score_rewards
 from creditflow.tasks.stage import StageContext
 
 
@@ -78,23 +79,25 @@ def compute_onpolicy(ctx: StageContext) -> dict[str, float]:
     config: OnPolicyConfig = ctx.config
     # Train-split prompts only: the policy trains on train pairs, and eval prompts stay unseen for evaluation.
     prompts = S.unique_prompts(S.split_rows(ctx.read_upstream("curate", "pairs"), "train"), config.max_prompts)
-    tokenizer, model = load_generation_model(resolve_model(ctx.reference_model))
     prompt_messages = prompts.column("prompt").to_pylist()
-    samples = sample_responses(
-        model, tokenizer, prompt_messages, config.samples_per_prompt, config, progress=ctx.progress
-    )
-    del model
-
-    scorer = RewardScorer(ctx.upstream_dir("reward_model") / "model")
-    flat_prompts = [p for p, texts in zip(prompt_messages, samples) for _ in texts]
-    flat_completions = [[{"role": "assistant", "content": t}] for texts in samples for t in texts]
-    flat_scores = scorer.score(flat_prompts, flat_completions)
     k = config.samples_per_prompt
+    with ray_session(ctx.compute):  # local, or one Ray session for both jobs
+        samples = generate(
+            resolve_model(ctx.reference_model), prompt_messages, k, config, ctx.compute,
+            ctx.shard_results("samples"), ctx.progress,
+        )  # fmt: skip
+        flat_prompts = [p for p, texts in zip(prompt_messages, samples) for _ in texts]
+        flat_completions = [[{"role": "assistant", "content": t}] for texts in samples for t in texts]
+        flat_scores = score_rewards(
+            ctx.upstream_dir("reward_model") / "model", flat_prompts, flat_completions, ctx.compute,
+            ctx.shard_results("rm"), ctx.progress,
+        )  # fmt: skip
     scores = [flat_scores[i : i + k] for i in range(0, len(flat_scores), k)]
 
     pairs, quarantine = build_pairs(prompts, samples, scores, ctx.reference_model, config.min_margin)
     ctx.writer.write_table("pairs", S.rows_to_table(pairs, S.PAIRS_SCHEMA))
     ctx.writer.write_table("quarantine", S.rows_to_table(quarantine, S.QUARANTINE_SCHEMA))
+    ctx.drop_shard_results()
     if pairs:
         ctx.run.log_rows(
             [

@@ -9,10 +9,13 @@ longest-first.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from creditflow.tasks.configs import ComputeConfig
+from creditflow.tasks.distributed import resumable_map
 from creditflow.tasks.schema import Messages, completion_text
 from creditflow.tasks.tokenization import pad_right
 from creditflow.tasks.training import autocast, resolve_device
@@ -104,6 +107,9 @@ def score_pairs(model, tokenizer, prompts, completions, max_length: int, batch_s
     return scores
 
 
+ROWS_PER_SHARD = 512  # (prompt, completion) rows per shard of :func:`score_rewards`
+
+
 class RewardScorer:
     """A trained reward model folder as a scorer of (prompt, completion) batches."""
 
@@ -113,3 +119,23 @@ class RewardScorer:
 
     def score(self, prompts: list[Messages], completions: list[Messages]) -> list[float]:
         return score_pairs(self.model, self.tokenizer, prompts, completions, self.max_length, self.batch_size)
+
+    def __call__(self, shard: tuple[list[Messages], list[Messages]]) -> list[float]:
+        return self.score(*shard)
+
+
+def score_rewards(
+    folder: str | Path,
+    prompts: list[Messages],
+    completions: list[Messages],
+    compute: ComputeConfig | None = None,
+    store=None,
+    progress: bool = True,
+    rows_per_shard: int = ROWS_PER_SHARD,
+) -> list[float]:
+    """:meth:`RewardScorer.score` in shards of ``rows_per_shard`` rows (input order), here or on Ray actors that
+    each load the reward model; finished shards go to ``store`` (storage.shard_results.ShardResults)."""
+    starts = range(0, len(prompts), rows_per_shard)
+    shards = [(prompts[s : s + rows_per_shard], completions[s : s + rows_per_shard]) for s in starts]
+    done = resumable_map(shards, partial(RewardScorer, str(folder)), compute, store, "reward scores", progress)
+    return [score for shard in done for score in shard]

@@ -8,6 +8,7 @@ from typing import Any
 import pyarrow as pa
 
 from creditflow.storage.artifacts import ArtifactWriter, Manifest
+from creditflow.storage.shard_results import ShardResults, remove_shards
 from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
 
@@ -29,6 +30,14 @@ class StageContext:
     def checkpoint_dir(self):
         """Where a long-running stage keeps resumable checkpoints for this exact fingerprint."""
         return self.workspace.root / "checkpoints" / self.stage / self.fingerprint
+
+    def shard_results(self, job: str) -> ShardResults:
+        """Finished shards of an inference job of this run (kept across a crash, for the rerun to reuse)."""
+        return ShardResults(self.checkpoint_dir / "shards", job)
+
+    def drop_shard_results(self) -> None:
+        """Call once the outputs are written: the published artifact supersedes the finished shards."""
+        remove_shards(self.checkpoint_dir / "shards")
 
     def log_model_location(self, folder: str) -> None:
         """Point the MLflow run at the trained model instead of copying its weights into ``mlruns/``: the artifact

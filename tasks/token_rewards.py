@@ -35,6 +35,7 @@ from creditflow.storage.hashing import code_version, sha256_text
 from creditflow.storage.token_cache import CACHE_SCHEMA, TokenCache, row_key
 from creditflow.tasks import abc, contrastive, tokenization
 from creditflow.tasks.configs import ComputeConfig, TokenRewardsConfig
+from creditflow.tasks.distributed import map_shards, uses_ray
 from creditflow.tasks.schema import SIDES, Messages
 from creditflow.tasks.training import autocast, inference_dtype, reference_precision, resolve_device
 
@@ -167,6 +168,16 @@ def build_source(
     return abc_source(settings, Path(reward_model_dir), rm_max_length, device, dtype)
 
 
+def source_worker(build: Callable[[], Source]) -> Callable[[list], list[dict[str, Any]]]:
+    """What a Ray actor runs: the source ``build`` makes, scoring one shard of items at a time."""
+    source = build()
+    return lambda items: source.score(items, None)
+
+
+def _forward_tokens(items: list) -> int:
+    return sum(item.n_forward_tokens for item in items)
+
+
 def compute_missing(
     cache: TokenCache,
     source: Source,
@@ -188,7 +199,7 @@ def compute_missing(
     # Tokenize everything first: a row that cannot be encoded fails the run before any compute.
     items = source.encode([prompts[i] for i in todo], [completions[i] for i in todo])
     order = sorted(range(len(items)), key=lambda j: -items[j].n_forward_tokens)  # similar lengths share a shard
-    total = sum(item.n_forward_tokens for item in items)
+    total = _forward_tokens(items)
     started = time.perf_counter()
     chunks = [order[start : start + rows_per_shard] for start in range(0, len(order), rows_per_shard)]
 
@@ -196,10 +207,9 @@ def compute_missing(
         cache.write_shard([{**row, "key": missing[j], "source": source.name} for j, row in zip(chunks[index], rows)])
 
     with tqdm(total=total, unit="tok", desc=f"token rewards ({source.name})", disable=not progress) as bar:
-        if compute is not None and compute.backend == "ray":
-            from creditflow.tasks.distributed import score_shards
-
-            score_shards([[items[j] for j in chunk] for chunk in chunks], build, compute, write, bar)
+        if uses_ray(compute):
+            shards = [[items[j] for j in chunk] for chunk in chunks]
+            map_shards(shards, partial(source_worker, build), compute, write, bar, weigh=_forward_tokens)
         else:
             for index, chunk in enumerate(chunks):
                 write(index, source.score([items[j] for j in chunk], bar))

@@ -1,5 +1,5 @@
-"""compute.backend: ray on a real local Ray cluster (2 workers, started here): token rewards identical to the local
-path, and a worker that dies mid-run loses no finished shard."""
+"""compute.backend: ray on a real local Ray cluster (2 workers, started here): token rewards, sampling and reward
+scores identical to the local path, and a worker that dies mid-run loses no finished shard."""
 
 import os
 import sys
@@ -8,11 +8,15 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import pair_row, publish_artifact
 
+from creditflow.storage.shard_results import ShardResults
 from creditflow.storage.token_cache import TokenCache, row_key
 from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
 from creditflow.tasks import schema as S
-from creditflow.tasks.configs import ComputeConfig, TokenRewardsConfig
+from creditflow.tasks.configs import ComputeConfig, SamplingConfig, TokenRewardsConfig
+from creditflow.tasks.distributed import resumable_map
+from creditflow.tasks.generation import Sampler, generate
+from creditflow.tasks.reward_scoring import score_rewards
 from creditflow.tasks.stage import StageContext
 from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
 from creditflow.tasks.token_rewards import build_source, compute_missing, compute_token_rewards, side_requests
@@ -117,3 +121,51 @@ def test_a_dead_worker_loses_no_finished_shard_and_the_rerun_computes_only_the_r
         cache, source, prompts, completions, 2, False, RAY, partial(build_source, "contrastive", settings, str(policy))
     )
     assert (rerun.computed, rerun.reused) == (4, 2)  # 6 rows in shards of 2: the first shard survived
+
+
+PROMPTS = [[{"role": "user", "content": f"Question {i}: how was the trip?"}] for i in range(7)]
+SAMPLING = SamplingConfig(temperature=1.0, max_new_tokens=6, batch_size=2, seed=3)
+
+
+@pytest.mark.usefixtures("cluster")
+def test_sampling_and_reward_scores_on_ray_equal_local(models):
+    policy, reward = models
+    local = generate(policy, PROMPTS, 2, SAMPLING, progress=False, prompts_per_shard=3)
+    assert generate(policy, PROMPTS, 2, SAMPLING, RAY, progress=False, prompts_per_shard=3) == local
+    completions = [[{"role": "assistant", "content": text}] for texts in local for text in texts]
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    local_scores = score_rewards(reward, prompts, completions, progress=False, rows_per_shard=4)
+    assert score_rewards(reward, prompts, completions, RAY, progress=False, rows_per_shard=4) == local_scores
+
+
+def _sampler_dies_on_second_shard(folder: str, k: int, sampling: dict):
+    sampler, calls = Sampler(folder, k, sampling), []
+
+    def sample_then_die(shard):
+        calls.append(1)
+        if len(calls) == 2:
+            os._exit(1)
+        return sampler(shard)
+
+    return sample_then_die
+
+
+@pytest.mark.usefixtures("cluster")
+def test_a_dead_sampler_loses_no_finished_shard(models, tmp_path):
+    from functools import partial
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    policy, _ = models
+    shards = [(i, PROMPTS[start : start + 3]) for i, start in enumerate(range(0, 7, 3))]
+    settings = SAMPLING.model_dump(mode="json")
+    store = ShardResults(tmp_path, "samples")
+    dying = partial(_sampler_dies_on_second_shard, str(policy), 2, settings)
+    with pytest.raises(ray.exceptions.RayActorError):
+        resumable_map(shards, dying, ComputeConfig(backend="ray", workers=1), store, progress=False)
+    assert [f.name for f in tmp_path.glob("samples-*.json")] == ["samples-00000.json"]
+    stamp = (tmp_path / "samples-00000.json").stat().st_mtime_ns
+    rerun = resumable_map(shards, partial(Sampler, str(policy), 2, settings), RAY, store, progress=False)
+    assert [texts for shard in rerun for texts in shard] == generate(
+        policy, PROMPTS, 2, SAMPLING, progress=False, prompts_per_shard=3
+    )
+    assert (tmp_path / "samples-00000.json").stat().st_mtime_ns == stamp  # reused, not sampled again

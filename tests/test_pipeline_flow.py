@@ -278,6 +278,7 @@ def test_onpolicy_stage_builds_pairs_from_policy_samples(tmp_path):
             "SELECT count(*) FROM onpolicy_pairs o JOIN curate_pairs c USING (prompt_id) WHERE o.split <> c.split"
         ).fetchone()[0]
         assert leaked == 0
+    assert not list((tmp_path / "checkpoints").glob("*/*/shards"))  # finished shards go once the stage publishes
     again = pipeline_flow(config=cfg, workspace=str(tmp_path), progress=False)["stages"]
     assert all(stage["cache_hit"] for stage in again.values())
 
