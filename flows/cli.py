@@ -309,20 +309,18 @@ def runs(
 
 @app.command()
 def join(
-    stage_name: str = typer.Argument("policy", metavar="STAGE", help="The multi-node stage: policy."),
+    stage_name: str = typer.Argument("policy", metavar="STAGE", help="The multi-node stage: policy or reward_model."),
     config: Optional[Path] = ConfigOpt,
     workspace: Optional[str] = WorkspaceOpt,
     set_: Optional[list[str]] = SetOpt,
     node_rank: int = typer.Option(..., "--node-rank", envvar="CREDITFLOW_NODE_RANK", help="This node: 1..nnodes-1."),
     timeout: float = typer.Option(86400.0, help="Seconds to wait for node 0."),
 ) -> None:
-    """Join node 0's multi-node policy run (policy.nnodes > 1) from another node, same config and workspace."""
+    """Join node 0's multi-node run of STAGE (its nnodes > 1) from another node, same config and workspace."""
     from creditflow.flows import ops
 
     with user_errors():
-        if stage_name != "policy":
-            raise ValueError(f"only the policy stage runs over several nodes, not {stage_name!r}")
-        status = ops.join_policy(config_dict(config, set_), workspace, node_rank, timeout)
+        status = ops.join_stage(stage_name, config_dict(config, set_), workspace, node_rank, timeout)
     raise typer.Exit(status)
 
 

@@ -326,28 +326,34 @@ def list_runs(workspace: str | None, limit: int = 10) -> list[dict[str, Any]]:
     return list(runs.values())
 
 
-def join_policy(config: dict[str, Any], workspace: str | None, node_rank: int, timeout: float = 86400.0) -> int:
-    """Node ``node_rank`` > 0 of a multi-node policy run (``policy.nnodes`` > 1): wait until node 0 has the policy
+MULTI_NODE_STAGES = ("reward_model", "policy")  # the stages that train under torchrun
+
+
+def join_stage(
+    stage: str, config: dict[str, Any], workspace: str | None, node_rank: int, timeout: float = 86400.0
+) -> int:
+    """Node ``node_rank`` > 0 of a multi-node run of ``stage`` (its ``nnodes`` > 1): wait until node 0 has the
     stage's upstream artifacts on the shared workspace and has launched, then run this node's torchrun share.
     Same config, same workspace, so the same fingerprint and launch folder as node 0."""
     from creditflow.flows.config import validate
     from creditflow.flows.stages import StageNotReady, plan_stage, resolve_upstream
-    from creditflow.tasks.policy import launch_folder
-    from creditflow.tasks.training import join_torchrun
+    from creditflow.tasks.training import join_torchrun, launch_folder
 
+    if stage not in MULTI_NODE_STAGES:
+        raise ValueError(f"only {' and '.join(MULTI_NODE_STAGES)} run over several nodes, not {stage!r}")
     cfg = validate(config)
-    if cfg.policy.nnodes < 2:
-        raise ValueError("policy.nnodes is 1: there is no run to join (set it to the number of nodes)")
+    if getattr(cfg, stage).nnodes < 2:
+        raise ValueError(f"{stage}.nnodes is 1: there is no run to join (set it to the number of nodes)")
     ws = Workspace.resolve(workspace)
     deadline = time.monotonic() + timeout
     while True:  # node 0 computes the upstream stages first
         try:
-            upstream = resolve_upstream("policy", cfg, ws)
+            upstream = resolve_upstream(stage, cfg, ws)
             break
         except StageNotReady:
             if time.monotonic() > deadline:
                 raise
             time.sleep(5.0)
-    plan = plan_stage("policy", cfg, upstream)
-    launch = launch_folder(ws.root / "checkpoints" / "policy" / plan.fingerprint)
+    plan = plan_stage(stage, cfg, upstream)
+    launch = launch_folder(ws.root / "checkpoints" / stage / plan.fingerprint)
     return join_torchrun(launch, node_rank, timeout=max(1.0, deadline - time.monotonic()))

@@ -139,7 +139,9 @@ STAGES: dict[str, Stage] = {
         upstream=("curate",),
         outputs=("eval_scores", "model/"),
         recipe="reward_model",
-        code_modules=_tasks("reward_model", "reward_scoring", "training", "tokenization", "model_card"),
+        code_modules=_tasks(
+            "reward_model", "reward_scoring", "training", "fsdp", "torchrun_worker", "tokenization", "model_card"
+        ),
         input_digests=_reward_model_inputs,
     ),
     "onpolicy": Stage(
@@ -175,7 +177,7 @@ STAGES: dict[str, Stage] = {
         # The starting model is the token-reward stage's reference, already in that stage's digest.
         code_modules=_tasks(
             "policy",
-            "policy_worker",
+            "torchrun_worker",
             "causal_lm",
             "fsdp",
             "preference_batches",

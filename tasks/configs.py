@@ -82,6 +82,35 @@ class TrainingConfig(StrictConfig):
     save_every: int = Field(50, ge=1, description="Optimizer steps between resumable checkpoints.")
 
 
+class DistributedTrainingConfig(TrainingConfig):
+    """A trainer that also runs under torchrun: DDP or FSDP2, on one node or several."""
+
+    num_processes: int = Field(1, ge=1, description="1: in-process; N > 1: torchrun with DDP (gloo/nccl).")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: a full copy per process; fsdp: FSDP2 shards weights, gradients and AdamW state over the "
+        "processes (torchrun, even for 1 process), bf16 params and compute with fp32 reduction on CUDA.",
+    )
+    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep sharded params and optimizer state in CPU memory.")
+    nnodes: int = Field(
+        1,
+        ge=1,
+        description="Nodes of num_processes each; > 1: node 0 runs the stage, the others `creditflow join STAGE` "
+        "(rendezvous at $CREDITFLOW_RDZV_ENDPOINT, a workspace shared by all).",
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_fsdp(self) -> "DistributedTrainingConfig":
+        if self.fsdp_cpu_offload and self.strategy != "fsdp":
+            raise ValueError("fsdp_cpu_offload needs strategy: fsdp")
+        return self
+
+    @property
+    def in_process(self) -> bool:
+        """True when the stage trains in its own process (no torchrun)."""
+        return self.num_processes == 1 and self.nnodes == 1 and self.strategy == "ddp"
+
+
 class SamplingConfig(StrictConfig):
     """What every sampler shares (on-policy pairs, evaluation): seeded nucleus sampling, batched prompts."""
 
@@ -193,12 +222,13 @@ class CurateConfig(StrictConfig):
 # Reward model and on-policy pairs
 
 
-class RewardModelConfig(TrainingConfig):
+class RewardModelConfig(DistributedTrainingConfig):
     base_model: str = Field(TINY_BACKBONE, description="Local folder, a named model ('minilm'), or 'tiny'.")
     max_length: int = Field(256, ge=2, description="Tokens of prompt + response; long prompts lose their start.")
     use_margin: bool = Field(False, description="Subtract the curated score margin inside the sigmoid.")
     center_rewards_coefficient: float | None = Field(None, ge=0, description="Weight of mean((r_c + r_r)^2).")
     eval_batch_size: int = Field(32, ge=1)
+    gradient_checkpointing: bool = Field(False, description="Recompute the backbone's activations in backward.")
 
 
 class OnPolicyConfig(SamplingConfig):
@@ -319,7 +349,7 @@ class LoraConfig(StrictConfig):
     save_adapter: bool = Field(True, description="Also save the PEFT adapter alone, in adapter/ beside model/.")
 
 
-class PolicyConfig(TrainingConfig):
+class PolicyConfig(DistributedTrainingConfig):
     learning_rate: float = Field(5e-7, gt=0, allow_inf_nan=False, description="Peak AdamW learning rate.")
     loss: PreferenceLossConfig = Field(default_factory=PreferenceLossConfig)
     token_reward_source: Literal["contrastive", "abc", "none"] = Field(
@@ -330,26 +360,11 @@ class PolicyConfig(TrainingConfig):
     length_grouped: bool = Field(True, description="Batch pairs of similar length together to cut padding.")
     chunk_size: int = Field(1024, ge=1, description="Completion positions per LM-head chunk.")
     lora: LoraConfig | None = None
-    num_processes: int = Field(1, ge=1, description="1: in-process; N > 1: torchrun with DDP (gloo/nccl).")
-    strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp",
-        description="ddp: a full copy per process; fsdp: FSDP2 shards weights, gradients and AdamW state over the "
-        "processes (torchrun, even for 1 process), bf16 params and compute with fp32 reduction on CUDA.",
-    )
-    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep sharded params and optimizer state in CPU memory.")
-    nnodes: int = Field(
-        1,
-        ge=1,
-        description="Nodes of num_processes each; > 1: node 0 runs the stage, the others `creditflow join policy` "
-        "(rendezvous at $CREDITFLOW_RDZV_ENDPOINT, a workspace shared by all).",
-    )
 
     @model_validator(mode="after")
     def _regularizer_needs_rewards(self) -> "PolicyConfig":
         if self.token_reward_source == "none" and self.loss.alpha != 0:
             raise ValueError("policy.token_reward_source 'none' needs loss.alpha == 0 (the regularizer needs r_hat)")
-        if self.fsdp_cpu_offload and self.strategy != "fsdp":
-            raise ValueError("policy.fsdp_cpu_offload needs strategy: fsdp")
         return self
 
 

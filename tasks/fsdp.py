@@ -1,9 +1,10 @@
-"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for the trainers that run under torchrun.
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for the trainers that run under torchrun (policy, reward model).
 
-Each decoder layer is its own FSDP unit (all-gathered just before it runs, freed after), then the root module takes
-what is left (embeddings, final norm, LM head). Every process holds 1/world of the fp32 weights, gradients and
-AdamW state: an 8B model's ~144 GB of training state becomes ~18 GB per GPU on 8 GPUs. On CUDA the units compute
-in bf16 and reduce gradients in fp32 (``MixedPrecisionPolicy``); on CPU (gloo, the tests) everything stays fp32.
+Each transformer block (decoder layer) is its own FSDP unit (all-gathered just before it runs, freed after), then
+the root module takes what is left (embeddings, final norm, LM or reward head). Every process holds 1/world of the
+fp32 weights, gradients and AdamW state: an 8B model's ~144 GB of training state becomes ~18 GB per GPU on 8 GPUs.
+On CUDA the units compute in bf16 and reduce gradients in fp32 (``MixedPrecisionPolicy``); on CPU (gloo, the tests)
+everything stays fp32.
 
 Checkpoints are sharded with ``torch.distributed.checkpoint`` (DCP): every rank writes its own shards of the model
 and optimizer state into the checkpoint folder, which ``training.Checkpoint`` then renames into place atomically,
@@ -30,21 +31,24 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 SHARDED = "sharded"  # the DCP folder inside a checkpoint
 
 
-def decoder_layers(lm) -> list[torch.nn.Module]:
-    """The repeated decoder blocks of a transformers causal LM (``model.layers`` for Llama, Qwen, Mistral, ...)."""
-    layers = getattr(getattr(lm, "model", None), "layers", None)
-    if layers is None:
-        raise NotImplementedError(f"{type(lm).__name__}: no model.layers to shard; use strategy: ddp")
-    return list(layers)
+def transformer_blocks(model) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers model: its longest ModuleList of same-class modules (``model.layers``
+    of Llama, Qwen or Mistral, ``encoder.layer`` of BERT-style encoders)."""
+    stacks = [
+        m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1
+    ]
+    if not stacks:
+        raise NotImplementedError(f"{type(model).__name__}: no repeated blocks to shard; use strategy: ddp")
+    return list(max(stacks, key=len))
 
 
-def shard(root: torch.nn.Module, lm, device: torch.device, bf16: bool, cpu_offload: bool) -> None:
-    """``fully_shard`` every decoder layer of ``lm``, then ``root`` (the module whose forward the trainer calls)."""
+def shard(root: torch.nn.Module, model, device: torch.device, bf16: bool, cpu_offload: bool) -> None:
+    """``fully_shard`` every block of ``model``, then ``root`` (the module whose forward the trainer calls)."""
     mixed = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if bf16 and device.type == "cuda" else None, reduce_dtype=torch.float32
     )
     options = {"mp_policy": mixed, **({"offload_policy": CPUOffloadPolicy()} if cpu_offload else {})}
-    for layer in decoder_layers(lm):
+    for layer in transformer_blocks(model):
         fully_shard(layer, **options)
     fully_shard(root, **options)
 

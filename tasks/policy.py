@@ -54,7 +54,6 @@ from creditflow.tasks.tokenization import pad_token_id
 if TYPE_CHECKING:  # importing it pulls in MLflow, which torchrun workers never need
     from creditflow.tasks.stage import StageContext
 
-WORKER_MODULE = "creditflow.tasks.policy_worker"
 METRIC_NAMES = {  # LossOutput.metrics() -> our metric names (no "/": they are also train_log columns)
     "loss": "loss",
     "sequence_loss": "sequence_loss",
@@ -99,7 +98,7 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
 
     model_out = ctx.writer.dir / "model"
     adapter_out = ctx.writer.dir / "adapter" if config.lora is not None and config.lora.save_adapter else None
-    if config.num_processes == 1 and config.nnodes == 1 and config.strategy == "ddp":
+    if config.in_process:
         trainer = PolicyTrainer(
             model_dir, examples, config, checkpoint_dir=ctx.checkpoint_dir, on_step=log_step, progress=ctx.progress
         )
@@ -109,7 +108,7 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
     else:
         history = launch_distributed(
             model_dir, examples, config, model_out, adapter_out, ctx.checkpoint_dir, on_step=log_step,
-            launch_dir=launch_folder(ctx.checkpoint_dir),
+            launch_dir=training.launch_folder(ctx.checkpoint_dir),
         )  # fmt: skip
     for entry in history:  # steps restored from a checkpoint were logged by the run that made them
         if entry["step"] not in logged:
@@ -162,9 +161,10 @@ def launch_distributed(
     on_step: training.StepCallback | None = None,
     launch_dir: Path | None = None,
 ) -> list[dict[str, float]]:
-    """Train with ``config.num_processes`` torchrun workers per node (tasks/policy_worker.py) on ``config.nnodes``
-    nodes (the others join through ``launch_dir``); returns the history."""
+    """Train with ``config.num_processes`` torchrun workers per node (:func:`run_worker` in each) on
+    ``config.nnodes`` nodes (the others join through ``launch_dir``); returns the history."""
     spec = {
+        "trainer": "policy",
         "model_dir": str(model_dir),
         "config": config.model_dump(),
         "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir is not None else None,
@@ -173,20 +173,20 @@ def launch_distributed(
     }
     write_examples = lambda path: torch.save([asdict(e) for e in examples], path)  # noqa: E731
     return training.launch_torchrun(
-        WORKER_MODULE,
-        spec,
-        config.num_processes,
-        files={"examples": write_examples},
-        on_step=on_step,
-        nnodes=config.nnodes,
-        launch_dir=launch_dir,
+        spec, config.num_processes, {"examples": write_examples}, on_step, nnodes=config.nnodes, launch_dir=launch_dir
     )
 
 
-def launch_folder(checkpoint_dir: Path) -> Path:
-    """Where node 0 of a multi-node run leaves its launch spec for the others: beside the checkpoint folder (which
-    checkpoint saves replace wholesale), on the shared workspace."""
-    return Path(checkpoint_dir).with_name(Path(checkpoint_dir).name + ".launch")
+def run_worker(spec: dict, on_step: training.StepCallback) -> list[dict[str, float]]:
+    """One torchrun process of :func:`launch_distributed` (tasks/torchrun_worker.py): train, then save."""
+    config = PolicyConfig.model_validate(spec["config"])
+    examples = [PolicyExample.from_dict(e) for e in torch.load(spec["examples"], weights_only=True)]
+    trainer = PolicyTrainer(
+        spec["model_dir"], examples, config, checkpoint_dir=spec["checkpoint_dir"], on_step=on_step, progress=False
+    )
+    history = trainer.train()
+    trainer.save_pretrained(spec["output_dir"], spec["adapter_dir"])
+    return history
 
 
 # ---------------------------------------------------------------------------------------------------------

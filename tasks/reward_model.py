@@ -10,20 +10,24 @@ variant from Touvron et al. 2023, Llama 2; centering from Eisenstein et al. 2023
 with m_b the curated score margin when ``use_margin`` is set (else 0) and c the centering coefficient.
 Training checkpoints (weights, optimizer, scheduler, RNG, step; tasks/training.py) are written atomically every
 ``save_every`` steps, so an interrupted run resumes on the same data order and reaches the same weights.
+``num_processes`` > 1 or ``strategy: fsdp`` trains under torchrun like the policy stage: DDP, or FSDP2 over the
+backbone's blocks with sharded (DCP) checkpoints and one consolidated safetensors folder at the end (tasks/fsdp.py).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from creditflow.tasks import training
+from creditflow.tasks import fsdp, training
 from creditflow.tasks.configs import TINY_BACKBONE, RewardModelConfig
 from creditflow.tasks.model_card import stage_config, stage_datasets, write_card
 from creditflow.tasks.plots import finish, new_figure
@@ -111,17 +115,18 @@ def evaluate(model, tokenizer, data: PairData, config: RewardModelConfig) -> Eva
     )
 
 
-def _accumulate(model, tokenizer, encoded, train: PairData, rows: list[int], n_pairs: int, config) -> torch.Tensor:
-    """Backward of one micro-batch's share of the step's mean loss; returns (loss sum, wins, margin sum)."""
-    device = next(model.parameters()).device
+def _accumulate(module, tokenizer, encoded, train: PairData, rows: list[int], n_pairs: int, world: int, config):
+    """Backward of one micro-batch's share of the step's mean loss over ``n_pairs`` (times ``world``: DDP and FSDP
+    average gradients over the processes); returns (loss sum, wins, margin sum)."""
+    device = training.resolve_device()
     with training.autocast(device, config.bf16):
         r_c, r_r = (
-            model(**reward_batch(encoded[side], rows, tokenizer.pad_token_id, device)).logits[:, 0].float()
+            module(**reward_batch(encoded[side], rows, tokenizer.pad_token_id, device)).logits[:, 0].float()
             for side in SIDES
         )
     margin = torch.tensor([train.margins[i] for i in rows], device=device) if config.use_margin else None
     loss = bradley_terry_loss(r_c, r_r, margin, config.center_rewards_coefficient)
-    (loss * len(rows) / n_pairs).backward()
+    (loss * len(rows) * world / n_pairs).backward()
     return torch.tensor([loss.item() * len(rows), (r_c > r_r).sum().item(), (r_c - r_r).sum().item()])
 
 
@@ -134,29 +139,47 @@ def train_reward_model(
     on_step: training.StepCallback | None = None,
     progress: bool = True,
 ):
-    """Train in place from ``model_dir``; returns (tokenizer, model, history of per-epoch eval metrics)."""
+    """Train from ``model_dir``; returns (tokenizer, model, history of per-epoch eval metrics).
+
+    Under torchrun (``num_processes`` > 1, or ``strategy: fsdp``) every step's micro-batches are dealt out to the
+    processes in turn (DDP, or FSDP2 over the backbone's blocks), so N processes take the same steps as one process
+    with ``grad_accum`` x N; an epoch's last micro-batches that cannot give every process one are dropped. One
+    function rather than a trainer class: the loop is short, and it reads top to bottom."""
     device = training.resolve_device()
-    torch.manual_seed(config.seed)  # the fresh reward head's initialization
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    sharded = config.strategy == "fsdp"
+    torch.manual_seed(config.seed)  # the fresh reward head's initialization, the same on every process
     tokenizer, model = load_reward_model(model_dir, device)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    if sharded:  # before the optimizer is built: it must hold the sharded parameters
+        fsdp.shard(model, model, device, config.bf16, config.fsdp_cpu_offload)
+    module = model
+    if world > 1 and not sharded:
+        device_ids = [device.index] if device.type == "cuda" else None
+        module = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     encoded = {
         side: encode_for_reward(tokenizer, train.prompts, getattr(train, side), config.max_length) for side in SIDES
     }
-    micro_per_epoch = -(-len(train) // config.batch_size)
-    steps_per_epoch = -(-micro_per_epoch // config.grad_accum)
-    total = training.total_steps(micro_per_epoch, config.grad_accum, config.epochs, config.max_steps)
+    micro_per_epoch = -(-len(train) // config.batch_size) // world * world
+    if micro_per_epoch == 0:
+        raise ValueError(f"reward_model: {len(train)} pairs make no micro-batch for each of {world} processes")
+    per_step = config.grad_accum * world
+    steps_per_epoch = -(-micro_per_epoch // per_step)
+    total = training.total_steps(micro_per_epoch, per_step, config.epochs, config.max_steps)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = training.adamw(trainable, config.learning_rate, config.weight_decay, device)
     scheduler = training.cosine_schedule(optimizer, training.warmup_steps(config.warmup_ratio, total), total)
 
-    checkpoint = training.Checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
-    identity = {"config": config.model_dump()}
+    checkpoint = training.Checkpoint(checkpoint_dir, rank) if checkpoint_dir is not None else None
+    identity = {"config": config.model_dump(), "world": world}
     step = 0
     if checkpoint is not None and checkpoint.latest() is not None:
-        step = training.resume_training_state(checkpoint, trainable, optimizer, scheduler, identity)["step"]
+        step = _resume(checkpoint, model, trainable, optimizer, scheduler, identity, sharded)
     resumed_at = step
     history: list[dict[str, float]] = []
-    bar = tqdm(total=total, initial=step, desc="reward model", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=total, initial=step, desc="reward model", unit="step", disable=not progress or rank, leave=False)
     for epoch in range(config.epochs):
         if step >= total:
             break
@@ -164,14 +187,18 @@ def train_reward_model(
             continue  # finished (and evaluated) before the checkpoint
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)).tolist()
         micro_batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-        for first in range(0, len(micro_batches), config.grad_accum):
-            if epoch * steps_per_epoch + first // config.grad_accum < step:
+        micro_batches = micro_batches[:micro_per_epoch]
+        for first in range(0, len(micro_batches), per_step):
+            if epoch * steps_per_epoch + first // per_step < step:
                 continue  # already done before the checkpoint we resumed from
             if step >= total:
                 break
-            group = micro_batches[first : first + config.grad_accum]
+            group = micro_batches[first : first + per_step]
             n_pairs = sum(len(rows) for rows in group)
-            stats = sum(_accumulate(model, tokenizer, encoded, train, rows, n_pairs, config) for rows in group)
+            mine = group[rank::world]
+            stats = sum(_accumulate(module, tokenizer, encoded, train, rows, n_pairs, world, config) for rows in mine)
+            if world > 1:
+                dist.all_reduce(stats)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -184,17 +211,89 @@ def train_reward_model(
                 "train.lr": scheduler.get_last_lr()[0],
                 "train.epoch": epoch + (first + len(group)) / len(micro_batches),
             }
-            if on_step:
+            if on_step and rank == 0:
                 on_step(step, metrics)
             if checkpoint is not None and step % config.save_every == 0 and step < total:
-                training.save_training_state(checkpoint, trainable, optimizer, scheduler, identity, step=step)
-        epoch_eval = evaluate(model, tokenizer, evaluation, config).metrics()
+                _save(checkpoint, model, trainable, optimizer, scheduler, identity, sharded, step)
+        epoch_eval = evaluate(model, tokenizer, evaluation, config).metrics()  # every process: FSDP gathers
         history.append({"epoch": epoch + 1, **epoch_eval})
-        if on_step:
+        if on_step and rank == 0:
             on_step(step, {f"epoch_{k}": v for k, v in epoch_eval.items()})
     bar.close()
     model.eval()
     return tokenizer, model, history
+
+
+def _save(checkpoint, model, trainable, optimizer, scheduler, identity, sharded: bool, step: int) -> None:
+    if sharded:  # every process writes its shards of weights and optimizer state (DCP)
+        state = {"scheduler": scheduler.state_dict(), **identity, "step": step}
+        checkpoint.save({}, state, write_shards=lambda folder: fsdp.save_sharded(folder, model, optimizer))
+    else:
+        training.save_training_state(checkpoint, trainable, optimizer, scheduler, identity, step=step)
+
+
+def _resume(checkpoint, model, trainable, optimizer, scheduler, identity, sharded: bool) -> int:
+    if sharded:
+        folder = checkpoint.latest()
+        _, state = checkpoint.load(identity)
+        fsdp.load_sharded(folder, model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+    else:
+        state = training.resume_training_state(checkpoint, trainable, optimizer, scheduler, identity)
+    return state["step"]
+
+
+def save_reward_model(model, tokenizer, base: str | Path, out_dir: str | Path, sharded: bool) -> None:
+    """The trained model and tokenizer as an HF folder, written by rank 0 (FSDP: the shards gathered once into a
+    fresh unsharded copy on CPU). Every process must call it."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if sharded:
+        full = fsdp.full_state_dict(model)
+        if rank == 0:
+            _, model = load_reward_model(base, torch.device("cpu"))
+            model.load_state_dict(full)
+    if rank == 0:
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(out_dir))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def launch_distributed(
+    base: str | Path,
+    train: PairData,
+    evaluation: PairData,
+    config: RewardModelConfig,
+    output_dir: str | Path,
+    checkpoint_dir: str | Path | None = None,
+    on_step: training.StepCallback | None = None,
+    launch_dir: Path | None = None,
+) -> list[dict[str, float]]:
+    """Train under torchrun (:func:`run_worker` in each of ``config.num_processes`` processes per node, on
+    ``config.nnodes`` nodes) and save the model to ``output_dir``; returns the per-epoch eval history."""
+    spec = {
+        "trainer": "reward_model",
+        "model_dir": str(base),
+        "config": config.model_dump(),
+        "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir is not None else None,
+        "output_dir": str(output_dir),
+    }
+    write_pairs = lambda path: path.write_text(json.dumps({"train": asdict(train), "eval": asdict(evaluation)}))  # noqa: E731
+    return training.launch_torchrun(
+        spec, config.num_processes, {"pairs": write_pairs}, on_step, nnodes=config.nnodes, launch_dir=launch_dir
+    )
+
+
+def run_worker(spec: dict, on_step: training.StepCallback) -> list[dict[str, float]]:
+    """One torchrun process of :func:`launch_distributed` (tasks/torchrun_worker.py): train, then save."""
+    config = RewardModelConfig.model_validate(spec["config"])
+    pairs = json.loads(Path(spec["pairs"]).read_text())
+    train, evaluation = PairData(**pairs["train"]), PairData(**pairs["eval"])
+    tokenizer, model, history = train_reward_model(
+        spec["model_dir"], train, evaluation, config, spec["checkpoint_dir"], on_step, progress=False
+    )
+    save_reward_model(model, tokenizer, spec["model_dir"], spec["output_dir"], config.strategy == "fsdp")
+    return history
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,12 +327,18 @@ def compute_reward_model(ctx: StageContext) -> dict[str, float]:
     def log_step(step: int, metrics: dict[str, float]) -> None:
         ctx.run.log_metrics(metrics, step=step)
 
-    tokenizer, model, history = train_reward_model(
-        base, train, evaluation, config, checkpoint_dir=ctx.checkpoint_dir, on_step=log_step, progress=ctx.progress
-    )
     model_dir = ctx.writer.dir / "model"
-    model.save_pretrained(str(model_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(model_dir))
+    if config.in_process:
+        tokenizer, model, history = train_reward_model(
+            base, train, evaluation, config, checkpoint_dir=ctx.checkpoint_dir, on_step=log_step, progress=ctx.progress
+        )
+        save_reward_model(model, tokenizer, base, model_dir, sharded=False)
+    else:
+        history = launch_distributed(
+            base, train, evaluation, config, model_dir, ctx.checkpoint_dir, log_step,
+            training.launch_folder(ctx.checkpoint_dir),
+        )  # fmt: skip
+        tokenizer, model = load_reward_model(model_dir)
     if config.base_model == TINY_BACKBONE:
         shutil.rmtree(ctx.writer.dir / "base")
 

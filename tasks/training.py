@@ -246,10 +246,11 @@ def resume_training_state(checkpoint: Checkpoint, trainable, optimizer, schedule
 
 
 RDZV_ENV = "CREDITFLOW_RDZV_ENDPOINT"  # host:port of node 0's rendezvous, for runs over several nodes
+WORKER_MODULE = "creditflow.tasks.torchrun_worker"
 SPEC = "spec.json"
 
 
-def torchrun_command(worker_module: str, spec_path: Path, nproc: int, nnodes: int, node_rank: int, rdzv_id: str):
+def torchrun_command(spec_path: Path, nproc: int, nnodes: int, node_rank: int, rdzv_id: str):
     """``python -m torch.distributed.run ...``: standalone on one node, a c10d rendezvous at $CREDITFLOW_RDZV_ENDPOINT
     over several."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
@@ -261,11 +262,16 @@ def torchrun_command(worker_module: str, spec_path: Path, nproc: int, nnodes: in
             raise ValueError(f"a run over {nnodes} nodes needs ${RDZV_ENV} (host:port of node 0, reachable from all)")
         command += [f"--nnodes={nnodes}", f"--node_rank={node_rank}", "--rdzv_backend=c10d"]
         command += [f"--rdzv_endpoint={endpoint}", f"--rdzv_id={rdzv_id}"]
-    return [*command, "-m", worker_module, str(spec_path)]
+    return [*command, "-m", WORKER_MODULE, str(spec_path)]
+
+
+def launch_folder(checkpoint_dir: str | Path) -> Path:
+    """Where node 0 of a multi-node run leaves its launch spec for the others: beside the stage's checkpoint folder
+    (which checkpoint saves replace wholesale), on the shared workspace."""
+    return Path(checkpoint_dir).with_name(Path(checkpoint_dir).name + ".launch")
 
 
 def launch_torchrun(
-    worker_module: str,
     spec: dict[str, Any],
     nproc: int,
     files: dict[str, Callable[[Path], None]] | None = None,
@@ -274,7 +280,8 @@ def launch_torchrun(
     nnodes: int = 1,
     launch_dir: Path | None = None,
 ) -> list[dict[str, float]]:
-    """Run ``python -m torch.distributed.run --nproc_per_node N -m WORKER SPEC.json`` (node 0's share) and wait.
+    """Run ``python -m torch.distributed.run --nproc_per_node N -m creditflow.tasks.torchrun_worker SPEC.json`` (node
+    0's share; ``spec["trainer"]`` names the stage) and wait.
 
     Running in a subprocess frees every GPU byte when the stage ends. ``files`` writers put inputs beside the spec
     (their paths are added to it under the same names). The worker's rank 0 appends one JSON line of metrics per
@@ -293,11 +300,11 @@ def launch_torchrun(
         for name, write in (files or {}).items():
             write(work / name)
             spec[name] = str(work / name)
-        launch = {"spec": spec, "worker": worker_module, "nproc": nproc, "nnodes": nnodes, "rdzv_id": work.name}
+        launch = {"spec": spec, "nproc": nproc, "nnodes": nnodes, "rdzv_id": work.name}
         (work / f".{SPEC}.tmp").write_text(json.dumps(launch))
         os.rename(work / f".{SPEC}.tmp", work / SPEC)  # complete when visible: other nodes start from it
         (work / "worker-spec.json").write_text(json.dumps(spec))
-        command = torchrun_command(worker_module, work / "worker-spec.json", nproc, nnodes, 0, work.name)
+        command = torchrun_command(work / "worker-spec.json", nproc, nnodes, 0, work.name)
         with open(work / "output.log", "wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
             offset = 0
@@ -334,9 +341,7 @@ def join_torchrun(launch_dir: str | Path, node_rank: int, timeout: float = 3600.
         raise ValueError(f"node_rank {node_rank}: this run has nodes 0..{launch['nnodes'] - 1} and 0 is the launcher")
     spec_copy = Path(tempfile.mkdtemp(prefix="creditflow-join-")) / "worker-spec.json"
     spec_copy.write_text(json.dumps(launch["spec"]))  # node 0 removes its launch folder when the run ends
-    command = torchrun_command(
-        launch["worker"], spec_copy, launch["nproc"], launch["nnodes"], node_rank, launch["rdzv_id"]
-    )
+    command = torchrun_command(spec_copy, launch["nproc"], launch["nnodes"], node_rank, launch["rdzv_id"])
     return subprocess.run(command).returncode
 
 

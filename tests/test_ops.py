@@ -365,7 +365,12 @@ def test_join_explains_a_single_node_config_and_waits_for_node_0s_upstream(tmp_p
 
     config = PipelineConfig().model_dump(mode="json")
     with pytest.raises(ValueError, match="policy.nnodes is 1: there is no run to join"):
-        ops.join_policy(config, str(tmp_path), node_rank=1, timeout=0)
+        ops.join_stage("policy", config, str(tmp_path), node_rank=1, timeout=0)
     config["policy"]["nnodes"] = 2
     with pytest.raises(StageNotReady, match="stage 'policy' needs the 'curate' artifact"):
-        ops.join_policy(config, str(tmp_path), node_rank=1, timeout=0)  # node 0 has computed nothing yet
+        ops.join_stage("policy", config, str(tmp_path), node_rank=1, timeout=0)  # node 0 has computed nothing yet
+    config["reward_model"]["nnodes"] = 2
+    with pytest.raises(StageNotReady, match="stage 'reward_model' needs the 'curate' artifact"):
+        ops.join_stage("reward_model", config, str(tmp_path), node_rank=1, timeout=0)
+    with pytest.raises(ValueError, match="only reward_model and policy run over several nodes, not 'evaluate'"):
+        ops.join_stage("evaluate", config, str(tmp_path), node_rank=1, timeout=0)

@@ -5,13 +5,14 @@ import math
 import pyarrow as pa
 import pytest
 import torch
+from conftest import Interrupt, stop_at
 from transformers import AutoModelForSequenceClassification
 
 from creditflow.tasks import schema as S
 from creditflow.tasks.configs import RewardModelConfig, SamplingConfig
 from creditflow.tasks.generation import sample_responses
 from creditflow.tasks.onpolicy import build_pairs
-from creditflow.tasks.reward_model import PairData, bradley_terry_loss, train_reward_model
+from creditflow.tasks.reward_model import PairData, bradley_terry_loss, launch_distributed, train_reward_model
 from creditflow.tasks.reward_scoring import RewardScorer, encode_for_reward
 from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
 
@@ -112,6 +113,48 @@ def test_interrupted_training_resumes_to_the_same_weights(backbone, tmp_path):
     assert resumed_steps[0] == 5  # continued, not restarted
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+@pytest.mark.slow  # torchrun workers
+def test_two_process_fsdp_matches_one_process_and_resumes_exactly_from_its_sharded_checkpoint(backbone, tmp_path):
+    """FSDP2 over 2 gloo processes (each holds half of every block's weights, gradients and AdamW state) against
+    one process on the same 4 micro-batches per step: the same loss at every step, the same eval accuracy per
+    epoch and the same final weights (up to float reduction order, 1e-5). A run interrupted after step 3 resumes
+    from the sharded (DCP) checkpoint of step 2 to bit-for-bit the uninterrupted run's weights."""
+    train, evaluation = _separable(32), _separable(8, offset=500)
+    knobs = {"learning_rate": 1e-3, "epochs": 2, "batch_size": 4, "warmup_ratio": 0.25, "save_every": 2}
+
+    def losses(into: list):
+        return lambda step, metrics: into.append(metrics["train.loss"]) if "train.loss" in metrics else None
+
+    single_losses: list[float] = []
+    single_config = RewardModelConfig(**knobs, grad_accum=4)
+    _, single, single_history = train_reward_model(
+        backbone, train, evaluation, single_config, on_step=losses(single_losses), progress=False
+    )
+    config = RewardModelConfig(**knobs, grad_accum=2, num_processes=2, strategy="fsdp")
+    streamed: list[float] = []
+    history = launch_distributed(backbone, train, evaluation, config, tmp_path / "model", on_step=losses(streamed))
+    assert len(streamed) == 4 and streamed == pytest.approx(single_losses, abs=1e-5)
+    assert [h["eval.accuracy"] for h in history] == [h["eval.accuracy"] for h in single_history]
+    sharded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
+    for (name, a), b in zip(single.state_dict().items(), sharded.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+    checkpoint = tmp_path / "ckpt"
+    with pytest.raises(Interrupt):
+        launch_distributed(
+            backbone, train, evaluation, config, tmp_path / "never", checkpoint_dir=checkpoint, on_step=stop_at(3)
+        )
+    assert torch.load(checkpoint / "state.pt", weights_only=True)["step"] == 2 and (checkpoint / "sharded").is_dir()
+    resumed: list[float] = []
+    launch_distributed(
+        backbone, train, evaluation, config, tmp_path / "resumed", checkpoint_dir=checkpoint, on_step=losses(resumed)
+    )
+    assert resumed == streamed[2:]  # steps 3 and 4 only, bit for bit
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "resumed").state_dict()
+    for name, tensor in sharded.state_dict().items():
+        assert torch.equal(tensor, again[name]), name
 
 
 def test_scorer_is_independent_of_batching_and_padding(backbone):

@@ -1,0 +1,39 @@
+"""One process of a trainer launched by ``training.launch_torchrun``:
+
+    python -m torch.distributed.run --nproc_per_node N -m creditflow.tasks.torchrun_worker SPEC.json
+
+SPEC names the trainer (``policy`` or ``reward_model``) and everything it reads and writes; that stage's module's
+``run_worker(spec, on_step)`` trains and saves. Rank 0 appends one JSON line of metrics per step to
+``spec["metrics"]`` (the launching process tails it) and writes the full history to ``spec["history"]``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from creditflow.tasks.training import MetricsAppender, init_worker_process_group
+
+TRAINERS = {"policy": "creditflow.tasks.policy", "reward_model": "creditflow.tasks.reward_model"}
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    trainer = importlib.import_module(TRAINERS[spec["trainer"]])  # a fixed table: the spec names, never imports
+    init_worker_process_group()
+    try:
+        append = MetricsAppender(spec["metrics"], dist.get_rank())
+        history = trainer.run_worker(spec, append)
+        append.close()
+        if dist.get_rank() == 0:
+            Path(spec["history"]).write_text(json.dumps(history))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
