@@ -23,8 +23,16 @@ CANDIDATES = {
         "{instruction}\n\nGive a correct and helpful answer.",
         "{instruction}\n\nGive a wrong and unhelpful answer.",
     ),
+    "instruction-first": ("Answer correctly. {instruction}", "Answer incorrectly. {instruction}"),
+    "instruction-first-helpful": (
+        "Answer correctly and helpfully. {instruction}",
+        "Answer incorrectly and unhelpfully. {instruction}",
+    ),
+    "guideline-first": (
+        "Your response should be helpful, correct, coherent, and concise.\n\n{instruction}",
+        "Your response should be unhelpful, incorrect, incoherent, and verbose.\n\n{instruction}",
+    ),
 }
-
 
 def main() -> None:
     from creditflow.tasks import audit
@@ -36,9 +44,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--per-kind", type=int, default=25)
     parser.add_argument("--sentiment", type=int, default=30)
+    parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES), help="Wordings besides the presets.")
     args = parser.parse_args()
     probe = audit.planted_error_probe(args.per_kind, args.seed) + audit.sentiment_flip_probe(args.sentiment, args.seed)
-    presets = {"guideline": TEMPLATE_PRESETS["guideline"], **CANDIDATES}
+    presets = {"guideline": TEMPLATE_PRESETS["guideline"], **{name: CANDIDATES[name] for name in args.candidates}}
     for row in audit.run_audit(resolve_model(args.model), presets, probe, max_length=512):
         print(f"{row.source:26} {row.kind:11} auc={row.auc:.3f} paired={row.paired_accuracy:.3f}")
 

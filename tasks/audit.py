@@ -2,7 +2,8 @@
 
 A probe set of responses with known bad character spans is built offline and seeded:
 
-- ``arithmetic``, ``counting``, ``ordering``, ``units``: answers whose truth is computed, with one number or word
+- ``arithmetic``, ``counting``, ``ordering``, ``units``, ``sequence`` (the day or month after another),
+  ``capitals``: answers whose truth is computed (or, for capitals, looked up in a table), with one number or word
   replaced by a wrong one; the correct answer is kept, so the same position can be compared;
 - ``sentiment``: responses of the bundled "respond warmly" task with one positive word flipped to a negative one
   (vaderSentiment's lexicon confirms the flip: positive valence before, negative after);
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +35,8 @@ import numpy as np
 from creditflow.tasks.schema import Messages
 
 logger = logging.getLogger(__name__)
-KINDS = ("arithmetic", "counting", "ordering", "units", "sentiment", "user")
+PLANTED_KINDS = ("arithmetic", "counting", "ordering", "units", "sequence", "capitals")
+KINDS = (*PLANTED_KINDS, "sentiment", "user")
 AUC_WARNING = 0.5
 
 
@@ -51,12 +54,16 @@ def _user(text: str) -> Messages:
     return [{"role": "user", "content": text}]
 
 
-def _planted(kind: str, question: str, template: str, right: str, wrong: str) -> ProbeItem:
-    """``template`` holds one ``{}`` where the answer goes."""
+def planted_item(kind: str, question: str, template: str, right: str, wrong: str) -> ProbeItem:
+    """``template`` holds one ``{}`` where the answer goes. The bad span starts where the wrong answer departs from
+    the right one: in 48 for 47 the 4 is still right when it is read (digits are tokens of their own), and when the
+    wrong answer stops short (60 for 600) the departure is the character after it."""
     start = template.index("{}")
     response, original = template.format(wrong), template.format(right)
+    shared = len(os.path.commonprefix([right, wrong]))
+    bad_end = start + len(wrong) + (1 if shared == len(wrong) else 0)
     return ProbeItem(
-        kind, _user(question), response, [(start, start + len(wrong))], original, [(start, start + len(right))]
+        kind, _user(question), response, [(start + shared, bad_end)], original, [(start + shared, start + len(right))]
     )
 
 
@@ -64,10 +71,19 @@ WORDS = ["apple", "river", "window", "garden", "planet", "yellow", "pencil", "or
 WORDS += ["mountain", "library", "teacher", "blanket", "forest", "camera", "rocket", "violin", "island", "dragon"]
 UNITS = [("meters", "centimeters", 100), ("kilograms", "grams", 1000), ("hours", "minutes", 60)]
 UNITS += [("minutes", "seconds", 60), ("kilometers", "meters", 1000), ("days", "hours", 24), ("weeks", "days", 7)]
+SEQUENCES = {
+    "day": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
+    "month": ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October"]
+    + ["November", "December"],
+}
+CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Germany": "Berlin", "Spain": "Madrid"}
+CAPITALS |= {"England": "London", "Russia": "Moscow", "China": "Beijing", "Egypt": "Cairo", "Canada": "Ottawa"}
+CAPITALS |= {"Greece": "Athens", "Portugal": "Lisbon", "Austria": "Vienna", "Ireland": "Dublin", "Norway": "Oslo"}
+CAPITALS |= {"Sweden": "Stockholm", "Poland": "Warsaw", "Kenya": "Nairobi", "Peru": "Lima", "Thailand": "Bangkok"}
 
 
 def planted_error_probe(n_per_kind: int = 40, seed: int = 0) -> list[ProbeItem]:
-    """Answers whose truth is computed, each with one wrong number or word."""
+    """Answers whose truth is computed or tabulated, each with one wrong number or word (``n_per_kind`` per kind)."""
     rng = random.Random(seed)
     items = []
     for _ in range(n_per_kind):
@@ -75,24 +91,40 @@ def planted_error_probe(n_per_kind: int = 40, seed: int = 0) -> list[ProbeItem]:
         op, value = rng.choice([("+", a + b), ("-", a - b), ("times", a * b)])
         wrong = value + rng.choice([-3, -2, -1, 1, 2, 3, 10])
         question = f"What is {a} {op} {b}?"
-        items.append(_planted("arithmetic", question, f"{a} {op} {b} is {{}}.", str(value), str(wrong)))
+        items.append(planted_item("arithmetic", question, f"{a} {op} {b} is {{}}.", str(value), str(wrong)))
     for _ in range(n_per_kind):
         word = rng.choice(WORDS)
         wrong = len(word) + rng.choice([-2, -1, 1, 2, 3])
         question = f'How many letters are in the word "{word}"?'
-        items.append(_planted("counting", question, f'The word "{word}" has {{}} letters.', str(len(word)), str(wrong)))
+        items.append(
+            planted_item("counting", question, f'The word "{word}" has {{}} letters.', str(len(word)), str(wrong))
+        )
     for _ in range(n_per_kind):
         a, b = rng.sample(range(1, 1000), 2)
         big, small = max(a, b), min(a, b)
         question = f"Which number is larger, {a} or {b}?"
-        items.append(_planted("ordering", question, f"{{}} is the larger number of {a} and {b}.", str(big), str(small)))
+        items.append(
+            planted_item("ordering", question, f"{{}} is the larger number of {a} and {b}.", str(big), str(small))
+        )
     for _ in range(n_per_kind):
         big_unit, small_unit, factor = rng.choice(UNITS)
         k = rng.randint(2, 12)
         wrong = k * factor * rng.choice([10, 2]) if rng.random() < 0.5 else k * factor // rng.choice([10, 2]) or 1
         question = f"How many {small_unit} are in {k} {big_unit}?"
         template = f"There are {{}} {small_unit} in {k} {big_unit}."
-        items.append(_planted("units", question, template, str(k * factor), str(wrong)))
+        items.append(planted_item("units", question, template, str(k * factor), str(wrong)))
+    for _ in range(n_per_kind):
+        unit, names = rng.choice(sorted(SEQUENCES.items()))
+        i = rng.randrange(len(names))
+        right = names[(i + 1) % len(names)]
+        wrong = rng.choice([n for n in names if n not in (right, names[i])])
+        question = f"Which {unit} comes after {names[i]}?"
+        items.append(planted_item("sequence", question, f"The {unit} after {names[i]} is {{}}.", right, wrong))
+    for _ in range(n_per_kind):
+        country = rng.choice(sorted(CAPITALS))
+        wrong = rng.choice([c for c in sorted(CAPITALS.values()) if c != CAPITALS[country]])
+        question = f"What is the capital of {country}?"
+        items.append(planted_item("capitals", question, f"The capital of {country} is {{}}.", CAPITALS[country], wrong))
     return items
 
 
@@ -208,7 +240,8 @@ class AuditRow:
 
 
 def audit_source(name: str, scorer: Scorer, probe: list[ProbeItem]) -> list[AuditRow]:
-    """Rows for every probe kind present, and one for all of them together (kind ``all``)."""
+    """Rows for every probe kind present, one for the planted-error kinds together (``planted``, when there are
+    several) and one for every item (``all``)."""
     corrupted = scorer([i.prompt for i in probe], [i.response for i in probe])
     with_original = [j for j, i in enumerate(probe) if i.original is not None]
     originals = dict(
@@ -225,9 +258,13 @@ def audit_source(name: str, scorer: Scorer, probe: list[ProbeItem]) -> list[Audi
             if right.any():
                 paired = float(scored.scores[bad].mean() < ref.scores[right].mean())
         per_item.append((item.kind, scored.scores[bad], scored.scores[real & ~bad], paired, bool(bad.any())))
+    groups = {k: {k} for k in KINDS if any(p[0] == k for p in per_item)}
+    if sum(k in groups for k in PLANTED_KINDS) > 1:
+        groups["planted"] = set(PLANTED_KINDS)
+    groups["all"] = set(KINDS)
     rows = []
-    for kind in [*[k for k in KINDS if any(p[0] == k for p in per_item)], "all"]:
-        chosen = [p for p in per_item if kind in ("all", p[0])]
+    for kind, members in groups.items():
+        chosen = [p for p in per_item if p[0] in members]
         bad = np.concatenate([p[1] for p in chosen])
         other = np.concatenate([p[2] for p in chosen])
         paired = [p[3] for p in chosen if p[3] is not None]

@@ -9,12 +9,15 @@ import pytest
 from conftest import CORPUS
 
 from creditflow.tasks.audit import (
+    CAPITALS,
     KINDS,
+    PLANTED_KINDS,
     ProbeItem,
     TokenScores,
     auc,
     audit_source,
     planted_error_probe,
+    planted_item,
     sentiment_flip_probe,
     user_probe,
 )
@@ -73,11 +76,19 @@ def test_audit_rows_on_a_perfect_an_inverted_and_a_blind_scorer():
 def test_probes_are_seeded_and_their_spans_hold_the_planted_words():
     probe = planted_error_probe(n_per_kind=10, seed=3)
     assert probe == planted_error_probe(n_per_kind=10, seed=3) and probe != planted_error_probe(10, seed=4)
-    assert {i.kind for i in probe} == {"arithmetic", "counting", "ordering", "units"}
+    assert {i.kind for i in probe} == set(PLANTED_KINDS)
     for item in probe:
         (s, e), (os_, oe) = item.bad_spans[0], item.original_spans[0]
-        assert item.response[:s] == item.original[:os_]  # the same text up to the planted word
-        assert item.response[s:e] != item.original[os_:oe] and item.response[s:e].lstrip("-").isdigit()
+        assert s == os_ and item.response[:s] == item.original[:s]  # the same text up to the departure
+        assert item.response[s] != item.original[s]  # which is the bad span's first character
+    # A shared leading digit is not the error; an answer that stops short errs on the character after it.
+    right_digit = planted_item("units", "Q", "It is {} now.", "47", "48")
+    assert right_digit.bad_spans == [(7, 8)] and right_digit.response[7:8] == "8"
+    short = planted_item("units", "Q", "There are {} minutes.", "600", "60")
+    assert short.bad_spans == [(12, 13)] and short.original_spans == [(12, 13)] and short.original[12] == "0"
+    capital = next(i for i in probe if i.kind == "capitals")
+    country = capital.prompt[0]["content"].removeprefix("What is the capital of ").rstrip("?")
+    assert capital.original.endswith(f" is {CAPITALS[country]}.") and capital.response != capital.original
     arithmetic = next(i for i in probe if i.kind == "arithmetic")
     a, op, b = arithmetic.prompt[0]["content"].removeprefix("What is ").rstrip("?").split(" ")
     truth = {"+": int(a) + int(b), "-": int(a) - int(b), "times": int(a) * int(b)}[op]
@@ -124,4 +135,6 @@ def test_every_source_runs_on_tiny_models(tiny_lm_dir, tmp_path):
         "abc-centered",
     }
     for row in rows:
-        assert row.kind in (*KINDS, "all") and 0.0 <= row.auc <= 1.0 and row.coverage == 1.0
+        assert row.kind in (*KINDS, "planted", "all") and 0.0 <= row.auc <= 1.0 and row.coverage == 1.0
+    items = {r.kind: r.items for r in rows if r.source == "reference log-prob"}
+    assert items["planted"] == 3 * len(PLANTED_KINDS) and items["all"] == items["planted"] + items["sentiment"]

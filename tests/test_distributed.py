@@ -13,9 +13,10 @@ from creditflow.storage.token_cache import TokenCache, row_key
 from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
 from creditflow.tasks import schema as S
-from creditflow.tasks.configs import ComputeConfig, SamplingConfig, TokenRewardsConfig
+from creditflow.tasks.configs import ComputeConfig, OnPolicyConfig, SamplingConfig, TokenRewardsConfig
 from creditflow.tasks.distributed import resumable_map
 from creditflow.tasks.generation import Sampler, generate
+from creditflow.tasks.onpolicy import compute_onpolicy
 from creditflow.tasks.reward_scoring import score_rewards
 from creditflow.tasks.stage import StageContext
 from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
@@ -53,8 +54,9 @@ def _pairs(n: int, tag: str = "") -> list[dict]:
     ]
 
 
-def _stage(root, models, pairs, config, compute):
-    """The token-reward stage recipe in a fresh workspace, with ``compute`` as the pipeline would pass it."""
+def _stage(root, models, pairs, config, compute, recipe=compute_token_rewards, stage="token_rewards"):
+    """A stage recipe in a fresh workspace, with ``compute`` as the pipeline would pass it; returns its metrics and
+    the folder of its outputs."""
     policy, reward = models
     workspace = Workspace.resolve(root)
     writer = workspace.store.writer("reward_model", "rm")
@@ -65,14 +67,13 @@ def _stage(root, models, pairs, config, compute):
         writer, stage="reward_model", fingerprint="rm", inputs={}, config={"max_length": 64}, code_version="t"
     )
     curate = publish_artifact(workspace.store, "curate", "c", {"pairs": S.rows_to_table(pairs, S.PAIRS_SCHEMA)})
-    run = Run.start(workspace, "distributed-test", "token_rewards")
-    out = workspace.store.writer("token_rewards", "t")
+    run = Run.start(workspace, "distributed-test", stage)
+    out = workspace.store.writer(stage, "t")
     ctx = StageContext(
-        config, workspace, {"curate": curate, "reward_model": rm}, out, run, False, "token_rewards", "t",
+        config, workspace, {"curate": curate, "reward_model": rm}, out, run, False, stage, "t",
         reference_model=str(policy), compute=compute,
     )  # fmt: skip
-    metrics = compute_token_rewards(ctx)
-    return metrics, pq.read_table(out.dir / "token_rewards.parquet")
+    return recipe(ctx), out.dir
 
 
 @pytest.mark.usefixtures("cluster")
@@ -82,7 +83,23 @@ def test_ray_actors_give_the_local_rows_for_contrastive_and_abc(models, tmp_path
     local_metrics, local = _stage(tmp_path / "local", models, pairs, config, None)
     ray_metrics, distributed = _stage(tmp_path / "ray", models, pairs, config, RAY)
     assert ray_metrics["rows_computed"] == local_metrics["rows_computed"] == 20
-    assert distributed.to_pylist() == local.to_pylist()  # same shards, same batches, same code: the same bits
+    rows = [pq.read_table(folder / "token_rewards.parquet").to_pylist() for folder in (local, distributed)]
+    assert rows[0] == rows[1]  # same shards, same batches, same code: the same bits
+
+
+@pytest.mark.usefixtures("cluster")
+def test_the_onpolicy_stage_on_ray_writes_the_local_pairs(models, tmp_path):
+    config = OnPolicyConfig(enabled=True, samples_per_prompt=3, max_new_tokens=6, batch_size=2, temperature=1.0)
+    pairs = _pairs(5)
+    outputs = [
+        _stage(tmp_path / name, models, pairs, config, compute, compute_onpolicy, "onpolicy")
+        for name, compute in (("local", None), ("ray", RAY))
+    ]
+    (local_metrics, local), (ray_metrics, distributed) = outputs
+    assert local_metrics == ray_metrics and local_metrics["samples"] == 15
+    for table in ("pairs", "quarantine"):
+        assert pq.read_table(distributed / f"{table}.parquet") == pq.read_table(local / f"{table}.parquet")
+    assert not list(tmp_path.glob("*/checkpoints/onpolicy/t/shards"))  # dropped once the outputs are written
 
 
 def _dies_on_second_shard(name: str, config: dict, **models):
