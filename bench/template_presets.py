@@ -34,6 +34,7 @@ CANDIDATES = {
     ),
 }
 
+
 def main() -> None:
     from creditflow.tasks import audit
     from creditflow.tasks.configs import TEMPLATE_PRESETS
