@@ -32,6 +32,7 @@ RL_SETTINGS = dict(  # LoRA PPO on SmolLM2: equal for every source, only reward_
     # top_k 50: what the recorded table used (transformers' implicit default before rl.top_k existed; rl now samples
     # the whole vocabulary by default).
     sampling={"max_new_tokens": 24, "batch_size": 16, "temperature": 1.0, "top_p": 1.0, "top_k": 50},
+    contrastive_template="guideline",  # the preset the recorded table used
     gold_scorer="vader",
 )
 

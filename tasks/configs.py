@@ -25,7 +25,8 @@ TINY_BACKBONE = "tiny"  # reward_model.base_model: a tiny backbone built from th
 
 # T-REG contrastive prompt presets. Only the attribute lists are from the paper; the wording around them is ours.
 # revision: reading A of the spec (the response is embedded and the model is asked to revise it);
-# guideline: reading B (the attributes are appended to the instruction; the response is not embedded).
+# guideline: reading B (the attributes are appended to the instruction; the response is not embedded);
+# prefix: a one-line correctness request before the instruction (found by the audit, docs/benchmarks.md).
 TEMPLATE_PRESETS = {
     "revision": (
         "{instruction}\n\nHere is a response:\n{response}\n\n"
@@ -37,7 +38,9 @@ TEMPLATE_PRESETS = {
         "{instruction}\n\nYour response should be helpful, correct, coherent, and concise.",
         "{instruction}\n\nYour response should be unhelpful, incorrect, incoherent, and verbose.",
     ),
+    "prefix": ("Answer correctly. {instruction}", "Answer incorrectly. {instruction}"),
 }
+PresetName = Literal[tuple(TEMPLATE_PRESETS)]  # type: ignore[valid-type]
 DEFAULT_TEMPLATE = "guideline"  # chosen by `creditflow rewards audit` on SmolLM2 (docs/benchmarks.md)
 
 
@@ -255,7 +258,7 @@ class TokenRewardsConfig(StrictConfig):
     max_length: int | None = Field(1024, ge=2, description="Prompt + completion tokens, as the policy truncates.")
     max_prompt_length: int | None = Field(512, ge=1)
     truncation: Literal["keep_start", "keep_end"] = "keep_start"
-    template: Literal["revision", "guideline", "custom"] = Field(
+    template: Literal[(*TEMPLATE_PRESETS, "custom")] = Field(  # type: ignore[valid-type]
         DEFAULT_TEMPLATE, description="Contrastive prompt preset; 'custom' uses better_template / worse_template."
     )
     better_template: str | None = Field(None, description="custom only: str.format with {instruction} [{response}].")
@@ -420,7 +423,7 @@ class RLConfig(TrainingConfig):
     kl_horizon: int = Field(10000, ge=1, description="Adaptive KL controller horizon, in samples.")
     abc_beta: float = Field(0.8, ge=0, le=1, description="ABC: share of r spread by attention (the paper: 0.8).")
     contrastive_scale: float = Field(1.0, ge=0, allow_inf_nan=False, description="Weight of r_hat_t per token.")
-    contrastive_template: Literal["revision", "guideline"] = Field(
+    contrastive_template: PresetName = Field(
         DEFAULT_TEMPLATE, description="T-REG prompt preset for the contrastive reward."
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="null: no clipping (the norm is still logged).")
@@ -464,8 +467,8 @@ class AuditConfig(StrictConfig):
     """The optional ``audit`` stage: do the token rewards point the right way (tasks/audit.py)?"""
 
     enabled: bool = Field(False, description="Run the token-reward audit after evaluation.")
-    presets: list[Literal["revision", "guideline"]] = Field(
-        default_factory=lambda: ["revision", "guideline"], description="Contrastive template presets to audit."
+    presets: list[PresetName] = Field(
+        default_factory=lambda: list(TEMPLATE_PRESETS), description="Contrastive template presets to audit."
     )
     per_kind: int = Field(40, ge=1, description="Planted-error items per kind (arithmetic, counting, ...).")
     sentiment: int = Field(60, ge=0, description="Sentiment-flip items from the bundled task.")
