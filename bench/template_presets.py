@@ -1,8 +1,9 @@
 """Contrastive template wordings under the token-reward audit, against the reference log-prob baseline.
 
     .venv/bin/python bench/template_presets.py [--model smollm2] [--seed 1] [--per-kind 25] [--sentiment 30]
+        [--candidates accuracy correct-wrong prefix-helpful guideline-first]
 
-Candidates are the two presets plus other wordings tried when choosing the default (docs/benchmarks.md). Prints
+The guideline and prefix presets plus other wordings tried when choosing the default (docs/benchmarks.md). Prints
 one line per source and probe kind; the same numbers as ``creditflow rewards audit`` for the presets.
 """
 
@@ -23,8 +24,7 @@ CANDIDATES = {
         "{instruction}\n\nGive a correct and helpful answer.",
         "{instruction}\n\nGive a wrong and unhelpful answer.",
     ),
-    "instruction-first": ("Answer correctly. {instruction}", "Answer incorrectly. {instruction}"),
-    "instruction-first-helpful": (
+    "prefix-helpful": (
         "Answer correctly and helpfully. {instruction}",
         "Answer incorrectly and unhelpfully. {instruction}",
     ),
@@ -48,7 +48,8 @@ def main() -> None:
     parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES), help="Wordings besides the presets.")
     args = parser.parse_args()
     probe = audit.planted_error_probe(args.per_kind, args.seed) + audit.sentiment_flip_probe(args.sentiment, args.seed)
-    presets = {"guideline": TEMPLATE_PRESETS["guideline"], **{name: CANDIDATES[name] for name in args.candidates}}
+    presets = {name: TEMPLATE_PRESETS[name] for name in ("guideline", "prefix")}
+    presets |= {name: CANDIDATES[name] for name in args.candidates}
     for row in audit.run_audit(resolve_model(args.model), presets, probe, max_length=512):
         print(f"{row.source:26} {row.kind:11} auc={row.auc:.3f} paired={row.paired_accuracy:.3f}")
 

@@ -41,7 +41,7 @@ TEMPLATE_PRESETS = {
     "prefix": ("Answer correctly. {instruction}", "Answer incorrectly. {instruction}"),
 }
 PresetName = Literal[tuple(TEMPLATE_PRESETS)]  # type: ignore[valid-type]
-DEFAULT_TEMPLATE = "guideline"  # chosen by `creditflow rewards audit` on SmolLM2 (docs/benchmarks.md)
+DEFAULT_TEMPLATE = "prefix"  # chosen by `creditflow rewards audit` on SmolLM2 (docs/benchmarks.md)
 
 
 # Experiment and run names become MLflow folder names: no path separators, no "..", printable.
