@@ -393,11 +393,14 @@ def test_the_optional_audit_stage_runs_after_evaluation_and_is_cached(tmp_path):
     assert list(result)[-1] == "audit"
     manifest = result["audit"]["manifest"]
     assert manifest["inputs"]["upstream"].keys() == {"reward_model", "policy"}
-    assert manifest["config"]["reference_model"] == "tiny-lm" and manifest["metrics"]["items"] == 10
+    assert (
+        manifest["config"]["reference_model"] == "tiny-lm" and manifest["metrics"]["items"] == 6 * 2 + 2
+    )  # 6 kinds x 2, 2 flips
     sources = {k.split(".")[0] for k in manifest["metrics"] if k.endswith(".auc")}
-    assert {"contrastive:revision", "contrastive:guideline", "reference log-prob", "dpo-implicit"} <= sources
+    presets = {"contrastive:revision", "contrastive:guideline", "contrastive:prefix"}
+    assert presets | {"reference log-prob", "dpo-implicit"} <= sources
     with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
-        assert con.execute("SELECT count(DISTINCT source) FROM audit_audit").fetchone()[0] == 6
+        assert con.execute("SELECT count(DISTINCT source) FROM audit_audit").fetchone()[0] == 7  # + 2 ABC forms
     again = pipeline_flow(config=cfg, workspace=str(tmp_path), progress=False)["stages"]
     assert again["audit"]["cache_hit"] is True
 

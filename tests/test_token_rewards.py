@@ -275,7 +275,7 @@ def test_every_knob_changes_the_key(stage_env, policy_dir, tmp_path):
         ({"max_prompt_length": 256}, policy_dir),
         ({"truncation": "keep_end"}, policy_dir),
         ({"template": "revision"}, policy_dir),
-        ({"template": "guideline"}, policy_dir),
+        ({"template": "prefix"}, policy_dir),
         (
             {"template": "custom", "better_template": "{instruction} better", "worse_template": "{instruction} worse"},
             policy_dir,
