@@ -118,7 +118,7 @@ class SamplingConfig(StrictConfig):
     """What every sampler shares (on-policy pairs, evaluation): seeded nucleus sampling, batched prompts."""
 
     backend: Literal["hf", "vllm"] = Field(
-        "hf", description="hf: transformers generate(); vllm: a vLLM engine per worker (GPU; pip install vllm)."
+        "hf", description="hf: transformers generate(); vllm: a vLLM engine per worker (GPU; creditflow[vllm])."
     )
     temperature: float = Field(0.8, ge=0, allow_inf_nan=False, description="0 decodes greedily.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")

@@ -48,18 +48,19 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
     systems["reference"] = resolve_model(ctx.upstream["token_rewards"].config["reference_model"])
     gold = load_gold_scorer(config.gold_scorer) if config.gold_scorer else None
     completions: dict[str, list[str]] = {}
-    rm_scores, gold_scores = {}, {}
     with ray_session(ctx.compute):  # local, or one Ray session for every job
         for name, folder in systems.items():
             samples = generate(folder, messages, 1, config, ctx.compute, ctx.shard_results(name), ctx.progress)
             completions[name] = [s[0] for s in samples]
-        for name, texts in completions.items():
-            rm_scores[name] = score_rewards(
-                ctx.upstream_dir("reward_model") / "model", messages,
-                [[{"role": "assistant", "content": t}] for t in texts], ctx.compute,
-                ctx.shard_results(f"rm-{name}"), ctx.progress,
-            )  # fmt: skip
-            gold_scores[name] = [float(x) for x in gold(messages, texts)] if gold else [None] * len(texts)
+        jobs = [(messages, [[{"role": "assistant", "content": t}] for t in texts]) for texts in completions.values()]
+        scores = score_rewards(
+            ctx.upstream_dir("reward_model") / "model", jobs, ctx.compute, ctx.shard_results("rm"), ctx.progress
+        )
+    rm_scores = dict(zip(completions, scores))
+    gold_scores = {
+        name: [float(x) for x in gold(messages, texts)] if gold else [None] * len(texts)
+        for name, texts in completions.items()
+    }
 
     rows = [
         {

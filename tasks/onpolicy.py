@@ -88,8 +88,8 @@ def compute_onpolicy(ctx: StageContext) -> dict[str, float]:
         )  # fmt: skip
         flat_prompts = [p for p, texts in zip(prompt_messages, samples) for _ in texts]
         flat_completions = [[{"role": "assistant", "content": t}] for texts in samples for t in texts]
-        flat_scores = score_rewards(
-            ctx.upstream_dir("reward_model") / "model", flat_prompts, flat_completions, ctx.compute,
+        [flat_scores] = score_rewards(
+            ctx.upstream_dir("reward_model") / "model", [(flat_prompts, flat_completions)], ctx.compute,
             ctx.shard_results("rm"), ctx.progress,
         )  # fmt: skip
     scores = [flat_scores[i : i + k] for i in range(0, len(flat_scores), k)]

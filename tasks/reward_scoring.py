@@ -126,16 +126,23 @@ class RewardScorer:
 
 def score_rewards(
     folder: str | Path,
-    prompts: list[Messages],
-    completions: list[Messages],
+    jobs: list[tuple[list[Messages], list[Messages]]],
     compute: ComputeConfig | None = None,
     store=None,
     progress: bool = True,
     rows_per_shard: int = ROWS_PER_SHARD,
-) -> list[float]:
-    """:meth:`RewardScorer.score` in shards of ``rows_per_shard`` rows (input order), here or on Ray actors that
-    each load the reward model; finished shards go to ``store`` (storage.shard_results.ShardResults)."""
-    starts = range(0, len(prompts), rows_per_shard)
-    shards = [(prompts[s : s + rows_per_shard], completions[s : s + rows_per_shard]) for s in starts]
+) -> list[list[float]]:
+    """:meth:`RewardScorer.score` of every (prompts, completions) job, one list of scores per job, in shards of
+    ``rows_per_shard`` rows (input order) that never span two jobs, so each job is batched as a call of its own
+    would be. The reward model is loaded once here, or once per Ray actor; finished shards go to ``store``
+    (storage.shard_results.ShardResults)."""
+    shards, owners = [], []
+    for job, (prompts, completions) in enumerate(jobs):
+        for start in range(0, len(prompts), rows_per_shard):
+            shards.append((prompts[start : start + rows_per_shard], completions[start : start + rows_per_shard]))
+            owners.append(job)
     done = resumable_map(shards, partial(RewardScorer, str(folder)), compute, store, "reward scores", progress)
-    return [score for shard in done for score in shard]
+    scores: list[list[float]] = [[] for _ in jobs]
+    for job, rows in zip(owners, done):
+        scores[job] += rows
+    return scores

@@ -151,8 +151,9 @@ def test_sampling_and_reward_scores_on_ray_equal_local(models):
     assert generate(policy, PROMPTS, 2, SAMPLING, RAY, progress=False, prompts_per_shard=3) == local
     completions = [[{"role": "assistant", "content": text}] for texts in local for text in texts]
     prompts = [p for p in PROMPTS for _ in range(2)]
-    local_scores = score_rewards(reward, prompts, completions, progress=False, rows_per_shard=4)
-    assert score_rewards(reward, prompts, completions, RAY, progress=False, rows_per_shard=4) == local_scores
+    jobs = [(prompts, completions), (prompts[:5], completions[:5])]
+    local_scores = score_rewards(reward, jobs, progress=False, rows_per_shard=4)
+    assert score_rewards(reward, jobs, RAY, progress=False, rows_per_shard=4) == local_scores
 
 
 def _sampler_dies_on_second_shard(folder: str, k: int, sampling: dict):

@@ -78,8 +78,11 @@ def test_sharded_reward_scores_equal_one_call(tmp_path):
     backbone = build_tiny_reward_backbone(tmp_path / "rm", CORPUS)
     completions = [[{"role": "assistant", "content": f"It was lovely {i}"}] for i in range(7)]
     one_call = RewardScorer(backbone).score(PROMPTS, completions)
-    sharded = score_rewards(backbone, PROMPTS, completions, progress=False, rows_per_shard=3)
+    sharded, first_three = score_rewards(
+        backbone, [(PROMPTS, completions), (PROMPTS[:3], completions[:3])], progress=False, rows_per_shard=3
+    )
     assert sharded == pytest.approx(one_call, abs=1e-6)
+    assert first_three == sharded[:3]  # a job's shards are its own: the same batches as a call of its own
 
 
 def test_vllm_arguments_map_the_hf_knobs():
