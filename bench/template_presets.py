@@ -37,6 +37,7 @@ CANDIDATES = {
 
 def main() -> None:
     from creditflow.tasks import audit
+    from creditflow.tasks.audit_probes import build_probe
     from creditflow.tasks.configs import TEMPLATE_PRESETS
     from creditflow.tasks.models import resolve_model
 
@@ -47,7 +48,7 @@ def main() -> None:
     parser.add_argument("--sentiment", type=int, default=30)
     parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES), help="Wordings besides the presets.")
     args = parser.parse_args()
-    probe = audit.planted_error_probe(args.per_kind, args.seed) + audit.sentiment_flip_probe(args.sentiment, args.seed)
+    probe = build_probe(args.per_kind, args.sentiment, args.seed)
     presets = {name: TEMPLATE_PRESETS[name] for name in ("guideline", "prefix")}
     presets |= {name: CANDIDATES[name] for name in args.candidates}
     for row in audit.run_audit(resolve_model(args.model), presets, probe, max_length=512):

@@ -29,6 +29,7 @@ def rewards_audit(
 ) -> None:
     """Do token rewards point the right way? AUC of bad vs other tokens on a probe with known errors."""
     from creditflow.tasks import audit
+    from creditflow.tasks.audit_probes import build_probe
     from creditflow.tasks.configs import TEMPLATE_PRESETS
     from creditflow.tasks.models import resolve_model
 
@@ -36,8 +37,7 @@ def rewards_audit(
         unknown = sorted(set(preset or []) - set(TEMPLATE_PRESETS))
         if unknown:
             raise ValueError(f"--preset {unknown[0]!r}: presets are {', '.join(TEMPLATE_PRESETS)}")
-        items = audit.planted_error_probe(per_kind, seed) + audit.sentiment_flip_probe(sentiment, seed)
-        items += audit.user_probe(probe) if probe else []
+        items = build_probe(per_kind, sentiment, seed, probe)
         presets = {name: TEMPLATE_PRESETS[name] for name in (preset or TEMPLATE_PRESETS)}
         extra = {
             "reward_model": reward_model and resolve_model(reward_model),

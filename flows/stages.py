@@ -228,7 +228,9 @@ STAGES: dict[str, Stage] = {
         upstream=("reward_model", "policy"),
         outputs=("audit",),
         recipe="audit",
-        code_modules=_tasks("audit", "contrastive", "abc", "logprobs", "reward_scoring", "tokenization"),
+        code_modules=_tasks(
+            "audit", "audit_probes", "contrastive", "abc", "logprobs", "reward_scoring", "tokenization"
+        ),
         input_digests=_audit_inputs,
         uses_reference=True,
         optional=True,

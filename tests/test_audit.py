@@ -3,19 +3,18 @@ source on tiny models."""
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import CORPUS
 
-from creditflow.tasks.audit import (
+from creditflow.tasks.audit import TokenScores, auc, audit_source
+from creditflow.tasks.audit_probes import (
     CAPITALS,
     KINDS,
     PLANTED_KINDS,
     ProbeItem,
-    TokenScores,
-    auc,
-    audit_source,
     planted_error_probe,
     planted_item,
     sentiment_flip_probe,
@@ -138,3 +137,31 @@ def test_every_source_runs_on_tiny_models(tiny_lm_dir, tmp_path):
         assert row.kind in (*KINDS, "planted", "all") and 0.0 <= row.auc <= 1.0 and row.coverage == 1.0
     items = {r.kind: r.items for r in rows if r.source == "reference log-prob"}
     assert items["planted"] == 3 * len(PLANTED_KINDS) and items["all"] == items["planted"] + items["sentiment"]
+
+
+@pytest.mark.slow
+def test_rewards_audit_command_prints_the_table_and_logs_it_to_mlflow(tiny_lm_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from creditflow.flows.cli import app
+
+    probe = tmp_path / "mine.jsonl"
+    probe.write_text(json.dumps({"prompt": "What is 2 + 2?", "response": "2 + 2 is 5.", "bad_spans": [[9, 10]]}) + "\n")
+    workspace = tmp_path / "ws"
+    args = ["rewards", "audit", "--model", str(tiny_lm_dir), "--per-kind", "1", "--sentiment", "1", "--max-length"]
+    result = CliRunner().invoke(app, [*args, "128", "--probe", str(probe), "--preset", "prefix", "-w", str(workspace)])
+    assert result.exit_code == 0, result.output
+    assert "token-reward audit" in result.output and "logged to MLflow" in result.output
+
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("creditflow-audit").experiment_id])
+    assert run.data.params["presets"] == "prefix" and run.data.params["items"] == str(len(PLANTED_KINDS) + 2)
+    assert 0.0 <= run.data.metrics["contrastive:prefix.user.auc"] <= 1.0
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "audit")} == {"audit/table.json", "audit/auc.png"}
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "audit/table.json", str(tmp_path))).read_text())
+    source = table["columns"].index("source")  # MLflow's table format: pandas' split orient
+    assert {row[source] for row in table["data"]} == {"contrastive:prefix", "reference log-prob"}
+
+    unknown = CliRunner().invoke(app, [*args, "128", "--preset", "nope", "-w", str(workspace)])
+    assert unknown.exit_code != 0 and "--preset 'nope': presets are revision, guideline, prefix" in unknown.output
