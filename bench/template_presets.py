@@ -1,7 +1,7 @@
 """Contrastive template wordings under the token-reward audit, against the reference log-prob baseline.
 
     .venv/bin/python bench/template_presets.py [--model smollm2] [--seed 1] [--per-kind 25] [--sentiment 30]
-        [--candidates accuracy correct-wrong prefix-helpful guideline-first]
+        [--candidates NAME ...]
 
 The guideline and prefix presets plus other wordings tried when choosing the default (docs/benchmarks.md). Prints
 one line per source and probe kind; the same numbers as ``creditflow rewards audit`` for the presets.
@@ -31,6 +31,22 @@ CANDIDATES = {
     "guideline-first": (
         "Your response should be helpful, correct, coherent, and concise.\n\n{instruction}",
         "Your response should be unhelpful, incorrect, incoherent, and verbose.\n\n{instruction}",
+    ),
+    "prefix-guideline": (
+        "Answer correctly. {instruction}\n\nYour response should be helpful, correct, coherent, and concise.",
+        "Answer incorrectly. {instruction}\n\nYour response should be unhelpful, incorrect, incoherent, and verbose.",
+    ),
+    "prefix-both-ends": (
+        "Answer correctly. {instruction} Answer correctly.",
+        "Answer incorrectly. {instruction} Answer incorrectly.",
+    ),
+    "one-mistake": ("Answer correctly. {instruction}", "Answer with one mistake. {instruction}"),
+    "falsely": ("Answer correctly. {instruction}", "Answer falsely. {instruction}"),
+    "demonstration": (
+        "Example of a correct answer:\nQ: What colour is a clear daytime sky?\nA: Blue.\n\n"
+        "Answer correctly. {instruction}",
+        "Example of an incorrect answer:\nQ: What colour is a clear daytime sky?\nA: Green.\n\n"
+        "Answer incorrectly. {instruction}",
     ),
 }
 

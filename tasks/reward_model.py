@@ -96,13 +96,13 @@ class EvalResult:
         }
 
 
-def evaluate(model, tokenizer, data: PairData, config: RewardModelConfig) -> EvalResult:
+def evaluate(model, tokenizer, data: PairData, config: RewardModelConfig, device=None) -> EvalResult:
     if not len(data):
         return EvalResult(float("nan"), float("nan"), [], [])
     was_training = model.training
     model.eval()
     chosen, rejected = (
-        score_pairs(model, tokenizer, data.prompts, side, config.max_length, config.eval_batch_size)
+        score_pairs(model, tokenizer, data.prompts, side, config.max_length, config.eval_batch_size, device)
         for side in (data.chosen, data.rejected)
     )
     model.train(was_training)
@@ -115,10 +115,9 @@ def evaluate(model, tokenizer, data: PairData, config: RewardModelConfig) -> Eva
     )
 
 
-def _accumulate(module, tokenizer, encoded, train: PairData, rows: list[int], n_pairs: int, world: int, config):
+def _accumulate(module, tokenizer, encoded, train: PairData, rows: list[int], n_pairs: int, world: int, config, device):
     """Backward of one micro-batch's share of the step's mean loss over ``n_pairs`` (times ``world``: DDP and FSDP
     average gradients over the processes); returns (loss sum, wins, margin sum)."""
-    device = training.resolve_device()
     with training.autocast(device, config.bf16):
         r_c, r_r = (
             module(**reward_batch(encoded[side], rows, tokenizer.pad_token_id, device)).logits[:, 0].float()
@@ -196,7 +195,9 @@ def train_reward_model(
             group = micro_batches[first : first + per_step]
             n_pairs = sum(len(rows) for rows in group)
             mine = group[rank::world]
-            stats = sum(_accumulate(module, tokenizer, encoded, train, rows, n_pairs, world, config) for rows in mine)
+            stats = sum(
+                _accumulate(module, tokenizer, encoded, train, rows, n_pairs, world, config, device) for rows in mine
+            )
             if world > 1:
                 dist.all_reduce(stats)
             optimizer.step()
@@ -215,7 +216,7 @@ def train_reward_model(
                 on_step(step, metrics)
             if checkpoint is not None and step % config.save_every == 0 and step < total:
                 _save(checkpoint, model, trainable, optimizer, scheduler, identity, sharded, step)
-        epoch_eval = evaluate(model, tokenizer, evaluation, config).metrics()  # every process: FSDP gathers
+        epoch_eval = evaluate(model, tokenizer, evaluation, config, device).metrics()  # every process: FSDP gathers
         history.append({"epoch": epoch + 1, **epoch_eval})
         if on_step and rank == 0:
             on_step(step, {f"epoch_{k}": v for k, v in epoch_eval.items()})

@@ -92,9 +92,10 @@ def load_reward_model(folder: str | Path, device: torch.device | None = None, **
 
 
 @torch.no_grad()
-def score_pairs(model, tokenizer, prompts, completions, max_length: int, batch_size: int) -> list[float]:
-    """Scalar reward of every (prompt, completion), batched longest first; results in input order."""
-    device = next(model.parameters()).device
+def score_pairs(model, tokenizer, prompts, completions, max_length: int, batch_size: int, device=None) -> list[float]:
+    """Scalar reward of every (prompt, completion), batched longest first; results in input order. ``device``: where
+    the forward runs, by default the parameters' device (FSDP with CPU offload keeps those on the CPU)."""
+    device = device or next(model.parameters()).device
     encoded = encode_for_reward(tokenizer, prompts, completions, max_length)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded["input_ids"][i]))
     scores = [0.0] * len(prompts)
