@@ -12,7 +12,8 @@ from typing import Any
 from prefect import flow
 
 from creditflow.flows.config import data_needs, default_run_name, pipeline_needs, validate
-from creditflow.flows.stages import STAGES, execute_stage, hash_sources, plan_stage, record_stage_run
+from creditflow.flows.registry import STAGES
+from creditflow.flows.stages import execute_stage, hash_sources, plan_stage, record_stage_run
 from creditflow.storage.artifacts import Manifest
 from creditflow.storage.catalog import Catalog
 from creditflow.storage.tracking import Run

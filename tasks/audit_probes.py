@@ -21,6 +21,7 @@ from creditflow.tasks.schema import Messages
 PLANTED_KINDS = ("arithmetic", "counting", "ordering", "units", "sequence", "capitals")
 KINDS = (*PLANTED_KINDS, "sentiment", "user")
 
+
 @dataclass
 class ProbeItem:
     kind: str

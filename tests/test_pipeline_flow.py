@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from creditflow.flows import stages as stage_module
 from creditflow.flows.config import ConfigError, PipelineConfig, load_config
 from creditflow.flows.pipeline import curate_flow, pipeline_flow, reward_model_flow
+from creditflow.flows.registry import STAGES
 from creditflow.flows.stages import StageNotReady
 from creditflow.storage.workspace import Workspace
 from creditflow.tasks.ingest import MalformedInputError
@@ -302,7 +303,7 @@ def test_the_pipeline_plans_each_stage_once_and_refreshes_the_catalog_once(tmp_p
     assert refreshed == [tmp_path / "catalog.duckdb"]
     for name, stage in result["stages"].items():  # every declared output is in the manifest
         outputs = stage["manifest"]["outputs"]
-        for output in stage_module.STAGES[name].outputs:
+        for output in STAGES[name].outputs:
             assert any(f == f"{output}.parquet" or f.startswith(output) for f in outputs), (name, output)
 
 

@@ -453,3 +453,43 @@ def test_every_bundled_recipe_validates_and_says_what_it_is_for_and_how_to_launc
         assert header and text.startswith("#"), recipe.name
         assert any("Launch" in line or "creditflow " in line for line in header), recipe.name
         load_config(recipe)  # strict: an unknown or misspelled key fails here
+
+
+# Modules a recipe imports that cannot change what it writes: plumbing, MLflow figures, model resolution (the
+# resolved files are input digests), config classes (their dump is in the fingerprint), Ray (tested equal to local).
+NOT_ROW_CHANGING = {"stage", "plots", "token_view", "distributed", "models", "configs"}
+
+
+def _tasks_imports(module: str) -> set[str]:
+    """The creditflow.tasks modules ``module``'s source imports, at top level or inside functions."""
+    import ast
+
+    import creditflow.tasks
+
+    tree = ast.parse((Path(creditflow.tasks.__file__).parent / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "creditflow.tasks":
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("creditflow.tasks."):
+            found.add(node.module.split(".")[2])
+    return found
+
+
+@pytest.mark.parametrize(
+    "name", ["curate", "reward_model", "onpolicy", "token_rewards", "policy", "rl", "evaluate", "audit"]
+)
+def test_every_module_a_stage_computes_with_is_in_its_fingerprint(name):
+    """A stage's code version hashes every creditflow.tasks module its recipe reaches, so an edit to any of them
+    (a precision rule in training.py, a split in schema.py) is a cache miss rather than a stale artifact."""
+    from creditflow.flows.registry import STAGES
+
+    stage = STAGES[name]
+    reached, todo = set(), [stage.recipe]
+    while todo:
+        module = todo.pop()
+        if module not in reached and module not in NOT_ROW_CHANGING:
+            reached.add(module)
+            todo += _tasks_imports(module)
+    hashed = {m.removeprefix("creditflow.tasks.") for m in stage.code_modules}
+    assert reached <= hashed, f"{name}: add {sorted(reached - hashed)} to its code_modules"
