@@ -5,8 +5,11 @@ A stage's recipe is ``creditflow.tasks.<recipe>.compute_<name>(ctx)``; flows/sta
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,9 +17,33 @@ from creditflow.flows.config import PipelineConfig
 from creditflow.tasks.configs import TINY_BACKBONE
 from creditflow.tasks.stage import StageContext
 
+# Modules a recipe imports that cannot change what it writes: plumbing, MLflow figures, model resolution (the
+# resolved files are input digests), config classes (their dump is in the fingerprint), Ray (tested equal to local).
+NOT_ROW_CHANGING = frozenset({"stage", "plots", "token_view", "distributed", "models", "configs"})
 
-def _tasks(*names: str) -> tuple[str, ...]:
-    return tuple(f"creditflow.tasks.{name}" for name in names)
+
+def _tasks_imports(module: str) -> set[str]:
+    """The creditflow.tasks modules ``module``'s source imports, at top level or inside functions (parsed, not
+    imported, so planning costs no torch import)."""
+    tree = ast.parse(Path(importlib.util.find_spec(f"creditflow.tasks.{module}").origin).read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "creditflow.tasks":
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("creditflow.tasks."):
+            found.add(node.module.split(".")[2])
+    return found
+
+
+def reached_modules(recipe: str) -> set[str]:
+    """Every creditflow.tasks module ``recipe`` reaches through its imports, bar NOT_ROW_CHANGING (not followed)."""
+    reached, todo = set(), [recipe]
+    while todo:
+        module = todo.pop()
+        if module not in reached and module not in NOT_ROW_CHANGING:
+            reached.add(module)
+            todo += _tasks_imports(module)
+    return reached
 
 
 @dataclass(frozen=True)
@@ -26,12 +53,15 @@ class Stage:
     upstream: tuple[str, ...]
     outputs: tuple[str, ...]  # tables (<name>.parquet) and folders (<name>/) every artifact of this stage holds
     recipe: str  # module in creditflow.tasks whose compute_<name>(ctx) runs the stage (imported when it runs)
-    # Modules whose source changes the stage's rows (hashed, not imported); a test checks that every module the
-    # recipe reaches is here, bar plumbing that cannot change rows.
-    code_modules: tuple[str, ...]
+    extra_code: tuple[str, ...] = ()  # row-changing modules the recipe does not import (a worker run by name)
     input_digests: Callable[[PipelineConfig], dict[str, Any]] = lambda cfg: {}  # inputs outside the store
     uses_reference: bool = False  # reads the pipeline's reference_model (so it is part of its config)
     optional: bool = False  # runs only when its section says ``enabled: true``
+
+    @cached_property
+    def code_modules(self) -> tuple[str, ...]:
+        """Modules whose source changes the stage's rows (hashed into its fingerprint): all its recipe reaches."""
+        return tuple(sorted(f"creditflow.tasks.{m}" for m in reached_modules(self.recipe))) + self.extra_code
 
     def section(self, cfg: PipelineConfig):
         return getattr(cfg, self.name)
@@ -116,7 +146,6 @@ STAGES: dict[str, Stage] = {
         upstream=(),
         outputs=("pairs", "quarantine"),
         recipe="curate",
-        code_modules=_tasks("curate", "ingest", "schema", "tokenization"),
         input_digests=_curate_inputs,
     ),
     "reward_model": Stage(
@@ -125,17 +154,7 @@ STAGES: dict[str, Stage] = {
         upstream=("curate",),
         outputs=("eval_scores", "model/"),
         recipe="reward_model",
-        code_modules=_tasks(
-            "reward_model",
-            "reward_scoring",
-            "training",
-            "fsdp",
-            "torchrun_worker",
-            "tokenization",
-            "model_card",
-            "schema",
-            "tiny",
-        ),
+        extra_code=("creditflow.tasks.torchrun_worker",),  # launched by torchrun
         input_digests=_reward_model_inputs,
     ),
     "onpolicy": Stage(
@@ -144,7 +163,6 @@ STAGES: dict[str, Stage] = {
         upstream=("curate", "reward_model"),
         outputs=("pairs", "quarantine"),
         recipe="onpolicy",
-        code_modules=_tasks("onpolicy", "generation", "reward_scoring", "schema", "tokenization", "training"),
         input_digests=_reference_inputs,
         uses_reference=True,
         optional=True,
@@ -155,10 +173,7 @@ STAGES: dict[str, Stage] = {
         upstream=("curate", "reward_model", "onpolicy"),
         outputs=("token_rewards",),
         recipe="token_rewards",
-        code_modules=_tasks(
-            "token_rewards", "contrastive", "abc", "reward_scoring", "logprobs", "tokenization", "schema", "training"
-        )
-        + ("creditflow.storage.token_cache",),
+        extra_code=("creditflow.storage.token_cache",),
         input_digests=_token_rewards_inputs,
         uses_reference=True,
     ),
@@ -168,22 +183,8 @@ STAGES: dict[str, Stage] = {
         upstream=("curate", "onpolicy", "token_rewards"),
         outputs=("train_log", "train_timings", "model/"),
         recipe="policy",
-        # The starting model is the token-reward stage's reference, already in that stage's digest.
-        code_modules=_tasks(
-            "policy",
-            "torchrun_worker",
-            "causal_lm",
-            "fsdp",
-            "preference_batches",
-            "training",
-            "losses",
-            "logprobs",
-            "tokenization",
-            "abc",
-            "reward_scoring",
-            "schema",
-            "model_card",
-        ),
+        extra_code=("creditflow.tasks.torchrun_worker",),  # launched by torchrun
+        # No input digests: the starting model is the token-reward stage's reference, already in that stage's.
     ),
     "rl": Stage(
         name="rl",
@@ -191,22 +192,6 @@ STAGES: dict[str, Stage] = {
         upstream=("curate", "reward_model"),
         outputs=("train_log", "train_timings", "samples", "model/"),
         recipe="rl",
-        code_modules=_tasks(
-            "rl",
-            "rl_rewards",
-            "rl_losses",
-            "causal_lm",
-            "generation",
-            "abc",
-            "contrastive",
-            "reward_scoring",
-            "logprobs",
-            "tokenization",
-            "training",
-            "gold",
-            "schema",
-            "model_card",
-        ),
         input_digests=_reference_inputs,
         uses_reference=True,
         optional=True,
@@ -217,7 +202,6 @@ STAGES: dict[str, Stage] = {
         upstream=("curate", "reward_model", "token_rewards", "policy", "rl"),
         outputs=("generations",),
         recipe="evaluate",
-        code_modules=_tasks("evaluate", "generation", "reward_scoring", "gold", "schema", "tokenization", "training"),
     ),
     "audit": Stage(
         name="audit",
@@ -225,18 +209,6 @@ STAGES: dict[str, Stage] = {
         upstream=("reward_model", "policy"),
         outputs=("audit",),
         recipe="audit",
-        code_modules=_tasks(
-            "audit",
-            "audit_probes",
-            "contrastive",
-            "abc",
-            "logprobs",
-            "reward_scoring",
-            "tokenization",
-            "training",
-            "schema",
-            "ingest",
-        ),
         input_digests=_audit_inputs,
         uses_reference=True,
         optional=True,
