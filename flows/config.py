@@ -16,18 +16,16 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from creditflow.tasks.config_base import ComputeConfig, StrictConfig, check_name
 from creditflow.tasks.configs import (
     AuditConfig,
-    ComputeConfig,
     CurateConfig,
     EvaluateConfig,
     OnPolicyConfig,
     PolicyConfig,
     RewardModelConfig,
     RLConfig,
-    StrictConfig,
     TokenRewardsConfig,
-    check_name,
     method_label,
 )
 

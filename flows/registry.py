@@ -19,7 +19,7 @@ from creditflow.tasks.stage import StageContext
 
 # Modules a recipe imports that cannot change what it writes: plumbing, MLflow figures, model resolution (the
 # resolved files are input digests), config classes (their dump is in the fingerprint), Ray (tested equal to local).
-NOT_ROW_CHANGING = frozenset({"stage", "plots", "token_view", "distributed", "models", "configs"})
+NOT_ROW_CHANGING = frozenset({"stage", "plots", "token_view", "distributed", "models", "configs", "config_base"})
 
 
 def _tasks_imports(module: str) -> set[str]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from creditflow.tasks.configs import ComputeConfig
+from creditflow.tasks.config_base import ComputeConfig
 
 ACTOR_PREFIX = "creditflow-worker"
 NAMESPACE = "creditflow"

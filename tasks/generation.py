@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from creditflow.tasks.configs import ComputeConfig, SamplingConfig
+from creditflow.tasks.config_base import ComputeConfig, SamplingConfig
 from creditflow.tasks.distributed import resumable_map, uses_ray
 from creditflow.tasks.schema import Messages
 from creditflow.tasks.tokenization import render_prompts

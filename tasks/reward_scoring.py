@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from creditflow.tasks.configs import ComputeConfig
+from creditflow.tasks.config_base import ComputeConfig
 from creditflow.tasks.distributed import resumable_map
 from creditflow.tasks.schema import Messages, completion_text
 from creditflow.tasks.tokenization import pad_right

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from creditflow.storage.hashing import code_version, sha256_text
 from creditflow.storage.token_cache import CACHE_SCHEMA, TokenCache, row_key
 from creditflow.tasks import abc, contrastive, tokenization
-from creditflow.tasks.configs import ComputeConfig, TokenRewardsConfig
+from creditflow.tasks.config_base import ComputeConfig
+from creditflow.tasks.configs import TokenRewardsConfig
 from creditflow.tasks.distributed import map_shards, uses_ray
 from creditflow.tasks.schema import SIDES, Messages
 from creditflow.tasks.training import autocast, inference_dtype, reference_precision, resolve_device

@@ -13,7 +13,8 @@ from creditflow.storage.token_cache import TokenCache, row_key
 from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
 from creditflow.tasks import schema as S
-from creditflow.tasks.configs import ComputeConfig, OnPolicyConfig, SamplingConfig, TokenRewardsConfig
+from creditflow.tasks.config_base import ComputeConfig, SamplingConfig
+from creditflow.tasks.configs import OnPolicyConfig, TokenRewardsConfig
 from creditflow.tasks.distributed import resumable_map
 from creditflow.tasks.generation import Sampler, generate
 from creditflow.tasks.onpolicy import compute_onpolicy

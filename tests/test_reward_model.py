@@ -9,7 +9,8 @@ from conftest import Interrupt, stop_at
 from transformers import AutoModelForSequenceClassification
 
 from creditflow.tasks import schema as S
-from creditflow.tasks.configs import RewardModelConfig, SamplingConfig
+from creditflow.tasks.config_base import SamplingConfig
+from creditflow.tasks.configs import RewardModelConfig
 from creditflow.tasks.generation import sample_responses
 from creditflow.tasks.onpolicy import build_pairs
 from creditflow.tasks.reward_model import PairData, bradley_terry_loss, launch_distributed, train_reward_model

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from creditflow.storage.shard_results import ShardResults
-from creditflow.tasks.configs import EvaluateConfig, RLConfig, SamplingConfig
+from creditflow.tasks.config_base import SamplingConfig
+from creditflow.tasks.configs import EvaluateConfig, RLConfig
 from creditflow.tasks.distributed import resumable_map
 from creditflow.tasks.generation import Sampler, generate, sample_responses, shard_seed, vllm_sampling_args
 from creditflow.tasks.reward_scoring import RewardScorer, score_rewards
