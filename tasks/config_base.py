@@ -109,8 +109,9 @@ class SamplingConfig(StrictConfig):
 
 class ComputeConfig(StrictConfig):
     """Where inference runs (token-reward scoring, on-policy sampling, evaluation answers, reward-model scores): in
-    this process, or on a Ray cluster (one actor per worker, each holding the model). Results are identical either
-    way, so none of this is part of any cache key."""
+    this process, or on a Ray cluster (one actor per worker, each holding the model). Results are the same either
+    way (bit for bit at the same CPU thread count; Ray gives an actor as many threads as it reserves CPUs, and
+    other counts can move the last float bit), so none of this is part of any cache key."""
 
     backend: Literal["local", "ray"] = Field("local", description="local: this process; ray: Ray actors.")
     address: str | None = Field(

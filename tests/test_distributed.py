@@ -1,5 +1,9 @@
 """compute.backend: ray on a real local Ray cluster (2 workers, started here): token rewards, sampling and reward
-scores identical to the local path, and a worker that dies mid-run loses no finished shard."""
+scores identical to the local path, and a worker that dies mid-run loses no finished shard.
+
+The local path runs on one CPU thread, as each actor does (Ray sets an actor's threads to the CPUs it reserves): a
+different thread count can split a reduction differently (MKL also picks its threads by load) and move the last
+bit of a float, which would make "the same bits" a coin toss."""
 
 import os
 import sys
@@ -27,6 +31,7 @@ ray = pytest.importorskip("ray")  # in the dev install; a plain install runs wit
 
 CORPUS = ["It was lovely, thank you", "It was awful.", "Question: how was the trip?"] * 20
 RAY = ComputeConfig(backend="ray", workers=2)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
