@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import json
@@ -53,12 +54,28 @@ def code_version(modules: Iterable[str]) -> str:
 
 @lru_cache(maxsize=None)
 def _source_digest(module: str) -> str:
-    """Read once per process: a source file edited while a pipeline runs must not change the fingerprints the
+    """Digest of the module's code without its comments, docstrings and layout (an edited comment computes no row
+    differently, so it must not recompute a stage); a new Python may print the same code differently, which costs
+    one recompute.
+
+    Read once per process: a source file edited while a pipeline runs must not change the fingerprints the
     running code computes (the code in memory is still the old one, and later stages would miss their upstream)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.origin:
         raise ModuleNotFoundError(f"no source for module {module!r}")
-    return sha256_file(spec.origin)
+    return sha256_text(code_text(Path(spec.origin).read_text(encoding="utf-8")))
+
+
+def code_text(source: str) -> str:
+    """``source`` printed back from its syntax tree, docstrings dropped: what runs, not how it is written."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                if isinstance(body[0].value.value, str):
+                    node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
 
 
 def git_commit() -> str | None:

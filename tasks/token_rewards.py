@@ -211,7 +211,7 @@ def compute_missing(
         if uses_ray(compute):
             shards = [[items[j] for j in chunk] for chunk in chunks]
             map_shards(shards, partial(source_worker, build), compute, write, bar, weigh=_forward_tokens)
-        else:
+        else:  # not map_shards' local path: this source is loaded already, and its bar moves per batch
             for index, chunk in enumerate(chunks):
                 write(index, source.score([items[j] for j in chunk], bar))
     seconds = time.perf_counter() - started

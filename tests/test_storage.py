@@ -258,6 +258,21 @@ def test_code_version_is_the_source_as_first_hashed_in_this_process(tmp_path, mo
     assert fresh != before  # a new process hashes the edited source
 
 
+def test_code_digest_ignores_comments_docstrings_and_layout_but_not_code():
+    from creditflow.storage.hashing import code_text
+
+    source = 'def f(x):\n    """Twice x."""\n    return x * 2  # doubled\n\n\nTEMPLATE = "{x}!"\n'
+    reworded = (
+        '# a header\ndef f(x):\n    """Two times x, said another way."""\n'
+        '    return (x *\n            2)\n\nTEMPLATE = "{x}!"\n'
+    )
+    assert code_text(reworded) == code_text(source)
+    assert code_text(source.replace("x * 2", "x * 3")) != code_text(source)
+    assert code_text(source.replace('"{x}!"', '"{x}?"')) != code_text(source)  # a string that is not a docstring
+    only_docstring = 'def g():\n    """Nothing else."""\n'
+    assert code_text(only_docstring) == code_text("def g():\n    pass\n")
+
+
 def test_config_reads_yaml12_floats_and_checks_ranges(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("policy:\n  learning_rate: 1e-4\n  loss: {beta: 5E-2}\nreward_model:\n  learning_rate: 3\n")
