@@ -26,17 +26,15 @@ from tqdm.auto import tqdm
 from creditflow.storage.hashing import sha256_text
 from creditflow.tasks import schema as S
 from creditflow.tasks.configs import CurateConfig, CurateRules, SourceConfig
-from creditflow.tasks.ingest import (
+from creditflow.tasks.ingest import has_columns, read_rows, row_total
+from creditflow.tasks.plots import finish, new_figure
+from creditflow.tasks.preference_formats import (
     MalformedInputError,
     RowProblem,
     check_columns,
     convert_row,
     detect_format,
-    has_columns,
-    read_rows,
-    row_total,
 )
-from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.schema import completion_text
 from creditflow.tasks.stage import StageContext
 

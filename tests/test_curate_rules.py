@@ -14,7 +14,7 @@ import pytest
 from creditflow.tasks import schema as S
 from creditflow.tasks.configs import CurateConfig, CurateRules, SourceConfig
 from creditflow.tasks.curate import RULES, curate, split_unit
-from creditflow.tasks.ingest import MalformedInputError
+from creditflow.tasks.preference_formats import MalformedInputError
 
 
 def U(text: str) -> dict[str, str]:

@@ -14,14 +14,13 @@ import pytest
 
 from creditflow.tasks.configs import CurateConfig, CurateRules, SourceConfig
 from creditflow.tasks.curate import curate
-from creditflow.tasks.ingest import (
+from creditflow.tasks.ingest import read_rows, source_digest
+from creditflow.tasks.preference_formats import (
     MalformedInputError,
     RowProblem,
     check_columns,
     convert_row,
     detect_format,
-    read_rows,
-    source_digest,
 )
 
 

@@ -20,7 +20,7 @@ from creditflow.flows.pipeline import curate_flow, pipeline_flow, reward_model_f
 from creditflow.flows.registry import STAGES
 from creditflow.flows.stages import StageNotReady
 from creditflow.storage.workspace import Workspace
-from creditflow.tasks.ingest import MalformedInputError
+from creditflow.tasks.preference_formats import MalformedInputError
 from creditflow.tasks.tiny import build_tiny_causal_lm
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
