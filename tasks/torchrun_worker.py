@@ -9,6 +9,7 @@ SPEC names the trainer (``policy`` or ``reward_model``) and everything it reads 
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import json
 import sys
@@ -22,17 +23,19 @@ TRAINERS = {"policy": "creditflow.tasks.policy", "reward_model": "creditflow.tas
 
 
 def main(spec_path: str) -> None:
+    faulthandler.enable()  # a worker killed by a signal (a C++ abort in a collective) prints where it was
     spec = json.loads(Path(spec_path).read_text())
     trainer = importlib.import_module(TRAINERS[spec["trainer"]])  # a fixed table: the spec names, never imports
     init_worker_process_group()
-    try:
-        append = MetricsAppender(spec["metrics"], dist.get_rank())
-        history = trainer.run_worker(spec, append)
-        append.close()
-        if dist.get_rank() == 0:
-            Path(spec["history"]).write_text(json.dumps(history))
-    finally:
-        dist.destroy_process_group()
+    append = MetricsAppender(spec["metrics"], dist.get_rank())
+    history = trainer.run_worker(spec, append)
+    append.close()
+    if dist.get_rank() == 0:
+        Path(spec["history"]).write_text(json.dumps(history))
+    # Only after success, and together: a rank that tears its group down while another is still in a collective
+    # (or after an error, while the others wait in one) can abort or hang; on an error torchrun stops the rest.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
