@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import ast
 import importlib
-import importlib.util
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
 from creditflow.flows.config import PipelineConfig
+from creditflow.storage.hashing import module_source, sha256_file
 from creditflow.tasks.configs import TINY_BACKBONE
 from creditflow.tasks.stage import StageContext
 
@@ -25,7 +25,7 @@ NOT_ROW_CHANGING = frozenset({"stage", "plots", "token_view", "distributed", "mo
 def _tasks_imports(module: str) -> set[str]:
     """The creditflow.tasks modules ``module``'s source imports, at top level or inside functions (parsed, not
     imported, so planning costs no torch import)."""
-    tree = ast.parse(Path(importlib.util.find_spec(f"creditflow.tasks.{module}").origin).read_text())
+    tree = ast.parse(module_source(f"creditflow.tasks.{module}"))
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module == "creditflow.tasks":
@@ -128,8 +128,6 @@ def _reference_inputs(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def _audit_inputs(cfg: PipelineConfig) -> dict[str, Any]:
-    from creditflow.storage.hashing import sha256_file
-
     probe = {"probe": sha256_file(cfg.audit.probe)} if cfg.audit.probe else {}
     return {**_reference_inputs(cfg), **probe}
 

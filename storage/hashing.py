@@ -60,10 +60,17 @@ def _source_digest(module: str) -> str:
 
     Read once per process: a source file edited while a pipeline runs must not change the fingerprints the
     running code computes (the code in memory is still the old one, and later stages would miss their upstream)."""
+    return sha256_text(code_text(module_source(module)))
+
+
+@lru_cache(maxsize=None)
+def module_source(module: str) -> str:
+    """The source text of ``module`` (a dotted name), found and not imported, read once per process (so the stage
+    registry's import walk and the code digests see the same text)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.origin:
         raise ModuleNotFoundError(f"no source for module {module!r}")
-    return sha256_text(code_text(Path(spec.origin).read_text(encoding="utf-8")))
+    return Path(spec.origin).read_text(encoding="utf-8")
 
 
 def code_text(source: str) -> str:
