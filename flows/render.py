@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -163,15 +164,25 @@ def print_audit(rows) -> None:
     def fmt(value: float) -> str:
         return "-" if value != value else f"{value:.3f}"  # NaN: nothing to compare
 
-    table = Table("source", "probe", "items", "bad tokens", "AUC", "paired acc", "coverage", title="token-reward audit")
+    # One section per source, named once, so the table stays readable in 80 columns (a log file, a CI job).
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="token-reward audit")
+    for name in ("source", "probe"):
+        table.add_column(name, no_wrap=True)
+    for name in ("items", "bad", "AUC", "paired", "coverage"):
+        table.add_column(name, justify="right")
+    previous = None
     for row in rows:
+        if previous is not None and row.source != previous:
+            table.add_section()
         style = "bold red" if row.auc < AUC_WARNING else None
-        cells = (row.source, row.kind, str(row.items), str(row.bad_tokens), fmt(row.auc))
-        table.add_row(*cells, fmt(row.paired_accuracy), fmt(row.coverage), style=style)
+        cells = ("" if row.source == previous else row.source, row.kind, str(row.items), str(row.bad_tokens))
+        table.add_row(*cells, fmt(row.auc), fmt(row.paired_accuracy), fmt(row.coverage), style=style)
+        previous = row.source
     console.print(table)
     console.print(
-        "AUC: P(bad token scores below another token); 0.5 is chance. paired acc: bad tokens below the "
-        "correct answer's tokens at the same place."
+        "bad: tokens on a bad span. AUC: P(bad token scores below another token); 0.5 is chance. paired: bad "
+        "tokens below the correct answer's tokens at the same place. planted-known: the planted errors the "
+        "reference model itself gets right (its log-prob prefers the right answer)."
     )
     for row in rows:
         if row.kind == "all" and row.auc < AUC_WARNING:

@@ -10,6 +10,12 @@ the trivial baseline. Per source and probe kind:
 - **paired accuracy**: the share of items whose bad tokens score below the tokens at the same characters of the
   correct answer (items that have one).
 - **coverage**: the share of items with at least one token on a bad span (truncation can cut it off).
+
+Besides one row per kind, ``planted`` pools the planted-error kinds and ``all`` every item. ``planted-known`` keeps
+the planted errors the reference model itself gets right (its log-prob is lower at the wrong tokens than at the right
+answer's): where the model does not know the answer, no prompt can make it flag the error, so this row separates a
+template that fails from a model that does not know. Selected by the reference log-prob, that source's own paired
+accuracy there is 1 by construction.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from creditflow.tasks.schema import Messages
 
 logger = logging.getLogger(__name__)
 AUC_WARNING = 0.5
+REFERENCE = "reference log-prob"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -73,9 +80,18 @@ class AuditRow:
     coverage: float
 
 
-def audit_source(name: str, scorer: Scorer, probe: list[ProbeItem]) -> list[AuditRow]:
-    """Rows for every probe kind present, one for the planted-error kinds together (``planted``, when there are
-    several) and one for every item (``all``)."""
+@dataclass
+class ItemScores:
+    """One probe item under one source: its bad tokens' scores, the other tokens' scores, and whether the bad tokens
+    score below the correct answer's tokens at the same characters (None without a correct answer to compare)."""
+
+    kind: str
+    bad: np.ndarray
+    other: np.ndarray
+    paired: float | None
+
+
+def score_items(scorer: Scorer, probe: list[ProbeItem]) -> list[ItemScores]:
     corrupted = scorer([i.prompt for i in probe], [i.response for i in probe])
     with_original = [j for j, i in enumerate(probe) if i.original is not None]
     originals = dict(
@@ -91,17 +107,32 @@ def audit_source(name: str, scorer: Scorer, probe: list[ProbeItem]) -> list[Audi
             right = _overlaps(ref.char_start, ref.char_end, item.original_spans)
             if right.any():
                 paired = float(scored.scores[bad].mean() < ref.scores[right].mean())
-        per_item.append((item.kind, scored.scores[bad], scored.scores[real & ~bad], paired, bool(bad.any())))
-    groups = {k: {k} for k in KINDS if any(p[0] == k for p in per_item)}
+        per_item.append(ItemScores(item.kind, scored.scores[bad], scored.scores[real & ~bad], paired))
+    return per_item
+
+
+def known_items(reference: list[ItemScores]) -> set[int]:
+    """The planted errors the reference model gets right: lower log-prob at the wrong tokens than at the right ones."""
+    return {j for j, item in enumerate(reference) if item.kind in PLANTED_KINDS and item.paired == 1.0}
+
+
+def summarize(name: str, per_item: list[ItemScores], known: set[int] | None = None) -> list[AuditRow]:
+    """Rows for every probe kind present, one for the planted-error kinds together (``planted``, when there are
+    several), one for the planted errors in ``known`` (``planted-known``) and one for every item (``all``)."""
+    groups = {k: [j for j, p in enumerate(per_item) if p.kind == k] for k in KINDS}
+    groups = {k: members for k, members in groups.items() if members}
+    planted = [j for j, p in enumerate(per_item) if p.kind in PLANTED_KINDS]
     if sum(k in groups for k in PLANTED_KINDS) > 1:
-        groups["planted"] = set(PLANTED_KINDS)
-    groups["all"] = set(KINDS)
+        groups["planted"] = planted
+    if known is not None and planted:
+        groups["planted-known"] = [j for j in planted if j in known]
+    groups["all"] = list(range(len(per_item)))
     rows = []
     for kind, members in groups.items():
-        chosen = [p for p in per_item if p[0] in members]
-        bad = np.concatenate([p[1] for p in chosen])
-        other = np.concatenate([p[2] for p in chosen])
-        paired = [p[3] for p in chosen if p[3] is not None]
+        chosen = [per_item[j] for j in members]
+        bad = np.concatenate([p.bad for p in chosen]) if chosen else np.array([])
+        other = np.concatenate([p.other for p in chosen]) if chosen else np.array([])
+        paired = [p.paired for p in chosen if p.paired is not None]
         rows.append(
             AuditRow(
                 name,
@@ -110,24 +141,42 @@ def audit_source(name: str, scorer: Scorer, probe: list[ProbeItem]) -> list[Audi
                 len(bad),
                 auc(bad, other),
                 float(np.mean(paired)) if paired else float("nan"),
-                float(np.mean([p[4] for p in chosen])),
+                float(np.mean([len(p.bad) > 0 for p in chosen])) if chosen else float("nan"),
             )
         )
     return rows
 
 
+def audit_source(name: str, scorer: Scorer, probe: list[ProbeItem], known: set[int] | None = None) -> list[AuditRow]:
+    """:func:`summarize` of one source's :func:`score_items`."""
+    return summarize(name, score_items(scorer, probe), known)
+
+
 def audit_figure(rows: list[AuditRow]):
+    """AUC per source: every item, the planted errors, and those the reference model knows; red below 0.5."""
+    from matplotlib.patches import Patch
+
     from creditflow.tasks.plots import finish, new_figure
 
-    overall = [r for r in rows if r.kind == "all"]
-    fig, (ax,) = new_figure(1, (max(5, 1.2 * len(overall)), 3.5))
-    colors = ["#c0504d" if r.auc < AUC_WARNING else "#4f81bd" for r in overall]
-    ax.bar(range(len(overall)), [r.auc for r in overall], color=colors)
+    sources = list(dict.fromkeys(r.source for r in rows))
+    pools = [k for k in ("all", "planted", "planted-known") if any(r.kind == k for r in rows)]
+    by_key = {(r.source, r.kind): r.auc for r in rows}
+    fig, (ax,) = new_figure(1, (max(6, 1.4 * len(sources)), 3.8))
+    width, colors = 0.8 / len(pools), ("#4f81bd", "#9bbb59", "#8064a2")
+    for p, (pool, color) in enumerate(zip(pools, colors)):
+        values = [by_key.get((s, pool), float("nan")) for s in sources]
+        x = [i + (p - (len(pools) - 1) / 2) * width for i in range(len(sources))]
+        bars = ax.bar(x, values, width, color=color)
+        for bar, value in zip(bars, values):
+            if value < AUC_WARNING:
+                bar.set_edgecolor("#c0504d")
+                bar.set_linewidth(2)
     ax.axhline(0.5, color="black", lw=0.8, ls="--")
-    ax.set_xticks(range(len(overall)), [r.source for r in overall], rotation=20, ha="right", fontsize=8)
+    ax.set_xticks(range(len(sources)), sources, rotation=20, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("AUC (bad tokens score lower)")
-    ax.set_title("token-reward audit: below 0.5 points the wrong way")
+    ax.set_title("token-reward audit (red edge: below 0.5, the wrong way)", fontsize=10)
+    ax.legend(handles=[Patch(color=c, label=pool) for pool, c in zip(pools, colors)], fontsize=7, loc="lower right")
     return finish(fig)
 
 
@@ -263,19 +312,19 @@ def run_audit(
     dtype, bf16_autocast = reference_precision("auto", device)  # what token_rewards.dtype: auto scores with
     model = contrastive.load_reference_model(reference, device, dtype)
     ref = Reference(model, tokenizer, pad_token_id(tokenizer), device, max_length, batch_size, bf16_autocast)
-    rows: list[AuditRow] = []
+    sources: dict[str, Scorer] = {}
     for index, (preset, (better, worse)) in enumerate(presets.items()):
-        rhat, logprob = _contrastive_scorers(ref, better, worse)
-        rows += audit_source(f"contrastive:{preset}", rhat, probe)
+        sources[f"contrastive:{preset}"], logprob = _contrastive_scorers(ref, better, worse)
         if index == 0:  # the reference log-prob is the same under every preset
-            rows += audit_source("reference log-prob", logprob, probe)
+            sources[REFERENCE] = logprob
     if policy is not None:
-        rows += audit_source("dpo-implicit", _implicit_scorer(ref, policy, beta), probe)
+        sources["dpo-implicit"] = _implicit_scorer(ref, policy, beta)
     if reward_model is not None:
         official, centered = _abc_scorers(reward_model, reward_model_max_length, abc_beta, batch_size, device)
-        rows += audit_source("abc-official", official, probe)
-        rows += audit_source("abc-centered", centered, probe)
-    return rows
+        sources |= {"abc-official": official, "abc-centered": centered}
+    scores = {name: score_items(scorer, probe) for name, scorer in sources.items()}
+    known = known_items(scores[REFERENCE]) if REFERENCE in scores else None
+    return [row for name, per_item in scores.items() for row in summarize(name, per_item, known)]
 
 
 # ---------------------------------------------------------------------------------------------------------

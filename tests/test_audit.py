@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import CORPUS
 
-from creditflow.tasks.audit import TokenScores, auc, audit_source
+from creditflow.tasks.audit import TokenScores, auc, audit_source, known_items, score_items
 from creditflow.tasks.audit_probes import (
     CAPITALS,
     KINDS,
@@ -70,6 +70,25 @@ def test_audit_rows_on_a_perfect_an_inverted_and_a_blind_scorer():
     assert inverted[-1].auc == 0.0 and inverted[0].paired_accuracy == 0.0
     blind = audit_source("blind", _by_character(lambda t, i: 0.0), probe)
     assert blind[-1].auc == 0.5 and blind[0].paired_accuracy == 0.0  # equal means are not "below"
+
+
+def test_planted_known_keeps_the_errors_the_reference_gets_right():
+    probe = [
+        ProbeItem("arithmetic", [], "2 + 2 is 5.", [(9, 10)], "2 + 2 is 4.", [(9, 10)]),
+        ProbeItem("capitals", [], "Paris is in Spain.", [(12, 17)], "Paris is in France.", [(12, 18)]),
+        ProbeItem("sentiment", [], "a sad day", [(2, 5)], "a fun day", [(2, 5)]),
+    ]
+    # The reference prefers "4" to "5" but "Spain" to "France": it knows only the arithmetic answer.
+    reference = _by_character(lambda t, i: {"5": -1.0, "4": 1.0}.get(t[i], 1.0 if "Spain" in t else 0.0))
+    known = known_items(score_items(reference, probe))
+    assert known == {0}  # not the capital it gets wrong, and never a sentiment flip
+    # A source that flags only the capital: perfect on the planted pool's capital, at chance where the model knows.
+    source = _by_character(lambda t, i: -1.0 if "Spain" in t and 12 <= i < 17 else 0.0)
+    rows = {r.kind: r for r in audit_source("source", source, probe, known)}
+    assert list(rows) == ["arithmetic", "capitals", "sentiment", "planted", "planted-known", "all"]
+    assert rows["planted-known"].items == 1 and rows["planted-known"].bad_tokens == 1
+    assert rows["planted-known"].auc == 0.5 and rows["capitals"].auc == 1.0
+    assert "planted-known" not in {r.kind for r in audit_source("source", source, probe)}  # no reference, no row
 
 
 def test_probes_are_seeded_and_their_spans_hold_the_planted_words():
@@ -133,10 +152,13 @@ def test_every_source_runs_on_tiny_models(tiny_lm_dir, tmp_path):
         "abc-official",
         "abc-centered",
     }
-    for row in rows:
-        assert row.kind in (*KINDS, "planted", "all") and 0.0 <= row.auc <= 1.0 and row.coverage == 1.0
     items = {r.kind: r.items for r in rows if r.source == "reference log-prob"}
     assert items["planted"] == 3 * len(PLANTED_KINDS) and items["all"] == items["planted"] + items["sentiment"]
+    assert {r.items for r in rows if r.kind == "planted-known"} == {items["planted-known"]}  # one selection for all
+    for row in rows:
+        assert row.kind in (*KINDS, "planted", "planted-known", "all")
+        if row.items:  # the tiny reference may know none of the planted answers
+            assert 0.0 <= row.auc <= 1.0 and row.coverage == 1.0
 
 
 @pytest.mark.slow
