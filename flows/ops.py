@@ -335,13 +335,13 @@ def join_stage(
     """Node ``node_rank`` > 0 of a multi-node run of ``stage`` (its ``nnodes`` > 1): wait until node 0 has the
     stage's upstream artifacts on the shared workspace and has launched, then run this node's torchrun share.
     Same config, same workspace, so the same fingerprint and launch folder as node 0."""
-    from creditflow.flows.config import validate
+    from creditflow.flows.registry import pin_hub_revisions
     from creditflow.flows.stages import StageNotReady, plan_stage, resolve_upstream
     from creditflow.tasks.training import join_torchrun, launch_folder
 
     if stage not in MULTI_NODE_STAGES:
         raise ValueError(f"only {' and '.join(MULTI_NODE_STAGES)} run over several nodes, not {stage!r}")
-    cfg = validate(config)
+    _, cfg = pin_hub_revisions(config)
     if getattr(cfg, stage).nnodes < 2:
         raise ValueError(f"{stage}.nnodes is 1: there is no run to join (set it to the number of nodes)")
     ws = Workspace.resolve(workspace)

@@ -11,8 +11,8 @@ from typing import Any
 
 from prefect import flow
 
-from creditflow.flows.config import data_needs, default_run_name, pipeline_needs, validate
-from creditflow.flows.registry import STAGES
+from creditflow.flows.config import data_needs, default_run_name, pipeline_needs
+from creditflow.flows.registry import STAGES, pin_hub_revisions
 from creditflow.flows.stages import execute_stage, hash_sources, plan_stage, record_stage_run
 from creditflow.storage.artifacts import Manifest
 from creditflow.storage.catalog import Catalog
@@ -77,7 +77,7 @@ def _stage_flow(name: str):
         refresh_catalog: bool = True,
     ) -> dict[str, Any]:
         """``upstream``: manifests of the earlier stages (the pipeline passes them; alone, they are resolved)."""
-        cfg = validate(config)
+        config, cfg = pin_hub_revisions(config)
         ws = Workspace.resolve(workspace or cfg.workspace)
         manifests = {k: Manifest.from_dict(m) for k, m in upstream.items()} if upstream is not None else None
         try:
@@ -120,7 +120,7 @@ def pipeline_flow(
     exist). ``refresh`` names stages to recompute even if cached.
     """
     hash_sources()
-    cfg = validate(config)
+    config, cfg = pin_hub_revisions(config)
     ws = Workspace.resolve(workspace or cfg.workspace)
     order = [name for name, stage in STAGES.items() if stage.enabled(cfg)]
     refresh = list(refresh or [])
@@ -191,6 +191,7 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """What ``creditflow run`` and the demo call: the pipeline flow, or, when every stage is already cached and
     nothing asks for a recompute, :func:`record_cached_run`, which starts no Prefect server and loads no model."""
+    config, _ = pin_hub_revisions(config)  # once: both paths below plan with the same commits
     if not from_stage and not refresh:
         cached = record_cached_run(config, workspace, run_name)
         if cached is not None:
@@ -207,7 +208,7 @@ def record_cached_run(
     run that computed each artifact, carrying the headline params and metrics) plus its ``stage_runs`` rows, and
     return it in ``pipeline_flow``'s shape. None when some stage must compute (or the stages' needs fail)."""
     hash_sources()
-    cfg = validate(config)
+    config, cfg = pin_hub_revisions(config)
     if pipeline_needs(cfg):
         return None  # pipeline_flow reports them
     ws = Workspace.resolve(workspace or cfg.workspace)

@@ -6,13 +6,15 @@ A stage's recipe is ``creditflow.tasks.<recipe>.compute_<name>(ctx)``; flows/sta
 from __future__ import annotations
 
 import ast
+import copy
 import importlib
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
-from creditflow.flows.config import PipelineConfig
+from creditflow.flows.config import PipelineConfig, validate
 from creditflow.storage.hashing import module_source, sha256_file
 from creditflow.tasks.configs import TINY_BACKBONE
 from creditflow.tasks.stage import StageContext
@@ -97,6 +99,45 @@ def _model_digest(key: str, spec: str) -> dict[str, str]:
     if folder.parent.name == "snapshots":  # a hub id: the folder is named by the resolved commit
         digest["revision"] = folder.name
     return digest
+
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+# The config keys that name a model or tokenizer (a hub dataset's pin is its source's `revision`).
+MODEL_KEYS = ("reference_model", "reward_model.base_model", "curate.tokenizer")
+
+
+def pin_hub_revisions(config: dict[str, Any] | None) -> tuple[dict[str, Any], PipelineConfig]:
+    """Validate ``config`` and pin every hub id in it to the commit it resolves to now: a model or tokenizer
+    becomes ``org/name@<commit>``, a hub dataset source gets ``revision: <commit>``.
+
+    A run pins once, at its start, and hands the pinned config on: planning, the recipe, its torchrun or Ray
+    workers and later stages (which read the spec from upstream manifests) then all load the one snapshot the
+    fingerprint covers, even if the branch moves mid-run, and the manifests say which commit it was.
+    """
+    from creditflow.tasks.models import is_hub_id
+
+    cfg = validate(config)  # errors in config words first
+    pinned = copy.deepcopy(config or {})
+    changed = False
+    for dotted in MODEL_KEYS:
+        *sections, key = dotted.split(".")
+        holder = pinned
+        for section in sections:
+            holder = holder.get(section) if isinstance(holder, dict) else None
+        spec = holder.get(key) if isinstance(holder, dict) else None
+        if isinstance(spec, str) and is_hub_id(spec) and not _COMMIT.match(spec.partition("@")[2]):
+            holder[key] = f"{spec.partition('@')[0]}@{_resolve(dotted, spec).name}"
+            changed = True
+    raw_sources = (pinned.get("curate") or {}).get("sources") or []
+    for raw, source in zip(raw_sources, cfg.curate.sources):
+        if isinstance(raw, dict) and source.hf and not _COMMIT.match(source.revision or ""):
+            from creditflow.tasks.ingest import hub_dataset_snapshot
+
+            snapshot = hub_dataset_snapshot(source)
+            if snapshot is not None:
+                raw["revision"] = snapshot.name
+                changed = True
+    return pinned, (validate(pinned) if changed else cfg)
 
 
 def _curate_inputs(cfg: PipelineConfig) -> dict[str, Any]:

@@ -455,6 +455,10 @@ def test_the_pipeline_runs_on_hub_ids_from_the_offline_hf_cache_and_exports_hf_f
     stages = pipeline_flow(config=cfg, workspace=str(workspace), progress=False)["stages"]
     assert stages["curate"]["manifest"]["inputs"]["sources"] == [f"hub:acme/prefs@{'d' * 40}"]
     assert stages["token_rewards"]["manifest"]["inputs"]["reference_model"]["revision"] == "c" * 40
+    # Pinned at the start of the run: the manifests name the commits every stage loaded.
+    assert stages["token_rewards"]["manifest"]["config"]["reference_model"] == f"acme/tiny-lm@{'c' * 40}"
+    assert stages["curate"]["manifest"]["config"]["tokenizer"] == f"acme/tiny-lm@{'c' * 40}"
+    assert stages["curate"]["manifest"]["config"]["sources"][0]["revision"] == "d" * 40
     assert stages["evaluate"]["manifest"]["metrics"]["prompts"] > 0
 
     # Exported folders load with the standard classes and carry a card with YAML metadata.

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pytest
 
 from creditflow.flows.config import ConfigError, PipelineConfig, load_config
+from creditflow.flows.registry import pin_hub_revisions
 from creditflow.flows.stages import plan_stage
 from creditflow.storage.artifacts import ArtifactError, ArtifactStore
 from creditflow.storage.catalog import Catalog
@@ -435,18 +436,26 @@ def test_hub_ids_resolve_offline_from_the_hf_cache_and_a_moved_branch_is_a_miss(
     assert resolve_model("acme/tiny-lm") == first
     assert resolve_model(f"acme/tiny-lm@{'a' * 40}") == first
 
-    def fingerprint():
-        return plan_stage(
-            "onpolicy", load_config(None, {"reference_model": "acme/tiny-lm"}), {"curate": c, "reward_model": r}
-        )
+    def fingerprint(cfg=None):
+        cfg = cfg or load_config(None, {"reference_model": "acme/tiny-lm"})
+        return plan_stage("onpolicy", cfg, {"curate": c, "reward_model": r})
 
     store = ArtifactStore(tmp_path / "artifacts")
     c, r = _publish(store), _publish(store, "e" * 24)
     before = fingerprint()
     assert before.inputs["reference_model"]["revision"] == "a" * 40
+    # A run pins the branch to its commit once; what it hands on keeps naming that snapshot after the branch moves.
+    pinned, pinned_cfg = pin_hub_revisions({"reference_model": "acme/tiny-lm"})
+    assert pinned == {"reference_model": f"acme/tiny-lm@{'a' * 40}"}
+    assert pinned_cfg.reference_model == pinned["reference_model"]
+    assert pin_hub_revisions(pinned)[0] == pinned
+    pinned_before = fingerprint(pinned_cfg)
     _hub_cache(tmp_path / "hub", "acme/tiny-lm", commit="b" * 40)  # the branch moves to new weights
     after = fingerprint()
     assert after.fingerprint != before.fingerprint and after.inputs["reference_model"]["revision"] == "b" * 40
+    assert fingerprint(pinned_cfg).fingerprint == pinned_before.fingerprint
+    assert resolve_model(pinned["reference_model"]) == first
+    assert pin_hub_revisions({"reference_model": "acme/tiny-lm"})[0]["reference_model"].endswith("@" + "b" * 40)
 
     for spec, message in [
         (
