@@ -163,18 +163,10 @@ def launch_distributed(
 ) -> list[dict[str, float]]:
     """Train with ``config.num_processes`` torchrun workers per node (:func:`run_worker` in each) on
     ``config.nnodes`` nodes (the others join through ``launch_dir``); returns the history."""
-    spec = {
-        "trainer": "policy",
-        "model_dir": str(model_dir),
-        "config": config.model_dump(),
-        "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir is not None else None,
-        "output_dir": str(output_dir),
-        "adapter_dir": str(adapter_dir) if adapter_dir is not None else None,
-    }
+    paths = {"model_dir": model_dir, "checkpoint_dir": checkpoint_dir, "output_dir": output_dir}
+    paths["adapter_dir"] = adapter_dir
     write_examples = lambda path: torch.save([asdict(e) for e in examples], path)  # noqa: E731
-    return training.launch_torchrun(
-        spec, config.num_processes, {"examples": write_examples}, on_step, nnodes=config.nnodes, launch_dir=launch_dir
-    )
+    return training.launch_torchrun("policy", config, paths, {"examples": write_examples}, on_step, launch_dir)
 
 
 def run_worker(spec: dict, on_step: training.StepCallback) -> list[dict[str, float]]:

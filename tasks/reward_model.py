@@ -272,17 +272,9 @@ def launch_distributed(
 ) -> list[dict[str, float]]:
     """Train under torchrun (:func:`run_worker` in each of ``config.num_processes`` processes per node, on
     ``config.nnodes`` nodes) and save the model to ``output_dir``; returns the per-epoch eval history."""
-    spec = {
-        "trainer": "reward_model",
-        "model_dir": str(base),
-        "config": config.model_dump(),
-        "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir is not None else None,
-        "output_dir": str(output_dir),
-    }
+    paths = {"model_dir": base, "checkpoint_dir": checkpoint_dir, "output_dir": output_dir}
     write_pairs = lambda path: path.write_text(json.dumps({"train": asdict(train), "eval": asdict(evaluation)}))  # noqa: E731
-    return training.launch_torchrun(
-        spec, config.num_processes, {"pairs": write_pairs}, on_step, nnodes=config.nnodes, launch_dir=launch_dir
-    )
+    return training.launch_torchrun("reward_model", config, paths, {"pairs": write_pairs}, on_step, launch_dir)
 
 
 def run_worker(spec: dict, on_step: training.StepCallback) -> list[dict[str, float]]:

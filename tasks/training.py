@@ -272,23 +272,26 @@ def launch_folder(checkpoint_dir: str | Path) -> Path:
 
 
 def launch_torchrun(
-    spec: dict[str, Any],
-    nproc: int,
+    trainer: str,
+    config: Any,
+    paths: dict[str, str | Path | None],
     files: dict[str, Callable[[Path], None]] | None = None,
     on_step: StepCallback | None = None,
-    poll_seconds: float = 0.5,
-    nnodes: int = 1,
     launch_dir: Path | None = None,
+    poll_seconds: float = 0.5,
 ) -> list[dict[str, float]]:
     """Run ``python -m torch.distributed.run --nproc_per_node N -m creditflow.tasks.torchrun_worker SPEC.json`` (node
-    0's share; ``spec["trainer"]`` names the stage) and wait.
+    0's share of ``config.nnodes``, ``config.num_processes`` per node) and wait.
 
-    Running in a subprocess frees every GPU byte when the stage ends. ``files`` writers put inputs beside the spec
-    (their paths are added to it under the same names). The worker's rank 0 appends one JSON line of metrics per
-    step to ``spec["metrics"]``, which this process tails and hands to ``on_step``, and writes the whole history to
-    ``spec["history"]``, which is returned. With ``nnodes`` > 1 the spec goes to ``launch_dir``, a folder on the
+    The spec names the ``trainer`` (the stage whose ``run_worker`` each process runs), carries its ``config`` (a
+    DistributedTrainingConfig) and ``paths`` (model, checkpoint and output folders, as strings). Running in a
+    subprocess frees every GPU byte when the stage ends. ``files`` writers put inputs beside the spec (their paths
+    are added to it under the same names). The worker's rank 0 appends one JSON line of metrics per step to
+    ``spec["metrics"]``, which this process tails and hands to ``on_step``, and writes the whole history to
+    ``spec["history"]``, which is returned. With several nodes the spec goes to ``launch_dir``, a folder on the
     shared workspace where :func:`join_torchrun` on the other nodes finds it.
     """
+    nproc, nnodes = config.num_processes, config.nnodes
     if nnodes > 1 and launch_dir is None:
         raise ValueError("a run over several nodes needs a launch folder on the shared workspace")
     work = Path(launch_dir) if nnodes > 1 else Path(tempfile.mkdtemp(prefix="creditflow-torchrun-"))
@@ -296,7 +299,13 @@ def launch_torchrun(
     try:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        spec = {**spec, "metrics": str(work / "metrics.jsonl"), "history": str(work / "history.json")}
+        spec = {
+            "trainer": trainer,
+            "config": config.model_dump(),
+            **{key: None if path is None else str(path) for key, path in paths.items()},
+            "metrics": str(work / "metrics.jsonl"),
+            "history": str(work / "history.json"),
+        }
         for name, write in (files or {}).items():
             write(work / name)
             spec[name] = str(work / name)
