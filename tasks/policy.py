@@ -163,8 +163,12 @@ def launch_distributed(
 ) -> list[dict[str, float]]:
     """Train with ``config.num_processes`` torchrun workers per node (:func:`run_worker` in each) on
     ``config.nnodes`` nodes (the others join through ``launch_dir``); returns the history."""
-    paths = {"model_dir": model_dir, "checkpoint_dir": checkpoint_dir, "output_dir": output_dir}
-    paths["adapter_dir"] = adapter_dir
+    paths = {
+        "model_dir": model_dir,
+        "checkpoint_dir": checkpoint_dir,
+        "output_dir": output_dir,
+        "adapter_dir": adapter_dir,
+    }
     write_examples = lambda path: torch.save([asdict(e) for e in examples], path)  # noqa: E731
     return training.launch_torchrun("policy", config, paths, {"examples": write_examples}, on_step, launch_dir)
 

@@ -26,6 +26,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import LambdaLR
 
+from creditflow.tasks.config_base import DistributedTrainingConfig
+
 StepCallback = Callable[[int, dict[str, float]], None]
 
 
@@ -273,7 +275,7 @@ def launch_folder(checkpoint_dir: str | Path) -> Path:
 
 def launch_torchrun(
     trainer: str,
-    config: Any,
+    config: DistributedTrainingConfig,
     paths: dict[str, str | Path | None],
     files: dict[str, Callable[[Path], None]] | None = None,
     on_step: StepCallback | None = None,
@@ -283,10 +285,10 @@ def launch_torchrun(
     """Run ``python -m torch.distributed.run --nproc_per_node N -m creditflow.tasks.torchrun_worker SPEC.json`` (node
     0's share of ``config.nnodes``, ``config.num_processes`` per node) and wait.
 
-    The spec names the ``trainer`` (the stage whose ``run_worker`` each process runs), carries its ``config`` (a
-    DistributedTrainingConfig) and ``paths`` (model, checkpoint and output folders, as strings). Running in a
-    subprocess frees every GPU byte when the stage ends. ``files`` writers put inputs beside the spec (their paths
-    are added to it under the same names). The worker's rank 0 appends one JSON line of metrics per step to
+    The spec names the ``trainer`` (the stage whose ``run_worker`` each process runs) and carries its ``config``
+    and ``paths`` (model, checkpoint and output folders, as strings). Running in a subprocess frees every GPU byte
+    when the stage ends. ``files`` writers put inputs beside the spec (their paths are added to it under the same
+    names). The worker's rank 0 appends one JSON line of metrics per step to
     ``spec["metrics"]``, which this process tails and hands to ``on_step``, and writes the whole history to
     ``spec["history"]``, which is returned. With several nodes the spec goes to ``launch_dir``, a folder on the
     shared workspace where :func:`join_torchrun` on the other nodes finds it.
