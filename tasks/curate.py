@@ -310,5 +310,5 @@ def _summary_figure(result: CurationResult):
         unit = "characters"
     right.hist([chosen, rejected], bins=30, label=["chosen", "rejected"], color=["#4f81bd", "#f79646"])
     right.set_title(f"response length ({unit})")
-    right.legend()
+    right.legend(loc="upper right")
     return finish(fig)

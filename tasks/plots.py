@@ -1,5 +1,6 @@
 """Figures that stages log to MLflow: headless (Agg), laid out tight, and closed once drawn so pyplot does not
-accumulate them over a long process."""
+accumulate them over a long process. Legends name their corner (`loc=`): the default "best" searches the plotted
+data and, on a loaded machine, warns that it is slow."""
 
 from __future__ import annotations
 

@@ -376,7 +376,7 @@ def _reward_figure(result: EvalResult):
     fig, (left, right) = new_figure(2, (10, 3.5))
     left.hist([result.rewards_chosen, result.rewards_rejected], bins=30, label=["chosen", "rejected"])
     left.set_title("eval rewards")
-    left.legend()
+    left.legend(loc="upper right")
     margins = [c - r for c, r in zip(result.rewards_chosen, result.rewards_rejected)]
     right.hist(margins, bins=30, color="#4f81bd")
     right.axvline(0, color="black", lw=1)

@@ -403,7 +403,7 @@ def reward_figure(history: list[dict[str, float]]):
         left.plot(samples, [h["gold"] for h in history], label="gold", marker="o", ms=3)
     left.set_xlabel("samples")
     left.set_title("reward of the rollouts")
-    left.legend()
+    left.legend(loc="lower right")
     right.plot(samples, [h["kl"] for h in history], color="#c0504d")
     right.set_xlabel("samples")
     right.set_title("KL(pi || pi_ref) per rollout")
