@@ -184,7 +184,8 @@ def ui(
     if server:
         console.print(f"MLflow UI: {server}   (MLFLOW_TRACKING_URI: `creditflow up`'s server, or yours)")
         return
-    ws = Workspace.resolve(workspace)
+    with user_errors():
+        ws = Workspace.resolve(workspace)
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     console.print(f"MLflow UI: {UI_URL.format(port=port)}")
     os.execv(
@@ -220,8 +221,9 @@ def catalog_refresh(workspace: Optional[str] = WorkspaceOpt) -> None:
     from creditflow.storage.catalog import Catalog
     from creditflow.storage.workspace import Workspace
 
-    ws = Workspace.resolve(workspace)
-    report = Catalog(ws.catalog_path, ws.store).refresh()
+    with user_errors():
+        ws = Workspace.resolve(workspace)
+        report = Catalog(ws.catalog_path, ws.store).refresh()
     if report.moved_aside:
         console.print(f"[yellow]warning:[/] {ws.catalog_path} was not a DuckDB database; moved to {report.moved_aside}")
     for reason in report.skipped:
@@ -238,7 +240,9 @@ def data_sample(
     """Regenerate the bundled synthetic preference set (vaderSentiment labels)."""
     from creditflow.tasks.sample_data import write_sample
 
-    console.print(f"{out}: {write_sample(out, prompts, seed)} rows")
+    with user_errors():
+        rows = write_sample(out, prompts, seed)
+    console.print(f"{out}: {rows} rows")
 
 
 artifacts_app = typer.Typer(help="The artifact store.", no_args_is_help=True)
@@ -270,14 +274,17 @@ def down(
     """Stop the servers started by `creditflow up`."""
     from creditflow.flows import ops
 
-    for name, outcome in ops.down(workspace, grace=grace).items():
+    with user_errors():
+        outcomes = ops.down(workspace, grace=grace)
+    for name, outcome in outcomes.items():
         console.print(f"{name}: {outcome}")
 
 
 @app.command()
 def status(workspace: Optional[str] = WorkspaceOpt) -> None:
     """Show the local servers' pid, URL and health."""
-    print_servers(workspace)
+    with user_errors():
+        print_servers(workspace)
 
 
 @app.command()
@@ -304,7 +311,8 @@ def runs(
     """Recent pipeline runs: each stage's fingerprint, cache hit and whether its artifact still exists."""
     from creditflow.flows import ops
 
-    print_runs(ops.list_runs(workspace, limit))
+    with user_errors():
+        print_runs(ops.list_runs(workspace, limit))
 
 
 @app.command()
@@ -356,8 +364,9 @@ def artifacts_gc(
     from creditflow.storage.gc import collect_garbage
     from creditflow.storage.workspace import Workspace
 
-    ws = Workspace.resolve(workspace)
-    report = collect_garbage(ws, keep, dry_run=dry_run, min_age=min_age)
+    with user_errors():
+        ws = Workspace.resolve(workspace)
+        report = collect_garbage(ws, keep, dry_run=dry_run, min_age=min_age)
     print_gc(report, ws, dry_run, min_age)
 
 

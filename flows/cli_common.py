@@ -16,7 +16,8 @@ def _use_workspace(value: Optional[str]) -> Optional[str]:
     are imported, which read their settings once, at import."""
     from creditflow.flows.ops import use_servers
 
-    use_servers(value)
+    with user_errors():  # e.g. -w names a file, not a folder
+        use_servers(value)
     return value
 
 

@@ -21,6 +21,8 @@ class Workspace:
         """Explicit path, else ``$CREDITFLOW_WORKSPACE``, else ``./creditflow-workspace``."""
         chosen = path or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE
         workspace = cls(Path(chosen).expanduser().resolve())
+        if workspace.root.exists() and not workspace.root.is_dir():
+            raise NotADirectoryError(f"workspace {workspace.root} is a file; -w (or ${WORKSPACE_ENV}) names a folder")
         for folder in (workspace.artifacts_dir, workspace.mlflow_artifacts_dir, workspace.prefect_results_dir):
             folder.mkdir(parents=True, exist_ok=True)
         return workspace

@@ -335,6 +335,22 @@ def test_config_commands_import_no_ml_stack():
     assert out.strip() == "[]"
 
 
+@pytest.mark.parametrize(
+    "command", [["run"], ["runs"], ["status"], ["down"], ["catalog", "refresh"], ["artifacts", "gc", "--keep", "1"]]
+)
+def test_a_workspace_that_is_a_file_is_one_line_error(tmp_path, command):
+    from typer.testing import CliRunner
+
+    from creditflow.flows.cli import app
+
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("x")
+    result = CliRunner().invoke(app, [*command, "-w", str(not_a_folder)])
+    assert result.exit_code == 2, result.output
+    assert f"error: workspace {not_a_folder} is a file" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_volatile_outputs_are_checked_but_not_in_the_digest(tmp_path):
     store = ArtifactStore(tmp_path)
     digests = []
