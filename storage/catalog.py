@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS stage_runs (
     finished_at TIMESTAMP
 )
 """
-_ALLOWED_STATEMENTS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
+# SELECT only: EXPLAIN ANALYZE runs the statement it explains, and a COPY TO inside the store would be allowed.
+_ALLOWED_STATEMENTS = (duckdb.StatementType.SELECT,)
 
 
 class CatalogError(RuntimeError):

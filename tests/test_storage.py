@@ -421,6 +421,7 @@ def test_user_sql_is_one_read_only_select_inside_the_store(tmp_path):
     for sql, message in [
         (f"COPY (SELECT 1 AS x) TO '{pairs}' (FORMAT parquet)", "one SELECT statement"),
         (f"COPY (SELECT 1) TO '{tmp_path / 'out.csv'}'", "one SELECT statement"),
+        (f"EXPLAIN ANALYZE COPY (SELECT 42 AS x) TO '{pairs}' (FORMAT parquet)", "one SELECT statement"),
         ("SELECT 1; DROP VIEW curate_pairs", "one SELECT statement"),
         ("CREATE TABLE t AS SELECT 1", "one SELECT statement"),
         ("SELECT * FROM read_text('/etc/hostname')", "Permission Error"),
