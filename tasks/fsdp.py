@@ -14,11 +14,15 @@ rank 0 and saved as a normal Hugging Face folder.
 
 from __future__ import annotations
 
+import io
+import pickle
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -59,10 +63,49 @@ def save_sharded(folder: Path, root: torch.nn.Module, optimizer: torch.optim.Opt
     dcp.save(state, checkpoint_id=str(folder / SHARDED))
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's ``.metadata`` is a pickle; in a workspace it is untrusted, so only the classes DCP itself writes there
+    (its metadata dataclasses, tensor sizes, dtypes, layouts, paths) may be built from it."""
+
+    def find_class(self, module: str, name: str):
+        allowed = (
+            module == "torch.distributed.checkpoint.metadata"
+            or (module, name) in {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size")}
+            or (module, name) in {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"sharded checkpoint metadata names {module}.{name}, which DCP never writes")
+        return super().find_class(module, name)
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """torch's reader with ``pickle.load`` of the metadata replaced by :class:`_MetadataUnpickler`."""
+
+    def read_metadata(self, *args, **kwargs):
+        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as stream:
+            metadata = _MetadataUnpickler(stream).load()
+        metadata.storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """Non-tensor state (the optimizer's param_groups) is read with ``weights_only=True``, where torch's planner
+    uses a full unpickle; the checked value is handed on re-serialized, so the planner's own bookkeeping stays."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        checked = io.BytesIO()
+        torch.save(torch.load(value, weights_only=True), checked)
+        checked.seek(0)
+        super().load_bytes(read_item, checked)
+
+
 def load_sharded(folder: Path, root: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load what :func:`save_sharded` wrote into this rank's shards (the world size must be the same)."""
+    """Load what :func:`save_sharded` wrote into this rank's shards (the world size must be the same); nothing in
+    the checkpoint can run code (see :class:`_SafeReader`, :class:`_SafePlanner`)."""
     state = {"model": get_model_state_dict(root), "optimizer": get_optimizer_state_dict(root, optimizer)}
-    dcp.load(state, checkpoint_id=str(folder / SHARDED))
+    dcp.load(state, storage_reader=_SafeReader(folder / SHARDED), planner=_SafePlanner())
     set_model_state_dict(root, state["model"])
     set_optimizer_state_dict(root, optimizer, state["optimizer"])
 
