@@ -51,7 +51,9 @@ def shard(root: torch.nn.Module, model, device: torch.device, bf16: bool, cpu_of
     mixed = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if bf16 and device.type == "cuda" else None, reduce_dtype=torch.float32
     )
-    options = {"mp_policy": mixed, **({"offload_policy": CPUOffloadPolicy()} if cpu_offload else {})}
+    # pinned host memory (the fast copy to a GPU) needs an accelerator: on CPU it raises
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    options = {"mp_policy": mixed, **({"offload_policy": offload} if cpu_offload else {})}
     for layer in transformer_blocks(model):
         fully_shard(layer, **options)
     fully_shard(root, **options)

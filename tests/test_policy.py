@@ -425,8 +425,9 @@ def test_two_process_fsdp_matches_one_process_and_resumes_exactly_from_its_shard
 ):
     """FSDP2 over 2 gloo processes (each holds half of every sharded weight, gradient and AdamW state) against one
     process on the same 4 micro-batches per step: the same loss and gradient norm at every step and the same final
-    weights (up to float reduction order, 1e-5). A run interrupted after step 3 resumes from the sharded (DCP)
-    checkpoint of step 2 to bit-for-bit the same weights as the uninterrupted run."""
+    weights (up to float reduction order, 1e-5); CPU offload with activation checkpointing gives the same losses.
+    A 40-step run, terminated mid-run once the parent sees step 3,
+    leaves its newest complete sharded (DCP) checkpoint; resuming from it gives bit-for-bit the uninterrupted run."""
     single, single_history = _train(model_dir, examples, _config(grad_accum=4, learning_rate=1e-3))
     config = _config(grad_accum=2, learning_rate=1e-3, num_processes=2, strategy="fsdp", save_every=2)
     history = launch_distributed(model_dir, examples, config, tmp_path / "model")
@@ -435,21 +436,30 @@ def test_two_process_fsdp_matches_one_process_and_resumes_exactly_from_its_shard
     sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     for (name, a), b in zip(single.model.state_dict().items(), sharded.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), name
+    memory_saving = config.model_copy(update={"fsdp_cpu_offload": True, "gradient_checkpointing": True})
+    offloaded = launch_distributed(model_dir, examples, memory_saving, tmp_path / "offloaded")
+    assert [h["loss"] for h in offloaded] == pytest.approx([h["loss"] for h in history], abs=1e-6)
 
+    # 40 steps outlast the parent's 0.5 s metrics poll by seconds, so the workers are stopped mid-run
+    config = config.model_copy(update={"epochs": 20})
+    full = launch_distributed(model_dir, examples, config, tmp_path / "full")
     checkpoint = tmp_path / "ckpt"
     with pytest.raises(Interrupt):
         launch_distributed(
             model_dir, examples, config, tmp_path / "never", checkpoint_dir=checkpoint, on_step=stop_at(3)
         )
-    assert torch.load(checkpoint / "state.pt", weights_only=True)["step"] == 2 and (checkpoint / "sharded").is_dir()
+    saved = torch.load(checkpoint / "state.pt", weights_only=True)["step"]
+    assert not (tmp_path / "never").exists() and 2 <= saved < len(full) and (checkpoint / "sharded").is_dir()
     resumed_steps = []
     resumed = launch_distributed(
         model_dir, examples, config, tmp_path / "resumed", checkpoint_dir=checkpoint,
         on_step=lambda s, m: resumed_steps.append(s),
     )  # fmt: skip
-    assert resumed_steps == [3, 4] and [h["loss"] for h in resumed] == [h["loss"] for h in history]
+    assert resumed_steps == list(range(saved + 1, len(full) + 1))
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in full]
+    uninterrupted = AutoModelForCausalLM.from_pretrained(tmp_path / "full").state_dict()
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed").state_dict()
-    for name, tensor in sharded.state_dict().items():
+    for name, tensor in uninterrupted.items():
         assert torch.equal(tensor, again[name]), name
 
 

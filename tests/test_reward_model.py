@@ -120,8 +120,9 @@ def test_interrupted_training_resumes_to_the_same_weights(backbone, tmp_path):
 def test_two_process_fsdp_matches_one_process_and_resumes_exactly_from_its_sharded_checkpoint(backbone, tmp_path):
     """FSDP2 over 2 gloo processes (each holds half of every block's weights, gradients and AdamW state) against
     one process on the same 4 micro-batches per step: the same loss at every step, the same eval accuracy per
-    epoch and the same final weights (up to float reduction order, 1e-5). A run interrupted after step 3 resumes
-    from the sharded (DCP) checkpoint of step 2 to bit-for-bit the uninterrupted run's weights."""
+    epoch and the same final weights (up to float reduction order, 1e-5). A 40-step run, terminated mid-run once
+    the parent sees step 3, leaves its newest complete sharded (DCP) checkpoint; resuming from it gives bit-for-bit
+    the uninterrupted run."""
     train, evaluation = _separable(32), _separable(8, offset=500)
     knobs = {"learning_rate": 1e-3, "epochs": 2, "batch_size": 4, "warmup_ratio": 0.25, "save_every": 2}
 
@@ -142,19 +143,25 @@ def test_two_process_fsdp_matches_one_process_and_resumes_exactly_from_its_shard
     for (name, a), b in zip(single.state_dict().items(), sharded.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), name
 
+    # 40 steps outlast the parent's 0.5 s metrics poll by seconds, so the workers are stopped mid-run
+    config = config.model_copy(update={"epochs": 20})
+    full: list[float] = []
+    launch_distributed(backbone, train, evaluation, config, tmp_path / "full", on_step=losses(full))
     checkpoint = tmp_path / "ckpt"
     with pytest.raises(Interrupt):
         launch_distributed(
             backbone, train, evaluation, config, tmp_path / "never", checkpoint_dir=checkpoint, on_step=stop_at(3)
         )
-    assert torch.load(checkpoint / "state.pt", weights_only=True)["step"] == 2 and (checkpoint / "sharded").is_dir()
+    saved = torch.load(checkpoint / "state.pt", weights_only=True)["step"]
+    assert not (tmp_path / "never").exists() and 2 <= saved < len(full) and (checkpoint / "sharded").is_dir()
     resumed: list[float] = []
     launch_distributed(
         backbone, train, evaluation, config, tmp_path / "resumed", checkpoint_dir=checkpoint, on_step=losses(resumed)
     )
-    assert resumed == streamed[2:]  # steps 3 and 4 only, bit for bit
+    assert resumed == full[saved:]  # the steps after the checkpoint only, bit for bit
+    uninterrupted = AutoModelForSequenceClassification.from_pretrained(tmp_path / "full").state_dict()
     again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "resumed").state_dict()
-    for name, tensor in sharded.state_dict().items():
+    for name, tensor in uninterrupted.items():
         assert torch.equal(tensor, again[name]), name
 
 
