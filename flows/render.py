@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -120,8 +121,20 @@ def print_rows(columns: list[str], rows: list[tuple], fmt: str) -> None:
         writer.writerow(columns)
         writer.writerows(rows)
     else:
-        json.dump([dict(zip(columns, row)) for row in rows], sys.stdout, default=str, indent=1)
+        records = [dict(zip(columns, map(_json_safe, row))) for row in rows]
+        json.dump(records, sys.stdout, default=str, indent=1, allow_nan=False)
         sys.stdout.write("\n")
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON has no NaN or Infinity (json.dump would write them anyway): null, also inside DuckDB lists and structs."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
 
 
 def print_runs(found: list[dict[str, Any]]) -> None:

@@ -200,18 +200,29 @@ def _table_rows(table: pa.Table, source: SourceConfig, json_cells: bool = False)
         for batch in table.to_batches(max_chunksize=4096):
             for row in batch.to_pylist():
                 number += 1
-                yield f"row {number}", {k: _maybe_json(v) for k, v in row.items()} if json_cells else row
+                location = f"row {number}"
+                if json_cells:
+                    row = {k: _csv_cell(v, source.label, location, k) for k, v in row.items()}
+                yield location, row
 
     return table.column_names, rows()
 
 
-def _maybe_json(value: Any) -> Any:
-    """CSV cannot hold lists: a cell that is a JSON list of messages is decoded."""
+def _csv_cell(value: Any, label: str, location: str, field: str) -> Any:
+    """One CSV cell as text; CSV cannot hold lists, so a cell that is a JSON list of messages is decoded."""
+    if isinstance(value, bytes):  # Arrow types a whole column as binary when any of its cells is not UTF-8
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problem = f"not UTF-8 text (byte {value[exc.start]:#04x} at position {exc.start + 1} of the cell)"
+            raise MalformedInputError(label, location, field, problem) from None
     if isinstance(value, str) and value.lstrip().startswith("[{"):
         try:
             return json.loads(value)
         except json.JSONDecodeError:
             return value
+        except RecursionError:
+            raise MalformedInputError(label, location, field, "JSON nested too deeply to be a preference row") from None
     return value
 
 

@@ -130,6 +130,9 @@ def _strip_prompt(prompt: Messages, completion: Messages, field: str) -> Message
 
 def _split_implicit(chosen: Any, rejected: Any, hh_only: bool) -> tuple[Messages, Messages, Messages]:
     if isinstance(chosen, str) and isinstance(rejected, str):
+        # Transcripts skip to_messages, which refuses lone surrogates for every other layout.
+        _check_encodable(chosen, "chosen")
+        _check_encodable(rejected, "rejected")
         return _split_hh(chosen, rejected)
     if hh_only:
         raise RowProblem("chosen", "hh_rlhf rows must be transcript strings")

@@ -60,9 +60,14 @@ def normalize_text(text: str) -> str:
 _INVISIBLE = {"\u2800", "\u3164", "\u115f", "\u1160", "\uffa0"}
 
 
+# Format and control characters, space separators, and marks: a mark (a variation selector, the combining grapheme
+# joiner, an accent) only modifies a base character, so with no base there is nothing to show.
+_BLANK_CATEGORIES = ("Cf", "Cc", "Zs", "Mn", "Me")
+
+
 def is_blank(text: str) -> bool:
-    """True when ``text`` shows nothing: whitespace, zero-width and other format or control characters only."""
-    return all(ch.isspace() or ch in _INVISIBLE or unicodedata.category(ch) in ("Cf", "Cc", "Zs") for ch in text)
+    """True when ``text`` shows nothing: whitespace, zero-width, marks and other format or control characters only."""
+    return all(ch.isspace() or ch in _INVISIBLE or unicodedata.category(ch) in _BLANK_CATEGORIES for ch in text)
 
 
 def messages_key(messages: Messages) -> list[tuple[str, str]]:

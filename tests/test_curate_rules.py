@@ -216,6 +216,37 @@ def test_lone_surrogates_are_a_named_row_problem_and_quarantine_cleanly(tmp_path
     result.quarantine.to_pandas()  # the quarantine table holds valid UTF-8 (it is written to Parquet)
 
 
+@pytest.mark.parametrize("fmt", ["hh_rlhf", "implicit"])
+def test_lone_surrogates_in_hh_rlhf_transcripts_are_a_named_row_problem(tmp_path, fmt):
+    path = tmp_path / "hh.jsonl"
+    good = json.dumps({"chosen": "\n\nHuman: Q?\n\nAssistant: Yes.", "rejected": "\n\nHuman: Q?\n\nAssistant: No."})
+    bad = '{"chosen": "\\n\\nHuman: Q?\\n\\nAssistant: Yes.", "rejected": "\\n\\nHuman: Q?\\n\\nAssistant: \\ud800"}'
+    path.write_text(f"{good}\n{bad}\n")
+    source = SourceConfig(path=str(path), format=fmt)
+    with pytest.raises(MalformedInputError, match=r"hh.jsonl: line 2: field 'rejected': invalid Unicode"):
+        curate(CurateConfig(sources=[source]), progress=False)
+    result = curate(CurateConfig(sources=[source], rules=CurateRules(strict_schema=False)), progress=False)
+    assert_accounted(result)
+    [q] = quarantined(result)
+    assert (q["rule"], q["source_row"], q["field"]) == ("schema", "line 2", "rejected") and "\\ud800" in q["raw"]
+
+
+@pytest.mark.parametrize(
+    "text, blank",
+    [
+        ("\ufe0f\ufe0f", True),  # variation selectors (Mn)
+        ("\u034f", True),  # combining grapheme joiner (Mn)
+        (" \u20dd\u0301 ", True),  # an enclosing circle (Me) and an accent with no base
+        ("\u2028\u3000", True),  # line separator, ideographic space
+        ("e\u0301", False),  # é spelled with a combining accent
+        ("\U0001f642\ufe0f", False),  # an emoji and its variation selector
+        ("\u0915\u093f", False),  # Devanagari consonant and vowel sign (Mc)
+    ],
+)
+def test_marks_without_a_base_character_are_blank(text, blank):
+    assert S.is_blank(text) is blank
+
+
 def test_identical_rule_is_whitespace_insensitive(tmp_path):
     rows = [*GOOD, row("Q?", "Same  answer.\n", " Same answer.", 0.5, 0.1)]
     _, result = run(tmp_path, rows)

@@ -651,6 +651,26 @@ def test_non_utf8_bytes_name_the_line(tmp_path):
         read_rows(SourceConfig(path=str(as_json)))
 
 
+def test_non_utf8_bytes_in_a_csv_name_the_row_and_field(tmp_path):
+    path = tmp_path / "latin1.csv"
+    rows = b"".join(f"q{i},good {i},bad {i}\n".encode() for i in range(3))
+    path.write_bytes(b"prompt,chosen,rejected\n" + rows + b"caf\xe9,good,bad\n")
+    message = r"latin1.csv: row 4: field 'prompt': not UTF-8 text \(byte 0xe9 at position 4 of the cell\)"
+    with pytest.raises(MalformedInputError, match=message):
+        curate_strict(path)
+
+
+def test_deeply_nested_json_in_a_csv_cell_names_the_row_and_field(tmp_path):
+    path = tmp_path / "deep.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["prompt", "chosen", "rejected"])
+        writer.writerow(["q", "good", "bad"])
+        writer.writerow(["q2", '[{"role": "assistant", "content": ' + "[" * 100_000 + "]" * 100_000 + "}]", "bad"])
+    with pytest.raises(MalformedInputError, match=r"deep.csv: row 2: field 'chosen': JSON nested too deeply"):
+        curate_strict(path)
+
+
 def test_compressed_bytes_in_a_jsonl_file_are_named(tmp_path):
     import gzip
 
