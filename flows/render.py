@@ -164,6 +164,8 @@ def print_gc(report, ws, dry_run: bool, min_age: float) -> None:
         console.print(f"{verb} {path}  ({size:,} bytes)")
     for stage_name, fingerprint in report.too_young:
         console.print(f"kept {stage_name}/{fingerprint}: younger than {min_age:.0f}s")
+    for stage_name, fingerprint in report.live:
+        console.print(f"left alone {stage_name}/{fingerprint}: running now (its checkpoints and inputs stay)")
     console.print(
         f"{verb} {len(report.removed)} artifacts and {len(report.removed_files)} checkpoints/cache shards, "
         f"{report.bytes_freed:,} bytes; kept {len(report.kept)} used by {len(report.kept_runs)} runs"

@@ -21,6 +21,7 @@ from creditflow.flows.registry import STAGES, Stage
 from creditflow.storage.artifacts import ArtifactError, Manifest
 from creditflow.storage.catalog import Catalog
 from creditflow.storage.hashing import code_version, sha256_json
+from creditflow.storage.leases import Lease, hold_lease
 from creditflow.storage.tracking import Run, client_for
 from creditflow.storage.workspace import Workspace
 from creditflow.tasks.stage import StageContext
@@ -131,7 +132,10 @@ def compute_stage(
             plan.reference_model,
             plan.compute,
         )
-        metrics = plan.stage.compute(context)
+        # the lease keeps `artifacts gc` off this run's checkpoints, cache shards and upstream artifacts
+        upstream = tuple((m.stage, m.fingerprint) for m in plan.upstream.values())
+        with hold_lease(workspace.root, Lease(name, fingerprint, upstream)):
+            metrics = plan.stage.compute(context)
         missing = [o for o in plan.stage.outputs if not (writer.dir / _output_path(o)).exists()]
         if missing:
             raise ArtifactError(f"{name}: the stage did not write its declared outputs {missing}")

@@ -3,9 +3,11 @@
 A run is a ``pipeline_run_id`` in the catalog's ``stage_runs`` (a stage run outside a pipeline is a run of its
 own); its recency is its last stage's ``finished_at``. Kept are the artifacts those runs recorded plus, through
 the manifests' upstream digests, the artifacts they were computed from. Everything else in the store goes,
-except artifacts younger than ``min_age`` seconds: a running pipeline publishes an artifact a moment before it
-records the run that uses it. Each deletion holds the artifact's publish lock and first renames the folder to a
-``.trash-*`` name, so readers never see a half-deleted artifact and a writer of the same fingerprint waits.
+except artifacts younger than ``min_age`` seconds (a running pipeline publishes an artifact a moment before it
+records the run that uses it) and what a running stage holds a lease on (storage/leases.py): its upstream
+artifacts, its checkpoints and, for a running token-reward stage, the token cache it is filling. Each deletion
+holds the artifact's publish lock and first renames the folder to a ``.trash-*`` name, so readers never see a
+half-deleted artifact and a writer of the same fingerprint waits.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from creditflow.storage.artifacts import Manifest
 from creditflow.storage.catalog import Catalog
+from creditflow.storage.leases import live_leases
 from creditflow.storage.workspace import Workspace
 
 
@@ -30,6 +33,7 @@ class GcReport:
     too_young: list[tuple[str, str]] = field(default_factory=list)
     removed: list[tuple[str, str, int]] = field(default_factory=list)  # (stage, fingerprint, bytes)
     refused: str | None = None  # why nothing was considered for deletion
+    live: list[tuple[str, str]] = field(default_factory=list)  # stages running now: their work is left alone
     removed_files: list[tuple[str, int]] = field(default_factory=list)  # checkpoints and cache shards: (path, bytes)
 
     @property
@@ -84,8 +88,10 @@ def collect_garbage(workspace: Workspace, keep: int, dry_run: bool = False, min_
         # No history (a new workspace, or a catalog and run log both lost): nothing says what is still needed.
         report.refused = f"no run history in {catalog.run_log} or the catalog: nothing deleted"
         return report
+    leases = live_leases(workspace.root)
+    report.live = [(lease.stage, lease.fingerprint) for lease in leases]
     manifests = store.manifests()
-    kept = _with_upstream(referenced, manifests)
+    kept = _with_upstream(referenced | {key for lease in leases for key in lease.upstream}, manifests)
     now = dt.datetime.now(dt.timezone.utc)
     for manifest in manifests:
         key = (manifest.stage, manifest.fingerprint)
@@ -111,9 +117,10 @@ def collect_garbage(workspace: Workspace, keep: int, dry_run: bool = False, min_
         report.removed.append((*key, size))
     remaining = {(m.stage, m.fingerprint) for m in manifests} - {(s, f) for s, f, _ in report.removed}
     _prune_checkpoints(workspace, min_age, dry_run, report)
-    _prune_token_cache(
-        workspace, [m for m in manifests if (m.stage, m.fingerprint) in remaining], min_age, dry_run, report
-    )
+    if not any(stage == "token_rewards" for stage, _ in report.live):  # a running one's new shards are unreferenced
+        _prune_token_cache(
+            workspace, [m for m in manifests if (m.stage, m.fingerprint) in remaining], min_age, dry_run, report
+        )
     if report.removed and not dry_run:
         catalog.refresh()
     return report
@@ -131,11 +138,10 @@ def _remove(path: Path, dry_run: bool, report: GcReport) -> None:
 
 
 def _prune_checkpoints(workspace: Workspace, min_age: float, dry_run: bool, report: GcReport) -> None:
-    """Checkpoints left by runs that died: a finished stage removes its own, and one training now rewrites its
-    folder every ``save_every`` steps, so it stays younger than ``min_age``."""
+    """Checkpoints left by runs that died (a finished stage removes its own; a running one holds a lease)."""
     root = workspace.root / "checkpoints"
     for folder in sorted(root.glob("*/*")) if root.is_dir() else []:
-        if _old_enough(folder, min_age):
+        if (folder.parent.name, folder.name) not in report.live and _old_enough(folder, min_age):
             _remove(folder, dry_run, report)
 
 

@@ -160,3 +160,44 @@ def test_gc_prunes_dead_checkpoints_and_unreferenced_cache_shards(history):
     assert removed == {str(dead), str(orphan)}  # the live checkpoint is young; the used shard is referenced
     assert used.exists() and live.exists() and not orphan.exists() and not dead.exists()
     assert ws.store.exists("token_rewards", "t" * 24)
+
+
+def test_a_running_stage_keeps_its_checkpoints_cache_shards_and_upstream_until_it_ends(history):
+    """A running token-reward stage: no artifact references its checkpoint folder and first shards yet, and the
+    curate artifact it reads belongs to no kept run. Its lease keeps all three, whatever their age (min_age 0)."""
+    from creditflow.storage.leases import Lease, hold_lease
+    from creditflow.storage.token_cache import TokenCache
+
+    ws = history
+    row = {"source": "contrastive", "n_tokens": 1, "token_ids": [1], "char_start": [0], "char_end": [1]}
+    shard = TokenCache.for_workspace(ws).write_shard([{**row, "key": "new", "rewards": [0.1], "ref_logps": [-1.0]}])
+    checkpoint = ws.root / "checkpoints" / "token_rewards" / ("r" * 24)
+    (checkpoint / "shards").mkdir(parents=True)
+    with hold_lease(ws.root, Lease("token_rewards", "r" * 24, (("curate", "o" * 24),))):
+        report = collect_garbage(ws, keep=1, min_age=0)
+        assert report.live == [("token_rewards", "r" * 24)]
+        assert checkpoint.exists() and shard.exists() and "o" in _present(ws)
+    collect_garbage(ws, keep=1, min_age=0)
+    assert not checkpoint.exists() and not shard.exists() and "o" not in _present(ws)
+
+
+def test_a_killed_stage_holds_no_lease(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from creditflow.storage.leases import live_leases
+
+    holder = (
+        "import sys, time; from creditflow.storage.leases import Lease, hold_lease\n"
+        f"with hold_lease({str(tmp_path)!r}, Lease('policy', 'k' * 24, ())):\n"
+        "    print('held', flush=True); time.sleep(600)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "held"
+        assert [lease.stage for lease in live_leases(tmp_path)] == ["policy"]
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert live_leases(tmp_path) == []  # the kernel dropped the lock with the process; its files stay a minute
