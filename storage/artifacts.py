@@ -111,9 +111,9 @@ class ArtifactStore:
         if not path.is_file():
             raise ArtifactError(f"no {stage} artifact with fingerprint {fingerprint} (looked for {path})")
         try:
-            return Manifest.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise ArtifactError(f"{path}: unreadable manifest ({exc})") from exc
+            return Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError, KeyError) as exc:  # not UTF-8, not JSON, or not a manifest's fields
+            raise ArtifactError(f"{path}: unreadable manifest ({type(exc).__name__}: {exc})") from exc
 
     def scan(self, stage: str | None = None) -> tuple[list[Manifest], list[str]]:
         """Every readable manifest (of ``stage``, or all), and why each unreadable one was skipped."""

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 from filelock import FileLock
 
 from creditflow.storage.artifacts import LOCK_TIMEOUT_S, ArtifactStore, Manifest
@@ -61,7 +63,7 @@ class CatalogError(RuntimeError):
 @dataclass
 class RefreshReport:
     views: list[str]
-    skipped: list[str] = field(default_factory=list)  # manifests that could not be read, with why
+    skipped: list[str] = field(default_factory=list)  # manifests, output files and run-log lines not read, with why
     moved_aside: Path | None = None  # a catalog file that was not a DuckDB database
 
 
@@ -111,13 +113,19 @@ class Catalog:
         for manifest in manifests:
             for rel in manifest.outputs:
                 if rel.endswith(".parquet") and "/" not in rel:
+                    path = self.store.path(manifest.stage, manifest.fingerprint) / rel
+                    try:  # one cut-short file must not take every view (and every later refresh) down with it
+                        pq.read_metadata(path)
+                    except (OSError, pa.ArrowException) as exc:
+                        skipped.append(f"{path}: not a readable Parquet file ({exc}); left out of its view")
+                        continue
                     tables.setdefault((manifest.stage, rel[: -len(".parquet")]), []).append(manifest.fingerprint)
         with self._lock():
             moved = self._move_aside_if_garbage()
             con = self._connect()
             try:
                 con.execute(STAGE_RUNS_DDL)
-                self._load_run_log(con)
+                skipped += self._load_run_log(con)
                 self._write_artifacts(con, manifests)
                 views = self._write_views(con, tables)
             finally:
@@ -137,20 +145,22 @@ class Catalog:
             return aside
         return None
 
-    def _load_run_log(self, con) -> None:
-        """``stage_runs`` is the log's content (a workspace from before the log keeps its table as it is)."""
+    def _load_run_log(self, con) -> list[str]:
+        """``stage_runs`` is the log's content (a workspace from before the log keeps its table as it is); returns
+        the lines it could not read (a line cut short by a crash mid-append, an edited one), with why."""
         if not self.run_log.is_file():
-            return
-        rows = []
-        for line in self.run_log.read_text().splitlines():
+            return []
+        rows, skipped = [], []
+        for number, line in enumerate(self.run_log.read_bytes().splitlines(), start=1):
             try:
-                entry = json.loads(line)
+                entry = json.loads(line.decode("utf-8"))
                 rows.append(tuple(entry[c] if c != "row_counts" else json.dumps(entry[c]) for c in RUN_COLUMNS))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut short by a crash mid-append
+            except (ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError and JSONDecodeError included
+                skipped.append(f"{self.run_log}: line {number}: not a run record ({type(exc).__name__}); skipped")
         con.execute("DELETE FROM stage_runs")
         if rows:
             con.executemany(f"INSERT INTO stage_runs VALUES ({', '.join('?' * len(RUN_COLUMNS))})", rows)
+        return skipped
 
     def _write_artifacts(self, con, manifests: list[Manifest]) -> None:
         con.execute(

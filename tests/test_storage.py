@@ -410,6 +410,27 @@ def test_refresh_names_and_skips_a_truncated_manifest(tmp_path):
     assert report.views == ["curate_pairs"] and len(report.skipped) == 1 and str(manifest) in report.skipped[0]
 
 
+def test_refresh_names_and_skips_non_utf8_manifests_cut_parquet_and_bad_run_log_lines(tmp_path):
+    """Each bad file is named and left out; the rest of the catalog (and every later refresh) still works."""
+    store = ArtifactStore(tmp_path / "artifacts")
+    for fingerprint in ("a" * 24, "b" * 24, "c" * 24):
+        _publish(store, fingerprint, rows=2)
+    bad_manifest = store.path("curate", "b" * 24) / "manifest.json"
+    bad_manifest.write_bytes(b'{"stage": "\xff\xfe"}')
+    cut = store.path("curate", "c" * 24) / "pairs.parquet"
+    cut.write_bytes(cut.read_bytes()[:-20])
+    catalog = Catalog(tmp_path / "catalog.duckdb", store)
+    _record(catalog, "p1")
+    with open(catalog.run_log, "ab") as log:
+        log.write(b'{"stage": "\xff"}\n')
+    _record(catalog, "p2")
+    report = catalog.refresh()
+    assert [reason.split(":")[0] for reason in report.skipped] == [str(bad_manifest), str(cut), str(catalog.run_log)]
+    assert "line 2: not a run record" in report.skipped[2]
+    assert catalog.query("SELECT count(*), min(fingerprint) FROM curate_pairs")[1] == [(2, "a" * 24)]
+    assert catalog.query("SELECT count(*) FROM stage_runs")[1] == [(2,)]
+
+
 def test_user_sql_is_one_read_only_select_inside_the_store(tmp_path):
     store = ArtifactStore(tmp_path / "artifacts")
     _publish(store, "a" * 24, rows=2)
