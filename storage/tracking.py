@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from creditflow.storage.artifacts import LOCK_TIMEOUT_S
+from creditflow.storage.names import check_name
 from creditflow.storage.workspace import Workspace
 
 _BATCH = 100
@@ -34,6 +35,7 @@ def client_for(workspace: Workspace) -> MlflowClient:
 
 
 def ensure_experiment(workspace: Workspace, name: str) -> str:
+    check_name(name, "experiment")  # every caller, not only configs: the name becomes a folder under mlruns/
     client = client_for(workspace)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:

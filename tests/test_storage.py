@@ -535,3 +535,15 @@ def test_a_stage_hashes_every_module_its_recipe_reaches_and_no_plumbing():
     for name in STAGES:
         assert not hashed(name) & NOT_ROW_CHANGING, name
     assert "policy" not in hashed("evaluate")  # a trained policy is an upstream artifact, not code
+
+
+def test_an_experiment_name_from_any_caller_cannot_leave_the_workspace(tmp_path):
+    """Configs validate the experiment name; the tracking layer does too, for the CLI options that name one."""
+    from creditflow.storage.tracking import Run
+    from creditflow.storage.workspace import Workspace
+
+    workspace = Workspace.resolve(tmp_path / "ws")
+    for name in ("../../escaped", "a/b", ".."):
+        with pytest.raises(ValueError, match="no '/', no '..'"):
+            Run.start(workspace, name, "audit")
+    assert not (tmp_path / "escaped").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ws"]
