@@ -134,11 +134,9 @@ def stage(
     """Run one stage alone; its upstream artifacts must already be in the workspace."""
     with user_errors():
         cfg = config_dict(config, set_)
-        from creditflow.flows.pipeline import STAGE_FLOWS
+        from creditflow.flows.pipeline import run_stage_alone
 
-        if name not in STAGE_FLOWS:
-            raise ValueError(f"unknown stage {name!r} (stages: {', '.join(STAGE_FLOWS)})")
-        result = STAGE_FLOWS[name](config=cfg, workspace=workspace, refresh=refresh, progress=not quiet)
+        result = run_stage_alone(name, cfg, workspace, refresh=refresh, progress=not quiet)
     print_stages({"stages": {name: result}})
     from creditflow.storage.workspace import Workspace
 

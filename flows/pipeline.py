@@ -13,7 +13,7 @@ from prefect import flow
 
 from creditflow.flows.config import data_needs, default_run_name, pipeline_needs
 from creditflow.flows.registry import STAGES, pin_hub_revisions
-from creditflow.flows.stages import execute_stage, hash_sources, plan_stage, record_stage_run
+from creditflow.flows.stages import StageNotReady, execute_stage, hash_sources, plan_stage, record_stage_run
 from creditflow.storage.artifacts import Manifest
 from creditflow.storage.catalog import Catalog
 from creditflow.storage.tracking import Run
@@ -199,6 +199,26 @@ def run_pipeline(
     return pipeline_flow(
         config=config, workspace=workspace, from_stage=from_stage, refresh=refresh, progress=progress, run_name=run_name
     )
+
+
+def run_stage_alone(
+    name: str, config: dict[str, Any] | None, workspace: str | None, refresh: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """What ``creditflow stage`` calls: a cached stage is recorded (its MLflow run, its ``stage_runs`` row) without
+    starting Prefect or loading a model; otherwise the stage's flow runs."""
+    if name not in STAGE_FLOWS:
+        raise ValueError(f"unknown stage {name!r} (stages: {', '.join(STAGE_FLOWS)})")
+    if not refresh:
+        config, cfg = pin_hub_revisions(config)
+        ws = Workspace.resolve(workspace or cfg.workspace)
+        try:
+            result = execute_stage(name, cfg, ws, cached_only=True, progress=progress)
+        except StageNotReady:
+            pass  # it or an upstream must compute: the flow does it, or says what is missing
+        else:
+            _refresh_catalog(ws)
+            return result.to_dict()
+    return STAGE_FLOWS[name](config=config, workspace=workspace, refresh=refresh, progress=progress)
 
 
 def record_cached_run(

@@ -227,7 +227,11 @@ def execute_stage(
         arguments = dict(
             plan=plan, workspace_root=str(workspace.root), mlflow_run_id=run.run_id, refresh=refresh, progress=progress
         )
-        result = compute(**arguments)
+        if not refresh and workspace.store.exists(name, plan.fingerprint):  # a hit needs no Prefect task run
+            cached = workspace.store.load(name, plan.fingerprint)
+            result = {"manifest": cached.to_dict(), "computed_by": cached.mlflow_run_id}
+        else:
+            result = compute(**arguments)
         if not workspace.store.exists(name, plan.fingerprint):
             # Prefect remembered a result whose artifact was deleted since (gc, manual cleanup): recompute.
             result = compute.with_options(refresh_cache=True)(**arguments)

@@ -179,6 +179,8 @@ def test_stage_flow_runs_alone_with_its_own_mlflow_run(tmp_path):
     assert run.data.tags["creditflow.stage"] == "curate"
     assert "mlflow.parentRunId" not in run.data.tags
     assert run.data.metrics["pairs_out"] == result["manifest"]["row_counts"]["pairs"]
+    leases = tmp_path / "leases"  # the stage held a lease for `artifacts gc` while it computed, and let it go
+    assert leases.is_dir() and not any(leases.iterdir())
 
 
 def test_malformed_input_fails_the_flow_and_keeps_existing_artifacts(tmp_path):
@@ -386,6 +388,19 @@ def test_a_fully_cached_run_is_one_light_record_without_prefect_or_models(tmp_pa
         recorded = con.execute("SELECT count(*) FROM stage_runs WHERE pipeline_run_id = ?", [report["run"]]).fetchone()
     assert recorded == (5,)
 
+    # `creditflow stage reward_model` on the cached artifact: its own MLflow run and catalog row, no Prefect either
+    stage_probe = (
+        "import json; from creditflow.flows.pipeline import run_stage_alone; "
+        f"r = run_stage_alone('reward_model', json.loads({json.dumps(json.dumps(cfg))}), {str(tmp_path)!r}); "
+        "print(json.dumps({'hit': r['cache_hit'], 'run': r['mlflow_run_id']}))"
+    )
+    out = subprocess.run([sys.executable, "-c", stage_probe], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    alone = json.loads(out.stdout.strip().splitlines()[-1])
+    assert alone["hit"] and client.get_run(alone["run"]).data.tags["creditflow.cache_hit"] == "true"
+    with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM stage_runs WHERE mlflow_run_id = ?", [alone["run"]]).fetchone() == (1,)
+
 
 def test_the_optional_audit_stage_runs_after_evaluation_and_is_cached(tmp_path):
     cfg = _config()
@@ -423,6 +438,7 @@ def test_the_pipeline_runs_on_hub_ids_from_the_offline_hf_cache_and_exports_hf_f
     """The real hub code path (huggingface_hub's cache layout, HF_HUB_OFFLINE=1), no mocks: `org/name` specs for
     the model, tokenizer and dataset; a LoRA policy with its adapter; model cards; `creditflow export`."""
     from conftest import CORPUS
+    from huggingface_hub import ModelCard
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     from typer.testing import CliRunner
@@ -473,6 +489,8 @@ def test_the_pipeline_runs_on_hub_ids_from_the_offline_hf_cache_and_exports_hf_f
     assert meta["creditflow"]["alpha"] == cfg["policy"]["loss"]["alpha"] and meta["creditflow"]["loss"] == "dpo"
     assert "final_loss" in {m["name"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert "tokens_per_s" not in card and "lora:" in card  # no timings (they would move the digest); the config
+    parsed = ModelCard.load(tmp_path / "policy" / "README.md")  # the Hub's parser: valid model-index metadata
+    assert parsed.data.eval_results[0].dataset_type == "acme/prefs" and parsed.data.pipeline_tag == "text-generation"
     result = cli.invoke(
         app, ["export", "policy", "--adapter", "--out", str(tmp_path / "adapter"), "-w", str(workspace)]
     )
@@ -486,6 +504,7 @@ def test_the_pipeline_runs_on_hub_ids_from_the_offline_hf_cache_and_exports_hf_f
         torch.testing.assert_close(adapted.eval()(ids).logits, policy.eval()(ids).logits, atol=1e-5, rtol=1e-4)
     result = cli.invoke(app, ["export", "reward_model", "--out", str(tmp_path / "rm"), "-w", str(workspace)])
     assert result.exit_code == 0 and "bradley-terry" in (tmp_path / "rm" / "README.md").read_text()
+    assert ModelCard.load(tmp_path / "rm" / "README.md").data.pipeline_tag == "text-classification"
     # An existing folder is refused, not overwritten; an unknown run is named.
     result = cli.invoke(app, ["export", "policy", "--out", str(tmp_path / "policy"), "-w", str(workspace)])
     assert result.exit_code != 0 and "exists and is not an empty folder" in result.output
