@@ -40,6 +40,10 @@ def abc_token_rewards(attention: torch.Tensor, reward: float, beta: float) -> to
     return rewards.float()
 
 
+class NoResponseTokens(ValueError):
+    """The reward model sees no token of the response (it is empty, or truncation cut it): no attention to spread."""
+
+
 @dataclass
 class AbcItem:
     """A (prompt, response) as the reward model reads it, and where the response tokens are."""
@@ -80,7 +84,7 @@ def encode_for_abc(
         starts = [encoded["offset_mapping"][0][i][0] for i in positions]
         ends = [encoded["offset_mapping"][0][i][1] for i in positions]
     if not positions:
-        raise ValueError(f"no response token survives the reward model's max_length {max_length}")
+        raise NoResponseTokens(f"no response token survives the reward model's max_length {max_length}")
     types = encoded.get("token_type_ids")
     return AbcItem(encoded["input_ids"][0], types[0] if types is not None else None, positions, starts, ends)
 

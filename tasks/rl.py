@@ -36,7 +36,8 @@ and experiments/scripts/rlhf_*.py, read at commit 0a08591):
   stopped), whatever the reward model's tokenization of the text.
 - Truncation. The official code right-aligns a truncated attention map onto the response. Here the reward model
   sees the conversation cut from the left (the response is kept); response tokens it could not see get no
-  attention share, and an empty response gets the sparse reward.
+  attention share, and a response it sees no token of (empty, or truncated away) gets the sparse reward; the share
+  of such rollouts is logged as ``abc_fallback_fraction`` and warned about.
 - Trainer. The official code uses TRL 0.7.4's PPOTrainer (adaptive KL from 0.2 towards 6, gamma 1, lam 0.95,
   vf_coef 0.1, no reward whitening); the defaults here are a fixed kl_coef 0.05 (``kl_target`` turns the same
   adaptive controller on), gamma 1, lam 0.95, vf_coef 0.1, and the same clip ranges (0.2).
@@ -47,6 +48,7 @@ KL coefficient, history) every ``save_every`` iterations, so a killed run resume
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import contextmanager
@@ -81,6 +83,8 @@ from creditflow.tasks.tokenization import pad_token_id, padded_batch
 
 if TYPE_CHECKING:
     from creditflow.tasks.stage import StageContext
+
+logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------
 # Stage entry point: setup, run, save
@@ -309,7 +313,7 @@ class RLTrainer:
                 lengths = [len(r.prompt_ids) for r in rollouts], [len(r.completion_ids) for r in rollouts]
                 per_row = completion_logprobs(reference, layout.input_ids, layout.attention_mask, *lengths)
                 ref_logp = layout.scatter(torch.cat(per_row).to(old_logp.dtype))
-                token_rewards, scores = self.rewards(rollouts, reference, self.tokenizer)
+                token_rewards, scores, fallbacks = self.rewards(rollouts, reference, self.tokenizer)
         source = layout.scatter(torch.from_numpy(np.concatenate(token_rewards)).to(self.device))
         kl = (old_logp - ref_logp) * mask
         rewards = source - self.kl.value * kl
@@ -357,6 +361,16 @@ class RLTrainer:
             "tokens_per_s": float(layout.attention_mask.sum()) / seconds,
             "seconds": seconds,
         }
+        if "abc" in config.reward_source:
+            metrics["abc_fallback_fraction"] = fallbacks / len(rollouts)
+            if fallbacks:
+                logger.warning(
+                    "rl iteration %d: %d of %d rollouts got the sparse reward (the reward model saw no response "
+                    "token: empty, or cut by its max_length)",
+                    iteration + 1,
+                    fallbacks,
+                    len(rollouts),
+                )
         if gold is not None:
             metrics["gold"] = float(np.mean(gold))
         return metrics

@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from creditflow.tasks.abc import encode_for_abc, load_abc_model, official_policy_rewards, score_abc
+from creditflow.tasks.abc import (
+    NoResponseTokens,
+    encode_for_abc,
+    load_abc_model,
+    official_policy_rewards,
+    score_abc,
+)
 from creditflow.tasks.configs import TEMPLATE_PRESETS, RLConfig
 from creditflow.tasks.contrastive import ContrastiveItem, contrastive_messages, score_contrastive
 from creditflow.tasks.reward_scoring import load_reward_model, score_pairs
@@ -54,7 +60,9 @@ class TokenRewards:
         self.rm_tokenizer, self.rm = loader(reward_model_dir, device, dtype=torch.float32)
         self.abc = abc
 
-    def __call__(self, rollouts: list[Rollout], reference, tokenizer) -> tuple[list[np.ndarray], list[float]]:
+    def __call__(self, rollouts: list[Rollout], reference, tokenizer) -> tuple[list[np.ndarray], list[float], int]:
+        """(per-token rewards, the reward model's score r of each rollout, how many rollouts an abc source gave the
+        sparse reward because the reward model saw none of their tokens: empty or truncated away)."""
         config = self.config
         rewards = [np.zeros(len(r.completion_ids), dtype=np.float32) for r in rollouts]
         scores: list[float | None] = [None] * len(rollouts)
@@ -64,7 +72,7 @@ class TokenRewards:
                 if r.text.strip():
                     try:
                         items[i] = encode_for_abc(self.rm_tokenizer, r.prompt, assistant(r.text), self.max_length)
-                    except ValueError:  # no response token survives the reward model's max_length
+                    except NoResponseTokens:  # no attention to spread: r goes on the last token, and is counted
                         pass
             results = score_abc(self.rm, list(items.values()), config.abc_beta, 16, self.rm_tokenizer.pad_token_id)
             for (i, item), result in zip(items.items(), results):
@@ -74,6 +82,7 @@ class TokenRewards:
                 )
                 scores[i] = result.reward
         sparse = [i for i, s in enumerate(scores) if s is None]  # all rows, or those ABC could not spread
+        fallbacks = len(sparse) if self.abc else 0
         if sparse:
             values = score_pairs(
                 self.rm,
@@ -101,4 +110,4 @@ class TokenRewards:
             ]
             for i, result in enumerate(score_contrastive(reference, items, 16, pad_token_id(tokenizer))):
                 rewards[i] = rewards[i] + config.contrastive_scale * result.rewards
-        return rewards, [float(s) for s in scores]
+        return rewards, [float(s) for s in scores], fallbacks

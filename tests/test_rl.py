@@ -1,7 +1,9 @@
 """The online-RL stage: advantage and loss math against hand-computed values, ABC's official form on policy tokens,
 and the trainer on tiny models (every parameter moves, a learnable reward rises, resume is exact)."""
 
+import logging
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ from creditflow.tasks.rl_losses import (
     value_loss,
     whiten,
 )
-from creditflow.tasks.rl_rewards import token_spans
+from creditflow.tasks.rl_rewards import Rollout, TokenRewards, token_spans
 from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
 from creditflow.tasks.tokenization import load_tokenizer
 
@@ -197,6 +199,48 @@ def test_each_reward_source_gives_per_token_rewards(model_dir, reward_dir, sourc
         assert first["token_reward_sum"] != pytest.approx(first["reward"], abs=1e-6)
 
 
+def _scored(trainer, rewards: TokenRewards, rollouts):
+    with torch.no_grad(), trainer.reference() as reference:
+        return rewards(rollouts, reference, trainer.tokenizer)
+
+
+def test_abc_rewards_reach_tokens_before_the_last_and_nothing_falls_back(model_dir, reward_dir):
+    trainer, history = _train(model_dir, reward_dir, _config(reward_source="abc", max_steps=1))
+    assert history[0]["abc_fallback_fraction"] == 0.0
+    rollouts = trainer._rollouts(1)
+    rewards, scores, fallbacks = _scored(trainer, trainer.rewards, rollouts)
+    assert fallbacks == 0
+    long = [(x, s) for x, s in zip(rewards, scores) if len(x) > 1]
+    assert long and all(np.any(x[:-1] != 0.0) for x, _ in long)  # the sparse reward would leave them all 0
+    assert [float(x.sum()) for x, _ in long] == pytest.approx([s for _, s in long], abs=1e-5)
+
+
+def test_abc_rollouts_the_reward_model_cannot_see_get_the_sparse_reward_counted_and_warned(
+    model_dir, reward_dir, caplog
+):
+    # max_length 2 holds only the chat template's closing "<|im_end|>\n": no response token survives
+    with caplog.at_level(logging.WARNING, logger="creditflow.tasks.rl"):
+        trainer, history = _train(model_dir, reward_dir, _config(reward_source="abc", max_steps=1), rm_max_length=2)
+    assert history[0]["abc_fallback_fraction"] == 1.0
+    assert "8 of 8 rollouts got the sparse reward" in caplog.text
+    rewards, scores, fallbacks = _scored(trainer, trainer.rewards, trainer._rollouts(1))
+    assert fallbacks == len(rewards) and all(np.all(x[:-1] == 0.0) and x[-1] == s for x, s in zip(rewards, scores))
+
+
+def test_abc_refuses_a_reward_model_whose_template_rewrites_the_response(model_dir, reward_dir, tmp_path):
+    # Not a response ABC cannot see but a reward model it cannot read: an error, not a silent sparse reward.
+    folder = shutil.copytree(reward_dir, tmp_path / "rm")
+    tokenizer = load_tokenizer(str(folder))
+    tokenizer.chat_template = tokenizer.chat_template.replace("message['content']", "message['content'] | upper")
+    tokenizer.save_pretrained(folder)
+    trainer = RLTrainer(model_dir, reward_dir, PROMPTS, _config(reward_source="abc"), progress=False)
+    ids = trainer.tokenizer("It was great", add_special_tokens=False)["input_ids"]
+    rollout = Rollout(PROMPTS[0], [], ids, *token_spans(trainer.tokenizer, ids))
+    rewards = TokenRewards(folder, trainer.config, trainer.device, 512)
+    with pytest.raises(ValueError, match="does not render the response text verbatim"):
+        _scored(trainer, rewards, [rollout])
+
+
 def test_a_learnable_reward_rises(model_dir, reward_dir):
     config = _config(
         algorithm="rloo", samples_per_prompt=4, epochs=8, max_steps=16, learning_rate=1e-2, reward_source="sparse"
@@ -207,8 +251,10 @@ def test_a_learnable_reward_rises(model_dir, reward_dir):
     assert late > early + 0.5, [round(h["reward"], 3) for h in history]
 
 
-def test_an_interrupted_run_resumes_exactly(model_dir, reward_dir, tmp_path):
-    config = _config(epochs=3, max_steps=5, save_every=2, warmup_ratio=0.2)
+@pytest.mark.parametrize("kl_target", [None, 0.5], ids=["fixed-kl", "adaptive-kl"])
+def test_an_interrupted_run_resumes_exactly(model_dir, reward_dir, tmp_path, kl_target):
+    # horizon 100: the adaptive coefficient moves ~3% per iteration, so a coefficient not restored shows
+    config = _config(epochs=3, max_steps=5, save_every=2, warmup_ratio=0.2, kl_target=kl_target, kl_horizon=100)
     straight, straight_history = _train(model_dir, reward_dir, config)
 
     with pytest.raises(Interrupt):
@@ -223,6 +269,8 @@ def test_an_interrupted_run_resumes_exactly(model_dir, reward_dir, tmp_path):
     keys = ("reward", "kl", "policy_loss", "value_loss")
     assert [h[k] for h in history for k in keys] == pytest.approx([h[k] for h in straight_history for k in keys])
     assert resumed.samples == straight.samples
+    assert [h["kl_coef"] for h in history] == [h["kl_coef"] for h in straight_history]
+    assert resumed.kl.value == straight.kl.value and (kl_target is None) == (resumed.kl.value == config.kl_coef)
 
 
 def test_the_saved_policy_loads(model_dir, reward_dir, tmp_path):
