@@ -80,7 +80,9 @@ def build_examples(folder: Path, args, fixed: bool) -> list[dict]:
     from creditflow.tasks.logprobs import completion_logprobs
 
     generator = torch.Generator().manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    # on the GPU when there is one: 192 full-size sequences on a CPU would eat most of gpu_check's 10 minutes
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(folder)).to(device).eval()
 
     def length(low: int, high: int) -> int:
         return high if fixed else int(torch.randint(low, high + 1, (1,), generator=generator))
@@ -94,8 +96,10 @@ def build_examples(folder: Path, args, fixed: bool) -> list[dict]:
         sides = {}
         for side in ("chosen", "rejected"):
             completion = ids(length(args.completion_min, args.completion_max))
-            row = torch.tensor([prompt + completion])
-            ref = completion_logprobs(model, row, torch.ones_like(row), [len(prompt)], [len(completion)])[0]
+            row = torch.tensor([prompt + completion], device=device)
+            with torch.no_grad():
+                ref = completion_logprobs(model, row, torch.ones_like(row), [len(prompt)], [len(completion)])[0]
+            ref = ref.float().cpu()
             rewards = (torch.rand(len(completion), generator=generator) - 0.5).tolist()
             sides[side] = {"prompt_ids": prompt, "completion_ids": completion, "ref_logps": ref.tolist()}
             sides[side]["rewards"] = rewards
