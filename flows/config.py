@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from creditflow.tasks.config_base import ComputeConfig, StrictConfig, check_name
+from creditflow.storage.names import check_name
+from creditflow.tasks.config_base import ComputeConfig, StrictConfig
 from creditflow.tasks.configs import (
     AuditConfig,
     CurateConfig,
@@ -46,7 +47,8 @@ class PipelineConfig(StrictConfig):
     reference_model: str = Field(
         "tiny-lm",
         description="pi_ref: samples on-policy pairs, scores contrastive token rewards, starts the policy, and is "
-        "what evaluation compares against. A local folder or a named model (smollm2, minilm, tiny-lm).",
+        "what evaluation compares against. A local folder, a hub id (org/name[@revision]) or a named model (smollm2, "
+        "minilm, tiny-lm).",
     )
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
@@ -182,19 +184,16 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
     """Paths in a config file are relative to that file, not to the shell's working directory."""
     curate = data.get("curate")
     sources = curate.get("sources") if isinstance(curate, dict) else None
-    for source in sources if isinstance(sources, list) else []:
-        if (
-            isinstance(source, dict)
-            and isinstance(source.get("path"), str)
-            and not Path(source["path"]).expanduser().is_absolute()
-        ):
-            source["path"] = str((base / source["path"]).resolve())
-    tokenizer = curate.get("tokenizer") if isinstance(curate, dict) else None
-    if isinstance(tokenizer, str) and tokenizer.startswith("."):
-        curate["tokenizer"] = str((base / tokenizer).resolve())
-    reference = data.get("reference_model")
-    if isinstance(reference, str) and reference.startswith("."):
-        data["reference_model"] = str((base / reference).resolve())
+    files = [(s, "path") for s in (sources if isinstance(sources, list) else []) if isinstance(s, dict)]
+    for holder, key in [*files, (data.get("audit"), "probe")]:
+        path = holder.get(key) if isinstance(holder, dict) else None
+        if isinstance(path, str) and not Path(path).expanduser().is_absolute():
+            holder[key] = str((base / path).resolve())
+    # A model key also takes hub ids (org/name) and named models: only ./ or ../ marks a relative folder.
+    for holder, key in [(data, "reference_model"), (curate, "tokenizer"), (data.get("reward_model"), "base_model")]:
+        spec = holder.get(key) if isinstance(holder, dict) else None
+        if isinstance(spec, str) and spec.startswith("."):
+            holder[key] = str((base / spec).resolve())
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -8,21 +8,9 @@ without torch or transformers.
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-# Experiment and run names become MLflow folder names: no path separators, no "..", printable.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._+=,()-]{0,127}$"
-
-
-def check_name(value: str, what: str) -> str:
-    if ".." in value or not re.match(NAME_PATTERN, value):
-        raise ValueError(
-            f"{what} {value!r}: use letters, digits, spaces and ._+=,()- (no '/', no '..'), at most 128 characters"
-        )
-    return value
 
 
 class StrictConfig(BaseModel):
@@ -118,5 +106,7 @@ class ComputeConfig(StrictConfig):
         None, description="Ray cluster: 'auto' (the running one), 'ray://host:10001', or null: start a local one."
     )
     workers: int = Field(2, ge=1, description="Ray actors, each holding one copy of the model.")
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each actor reserves (1: one actor per GPU).")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each actor reserves.")
+    gpus_per_worker: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="GPUs each actor reserves (1: one actor per GPU)."
+    )
+    cpus_per_worker: float = Field(1.0, gt=0, allow_inf_nan=False, description="CPUs each actor reserves.")

@@ -98,11 +98,16 @@ class CurateRules(StrictConfig):
 
 
 class CurateConfig(StrictConfig):
-    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(builtin="sample")])
+    sources: list[SourceConfig] = Field(
+        default_factory=lambda: [SourceConfig(builtin="sample")],
+        description="Inputs, read in order; each names one of path (file or folder), hf (hub dataset) or builtin.",
+    )
     rules: CurateRules = Field(default_factory=CurateRules)
-    tokenizer: str | None = Field(None, description="Folder or named model; required by the token-length rules.")
+    tokenizer: str | None = Field(
+        None, description="Folder, hub id (org/name[@revision]) or named model; required by the token-length rules."
+    )
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of prompts held out (by prompt id).")
-    split_seed: int = 0
+    split_seed: int = Field(0, description="Seeds which prompts are held out.")
 
     @model_validator(mode="after")
     def _check(self) -> "CurateConfig":
@@ -119,11 +124,15 @@ class CurateConfig(StrictConfig):
 
 
 class RewardModelConfig(DistributedTrainingConfig):
-    base_model: str = Field(TINY_BACKBONE, description="Local folder, a named model ('minilm'), or 'tiny'.")
+    base_model: str = Field(
+        TINY_BACKBONE, description="Local folder, hub id (org/name[@revision]), a named model ('minilm'), or 'tiny'."
+    )
     max_length: int = Field(256, ge=2, description="Tokens of prompt + response; long prompts lose their start.")
     use_margin: bool = Field(False, description="Subtract the curated score margin inside the sigmoid.")
-    center_rewards_coefficient: float | None = Field(None, ge=0, description="Weight of mean((r_c + r_r)^2).")
-    eval_batch_size: int = Field(32, ge=1)
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="Weight of mean((r_c + r_r)^2)."
+    )
+    eval_batch_size: int = Field(32, ge=1, description="Pairs per forward when scoring the eval split.")
     gradient_checkpointing: bool = Field(False, description="Recompute the backbone's activations in backward.")
 
 
@@ -149,8 +158,10 @@ class TokenRewardsConfig(StrictConfig):
         default_factory=lambda: ["contrastive"], description="'contrastive' (T-REG) and/or 'abc'."
     )
     max_length: int | None = Field(1024, ge=2, description="Prompt + completion tokens, as the policy truncates.")
-    max_prompt_length: int | None = Field(512, ge=1)
-    truncation: Literal["keep_start", "keep_end"] = "keep_start"
+    max_prompt_length: int | None = Field(512, ge=1, description="A longer prompt keeps its last N tokens.")
+    truncation: Literal["keep_start", "keep_end"] = Field(
+        "keep_start", description="Over max_length: keep_start cuts the completion's tail, keep_end the prompt's head."
+    )
     template: Literal[(*TEMPLATE_PRESETS, "custom")] = Field(  # type: ignore[valid-type]
         DEFAULT_TEMPLATE, description="Contrastive prompt preset; 'custom' uses better_template / worse_template."
     )
@@ -222,8 +233,10 @@ def _placeholders(template: str, where: str) -> set[str]:
 
 
 class PreferenceLossConfig(StrictConfig):
-    loss_type: Literal["dpo", "ipo", "simpo"] = "dpo"
-    beta: float = Field(0.1, gt=0, allow_inf_nan=False)
+    loss_type: Literal["dpo", "ipo", "simpo"] = Field(
+        "dpo", description="dpo: sigmoid; ipo: squared; simpo: length-normalized, no reference model."
+    )
+    beta: float = Field(0.1, gt=0, allow_inf_nan=False, description="Scale of the implicit reward (KL strength).")
     alpha: float = Field(0.0, ge=0, allow_inf_nan=False, description="T-REG weight; 0 disables the regularizer.")
     gamma: float = Field(0.5, allow_inf_nan=False, description="SimPO target margin (not gamma/beta).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO only (conservative DPO).")
@@ -238,10 +251,14 @@ class PreferenceLossConfig(StrictConfig):
 class LoraConfig(StrictConfig):
     """LoRA adapters (Hu et al. 2021) on ``target_modules``; merged into the weights of the saved model."""
 
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: float = Field(32.0, gt=0, allow_inf_nan=False, description="The update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="Names of the linear layers that get adapters.",
+    )
     save_adapter: bool = Field(True, description="Also save the PEFT adapter alone, in adapter/ beside model/.")
 
 
@@ -251,7 +268,9 @@ class PolicyConfig(DistributedTrainingConfig):
     token_reward_source: Literal["contrastive", "abc", "none"] = Field(
         "contrastive", description="r_hat for the T-REG term; 'none' needs loss.alpha == 0."
     )
-    max_grad_norm: float | None = Field(1.0, gt=0, description="null: no clipping (the norm is still logged).")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, allow_inf_nan=False, description="null: no clipping (the norm is still logged)."
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute decoder activations in backward.")
     length_grouped: bool = Field(True, description="Batch pairs of similar length together to cut padding.")
     chunk_size: int = Field(1024, ge=1, description="Completion positions per LM-head chunk.")
@@ -309,14 +328,18 @@ class RLConfig(TrainingConfig):
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (ppo only).")
     whiten_advantages: bool = Field(True, description="Standardize advantages over each iteration's tokens.")
     kl_coef: float = Field(0.05, ge=0, allow_inf_nan=False, description="Per-token KL penalty to pi_ref.")
-    kl_target: float | None = Field(None, gt=0, description="Adaptive KL controller target; null: fixed kl_coef.")
+    kl_target: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="Adaptive KL controller target; null: fixed kl_coef."
+    )
     kl_horizon: int = Field(10000, ge=1, description="Adaptive KL controller horizon, in samples.")
     abc_beta: float = Field(0.8, ge=0, le=1, description="ABC: share of r spread by attention (the paper: 0.8).")
     contrastive_scale: float = Field(1.0, ge=0, allow_inf_nan=False, description="Weight of r_hat_t per token.")
     contrastive_template: PresetName = Field(
         DEFAULT_TEMPLATE, description="T-REG prompt preset for the contrastive reward."
     )
-    max_grad_norm: float | None = Field(1.0, gt=0, description="null: no clipping (the norm is still logged).")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, allow_inf_nan=False, description="null: no clipping (the norm is still logged)."
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute decoder activations in backward.")
     chunk_size: int = Field(1024, ge=1, description="Response positions per LM-head chunk.")
     lora: LoraConfig | None = None
@@ -365,7 +388,7 @@ class AuditConfig(StrictConfig):
     probe: str | None = Field(None, description="Your JSONL of prompt, response, bad_spans.")
     seed: int = Field(0, description="Probe seed.")
     max_length: int = Field(512, ge=2, description="Prompt + response tokens.")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="Sequences per forward.")
 
 
 def method_label(policy_config: dict) -> str:

@@ -26,10 +26,11 @@ def card_text(
     metrics: dict[str, float],
     config: dict[str, Any],
     library_name: str = "transformers",
+    pipeline_tag: str = "text-generation",
 ) -> str:
     """The README.md text. ``base_model`` is recorded in the metadata only when it is a hub id (the Hub links it);
     a local folder or bundled name goes under ``creditflow`` instead."""
-    front: dict[str, Any] = {"library_name": library_name, "tags": ["creditflow", *tags]}
+    front: dict[str, Any] = {"library_name": library_name, "pipeline_tag": pipeline_tag, "tags": ["creditflow", *tags]}
     if is_hub_id(base_model):
         front["base_model"] = base_model.partition("@")[0]
     hub_datasets = [d.partition("@")[0] for d in datasets if is_hub_id(d)]
@@ -37,12 +38,19 @@ def card_text(
         front["datasets"] = hub_datasets
     front["creditflow"] = {"base_model": base_model, "datasets": datasets, **metadata}
     rounded = {k: round(float(v), 6) for k, v in metrics.items()}
+    # The Hub's model-index needs a dataset per result: the hub dataset when it is the only source, else the
+    # curated artifact's digest (what the metrics were measured on).
+    sources = [d for d in datasets if not d.startswith("creditflow:")]
+    digest = next((d for d in datasets if d.startswith("creditflow:")), "creditflow:unrecorded")
+    repo, _, revision = (sources[0] if len(sources) == 1 and is_hub_id(sources[0]) else digest).partition("@")
+    dataset = {"type": repo, "name": repo, **({"revision": revision} if revision else {})}
     front["model-index"] = [
         {
             "name": title,
             "results": [
                 {
-                    "task": {"type": "text-generation"},
+                    "task": {"type": pipeline_tag},
+                    "dataset": dataset,
                     "metrics": [{"type": k, "name": k, "value": v} for k, v in rounded.items()],
                 }
             ],

@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import uuid
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 from creditflow.storage.artifacts import grant_umask_permissions
@@ -52,7 +52,11 @@ _TOKENIZER_FILES = (
     "spiece.model",
     "sentencepiece.bpe.model",
 )
-
+# What from_pretrained reads from a hub model repo: configs and tokenizer files, chat templates, custom code, the
+# card and safetensors weights; not the other formats many repos also carry (original/*.pth, ONNX, GGUF, flax:
+# 16 GB more for Llama-3-8B-Instruct). PyTorch pickles only when a repo has no safetensors.
+HUB_MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py", "*.md"]
+HUB_PICKLE_WEIGHTS = ["pytorch_model*.bin"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
@@ -84,7 +88,7 @@ def resolve_model(spec: str | Path) -> Path:
 
 def hub_snapshot(spec: str, repo_type: str = "model") -> Path:
     """The cached snapshot folder of hub id ``org/name[@revision]`` (a model, or with ``repo_type="dataset"`` a
-    dataset repo); downloaded first unless HF_HUB_OFFLINE=1."""
+    dataset repo); downloaded first unless HF_HUB_OFFLINE=1, a model repo only as far as ``from_pretrained`` reads."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -92,10 +96,13 @@ def hub_snapshot(spec: str, repo_type: str = "model") -> Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     # Read at call time (huggingface_hub reads them once, at import): a test or a user may set them late.
     cache = os.environ.get("HF_HUB_CACHE") or (os.environ.get("HF_HOME") and str(Path(os.environ["HF_HOME"]) / "hub"))
+    download = partial(snapshot_download, repo, repo_type=repo_type, cache_dir=cache or None, local_files_only=offline)
+    patterns = HUB_MODEL_FILES if repo_type == "model" else None  # a dataset repo's files are all data
     try:
-        folder = snapshot_download(
-            repo, repo_type=repo_type, revision=revision or None, cache_dir=cache or None, local_files_only=offline
-        )
+        folder = Path(download(revision=revision or None, allow_patterns=patterns))
+        if patterns and not any(folder.glob("*.safetensors")):
+            # A repo with PyTorch pickles only: fetch those from the same commit (offline: found in the cache).
+            folder = Path(download(revision=folder.name, allow_patterns=HUB_PICKLE_WEIGHTS))
     except LocalEntryNotFoundError:
         raise ValueError(
             f"hub {repo_type} {spec!r} is not in the Hugging Face cache ({cache or 'the default HF cache'}) and "
@@ -107,7 +114,7 @@ def hub_snapshot(spec: str, repo_type: str = "model") -> Path:
             f"hub {repo_type} {spec!r}: {str(exc).splitlines()[0]} (check the id and revision; gated models need "
             "`hf auth login`)"
         ) from None
-    return Path(folder)
+    return folder
 
 
 def missing_packages(spec: str) -> list[str]:

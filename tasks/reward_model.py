@@ -368,6 +368,7 @@ def compute_reward_model(ctx: StageContext) -> dict[str, float]:
         metadata={"method": "bradley-terry"},
         metrics=metrics,
         config=stage_config(ctx),
+        pipeline_tag="text-classification",
     )
     return metrics
 
