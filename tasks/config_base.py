@@ -36,6 +36,9 @@ class TrainingConfig(StrictConfig):
     seed: int = Field(0, description="Seeds initialization and the data order.")
     bf16: bool = Field(True, description="bf16 autocast over fp32 weights on CUDA; CPU always trains in fp32.")
     save_every: int = Field(50, ge=1, description="Optimizer steps between resumable checkpoints.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, allow_inf_nan=False, description="Clip the gradient norm to this; null: no clipping (still logged)."
+    )
 
 
 class DistributedTrainingConfig(TrainingConfig):

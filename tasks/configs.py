@@ -124,6 +124,10 @@ class CurateConfig(StrictConfig):
 
 
 class RewardModelConfig(DistributedTrainingConfig):
+    # No clipping by default: the reward models trained before the norm was logged were not clipped either.
+    max_grad_norm: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="Clip the gradient norm to this; null: no clipping (still logged)."
+    )
     base_model: str = Field(
         TINY_BACKBONE, description="Local folder, hub id (org/name[@revision]), a named model ('minilm'), or 'tiny'."
     )
@@ -268,9 +272,6 @@ class PolicyConfig(DistributedTrainingConfig):
     token_reward_source: Literal["contrastive", "abc", "none"] = Field(
         "contrastive", description="r_hat for the T-REG term; 'none' needs loss.alpha == 0."
     )
-    max_grad_norm: float | None = Field(
-        1.0, gt=0, allow_inf_nan=False, description="null: no clipping (the norm is still logged)."
-    )
     gradient_checkpointing: bool = Field(False, description="Recompute decoder activations in backward.")
     length_grouped: bool = Field(True, description="Batch pairs of similar length together to cut padding.")
     chunk_size: int = Field(1024, ge=1, description="Completion positions per LM-head chunk.")
@@ -336,9 +337,6 @@ class RLConfig(TrainingConfig):
     contrastive_scale: float = Field(1.0, ge=0, allow_inf_nan=False, description="Weight of r_hat_t per token.")
     contrastive_template: PresetName = Field(
         DEFAULT_TEMPLATE, description="T-REG prompt preset for the contrastive reward."
-    )
-    max_grad_norm: float | None = Field(
-        1.0, gt=0, allow_inf_nan=False, description="null: no clipping (the norm is still logged)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute decoder activations in backward.")
     chunk_size: int = Field(1024, ge=1, description="Response positions per LM-head chunk.")

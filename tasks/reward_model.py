@@ -17,6 +17,7 @@ backbone's blocks with sharded (DCP) checkpoints and one consolidated safetensor
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -200,6 +201,8 @@ def train_reward_model(
             )
             if world > 1:
                 dist.all_reduce(stats)
+            clip = config.max_grad_norm or math.inf
+            grad_norm = fsdp.total_norm(torch.nn.utils.clip_grad_norm_(list(trainable.values()), clip))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -209,6 +212,7 @@ def train_reward_model(
                 "train.loss": stats[0].item() / n_pairs,
                 "train.accuracy": stats[1].item() / n_pairs,
                 "train.margin": stats[2].item() / n_pairs,
+                "train.grad_norm": grad_norm,
                 "train.lr": scheduler.get_last_lr()[0],
                 "train.epoch": epoch + (first + len(group)) / len(micro_batches),
             }

@@ -119,25 +119,36 @@ def test_interrupted_training_resumes_to_the_same_weights(backbone, tmp_path):
 @pytest.mark.slow  # torchrun workers
 def test_two_process_fsdp_matches_one_process_and_resumes_exactly_from_its_sharded_checkpoint(backbone, tmp_path):
     """FSDP2 over 2 gloo processes (each holds half of every block's weights, gradients and AdamW state) against
-    one process on the same 4 micro-batches per step: the same loss at every step, the same eval accuracy per
-    epoch and the same final weights (up to float reduction order, 1e-5). A 40-step run, terminated mid-run once
-    the parent sees step 3, leaves its newest complete sharded (DCP) checkpoint; resuming from it gives bit-for-bit
-    the uninterrupted run."""
+    one process on the same 4 micro-batches per step: the same loss and gradient norm at every step, the same eval
+    accuracy per epoch and the same final weights (up to float reduction order, 1e-5). A 40-step run, terminated
+    mid-run once the parent sees step 3, leaves its newest complete sharded (DCP) checkpoint; resuming from it gives
+    bit-for-bit the uninterrupted run."""
     train, evaluation = _separable(32), _separable(8, offset=500)
     knobs = {"learning_rate": 1e-3, "epochs": 2, "batch_size": 4, "warmup_ratio": 0.25, "save_every": 2}
 
-    def losses(into: list):
-        return lambda step, metrics: into.append(metrics["train.loss"]) if "train.loss" in metrics else None
+    def losses(into: list, norms: list | None = None):
+        def record(step, metrics):
+            if "train.loss" in metrics:
+                into.append(metrics["train.loss"])
+                if norms is not None:
+                    norms.append(metrics["train.grad_norm"])
+
+        return record
 
     single_losses: list[float] = []
+    single_norms: list[float] = []
     single_config = RewardModelConfig(**knobs, grad_accum=4)
     _, single, single_history = train_reward_model(
-        backbone, train, evaluation, single_config, on_step=losses(single_losses), progress=False
+        backbone, train, evaluation, single_config, on_step=losses(single_losses, single_norms), progress=False
     )
     config = RewardModelConfig(**knobs, grad_accum=2, num_processes=2, strategy="fsdp")
     streamed: list[float] = []
-    history = launch_distributed(backbone, train, evaluation, config, tmp_path / "model", on_step=losses(streamed))
+    norms: list[float] = []
+    history = launch_distributed(
+        backbone, train, evaluation, config, tmp_path / "model", on_step=losses(streamed, norms)
+    )
     assert len(streamed) == 4 and streamed == pytest.approx(single_losses, abs=1e-5)
+    assert norms == pytest.approx(single_norms, rel=1e-4) and min(norms) > 0
     assert [h["eval.accuracy"] for h in history] == [h["eval.accuracy"] for h in single_history]
     sharded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
     for (name, a), b in zip(single.state_dict().items(), sharded.state_dict().values()):
