@@ -1,11 +1,13 @@
-"""compute.backend: ray on a real local Ray cluster (2 workers, started here): token rewards, sampling and reward
-scores identical to the local path, and a worker that dies mid-run loses no finished shard.
+"""compute.backend: ray on a real local Ray cluster (2 workers, started here): token rewards, sampling, reward
+scores and the evaluate stage identical to the local path (and shown to have run on Ray actors, not locally), and a
+worker that dies mid-run loses no finished shard.
 
 The local path runs on one CPU thread, as each actor does (Ray sets an actor's threads to the CPUs it reserves): a
 different thread count can split a reduction differently (MKL also picks its threads by load) and move the last
 bit of a float, which would make "the same bits" a coin toss."""
 
 import os
+import shutil
 import sys
 
 import pyarrow.parquet as pq
@@ -18,8 +20,9 @@ from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
 from creditflow.tasks import schema as S
 from creditflow.tasks.config_base import ComputeConfig, SamplingConfig
-from creditflow.tasks.configs import OnPolicyConfig, TokenRewardsConfig
-from creditflow.tasks.distributed import resumable_map
+from creditflow.tasks.configs import EvaluateConfig, OnPolicyConfig, TokenRewardsConfig
+from creditflow.tasks.distributed import ACTOR_PREFIX, ShardWorker, resumable_map
+from creditflow.tasks.evaluate import compute_evaluate
 from creditflow.tasks.generation import Sampler, generate
 from creditflow.tasks.onpolicy import compute_onpolicy
 from creditflow.tasks.reward_scoring import score_rewards
@@ -39,6 +42,19 @@ def cluster():
     ray.init(num_cpus=2, namespace="creditflow", include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def _workers_started() -> set[str]:
+    """Names of every shard worker this cluster has started, alive or dead (map_shards kills its actors when done):
+    an equality with the local run proves nothing unless these grew. Read from the GCS actor table, since
+    ray.util.state.list_actors needs the dashboard, which the dev install leaves out (ray is pinned to 2.60)."""
+    from ray._private.state import actors
+
+    return {
+        actor["Name"]
+        for actor in actors().values()
+        if actor["ActorClassName"] == ShardWorker.__name__ and actor["Name"].startswith(ACTOR_PREFIX)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -65,29 +81,39 @@ def _stage(root, models, pairs, config, compute, recipe=compute_token_rewards, s
     the folder of its outputs."""
     policy, reward = models
     workspace = Workspace.resolve(root)
-    writer = workspace.store.writer("reward_model", "rm")
-    (writer.dir / "model").mkdir()
-    for file in reward.iterdir():
-        (writer.dir / "model" / file.name).write_bytes(file.read_bytes())
-    rm = workspace.store.publish(
-        writer, stage="reward_model", fingerprint="rm", inputs={}, config={"max_length": 64}, code_version="t"
-    )
-    curate = publish_artifact(workspace.store, "curate", "c", {"pairs": S.rows_to_table(pairs, S.PAIRS_SCHEMA)})
+    upstream = {
+        "reward_model": _publish_model(workspace, "reward_model", reward, {"max_length": 64}),
+        "curate": publish_artifact(workspace.store, "curate", "c", {"pairs": S.rows_to_table(pairs, S.PAIRS_SCHEMA)}),
+    }
+    if stage == "evaluate":  # the tiny LM stands in for the trained policy and is the reference it started from
+        upstream["policy"] = _publish_model(workspace, "policy", policy, {"loss": {"loss_type": "dpo"}})
+        upstream["token_rewards"] = publish_artifact(
+            workspace.store, "token_rewards", "tr", {}, {"reference_model": str(policy)}
+        )
     run = Run.start(workspace, "distributed-test", stage)
     out = workspace.store.writer(stage, "t")
     ctx = StageContext(
-        config, workspace, {"curate": curate, "reward_model": rm}, out, run, False, stage, "t",
-        reference_model=str(policy), compute=compute,
+        config, workspace, upstream, out, run, False, stage, "t", reference_model=str(policy), compute=compute,
     )  # fmt: skip
     return recipe(ctx), out.dir
+
+
+def _publish_model(workspace, stage: str, folder, config: dict):
+    """A ``stage`` artifact holding a copy of the model in ``folder`` as its ``model/`` folder."""
+    writer = workspace.store.writer(stage, stage)
+    shutil.copytree(folder, writer.dir / "model")
+    return workspace.store.publish(writer, stage=stage, fingerprint=stage, inputs={}, config=config, code_version="t")
 
 
 @pytest.mark.usefixtures("cluster")
 def test_ray_actors_give_the_local_rows_for_contrastive_and_abc(models, tmp_path):
     config = TokenRewardsConfig(sources=["contrastive", "abc"], max_length=64, rows_per_shard=3, batch_size=2)
     pairs = _pairs(5)
+    before = _workers_started()
     local_metrics, local = _stage(tmp_path / "local", models, pairs, config, None)
+    assert _workers_started() == before  # the local path starts no actor
     ray_metrics, distributed = _stage(tmp_path / "ray", models, pairs, config, RAY)
+    assert len(_workers_started() - before) == 4  # 2 workers for each of the 2 sources (4 shards each)
     assert ray_metrics["rows_computed"] == local_metrics["rows_computed"] == 20
     rows = [pq.read_table(folder / "token_rewards.parquet").to_pylist() for folder in (local, distributed)]
     assert rows[0] == rows[1]  # same shards, same batches, same code: the same bits
@@ -97,11 +123,11 @@ def test_ray_actors_give_the_local_rows_for_contrastive_and_abc(models, tmp_path
 def test_the_onpolicy_stage_on_ray_writes_the_local_pairs(models, tmp_path):
     config = OnPolicyConfig(enabled=True, samples_per_prompt=3, max_new_tokens=6, batch_size=2, temperature=1.0)
     pairs = _pairs(5)
-    outputs = [
-        _stage(tmp_path / name, models, pairs, config, compute, compute_onpolicy, "onpolicy")
-        for name, compute in (("local", None), ("ray", RAY))
-    ]
-    (local_metrics, local), (ray_metrics, distributed) = outputs
+    before = _workers_started()
+    local_metrics, local = _stage(tmp_path / "local", models, pairs, config, None, compute_onpolicy, "onpolicy")
+    assert _workers_started() == before  # the local path starts no actor
+    ray_metrics, distributed = _stage(tmp_path / "ray", models, pairs, config, RAY, compute_onpolicy, "onpolicy")
+    assert len(_workers_started() - before) == 2  # one sampler, one reward scorer: each job is a single shard here
     assert local_metrics == ray_metrics and local_metrics["samples"] == 15
     for table in ("pairs", "quarantine"):
         assert pq.read_table(distributed / f"{table}.parquet") == pq.read_table(local / f"{table}.parquet")
@@ -153,13 +179,19 @@ SAMPLING = SamplingConfig(temperature=1.0, max_new_tokens=6, batch_size=2, seed=
 @pytest.mark.usefixtures("cluster")
 def test_sampling_and_reward_scores_on_ray_equal_local(models):
     policy, reward = models
+    before = _workers_started()
     local = generate(policy, PROMPTS, 2, SAMPLING, progress=False, prompts_per_shard=3)
+    assert _workers_started() == before  # the local path starts no actor
     assert generate(policy, PROMPTS, 2, SAMPLING, RAY, progress=False, prompts_per_shard=3) == local
+    samplers = _workers_started() - before
+    assert len(samplers) == 2  # 3 shards: both workers sampled
     completions = [[{"role": "assistant", "content": text}] for texts in local for text in texts]
     prompts = [p for p in PROMPTS for _ in range(2)]
     jobs = [(prompts, completions), (prompts[:5], completions[:5])]
     local_scores = score_rewards(reward, jobs, progress=False, rows_per_shard=4)
+    assert _workers_started() == before | samplers
     assert score_rewards(reward, jobs, RAY, progress=False, rows_per_shard=4) == local_scores
+    assert len(_workers_started() - before - samplers) == 2  # 6 shards: both workers scored
 
 
 def _sampler_dies_on_second_shard(folder: str, k: int, sampling: dict):
@@ -193,3 +225,20 @@ def test_a_dead_sampler_loses_no_finished_shard(models, tmp_path):
         policy, PROMPTS, 2, SAMPLING, progress=False, prompts_per_shard=3
     )
     assert (tmp_path / "samples-00000.json").stat().st_mtime_ns == stamp  # reused, not sampled again
+
+
+@pytest.mark.slow  # ~20 s on 2 cores: two systems sampled and scored, twice
+@pytest.mark.usefixtures("cluster")
+def test_the_evaluate_stage_on_ray_writes_the_local_generations(models, tmp_path):
+    config = EvaluateConfig(max_prompts=3, max_new_tokens=6, batch_size=2, temperature=1.0, gold_scorer=None)
+    pairs = [{**row, "split": "eval"} for row in _pairs(3, " (eval)")]
+    before = _workers_started()
+    local_metrics, local = _stage(tmp_path / "local", models, pairs, config, None, compute_evaluate, "evaluate")
+    assert _workers_started() == before  # the local path starts no actor
+    ray_metrics, distributed = _stage(tmp_path / "ray", models, pairs, config, RAY, compute_evaluate, "evaluate")
+    # One sampler per system (a single shard each), and both workers for the reward-model scores (one shard per
+    # system: shards never span two jobs).
+    assert len(_workers_started() - before) == 4
+    assert ray_metrics == local_metrics and local_metrics["prompts"] == 3
+    generations = [pq.read_table(folder / "generations.parquet") for folder in (local, distributed)]
+    assert generations[0].num_rows == 6 and generations[1] == generations[0]

@@ -228,34 +228,44 @@ def test_sigkill_mid_stage_leaves_no_artifact_and_the_next_run_recomputes(tmp_pa
     assert rows == [(False,)]
 
 
-def test_infra_files_parse_and_point_at_real_flows_and_services():
-    """Docker cannot run here: check the infra files' structure and that they agree with the code and each other."""
+def _prefect_project(path: Path):
+    """A Prefect project file, validated with the schema `prefect deploy` itself uses, every deployment's entrypoint
+    loaded as a real flow that takes its parameters (a valid pipeline config among them)."""
     import importlib
 
     import yaml
     from prefect import Flow
-    from prefect.cli.deploy._models import PrefectYamlModel  # the schema `prefect deploy` itself validates with
+    from prefect.cli.deploy._models import PrefectYamlModel
     from prefect.client.schemas.schedules import CronSchedule
-    from prefect.utilities.templating import find_placeholders
 
     from creditflow.flows.config import validate
 
-    infra = Path(__file__).resolve().parents[1] / "infra"
-    root = infra.parent
-    project = PrefectYamlModel.model_validate(yaml.safe_load((infra / "prefect.yaml").read_text()))
-    (pull,) = project.pull
-    workdir = pull["prefect.deployments.steps.set_working_directory"]["directory"]
-    assert {d.name for d in project.deployments} == {"nightly", "curate"}
+    root = Path(__file__).resolve().parents[1]
+    project = PrefectYamlModel.model_validate(yaml.safe_load(path.read_text()))
     for deployment in project.deployments:
-        path, _, attr = deployment.entrypoint.partition(":")
-        module = importlib.import_module("creditflow." + path.removesuffix(".py").replace("/", "."))
-        assert Path(module.__file__).resolve() == root / path  # the entrypoint file is the installed module
+        module_path, _, attr = deployment.entrypoint.partition(":")
+        module = importlib.import_module("creditflow." + module_path.removesuffix(".py").replace("/", "."))
+        assert Path(module.__file__).resolve() == root / module_path  # the entrypoint file is the installed module
         flow = getattr(module, attr)
         assert isinstance(flow, Flow)
         assert set(deployment.parameters) <= set(flow.parameters.properties)
         validate(deployment.parameters["config"])
         for schedule in deployment.schedules or []:
             CronSchedule(cron=schedule.cron, timezone=schedule.timezone)
+    return project
+
+
+def test_infra_files_parse_and_point_at_real_flows_and_services():
+    """Docker cannot run here: check the infra files' structure and that they agree with the code and each other."""
+    import yaml
+    from prefect.utilities.schema_tools import validate as schema_validate
+    from prefect.utilities.templating import find_placeholders
+
+    infra = Path(__file__).resolve().parents[1] / "infra"
+    project = _prefect_project(infra / "prefect.yaml")
+    (pull,) = project.pull
+    workdir = pull["prefect.deployments.steps.set_working_directory"]["directory"]
+    assert {d.name for d in project.deployments} == {"nightly", "curate"}
     nightly = next(d for d in project.deployments if d.name == "nightly")
     assert nightly.schedules[0].cron == "0 3 * * *"
     pools = {d.work_pool.name for d in project.deployments}
@@ -296,6 +306,83 @@ def test_infra_files_parse_and_point_at_real_flows_and_services():
     container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
     assert container["args"] == "{{ command }}" and "nvidia.com/gpu" in container["resources"]["limits"]
     assert variables["env"]["default"]["CREDITFLOW_WORKSPACE"] in workspaces
+
+    multinode = _prefect_project(infra / "k8s" / "prefect-policy-multinode.yaml")
+    assert multinode.pull == project.pull and [d.name for d in multinode.deployments] == ["policy-multinode"]
+    (deployment,) = multinode.deployments
+    assert "work-pool create " + deployment.work_pool.name in (infra / "k8s" / "base-job-template.yaml").read_text()
+    assert set(deployment.work_pool.job_variables) <= set(variables)
+    # What the Prefect server checks job variables with when the deployment is created.
+    schema_validate(deployment.work_pool.job_variables, template["variables"], raise_on_error=True)
+    assert {deployment.parameters["workspace"]} == workspaces
+    for name in ("policy-multinode.yaml", "policy-multinode-join.yaml", "raycluster.yaml"):
+        assert f"`k8s/{name}`" in (infra / "README.md").read_text(), name  # every example is listed
+
+
+def _render_job(template: dict, job_variables: dict) -> dict:
+    """The Job a Kubernetes worker creates: the base job template filled as Prefect's BaseJobConfiguration does
+    (variable defaults, then the deployment's job variables; a placeholder left unset drops its key)."""
+    from prefect.utilities.templating import apply_values
+
+    defaults = {k: v["default"] for k, v in template["variables"]["properties"].items() if v.get("default") is not None}
+    return apply_values(template["job_configuration"], {**defaults, **job_variables})
+
+
+def test_the_prefect_multinode_deployment_is_node_0_and_the_indexed_job_joins_it():
+    """Node 0 is the work-pool job of a flow run; nodes 1..N-1 run `creditflow join policy` with the same config,
+    reach node 0 by the name the headless Service gives it, and mount the same workspace."""
+    import shlex
+
+    import typer.main
+    import yaml
+
+    from creditflow.flows.cli import app
+    from creditflow.flows.cli_common import config_dict
+    from creditflow.flows.config import validate
+    from creditflow.tasks.training import RDZV_ENV
+
+    infra = Path(__file__).resolve().parents[1] / "infra" / "k8s"
+    (deployment,) = _prefect_project(infra / "prefect-policy-multinode.yaml").deployments
+    template = yaml.safe_load((infra / "base-job-template.yaml").read_text())
+    service, job = yaml.safe_load_all((infra / "policy-multinode-join.yaml").read_text())
+    config = validate(deployment.parameters["config"])
+    nodes = config.policy.nnodes
+    assert nodes > 1 and config.policy.strategy == "fsdp"
+
+    node0 = _render_job(template, deployment.work_pool.job_variables)
+    pod = node0["job_manifest"]["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert service["spec"]["clusterIP"] == "None" and pod["spec"]["subdomain"] == service["metadata"]["name"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()  # the Service names node 0
+    (port,) = service["spec"]["ports"]
+    endpoint = f"{pod['spec']['hostname']}.{service['metadata']['name']}:{port['port']}"
+    assert node0["env"][RDZV_ENV] == endpoint
+    assert node0["env"].items() >= template["variables"]["properties"]["env"]["default"].items()  # env is replaced
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == config.policy.num_processes
+    plain = _render_job(template, {})["job_manifest"]["spec"]["template"]  # other deployments: no DNS name
+    assert plain["metadata"] == {} and not {"hostname", "subdomain"} & set(plain["spec"])
+
+    spec = job["spec"]["template"]["spec"]
+    (joiner,) = spec["containers"]
+    env = {e["name"]: e["value"] for e in joiner["env"]}
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == nodes - 1
+    assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    assert env[RDZV_ENV] == endpoint and env["CREDITFLOW_WORKSPACE"] == deployment.parameters["workspace"]
+    assert (
+        spec["volumes"][0]["persistentVolumeClaim"]["claimName"]
+        == template["variables"]["properties"]["workspace_pvc"]["default"]
+    )
+    assert joiner["image"] == template["variables"]["properties"]["image"]["default"]
+    assert int(joiner["resources"]["limits"]["nvidia.com/gpu"]) == config.policy.num_processes
+    script = joiner["args"][0]
+    rank = '"$((JOB_COMPLETION_INDEX + 1))"'
+    argv = shlex.split(script.replace(rank, "1"))  # pod index 0 is node 1
+    assert argv[:3] == ["exec", "creditflow", "join"] and rank in script
+    join = typer.main.get_command(app).commands["join"]  # the CLI's own parser: real options only
+    params = join.make_context("join", argv[3:]).params
+    assert params["stage_name"] == "policy" and params["node_rank"] == 1
+    # The same config as the flow run's parameter: the same fingerprint, so the same launch folder.
+    assert config_dict(params["config"], params["set_"]) == config.model_dump(mode="json")
 
 
 def test_the_kuberay_cluster_mounts_the_workspace_of_the_job_template_and_serves_ray_clients():
