@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,18 +46,17 @@ def print_where_to_look(workspace: str) -> None:
     import os
 
     ws = Path(workspace)
-    console.print(f"\n[bold]workspace[/]  {ws}")
+    say = partial(console.print, soft_wrap=True)  # commands and paths stay whole, to copy and paste
+    say(f"\n[bold]workspace[/]  {ws}")
     server = os.environ.get("MLFLOW_TRACKING_URI", "")
     if server.startswith("http"):
-        console.print(f"[bold]MLflow[/]     {server}/#/experiments?workflowType=machine_learning")
+        say(f"[bold]MLflow[/]     {server}/#/experiments?workflowType=machine_learning")
     else:
         store = f"sqlite:///{ws / 'mlflow.db'}"
-        console.print(f"[bold]MLflow[/]     creditflow ui -w {ws}   (or: mlflow ui --backend-store-uri {store})")
-        console.print(f"           then open {UI_URL.format(port=5000)}")
-    console.print(
-        f'[bold]DuckDB[/]     creditflow sql -w {ws} "SELECT rule, count(*) FROM curate_quarantine GROUP BY rule"'
-    )
-    console.print(f"           or: duckdb {ws / 'catalog.duckdb'}")
+        say(f"[bold]MLflow[/]     creditflow ui -w {ws}   (or: mlflow ui --backend-store-uri {store})")
+        say(f"           then open {UI_URL.format(port=5000)}")
+    say(f'[bold]DuckDB[/]     creditflow sql -w {ws} "SELECT rule, count(*) FROM curate_quarantine GROUP BY rule"')
+    say(f"           or: duckdb {ws / 'catalog.duckdb'}")
 
 
 def print_comparison(rows: list[dict[str, Any]]) -> None:

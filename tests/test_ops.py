@@ -461,3 +461,16 @@ def test_join_explains_a_single_node_config_and_waits_for_node_0s_upstream(tmp_p
         ops.join_stage("reward_model", config, str(tmp_path), node_rank=1, timeout=0)
     with pytest.raises(ValueError, match="only reward_model and policy run over several nodes, not 'evaluate'"):
         ops.join_stage("evaluate", config, str(tmp_path), node_rank=1, timeout=0)
+
+
+def test_the_end_of_run_footer_points_at_the_mlflow_server_in_use(tmp_path, monkeypatch, capsys):
+    from creditflow.flows.render import print_where_to_look
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5123")
+    print_where_to_look(str(tmp_path))
+    served = capsys.readouterr().out
+    assert "http://127.0.0.1:5123/#/experiments" in served and ":5000" not in served
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    print_where_to_look(str(tmp_path))
+    embedded = capsys.readouterr().out
+    assert f"creditflow ui -w {tmp_path}" in embedded and "http://127.0.0.1:5000/" in embedded

@@ -68,6 +68,9 @@ def test_pipeline_writes_artifacts_catalog_and_mlflow_tree_then_hits_cache(tmp_p
     assert child.data.tags["creditflow.fingerprint"] == manifest["fingerprint"]
     assert child.data.tags["creditflow.cache_hit"] == "false"
     assert child.data.metrics["quarantined.duplicate"] == manifest["metrics"]["quarantined.duplicate"] > 0
+    # params are prefixed by stage, so they compare across runs and stages in the MLflow UI
+    assert child.data.params["curate.eval_fraction"] == "0.1"
+    assert children["policy"].data.params["policy.loss.alpha"] == str(_config()["policy"]["loss"]["alpha"])
     assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"manifest.json", "curate"}
     assert client.get_run(first["mlflow_run_id"]).info.status == "FINISHED"
 
