@@ -6,7 +6,9 @@ Runs the pipeline once in a fresh workspace (to fill the cache), then, each in a
 - ``creditflow run`` with the embedded defaults (a fully cached run is one light MLflow record: no Prefect);
 - the baseline: the same rerun through ``pipeline_flow``, the Prefect path every rerun took before (a temporary
   Prefect server, a subflow, task and MLflow child run per stage);
-- ``creditflow run`` again with ``creditflow up`` servers running (MLflow over HTTP).
+- ``creditflow run`` again with ``creditflow up`` servers running (MLflow over HTTP);
+- ``creditflow stage policy`` on its cached artifact (one MLflow run, no Prefect) against its baseline, the stage's
+  Prefect flow (``policy_flow``), which every ``creditflow stage`` took before.
 Prints the median of ``--repeats`` and the ratio to the baseline. Absolute times mean something only on an idle
 machine.
 """
@@ -61,6 +63,12 @@ def main() -> None:
     )
     baseline = timed([sys.executable, "-c", baseline_probe], env, args.repeats)
     light = timed(run, env, args.repeats)
+    stage_probe = (
+        "import json; from creditflow.flows.pipeline import policy_flow; "
+        f"policy_flow(config=json.loads({config!r}), workspace={str(workspace)!r}, progress=False)"
+    )
+    stage_baseline = timed([sys.executable, "-c", stage_probe], env, args.repeats)
+    stage = timed([*CLI, "stage", "policy", "-c", args.config, "-w", str(workspace), "--quiet"], env, args.repeats)
     subprocess.run([*CLI, "up", "-w", str(workspace)], env=env, check=True, capture_output=True)
     try:
         with_servers = timed(run, env, args.repeats)
@@ -70,6 +78,9 @@ def main() -> None:
     print(f"{'creditflow run, embedded defaults':<50} {light:6.1f} s   {light / baseline:5.2f}x baseline")
     ratio = with_servers / baseline
     print(f"{'creditflow run, with creditflow up':<50} {with_servers:6.1f} s   {ratio:5.2f}x baseline")
+    print(f"{'baseline: policy_flow (Prefect path), embedded':<50} {stage_baseline:6.1f} s")
+    ratio = stage / stage_baseline
+    print(f"{'creditflow stage policy (cached), embedded':<50} {stage:6.1f} s   {ratio:5.2f}x baseline")
 
 
 if __name__ == "__main__":

@@ -124,7 +124,9 @@ def demo(
 
 @app.command()
 def stage(
-    name: str = typer.Argument(..., help="curate, reward_model, onpolicy, token_rewards, policy or evaluate."),
+    name: str = typer.Argument(
+        ..., help="curate, reward_model, onpolicy, token_rewards, policy, rl, evaluate or audit."
+    ),
     config: Optional[Path] = ConfigOpt,
     workspace: Optional[str] = WorkspaceOpt,
     refresh: bool = typer.Option(False, "--refresh", help="Recompute even if cached."),
