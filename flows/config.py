@@ -50,6 +50,14 @@ class PipelineConfig(StrictConfig):
         "what evaluation compares against. A local folder, a hub id (org/name[@revision]) or a named model (smollm2, "
         "minilm, tiny-lm).",
     )
+    trust_remote_code: bool = Field(
+        False,
+        description="Let transformers run the Python files shipped with the reference model, the RM backbone or the "
+        "tokenizer (a config.json with an auto_map) and with the models trained from them, in every stage, torchrun "
+        "worker and Ray actor. Off: such a model is refused. On: each stage that loads models logs a warning naming "
+        "their folders and tags its MLflow run creditflow.trust_remote_code=true. In no fingerprint (a model loads or "
+        "it does not); the code files are, with the weights.",
+    )
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
     reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)

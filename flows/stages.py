@@ -52,6 +52,7 @@ class StagePlan:
     reference_model: str | None
     upstream: dict[str, Manifest]
     compute: Any = None  # where inference runs (ComputeConfig): never part of the fingerprint
+    trust_remote_code: bool = False  # may model folders run their own code: never part of the fingerprint either
 
 
 def active_upstream(name: str, cfg: PipelineConfig) -> list[str]:
@@ -70,7 +71,9 @@ def plan_stage(name: str, cfg: PipelineConfig, upstream: dict[str, Manifest]) ->
         config["reference_model"] = reference
     key = {"stage": name, "config": config, "inputs": inputs, "code": code_version(stage.code_modules)}
     fingerprint = sha256_json(key)[:FINGERPRINT_CHARS]
-    return StagePlan(stage, fingerprint, inputs, config, section, reference, upstream, cfg.compute)
+    return StagePlan(
+        stage, fingerprint, inputs, config, section, reference, upstream, cfg.compute, cfg.trust_remote_code
+    )
 
 
 def resolve_upstream(name: str, cfg: PipelineConfig, workspace: Workspace) -> dict[str, Manifest]:
@@ -131,6 +134,7 @@ def compute_stage(
             fingerprint,
             plan.reference_model,
             plan.compute,
+            plan.trust_remote_code,
         )
         # the lease keeps `artifacts gc` off this run's checkpoints, cache shards and upstream artifacts
         upstream = tuple((m.stage, m.fingerprint) for m in plan.upstream.values())

@@ -105,9 +105,9 @@ def _locate_completion(rendered: str, completion: Messages) -> list[tuple[int, i
     return located
 
 
-def load_abc_model(folder: str | Path, device: torch.device, dtype: torch.dtype):
+def load_abc_model(folder: str | Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
     """(tokenizer, reward model) with eager attention: SDPA returns no attention weights."""
-    return load_reward_model(folder, device, dtype=dtype, attn_implementation="eager")
+    return load_reward_model(folder, device, trust_remote_code, dtype=dtype, attn_implementation="eager")
 
 
 def is_encoder(model) -> bool:

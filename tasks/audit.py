@@ -238,7 +238,7 @@ def _contrastive_scorers(ref: Reference, better: str, worse: str) -> tuple[Score
     return (lambda p, t: scores(p, t, "rewards")), (lambda p, t: scores(p, t, "ref_logps"))
 
 
-def _implicit_scorer(ref: Reference, policy: str | Path, beta: float) -> Scorer:
+def _implicit_scorer(ref: Reference, policy: str | Path, beta: float, trust_remote_code: bool = False) -> Scorer:
     """β·(log π − log π_ref) per token: what DPO's training made of each token."""
     import torch
 
@@ -246,7 +246,8 @@ def _implicit_scorer(ref: Reference, policy: str | Path, beta: float) -> Scorer:
     from creditflow.tasks.logprobs import completion_logprobs
     from creditflow.tasks.tokenization import padded_batch
 
-    trained = contrastive.load_reference_model(policy, ref.device, next(ref.model.parameters()).dtype)
+    dtype = next(ref.model.parameters()).dtype
+    trained = contrastive.load_reference_model(policy, ref.device, dtype, trust_remote_code)
 
     @torch.no_grad()
     def implicit(prompts, texts):
@@ -263,14 +264,16 @@ def _implicit_scorer(ref: Reference, policy: str | Path, beta: float) -> Scorer:
     return implicit
 
 
-def _abc_scorers(folder: str | Path, max_length: int, beta: float, batch_size: int, device) -> tuple[Scorer, Scorer]:
+def _abc_scorers(
+    folder: str | Path, max_length: int, beta: float, batch_size: int, device, trust_remote_code: bool = False
+) -> tuple[Scorer, Scorer]:
     """(official ABC, centered ABC): the stored form (Σ r_t = r) and the regularizer's (standardized over the
     probe's responses, spread by attention, bounded)."""
     import torch
 
     from creditflow.tasks import abc
 
-    tokenizer, model = abc.load_abc_model(folder, device, torch.float32)
+    tokenizer, model = abc.load_abc_model(folder, device, torch.float32, trust_remote_code)
 
     def scores(prompts, texts, centered: bool):
         items = [abc.encode_for_abc(tokenizer, p, _completion(t), max_length) for p, t in zip(prompts, texts)]
@@ -300,6 +303,7 @@ def run_audit(
     abc_beta: float = 0.8,
     policy: str | Path | None = None,
     beta: float = 0.1,
+    trust_remote_code: bool = False,
 ) -> list[AuditRow]:
     """Audit every source the arguments make available: contrastive r̂ per preset and the reference log-prob
     (always), the DPO-implicit reward (with a trained ``policy``), ABC (with a ``reward_model``)."""
@@ -308,9 +312,9 @@ def run_audit(
     from creditflow.tasks.training import reference_precision, resolve_device
 
     device = resolve_device()
-    tokenizer = load_tokenizer(str(reference))
+    tokenizer = load_tokenizer(str(reference), trust_remote_code)
     dtype, bf16_autocast = reference_precision("auto", device)  # what token_rewards.dtype: auto scores with
-    model = contrastive.load_reference_model(reference, device, dtype)
+    model = contrastive.load_reference_model(reference, device, dtype, trust_remote_code)
     ref = Reference(model, tokenizer, pad_token_id(tokenizer), device, max_length, batch_size, bf16_autocast)
     sources: dict[str, Scorer] = {}
     for index, (preset, (better, worse)) in enumerate(presets.items()):
@@ -318,9 +322,11 @@ def run_audit(
         if index == 0:  # the reference log-prob is the same under every preset
             sources[REFERENCE] = logprob
     if policy is not None:
-        sources["dpo-implicit"] = _implicit_scorer(ref, policy, beta)
+        sources["dpo-implicit"] = _implicit_scorer(ref, policy, beta, trust_remote_code)
     if reward_model is not None:
-        official, centered = _abc_scorers(reward_model, reward_model_max_length, abc_beta, batch_size, device)
+        official, centered = _abc_scorers(
+            reward_model, reward_model_max_length, abc_beta, batch_size, device, trust_remote_code
+        )
         sources |= {"abc-official": official, "abc-centered": centered}
     scores = {name: score_items(scorer, probe) for name, scorer in sources.items()}
     known = known_items(scores[REFERENCE]) if REFERENCE in scores else None
@@ -341,16 +347,19 @@ def compute_audit(ctx) -> dict[str, float]:
 
     config = ctx.config
     probe = build_probe(config.per_kind, config.sentiment, config.seed, config.probe)
+    reference = resolve_model(ctx.reference_model)
+    reward_model, policy = ctx.upstream_dir("reward_model") / "model", ctx.upstream_dir("policy") / "model"
     rows = run_audit(
-        resolve_model(ctx.reference_model),
+        reference,
         {name: TEMPLATE_PRESETS[name] for name in config.presets},
         probe,
         max_length=config.max_length,
         batch_size=config.batch_size,
-        reward_model=ctx.upstream_dir("reward_model") / "model",
+        reward_model=reward_model,
         reward_model_max_length=int(ctx.upstream["reward_model"].config["max_length"]),
-        policy=ctx.upstream_dir("policy") / "model",
+        policy=policy,
         beta=float(ctx.upstream["policy"].config["loss"]["beta"]),
+        trust_remote_code=ctx.remote_code_allowed(reference, reward_model, policy),
     )
     for row in rows:
         if row.kind == "all" and row.auc < AUC_WARNING:

@@ -11,6 +11,7 @@ import torch
 
 from creditflow.tasks.configs import LoraConfig
 from creditflow.tasks.logprobs import check_lm_head
+from creditflow.tasks.models import from_pretrained
 
 
 class TrainableLMConfig(Protocol):
@@ -19,7 +20,9 @@ class TrainableLMConfig(Protocol):
     lora: LoraConfig | None
 
 
-def load_policy_model(model_dir: str | Path, config: TrainableLMConfig, device: torch.device):
+def load_policy_model(
+    model_dir: str | Path, config: TrainableLMConfig, device: torch.device, trust_remote_code: bool = False
+):
     """(trained model, causal LM inside it): the same object, or a PEFT wrapper and the LM it patched."""
     from transformers import AutoModelForCausalLM
 
@@ -28,7 +31,8 @@ def load_policy_model(model_dir: str | Path, config: TrainableLMConfig, device: 
     # (2^-8), so most updates would round away. Frozen LoRA bases hold no updates and load in bf16.
     cuda_bf16 = config.bf16 and device.type == "cuda"
     dtype = torch.bfloat16 if cuda_bf16 and config.lora else torch.float32
-    lm = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa").to(device)
+    lm = from_pretrained(AutoModelForCausalLM, model_dir, trust_remote_code, dtype=dtype, attn_implementation="sdpa")
+    lm = lm.to(device)
     check_lm_head(lm)
     lm.config.use_cache = False
     disable_dropout(lm)
@@ -64,14 +68,19 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def save_trained_lm(
-    model, lora: bool, tokenizer_dir: str | Path, out_dir: str | Path, adapter_dir: str | Path | None = None
+    model,
+    lora: bool,
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    adapter_dir: str | Path | None = None,
+    trust_remote_code: bool = False,
 ) -> None:
     """The trained model (LoRA merged) and its tokenizer as safetensors, and with ``adapter_dir`` (LoRA runs) the
     PEFT adapter alone: ``adapter_config.json`` + ``adapter_model.safetensors``, loadable with
     ``PeftModel.from_pretrained`` on the base model."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = from_pretrained(AutoTokenizer, tokenizer_dir, trust_remote_code)
     if lora and adapter_dir is not None:
         model.save_pretrained(str(adapter_dir), safe_serialization=True)  # before merging changes the model
         tokenizer.save_pretrained(str(adapter_dir))

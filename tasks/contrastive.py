@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from creditflow.tasks.configs import TokenRewardsConfig
 from creditflow.tasks.logprobs import DEFAULT_CHUNK, check_lm_head, completion_logprobs
+from creditflow.tasks.models import from_pretrained
 from creditflow.tasks.schema import Messages, completion_text
 from creditflow.tasks.tokenization import (
     completion_offsets,
@@ -38,10 +39,10 @@ from creditflow.tasks.tokenization import (
 )
 
 
-def load_reference_model(folder: str | Path, device: torch.device, dtype: torch.dtype):
+def load_reference_model(folder: str | Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa")
+    model = from_pretrained(AutoModelForCausalLM, folder, trust_remote_code, dtype=dtype, attn_implementation="sdpa")
     model = model.to(device).eval()
     check_lm_head(model)
     return model

@@ -82,7 +82,7 @@ class _Quarantine:
         )
 
 
-def curate(config: CurateConfig, progress: bool = True) -> CurationResult:
+def curate(config: CurateConfig, progress: bool = True, trust_remote_code: bool = False) -> CurationResult:
     quarantine = _Quarantine()
     candidates: list[dict[str, Any]] = []
     raw_by_key: dict[int, Any] = {}
@@ -106,7 +106,7 @@ def curate(config: CurateConfig, progress: bool = True) -> CurationResult:
                 candidates.append(record)
 
     if config.tokenizer and candidates:
-        _apply_length_rules(candidates, raw_by_key, config, quarantine)
+        _apply_length_rules(candidates, raw_by_key, config, quarantine, trust_remote_code)
     pairs = [c for c in candidates if not c.pop("_rejected", False)]
     _assign_splits(pairs, config.eval_fraction, config.split_seed)
 
@@ -223,12 +223,16 @@ def _validate(
 
 
 def _apply_length_rules(
-    candidates: list[dict[str, Any]], raw_by_key: dict[int, Any], config: CurateConfig, quarantine: _Quarantine
+    candidates: list[dict[str, Any]],
+    raw_by_key: dict[int, Any],
+    config: CurateConfig,
+    quarantine: _Quarantine,
+    trust_remote_code: bool = False,
 ) -> None:
     from creditflow.tasks.models import resolve_model
     from creditflow.tasks.tokenization import encode_completions, encode_prompts, load_tokenizer
 
-    tokenizer = load_tokenizer(str(resolve_model(config.tokenizer)))
+    tokenizer = load_tokenizer(str(resolve_model(config.tokenizer)), trust_remote_code)
     rules = config.rules
     batch = 1024
     for start in range(0, len(candidates), batch):
@@ -281,7 +285,8 @@ def _assign_splits(pairs: list[dict[str, Any]], eval_fraction: float, seed: int)
 
 def compute_curate(ctx: StageContext) -> dict[str, float]:
     """Stage entry point: curate, write ``pairs`` and ``quarantine``, log rule counts and plots to MLflow."""
-    result = curate(ctx.config, progress=ctx.progress)
+    trust = ctx.remote_code_allowed(ctx.config.tokenizer) if ctx.config.tokenizer else False  # the one model it loads
+    result = curate(ctx.config, progress=ctx.progress, trust_remote_code=trust)
     ctx.writer.write_table("pairs", result.pairs)
     ctx.writer.write_table("quarantine", result.quarantine)
     ctx.run.log_figure(_summary_figure(result), "curate/summary.png")

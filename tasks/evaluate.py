@@ -46,15 +46,20 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
     systems = {name: ctx.upstream_dir(name) / "model" for name in trained}
     # The model the policies started from: the token-reward stage's reference (its log-probs trained the policy).
     systems["reference"] = resolve_model(ctx.upstream["token_rewards"].config["reference_model"])
+    reward_model = ctx.upstream_dir("reward_model") / "model"
+    trust = ctx.remote_code_allowed(*systems.values(), reward_model)  # trained models keep their base's code files
     gold = load_gold_scorer(config.gold_scorer) if config.gold_scorer else None
     completions: dict[str, list[str]] = {}
     with ray_session(ctx.compute):  # local, or one Ray session for every job
         for name, folder in systems.items():
-            samples = generate(folder, messages, 1, config, ctx.compute, ctx.shard_results(name), ctx.progress)
+            samples = generate(
+                folder, messages, 1, config, ctx.compute, ctx.shard_results(name), ctx.progress,
+                trust_remote_code=trust,
+            )  # fmt: skip
             completions[name] = [s[0] for s in samples]
         jobs = [(messages, [[{"role": "assistant", "content": t}] for t in texts]) for texts in completions.values()]
         scores = score_rewards(
-            ctx.upstream_dir("reward_model") / "model", jobs, ctx.compute, ctx.shard_results("rm"), ctx.progress
+            reward_model, jobs, ctx.compute, ctx.shard_results("rm"), ctx.progress, trust_remote_code=trust
         )
     rm_scores = dict(zip(completions, scores))
     gold_scores = {

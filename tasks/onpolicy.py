@@ -81,16 +81,18 @@ def compute_onpolicy(ctx: StageContext) -> dict[str, float]:
     prompts = S.unique_prompts(S.split_rows(ctx.read_upstream("curate", "pairs"), "train"), config.max_prompts)
     prompt_messages = prompts.column("prompt").to_pylist()
     k = config.samples_per_prompt
+    reference, reward_model = resolve_model(ctx.reference_model), ctx.upstream_dir("reward_model") / "model"
+    trust = ctx.remote_code_allowed(reference, reward_model)
     with ray_session(ctx.compute):  # local, or one Ray session for both jobs
         samples = generate(
-            resolve_model(ctx.reference_model), prompt_messages, k, config, ctx.compute,
-            ctx.shard_results("samples"), ctx.progress,
+            reference, prompt_messages, k, config, ctx.compute, ctx.shard_results("samples"), ctx.progress,
+            trust_remote_code=trust,
         )  # fmt: skip
         flat_prompts = [p for p, texts in zip(prompt_messages, samples) for _ in texts]
         flat_completions = [[{"role": "assistant", "content": t}] for texts in samples for t in texts]
         [flat_scores] = score_rewards(
-            ctx.upstream_dir("reward_model") / "model", [(flat_prompts, flat_completions)], ctx.compute,
-            ctx.shard_results("rm"), ctx.progress,
+            reward_model, [(flat_prompts, flat_completions)], ctx.compute, ctx.shard_results("rm"), ctx.progress,
+            trust_remote_code=trust,
         )  # fmt: skip
     scores = [flat_scores[i : i + k] for i in range(0, len(flat_scores), k)]
 

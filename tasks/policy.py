@@ -39,6 +39,7 @@ from creditflow.tasks.causal_lm import load_policy_model, save_trained_lm
 from creditflow.tasks.configs import PolicyConfig, method_label
 from creditflow.tasks.logprobs import CompletionLogprobs
 from creditflow.tasks.losses import preference_loss, token_reward_correlation
+from creditflow.tasks.models import from_pretrained
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.preference_batches import (
     CUDA_PAD_MULTIPLE,
@@ -83,12 +84,14 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
         tokenization = {k: knobs[k] for k in ("max_length", "max_prompt_length", "truncation", "abc_beta")}
     except KeyError as exc:
         raise ValueError(f"policy: the token_rewards manifest config has no {exc} (an older artifact?)") from None
+    trust = ctx.remote_code_allowed(model_dir)
     pairs = ctx.read_upstream("onpolicy" if "onpolicy" in ctx.upstream else "curate", "pairs")
     train = split_rows(pairs, "train")
     if not train.num_rows:
         raise ValueError("policy: the pairs have no train split")
     table = ctx.read_upstream("token_rewards", "token_rewards")
-    examples = build_examples(load_tokenizer(str(model_dir)), train, table, config.token_reward_source, **tokenization)
+    tokenizer = load_tokenizer(str(model_dir), trust)
+    examples = build_examples(tokenizer, train, table, config.token_reward_source, **tokenization)
 
     logged: set[int] = set()
 
@@ -100,15 +103,16 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
     adapter_out = ctx.writer.dir / "adapter" if config.lora is not None and config.lora.save_adapter else None
     if config.in_process:
         trainer = PolicyTrainer(
-            model_dir, examples, config, checkpoint_dir=ctx.checkpoint_dir, on_step=log_step, progress=ctx.progress
-        )
+            model_dir, examples, config, checkpoint_dir=ctx.checkpoint_dir, on_step=log_step, progress=ctx.progress,
+            trust_remote_code=trust,
+        )  # fmt: skip
         history = trainer.train()
         trainer.save_pretrained(model_out, adapter_out)
         del trainer
     else:
         history = launch_distributed(
             model_dir, examples, config, model_out, adapter_out, ctx.checkpoint_dir, on_step=log_step,
-            launch_dir=training.launch_folder(ctx.checkpoint_dir),
+            launch_dir=training.launch_folder(ctx.checkpoint_dir), trust_remote_code=trust,
         )  # fmt: skip
     for entry in history:  # steps restored from a checkpoint were logged by the run that made them
         if entry["step"] not in logged:
@@ -160,6 +164,7 @@ def launch_distributed(
     checkpoint_dir: str | Path | None = None,
     on_step: training.StepCallback | None = None,
     launch_dir: Path | None = None,
+    trust_remote_code: bool = False,
 ) -> list[dict[str, float]]:
     """Train with ``config.num_processes`` torchrun workers per node (:func:`run_worker` in each) on
     ``config.nnodes`` nodes (the others join through ``launch_dir``); returns the history."""
@@ -170,7 +175,8 @@ def launch_distributed(
         "adapter_dir": adapter_dir,
     }
     write_examples = lambda path: torch.save([asdict(e) for e in examples], path)  # noqa: E731
-    return training.launch_torchrun("policy", config, paths, {"examples": write_examples}, on_step, launch_dir)
+    files = {"examples": write_examples}
+    return training.launch_torchrun("policy", config, paths, files, on_step, launch_dir, trust_remote_code)
 
 
 def run_worker(spec: dict, on_step: training.StepCallback) -> list[dict[str, float]]:
@@ -178,8 +184,9 @@ def run_worker(spec: dict, on_step: training.StepCallback) -> list[dict[str, flo
     config = PolicyConfig.model_validate(spec["config"])
     examples = [PolicyExample.from_dict(e) for e in torch.load(spec["examples"], weights_only=True)]
     trainer = PolicyTrainer(
-        spec["model_dir"], examples, config, checkpoint_dir=spec["checkpoint_dir"], on_step=on_step, progress=False
-    )
+        spec["model_dir"], examples, config, checkpoint_dir=spec["checkpoint_dir"], on_step=on_step, progress=False,
+        trust_remote_code=spec["trust_remote_code"],
+    )  # fmt: skip
     history = trainer.train()
     trainer.save_pretrained(spec["output_dir"], spec["adapter_dir"])
     return history
@@ -201,6 +208,7 @@ class PolicyTrainer:
         checkpoint_dir: str | Path | None = None,
         on_step: training.StepCallback | None = None,
         progress: bool = True,
+        trust_remote_code: bool = False,
     ):
         from transformers import AutoTokenizer
 
@@ -209,7 +217,7 @@ class PolicyTrainer:
         if config.loss.alpha > 0 and examples[0].chosen.rewards is None:
             raise ValueError("policy: loss.alpha > 0 needs token rewards (token_reward_source is none)")
         self.config, self.examples, self.model_dir = config, examples, Path(model_dir)
-        self.on_step, self.progress = on_step, progress
+        self.on_step, self.progress, self.trust_remote_code = on_step, progress, trust_remote_code
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.device = training.resolve_device()
         self.pad_multiple = CUDA_PAD_MULTIPLE if self.device.type == "cuda" else 1
@@ -218,8 +226,8 @@ class PolicyTrainer:
         if self.fsdp and not dist.is_initialized():
             raise ValueError("policy.strategy 'fsdp' runs under torchrun (compute_policy launches it)")
         torch.manual_seed(config.seed)  # LoRA initialization: the same on every rank (DDP also broadcasts it)
-        self.model, self.lm = load_policy_model(model_dir, config, self.device)
-        self.pad_id = pad_token_id(AutoTokenizer.from_pretrained(str(model_dir)))
+        self.model, self.lm = load_policy_model(model_dir, config, self.device, trust_remote_code)
+        self.pad_id = pad_token_id(from_pretrained(AutoTokenizer, model_dir, trust_remote_code))
         module = CompletionLogprobs(self.lm, config.chunk_size)
         if self.fsdp:  # before the optimizer is built: it must hold the sharded parameters
             fsdp.shard(module, self.lm, self.device, config.bf16, config.fsdp_cpu_offload)
@@ -352,13 +360,13 @@ class PolicyTrainer:
         if self.fsdp:  # gather the shards once, into a fresh unsharded copy on rank 0's CPU
             full = fsdp.full_state_dict(self.module)
             if self.rank == 0:
-                model, lm = load_policy_model(self.model_dir, self.config, torch.device("cpu"))
+                model, lm = load_policy_model(self.model_dir, self.config, torch.device("cpu"), self.trust_remote_code)
                 missing, unexpected = lm.load_state_dict({k.removeprefix("lm."): v for k, v in full.items()}, False)
                 if unexpected or set(missing) - {"lm_head.weight"}:  # a tied LM head is not stored twice
                     raise RuntimeError(f"FSDP state dict does not match the model: {missing[:3]} {unexpected[:3]}")
-                save_trained_lm(model, lora, self.model_dir, out_dir, adapter_dir)
+                save_trained_lm(model, lora, self.model_dir, out_dir, adapter_dir, self.trust_remote_code)
         elif self.rank == 0:
-            save_trained_lm(self.model, lora, self.model_dir, out_dir, adapter_dir)
+            save_trained_lm(self.model, lora, self.model_dir, out_dir, adapter_dir, self.trust_remote_code)
         if self.world > 1:
             dist.barrier()
 

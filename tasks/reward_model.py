@@ -138,6 +138,7 @@ def train_reward_model(
     checkpoint_dir: str | Path | None = None,
     on_step: training.StepCallback | None = None,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ):
     """Train from ``model_dir``; returns (tokenizer, model, history of per-epoch eval metrics).
 
@@ -149,7 +150,7 @@ def train_reward_model(
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     sharded = config.strategy == "fsdp"
     torch.manual_seed(config.seed)  # the fresh reward head's initialization, the same on every process
-    tokenizer, model = load_reward_model(model_dir, device)
+    tokenizer, model = load_reward_model(model_dir, device, trust_remote_code)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -248,14 +249,16 @@ def _resume(checkpoint, model, trainable, optimizer, scheduler, identity, sharde
     return state["step"]
 
 
-def save_reward_model(model, tokenizer, base: str | Path, out_dir: str | Path, sharded: bool) -> None:
+def save_reward_model(
+    model, tokenizer, base: str | Path, out_dir: str | Path, sharded: bool, trust_remote_code: bool = False
+) -> None:
     """The trained model and tokenizer as an HF folder, written by rank 0 (FSDP: the shards gathered once into a
     fresh unsharded copy on CPU). Every process must call it."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     if sharded:
         full = fsdp.full_state_dict(model)
         if rank == 0:
-            _, model = load_reward_model(base, torch.device("cpu"))
+            _, model = load_reward_model(base, torch.device("cpu"), trust_remote_code)
             model.load_state_dict(full)
     if rank == 0:
         model.save_pretrained(str(out_dir), safe_serialization=True)
@@ -273,12 +276,14 @@ def launch_distributed(
     checkpoint_dir: str | Path | None = None,
     on_step: training.StepCallback | None = None,
     launch_dir: Path | None = None,
+    trust_remote_code: bool = False,
 ) -> list[dict[str, float]]:
     """Train under torchrun (:func:`run_worker` in each of ``config.num_processes`` processes per node, on
     ``config.nnodes`` nodes) and save the model to ``output_dir``; returns the per-epoch eval history."""
     paths = {"model_dir": base, "checkpoint_dir": checkpoint_dir, "output_dir": output_dir}
     write_pairs = lambda path: path.write_text(json.dumps({"train": asdict(train), "eval": asdict(evaluation)}))  # noqa: E731
-    return training.launch_torchrun("reward_model", config, paths, {"pairs": write_pairs}, on_step, launch_dir)
+    files = {"pairs": write_pairs}
+    return training.launch_torchrun("reward_model", config, paths, files, on_step, launch_dir, trust_remote_code)
 
 
 def run_worker(spec: dict, on_step: training.StepCallback) -> list[dict[str, float]]:
@@ -286,10 +291,11 @@ def run_worker(spec: dict, on_step: training.StepCallback) -> list[dict[str, flo
     config = RewardModelConfig.model_validate(spec["config"])
     pairs = json.loads(Path(spec["pairs"]).read_text())
     train, evaluation = PairData(**pairs["train"]), PairData(**pairs["eval"])
+    trust = spec["trust_remote_code"]
     tokenizer, model, history = train_reward_model(
-        spec["model_dir"], train, evaluation, config, spec["checkpoint_dir"], on_step, progress=False
+        spec["model_dir"], train, evaluation, config, spec["checkpoint_dir"], on_step, False, trust
     )
-    save_reward_model(model, tokenizer, spec["model_dir"], spec["output_dir"], config.strategy == "fsdp")
+    save_reward_model(model, tokenizer, spec["model_dir"], spec["output_dir"], config.strategy == "fsdp", trust)
     return history
 
 
@@ -320,6 +326,7 @@ def compute_reward_model(ctx: StageContext) -> dict[str, float]:
         base = _build_tiny_backbone(ctx.writer.dir / "base", train, config.seed)
     else:
         base = resolve_model(config.base_model)
+    trust = ctx.remote_code_allowed(base)
 
     def log_step(step: int, metrics: dict[str, float]) -> None:
         ctx.run.log_metrics(metrics, step=step)
@@ -327,15 +334,16 @@ def compute_reward_model(ctx: StageContext) -> dict[str, float]:
     model_dir = ctx.writer.dir / "model"
     if config.in_process:
         tokenizer, model, history = train_reward_model(
-            base, train, evaluation, config, checkpoint_dir=ctx.checkpoint_dir, on_step=log_step, progress=ctx.progress
-        )
-        save_reward_model(model, tokenizer, base, model_dir, sharded=False)
+            base, train, evaluation, config, checkpoint_dir=ctx.checkpoint_dir, on_step=log_step, progress=ctx.progress,
+            trust_remote_code=trust,
+        )  # fmt: skip
+        save_reward_model(model, tokenizer, base, model_dir, sharded=False, trust_remote_code=trust)
     else:
         history = launch_distributed(
             base, train, evaluation, config, model_dir, ctx.checkpoint_dir, log_step,
-            training.launch_folder(ctx.checkpoint_dir),
+            training.launch_folder(ctx.checkpoint_dir), trust,
         )  # fmt: skip
-        tokenizer, model = load_reward_model(model_dir)
+        tokenizer, model = load_reward_model(model_dir, trust_remote_code=trust)
     if config.base_model == TINY_BACKBONE:
         shutil.rmtree(ctx.writer.dir / "base")
 

@@ -16,6 +16,7 @@ import torch
 
 from creditflow.tasks.config_base import ComputeConfig
 from creditflow.tasks.distributed import resumable_map
+from creditflow.tasks.models import from_pretrained
 from creditflow.tasks.schema import Messages, completion_text
 from creditflow.tasks.tokenization import pad_right
 from creditflow.tasks.training import autocast, resolve_device
@@ -81,12 +82,14 @@ def ensure_pad(tokenizer, model) -> None:
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def load_reward_model(folder: str | Path, device: torch.device | None = None, **kwargs):
+def load_reward_model(
+    folder: str | Path, device: torch.device | None = None, trust_remote_code: bool = False, **kwargs
+):
     """(tokenizer, 1-logit sequence classifier) in eval mode; ``kwargs`` go to ``from_pretrained``."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, **kwargs)
+    tokenizer = from_pretrained(AutoTokenizer, folder, trust_remote_code)
+    model = from_pretrained(AutoModelForSequenceClassification, folder, trust_remote_code, num_labels=1, **kwargs)
     ensure_pad(tokenizer, model)
     return tokenizer, model.to(device or resolve_device()).eval()
 
@@ -114,8 +117,15 @@ ROWS_PER_SHARD = 512  # (prompt, completion) rows per shard of :func:`score_rewa
 class RewardScorer:
     """A trained reward model folder as a scorer of (prompt, completion) batches."""
 
-    def __init__(self, folder: str | Path, max_length: int = 512, batch_size: int = 32, device: str = "auto"):
-        self.tokenizer, self.model = load_reward_model(folder, resolve_device(device))
+    def __init__(
+        self,
+        folder: str | Path,
+        max_length: int = 512,
+        batch_size: int = 32,
+        device: str = "auto",
+        trust_remote_code: bool = False,
+    ):
+        self.tokenizer, self.model = load_reward_model(folder, resolve_device(device), trust_remote_code)
         self.max_length, self.batch_size = max_length, batch_size
 
     def score(self, prompts: list[Messages], completions: list[Messages]) -> list[float]:
@@ -132,6 +142,7 @@ def score_rewards(
     store=None,
     progress: bool = True,
     rows_per_shard: int = ROWS_PER_SHARD,
+    trust_remote_code: bool = False,
 ) -> list[list[float]]:
     """:meth:`RewardScorer.score` of every (prompts, completions) job, one list of scores per job, in shards of
     ``rows_per_shard`` rows (input order) that never span two jobs, so each job is batched as a call of its own
@@ -142,7 +153,8 @@ def score_rewards(
         for start in range(0, len(prompts), rows_per_shard):
             shards.append((prompts[start : start + rows_per_shard], completions[start : start + rows_per_shard]))
             owners.append(job)
-    done = resumable_map(shards, partial(RewardScorer, str(folder)), compute, store, "reward scores", progress)
+    build = partial(RewardScorer, str(folder), trust_remote_code=trust_remote_code)  # picklable: Ray actors too
+    done = resumable_map(shards, build, compute, store, "reward scores", progress)
     scores: list[list[float]] = [[] for _ in jobs]
     for job, rows in zip(owners, done):
         scores[job] += rows

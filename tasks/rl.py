@@ -67,6 +67,7 @@ from creditflow.tasks.configs import RLConfig
 from creditflow.tasks.generation import sample_token_ids
 from creditflow.tasks.gold import load_gold_scorer
 from creditflow.tasks.logprobs import completion_logprobs, completion_positions, states_entropy, states_logprobs
+from creditflow.tasks.models import from_pretrained
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.rl_losses import (
     AdaptiveKL,
@@ -100,19 +101,23 @@ def compute_rl(ctx: StageContext) -> dict[str, float]:
     if not prompts.num_rows:
         raise ValueError("rl: the curated pairs have no train-split prompts")
     reward_model = ctx.upstream["reward_model"]
+    reference, reward_dir = resolve_model(ctx.reference_model), ctx.upstream_dir("reward_model") / "model"
+    trust = ctx.remote_code_allowed(reference, reward_dir)
     trainer = RLTrainer(
-        resolve_model(ctx.reference_model),
-        ctx.upstream_dir("reward_model") / "model",
+        reference,
+        reward_dir,
         prompts.column("prompt").to_pylist(),
         config,
         rm_max_length=reward_model.config.get("max_length", 512),
         checkpoint_dir=ctx.checkpoint_dir,
         on_step=lambda step, metrics: ctx.run.log_metrics(metrics, step=step),
         progress=ctx.progress,
+        trust_remote_code=trust,
     )
     history = trainer.train()
     adapter_out = ctx.writer.dir / "adapter" if config.lora is not None and config.lora.save_adapter else None
-    save_trained_lm(trainer.model, config.lora is not None, trainer.model_dir, ctx.writer.dir / "model", adapter_out)
+    lora = config.lora is not None
+    save_trained_lm(trainer.model, lora, trainer.model_dir, ctx.writer.dir / "model", adapter_out, trust)
 
     content, timings = training.split_timings(history)
     ctx.writer.write_table("train_log", training.history_table(content))
@@ -190,22 +195,24 @@ class RLTrainer:
         checkpoint_dir: str | Path | None = None,
         on_step: training.StepCallback | None = None,
         progress: bool = True,
+        trust_remote_code: bool = False,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.config, self.prompts, self.model_dir = config, prompts, Path(model_dir)
         self.on_step, self.progress = on_step, progress
         self.device = training.resolve_device()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.tokenizer = from_pretrained(AutoTokenizer, model_dir, trust_remote_code)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.pad_id = pad_token_id(self.tokenizer)
 
         torch.manual_seed(config.seed)
-        self.model, self.lm = load_policy_model(model_dir, config, self.device)
+        self.model, self.lm = load_policy_model(model_dir, config, self.device, trust_remote_code)
         self.frozen_reference = None
         if config.lora is None:  # LoRA runs read pi_ref through disabled adapters
-            reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(self.device)
+            reference = from_pretrained(AutoModelForCausalLM, model_dir, trust_remote_code, dtype=torch.float32)
+            reference = reference.to(self.device)
             disable_dropout(reference)
             self.frozen_reference = reference.eval().requires_grad_(False)
         self.value_head = None
@@ -213,7 +220,7 @@ class RLTrainer:
             self.value_head = torch.nn.Linear(self.lm.config.hidden_size, 1).to(self.device)
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
-        self.rewards = TokenRewards(Path(reward_model_dir), config, self.device, rm_max_length)
+        self.rewards = TokenRewards(Path(reward_model_dir), config, self.device, rm_max_length, trust_remote_code)
         self.gold = load_gold_scorer(config.gold_scorer) if config.gold_scorer else None
 
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}

@@ -53,11 +53,20 @@ def assistant(text: str) -> Messages:
 class TokenRewards:
     """Per-token rewards of rollouts for ``reward_source``, from the reward model (and pi_ref for contrastive)."""
 
-    def __init__(self, reward_model_dir: Path, config: RLConfig, device: torch.device, rm_max_length: int):
+    def __init__(
+        self,
+        reward_model_dir: Path,
+        config: RLConfig,
+        device: torch.device,
+        rm_max_length: int,
+        trust_remote_code: bool = False,
+    ):
         self.config, self.device, self.max_length = config, device, rm_max_length
         abc = "abc" in config.reward_source
         loader = load_abc_model if abc else load_reward_model
-        self.rm_tokenizer, self.rm = loader(reward_model_dir, device, dtype=torch.float32)
+        self.rm_tokenizer, self.rm = loader(
+            reward_model_dir, device, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
         self.abc = abc
 
     def __call__(self, rollouts: list[Rollout], reference, tokenizer) -> tuple[list[np.ndarray], list[float], int]:

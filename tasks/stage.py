@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,8 @@ from creditflow.storage.artifacts import ArtifactWriter, Manifest
 from creditflow.storage.shard_results import ShardResults, remove_shards
 from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,6 +28,19 @@ class StageContext:
     fingerprint: str = ""
     reference_model: str | None = None  # the pipeline's reference_model, for the stages that declare they use it
     compute: Any = None  # the pipeline's ComputeConfig: where inference runs (local or Ray)
+    trust_remote_code: bool = False  # the pipeline's trust_remote_code: read it through remote_code_allowed()
+
+    def remote_code_allowed(self, *folders) -> bool:
+        """The pipeline's ``trust_remote_code``, for the stage to pass to every load of the models in ``folders``.
+        When on, the stage warns once naming them and tags its MLflow run: code shipped with them may run here."""
+        if self.trust_remote_code:
+            logger.warning(
+                "%s: trust_remote_code is on: transformers may run the Python files shipped in %s",
+                self.stage,
+                ", ".join(map(str, folders)),
+            )
+            self.run.set_tags({"creditflow.trust_remote_code": "true"})
+        return self.trust_remote_code
 
     @property
     def checkpoint_dir(self):

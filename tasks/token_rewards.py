@@ -64,13 +64,15 @@ class Source:
     score: Callable[[list, Any], list[dict[str, Any]]]  # (items, progress) -> cache rows without key/source
 
 
-def contrastive_source(config: TokenRewardsConfig, reference_model: str, device) -> Source:
+def contrastive_source(
+    config: TokenRewardsConfig, reference_model: str, device, trust_remote_code: bool = False
+) -> Source:
     """T-REG contrastive prompting on the reference model (whose tokenizer is the policy's)."""
     from creditflow.tasks.models import model_fingerprint, resolve_model
 
     dtype, bf16_autocast = reference_precision(config.dtype, device)
     folder = resolve_model(reference_model)
-    tokenizer = tokenization.load_tokenizer(str(folder))
+    tokenizer = tokenization.load_tokenizer(str(folder), trust_remote_code)
     knobs = {
         "model": model_fingerprint(folder),
         "tokenizer": tokenization.tokenizer_fingerprint(tokenizer),
@@ -88,7 +90,7 @@ def contrastive_source(config: TokenRewardsConfig, reference_model: str, device)
     def score(items: list[contrastive.ContrastiveItem], progress) -> list[dict[str, Any]]:
         nonlocal model
         if model is None:  # loaded on first use: a fully cached run never loads it
-            model = contrastive.load_reference_model(folder, device, dtype)
+            model = contrastive.load_reference_model(folder, device, dtype, trust_remote_code)
         with autocast(device, bf16_autocast):
             results = contrastive.score_contrastive(model, items, config.batch_size, pad_id, progress)
         return [
@@ -108,11 +110,13 @@ def contrastive_source(config: TokenRewardsConfig, reference_model: str, device)
     )
 
 
-def abc_source(config: TokenRewardsConfig, folder: Path, rm_max_length: int, device, dtype) -> Source:
+def abc_source(
+    config: TokenRewardsConfig, folder: Path, rm_max_length: int, device, dtype, trust_remote_code: bool = False
+) -> Source:
     """ABC on the reward model in ``folder`` (the reward-model stage's ``model/``)."""
     from creditflow.tasks.models import model_fingerprint
 
-    tokenizer, model = abc.load_abc_model(folder, device, dtype)
+    tokenizer, model = abc.load_abc_model(folder, device, dtype, trust_remote_code)
     max_length = config.abc_max_length or rm_max_length
     knobs = {
         "reward_model": model_fingerprint(folder),
@@ -159,14 +163,15 @@ def build_source(
     reference_model: str | None = None,
     reward_model_dir: str | None = None,
     rm_max_length: int | None = None,
+    trust_remote_code: bool = False,
 ) -> Source:
     """The source ``name`` on this process's device: picklable arguments, so a Ray worker can build its own."""
     settings = TokenRewardsConfig.model_validate(config)
     device = resolve_device(settings.device)
     if name == "contrastive":
-        return contrastive_source(settings, reference_model, device)
+        return contrastive_source(settings, reference_model, device, trust_remote_code)
     dtype = inference_dtype(settings.dtype, device)
-    return abc_source(settings, Path(reward_model_dir), rm_max_length, device, dtype)
+    return abc_source(settings, Path(reward_model_dir), rm_max_length, device, dtype, trust_remote_code)
 
 
 def source_worker(build: Callable[[], Source]) -> Callable[[list], list[dict[str, Any]]]:
@@ -271,12 +276,14 @@ def compute_token_rewards(ctx: StageContext) -> dict[str, float]:
 
     metrics: dict[str, float] = {"pairs": pairs.num_rows}
     sources, keys = [], []
+    rm_folder, rm_max_length = _reward_model_folder(ctx) if "abc" in config.sources else (None, None)
+    # One warning for the stage; the flag rides in each source's build arguments, so Ray actors get it too.
+    trust = ctx.remote_code_allowed(*(rm_folder if name == "abc" else ctx.reference_model for name in config.sources))
     for name in config.sources:
         models = {"reference_model": ctx.reference_model}
         if name == "abc":
-            folder, rm_max_length = _reward_model_folder(ctx)
-            models = {"reward_model_dir": str(folder), "rm_max_length": rm_max_length}
-        build = partial(build_source, name, config.model_dump(mode="json"), **models)
+            models = {"reward_model_dir": str(rm_folder), "rm_max_length": rm_max_length}
+        build = partial(build_source, name, config.model_dump(mode="json"), **models, trust_remote_code=trust)
         source = build()
         run = compute_missing(
             cache, source, prompts, completions, config.rows_per_shard, ctx.progress, ctx.compute, build

@@ -13,13 +13,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from creditflow.storage.hashing import sha256_json
 from creditflow.tasks.configs import TRUNCATION_MODES
+from creditflow.tasks.models import from_pretrained
 from creditflow.tasks.schema import Messages, completion_text
 
 
 @lru_cache(maxsize=8)
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        return from_pretrained(AutoTokenizer, name_or_path, trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot load tokenizer {name_or_path!r}: {exc}") from exc
 

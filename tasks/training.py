@@ -280,15 +280,16 @@ def launch_torchrun(
     files: dict[str, Callable[[Path], None]] | None = None,
     on_step: StepCallback | None = None,
     launch_dir: Path | None = None,
+    trust_remote_code: bool = False,
     poll_seconds: float = 0.5,
 ) -> list[dict[str, float]]:
     """Run ``python -m torch.distributed.run --nproc_per_node N -m creditflow.tasks.torchrun_worker SPEC.json`` (node
     0's share of ``config.nnodes``, ``config.num_processes`` per node) and wait.
 
-    The spec names the ``trainer`` (the stage whose ``run_worker`` each process runs) and carries its ``config``
-    and ``paths`` (model, checkpoint and output folders, as strings). Running in a subprocess frees every GPU byte
-    when the stage ends. ``files`` writers put inputs beside the spec (their paths are added to it under the same
-    names). The worker's rank 0 appends one JSON line of metrics per step to
+    The spec names the ``trainer`` (the stage whose ``run_worker`` each process runs) and carries its ``config``,
+    ``paths`` (model, checkpoint and output folders, as strings) and the pipeline's ``trust_remote_code``. Running
+    in a subprocess frees every GPU byte when the stage ends. ``files`` writers put inputs beside the spec (their
+    paths are added to it under the same names). The worker's rank 0 appends one JSON line of metrics per step to
     ``spec["metrics"]``, which this process tails and hands to ``on_step``, and writes the whole history to
     ``spec["history"]``, which is returned. With several nodes the spec goes to ``launch_dir``, a folder on the
     shared workspace where :func:`join_torchrun` on the other nodes finds it.
@@ -304,6 +305,7 @@ def launch_torchrun(
         spec = {
             "trainer": trainer,
             "config": config.model_dump(),
+            "trust_remote_code": trust_remote_code,
             **{key: None if path is None else str(path) for key, path in paths.items()},
             "metrics": str(work / "metrics.jsonl"),
             "history": str(work / "history.json"),

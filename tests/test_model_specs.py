@@ -2,11 +2,13 @@
 
 import hashlib
 import json
+import shutil
 import threading
 import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import CORPUS, pair_row, publish_artifact
 
 from creditflow.flows.config import ConfigError, explain, load_config
 from creditflow.tasks.model_card import write_card
@@ -173,3 +175,118 @@ def test_every_config_key_has_help_text():
 def test_floats_bounded_on_one_side_refuse_infinity(key):
     with pytest.raises(ConfigError, match=f"{key}: Input should be a finite number"):
         load_config(None, {**({key.rsplit(".", 1)[0]: {}} if ".lora." in key else {}), key: float("inf")})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models that ship their own code: trust_remote_code
+
+CUSTOM_CONFIG = """from transformers import LlamaConfig
+
+
+class CustomConfig(LlamaConfig):
+    model_type = "custom-llama"
+"""
+CUSTOM_MODEL = """from transformers import LlamaForCausalLM
+
+from .configuration_custom import CustomConfig
+
+
+class CustomForCausalLM(LlamaForCausalLM):
+    config_class = CustomConfig
+"""
+
+
+@pytest.fixture(scope="module")
+def custom_code_lm(tmp_path_factory):
+    """A tiny Llama whose config.json sends transformers to modelling code in the folder (``auto_map``), as a hub
+    model with its own architecture does: transformers has no ``custom-llama`` of its own."""
+    from creditflow.tasks.tiny import build_tiny_causal_lm
+
+    folder = build_tiny_causal_lm(tmp_path_factory.mktemp("custom") / "custom-lm", CORPUS)
+    (folder / "configuration_custom.py").write_text(CUSTOM_CONFIG)
+    (folder / "modeling_custom.py").write_text(CUSTOM_MODEL)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(
+        model_type="custom-llama",
+        architectures=["CustomForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_custom.CustomConfig",
+            "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM",
+        },
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _token_rewards_context(root, reference, trust_remote_code: bool):
+    """The token-reward stage's context as flows/stages.py builds it: two curated pairs, contrastive scoring."""
+    from creditflow.storage.tracking import Run
+    from creditflow.storage.workspace import Workspace
+    from creditflow.tasks import schema as S
+    from creditflow.tasks.configs import TokenRewardsConfig
+    from creditflow.tasks.stage import StageContext
+
+    workspace = Workspace.resolve(root)
+    pairs = [
+        pair_row(
+            [{"role": "user", "content": f"Question {i}: how was the trip?"}],
+            [{"role": "assistant", "content": f"It was lovely {i}"}],
+            [{"role": "assistant", "content": f"It was awful {i}."}],
+            i,
+        )
+        for i in range(2)
+    ]
+    curate = publish_artifact(workspace.store, "curate", "c", {"pairs": S.rows_to_table(pairs, S.PAIRS_SCHEMA)})
+    run = Run.start(workspace, "trust-remote-code", "token_rewards")
+    writer = workspace.store.writer("token_rewards", "t")
+    return StageContext(
+        TokenRewardsConfig(max_length=64), workspace, {"curate": curate}, writer, run, False, "token_rewards", "t",
+        reference_model=str(reference), trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+
+
+def test_custom_code_models_load_only_with_trust_remote_code(custom_code_lm, tmp_path, caplog):
+    """Off (the default), the stage refuses the model with the config key to set; on, the folder's own classes
+    load, and the stage warns once naming the folder and tags its MLflow run."""
+    import torch
+
+    from creditflow.tasks.contrastive import load_reference_model
+    from creditflow.tasks.token_rewards import compute_token_rewards
+
+    refused = _token_rewards_context(tmp_path / "off", custom_code_lm, trust_remote_code=False)
+    with pytest.raises(ValueError, match=r"custom code(.|\n)*set `trust_remote_code: true` in the pipeline config"):
+        compute_token_rewards(refused)
+
+    trusted = _token_rewards_context(tmp_path / "on", custom_code_lm, trust_remote_code=True)
+    with caplog.at_level("WARNING", logger="creditflow.tasks.stage"):
+        metrics = compute_token_rewards(trusted)
+    assert metrics["contrastive.rows_computed"] == 4
+    assert caplog.text.count("trust_remote_code is on") == 1
+    warning = "token_rewards: trust_remote_code is on: transformers may run the Python files shipped in"
+    assert f"{warning} {custom_code_lm}\n" in caplog.text
+    refused_tags, trusted_tags = (ctx.run.client.get_run(ctx.run.run_id).data.tags for ctx in (refused, trusted))
+    assert trusted_tags["creditflow.trust_remote_code"] == "true"
+    assert "creditflow.trust_remote_code" not in refused_tags
+    model = load_reference_model(custom_code_lm, torch.device("cpu"), torch.float32, trust_remote_code=True)
+    assert type(model).__name__ == "CustomForCausalLM"  # the folder's code ran, not transformers' Llama
+
+
+def test_trust_remote_code_is_in_no_fingerprint_but_the_shipped_code_is(custom_code_lm, tmp_path):
+    from creditflow.flows.stages import plan_stage
+    from creditflow.storage.workspace import Workspace
+    from creditflow.tasks.models import model_fingerprint
+
+    store = Workspace.resolve(tmp_path / "ws").store
+    upstream = {stage: publish_artifact(store, stage, stage[0] * 24, {}) for stage in ("curate", "reward_model")}
+    plans = [
+        plan_stage("token_rewards", load_config(None, {"reference_model": str(custom_code_lm), **extra}), upstream)
+        for extra in ({}, {"trust_remote_code": True})
+    ]
+    assert plans[0].fingerprint == plans[1].fingerprint  # a model loads or it does not: no row changes
+    assert [plan.trust_remote_code for plan in plans] == [False, True]  # but the key reaches the stage's context
+    assert "trust_remote_code" not in json.dumps([plans[1].config, plans[1].inputs])
+    # The code the key lets run is part of the model: editing it is a new network, so a cache miss.
+    copy = shutil.copytree(custom_code_lm, tmp_path / "copy")
+    assert model_fingerprint(copy) == model_fingerprint(custom_code_lm)
+    (copy / "modeling_custom.py").write_text(CUSTOM_MODEL + "    # edited\n")
+    assert model_fingerprint(copy) != model_fingerprint(custom_code_lm)
