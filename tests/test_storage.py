@@ -506,6 +506,23 @@ def test_hub_ids_resolve_offline_from_the_hf_cache_and_a_moved_branch_is_a_miss(
             plan_stage("onpolicy", load_config(None, {"reference_model": spec}), {"curate": c, "reward_model": r})
 
 
+def test_the_reward_model_backbone_and_the_tokenizer_take_hub_ids_too(tmp_path, monkeypatch):
+    """The other two model keys go through the same resolver: pinned to their commit once, fingerprinted by the
+    snapshot's files with the revision recorded."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _hub_cache(tmp_path / "hub", "acme/tiny-lm")
+    config = {"reward_model": {"base_model": "acme/tiny-lm"}, "curate": {"tokenizer": "acme/tiny-lm"}}
+    pinned, cfg = pin_hub_revisions(config)
+    commit = "a" * 40
+    assert pinned["reward_model"]["base_model"] == pinned["curate"]["tokenizer"] == f"acme/tiny-lm@{commit}"
+    store = ArtifactStore(tmp_path / "artifacts")
+    plan = plan_stage("reward_model", cfg, {"curate": _publish(store)})
+    assert plan.inputs["base_model"]["revision"] == commit and plan.inputs["base_model"]["weights"]
+    curate = plan_stage("curate", cfg, {})  # the tokenizer's files are hashed, its pinned spec is in the config
+    assert curate.inputs["tokenizer"] and curate.config["tokenizer"] == f"acme/tiny-lm@{commit}"
+
+
 def test_every_bundled_recipe_validates_and_says_what_it_is_for_and_how_to_launch_it():
     recipes = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
     assert len(recipes) >= 6
