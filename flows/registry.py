@@ -53,7 +53,8 @@ class Stage:
     name: str
     description: str
     upstream: tuple[str, ...]
-    outputs: tuple[str, ...]  # tables (<name>.parquet) and folders (<name>/) every artifact of this stage holds
+    # Tables (<name>.parquet) and folders (<name>/) every artifact of this stage holds; a tuple of them: at least one.
+    outputs: tuple[str | tuple[str, ...], ...]
     recipe: str  # module in creditflow.tasks whose compute_<name>(ctx) runs the stage (imported when it runs)
     extra_code: tuple[str, ...] = ()  # row-changing modules the recipe does not import (a worker run by name)
     input_digests: Callable[[PipelineConfig], dict[str, Any]] = lambda cfg: {}  # inputs outside the store
@@ -178,6 +179,8 @@ def _token_rewards_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     return _reference_inputs(cfg) if "contrastive" in cfg.token_rewards.sources else {}
 
 
+TRAINED_LM = ("model/", "adapter/")  # merged weights and/or the LoRA adapter (lora.save_merged: false)
+
 STAGES: dict[str, Stage] = {
     "curate": Stage(
         name="curate",
@@ -220,7 +223,7 @@ STAGES: dict[str, Stage] = {
         name="policy",
         description="DPO / IPO / SimPO with the T-REG regularizer from cached token rewards and reference log-probs.",
         upstream=("curate", "onpolicy", "token_rewards"),
-        outputs=("train_log", "train_timings", "model/"),
+        outputs=("train_log", "train_timings", TRAINED_LM),
         recipe="policy",
         extra_code=("creditflow.tasks.torchrun_worker",),  # launched by torchrun
         # No input digests: the starting model is the token-reward stage's reference, already in that stage's.
@@ -229,7 +232,7 @@ STAGES: dict[str, Stage] = {
         name="rl",
         description="Online RL (PPO / RLOO) from the reference on dense token rewards (sparse, ABC, contrastive).",
         upstream=("curate", "reward_model"),
-        outputs=("train_log", "train_timings", "samples", "model/"),
+        outputs=("train_log", "train_timings", "samples", TRAINED_LM),
         recipe="rl",
         input_digests=_reference_inputs,
         uses_reference=True,

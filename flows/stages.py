@@ -11,6 +11,7 @@ and a row in the catalog's ``stage_runs`` table.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -107,6 +108,16 @@ def _output_path(output: str) -> str:
     return output.removesuffix("/") if output.endswith("/") else f"{output}.parquet"
 
 
+def missing_outputs(stage: Stage, folder: Path) -> list[str | tuple[str, ...]]:
+    """The declared outputs of ``stage`` that ``folder`` lacks; a group of alternatives needs one of them."""
+
+    def present(output: str | tuple[str, ...]) -> bool:
+        group = (output,) if isinstance(output, str) else output
+        return any((folder / _output_path(o)).exists() for o in group)
+
+    return [output for output in stage.outputs if not present(output)]
+
+
 @task(name="compute-stage", persist_result=True, result_serializer="json", cache_key_fn=_cache_key)
 def compute_stage(
     plan: StagePlan, workspace_root: str, mlflow_run_id: str, refresh: bool = False, progress: bool = True
@@ -140,7 +151,7 @@ def compute_stage(
         upstream = tuple((m.stage, m.fingerprint) for m in plan.upstream.values())
         with hold_lease(workspace.root, Lease(name, fingerprint, upstream)):
             metrics = plan.stage.compute(context)
-        missing = [o for o in plan.stage.outputs if not (writer.dir / _output_path(o)).exists()]
+        missing = missing_outputs(plan.stage, writer.dir)
         if missing:
             raise ArtifactError(f"{name}: the stage did not write its declared outputs {missing}")
         manifest = store.publish(

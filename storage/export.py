@@ -14,12 +14,12 @@ from creditflow.storage.workspace import Workspace
 
 def export_model(ws: Workspace, stage: str, out: str | Path, run_id: str | None = None, adapter: bool = False) -> Path:
     """Copy ``model/`` (or with ``adapter`` the LoRA ``adapter/``) of the newest artifact of ``stage``, or of the
-    run ``run_id``, to ``out``. The copy lands under a temporary name and is renamed into place, so ``out`` is
-    either complete or absent; an existing non-empty ``out`` is refused, never overwritten."""
+    run ``run_id``, to ``out``; an adapter-only LoRA artifact's merged model is rebuilt from its base first. The copy
+    lands under a temporary name and is renamed into place, so ``out`` is either complete or absent; an existing
+    non-empty ``out`` is refused, never overwritten."""
     out = Path(out).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"export: {out} exists and is not an empty folder; choose another --out")
-    folder_name = "adapter" if adapter else "model"
     fingerprints = Catalog(ws.catalog_path, ws.store).stage_fingerprints(stage, run_id)
     which = f"run {run_id!r}" if run_id else f"workspace {ws.root}"
     if not fingerprints:
@@ -27,10 +27,18 @@ def export_model(ws: Workspace, stage: str, out: str | Path, run_id: str | None 
     present = [f for f in fingerprints if ws.store.exists(stage, f)]
     if not present:
         raise ValueError(f"export: the {stage} artifacts of {which} were garbage-collected; rerun the stage")
-    source = ws.store.path(stage, present[0]) / folder_name
-    if not source.is_dir():
-        hint = " (a LoRA run with lora.save_adapter: true writes one)" if adapter else ""
-        raise ValueError(f"export: the {stage} artifact {present[0]} has no {folder_name}/ folder{hint}")
+    from creditflow.tasks.causal_lm import ADAPTER, trained_model_folder
+
+    artifact = ws.store.path(stage, present[0])
+    if adapter and not (artifact / ADAPTER).is_dir():
+        raise ValueError(
+            f"export: the {stage} artifact {present[0]} has no {ADAPTER}/ folder (a LoRA run with "
+            "lora.save_adapter: true writes one)"
+        )
+    try:
+        source = artifact / ADAPTER if adapter else trained_model_folder(artifact)
+    except ValueError as exc:
+        raise ValueError(f"export: {exc}") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:

@@ -342,13 +342,16 @@ def compute_audit(ctx) -> dict[str, float]:
     reward on the probe; write ``audit`` (one row per source and probe kind) and log the table and a plot."""
     import pyarrow as pa
 
+    from creditflow.tasks.causal_lm import trained_model_folder
     from creditflow.tasks.configs import TEMPLATE_PRESETS
     from creditflow.tasks.models import resolve_model
 
     config = ctx.config
     probe = build_probe(config.per_kind, config.sentiment, config.seed, config.probe)
     reference = resolve_model(ctx.reference_model)
-    reward_model, policy = ctx.upstream_dir("reward_model") / "model", ctx.upstream_dir("policy") / "model"
+    reward_model, policy_artifact = ctx.upstream_dir("reward_model") / "model", ctx.upstream_dir("policy")
+    trust = ctx.remote_code_allowed(reference, reward_model, policy_artifact)
+    policy = trained_model_folder(policy_artifact, trust)
     rows = run_audit(
         reference,
         {name: TEMPLATE_PRESETS[name] for name in config.presets},
@@ -359,7 +362,7 @@ def compute_audit(ctx) -> dict[str, float]:
         reward_model_max_length=int(ctx.upstream["reward_model"].config["max_length"]),
         policy=policy,
         beta=float(ctx.upstream["policy"].config["loss"]["beta"]),
-        trust_remote_code=ctx.remote_code_allowed(reference, reward_model, policy),
+        trust_remote_code=trust,
     )
     for row in rows:
         if row.kind == "all" and row.auc < AUC_WARNING:

@@ -1,17 +1,28 @@
 """A causal LM ready to train: fp32 master weights (bf16 frozen base under LoRA on CUDA), dropout off, the KV cache
-off, optional activation checkpointing and LoRA adapters. Shared by the preference (policy) and online-RL stages."""
+off, optional activation checkpointing and LoRA adapters; how the trained model is saved and read back. Shared by
+the preference (policy) and online-RL stages and by the stages and exports that read their models."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import uuid
 import warnings
 from pathlib import Path
 from typing import Protocol
 
 import torch
+from filelock import FileLock
 
+from creditflow.storage.artifacts import grant_umask_permissions
+from creditflow.storage.hashing import sha256_file, sha256_json
 from creditflow.tasks.configs import LoraConfig
 from creditflow.tasks.logprobs import check_lm_head
-from creditflow.tasks.models import from_pretrained
+from creditflow.tasks.model_card import merged_card_text
+from creditflow.tasks.models import from_pretrained, model_cache_dir, model_fingerprint, resolve_model
+
+MERGED, ADAPTER = "model", "adapter"  # a trained artifact's folders: merged weights, LoRA adapter
 
 
 class TrainableLMConfig(Protocol):
@@ -67,23 +78,85 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
+def trained_outputs(artifact_dir: Path, lora: LoraConfig | None) -> tuple[Path | None, Path | None]:
+    """Where a trained causal LM goes in its artifact: (merged ``model/`` or None, LoRA ``adapter/`` or None)."""
+    merged = lora is None or lora.save_merged
+    adapter = lora is not None and lora.save_adapter
+    return artifact_dir / MERGED if merged else None, artifact_dir / ADAPTER if adapter else None
+
+
 def save_trained_lm(
     model,
     lora: bool,
     tokenizer_dir: str | Path,
-    out_dir: str | Path,
+    out_dir: str | Path | None,
     adapter_dir: str | Path | None = None,
     trust_remote_code: bool = False,
 ) -> None:
-    """The trained model (LoRA merged) and its tokenizer as safetensors, and with ``adapter_dir`` (LoRA runs) the
-    PEFT adapter alone: ``adapter_config.json`` + ``adapter_model.safetensors``, loadable with
-    ``PeftModel.from_pretrained`` on the base model."""
+    """With ``out_dir``, the trained model (LoRA merged) and its tokenizer as safetensors; with ``adapter_dir`` (LoRA
+    runs) the PEFT adapter alone and the tokenizer: ``adapter_config.json`` + ``adapter_model.safetensors``,
+    loadable with ``PeftModel.from_pretrained`` on the base model."""
     from transformers import AutoTokenizer
 
     tokenizer = from_pretrained(AutoTokenizer, tokenizer_dir, trust_remote_code)
     if lora and adapter_dir is not None:
         model.save_pretrained(str(adapter_dir), safe_serialization=True)  # before merging changes the model
         tokenizer.save_pretrained(str(adapter_dir))
-    merged = model.merge_and_unload() if lora else model
-    merged.save_pretrained(str(out_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(out_dir))
+    if out_dir is not None:
+        merged = model.merge_and_unload() if lora else model
+        merged.save_pretrained(str(out_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(out_dir))
+
+
+def trained_model_folder(artifact_dir: str | Path, trust_remote_code: bool = False) -> Path:
+    """The merged model of a trained artifact (policy, rl): its ``model/``, or for an adapter-only LoRA run
+    (``lora.save_merged: false``) its base + ``adapter/`` merged once into the model cache, keyed by the adapter's
+    files and the base's weights, so every later stage and export shares that one copy."""
+    artifact_dir = Path(artifact_dir)
+    if (artifact_dir / MERGED).is_dir():
+        return artifact_dir / MERGED
+    adapter = artifact_dir / ADAPTER
+    if not (adapter / "adapter_config.json").is_file():
+        raise ValueError(f"{artifact_dir}: no {MERGED}/ folder, and no LoRA {ADAPTER}/ to rebuild it from")
+    base = adapter_base(adapter)
+    files = {p.name: sha256_file(p) for p in sorted(adapter.iterdir()) if p.is_file()}
+    target = model_cache_dir() / f"merged-{sha256_json({'adapter': files, 'base': model_fingerprint(base)})[:16]}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.with_name(f".{target.name}.lock")):  # concurrent stages merge once
+        if not target.is_dir():
+            _merge_adapter(base, adapter, target, trust_remote_code)
+    return target
+
+
+def adapter_base(adapter_dir: Path) -> Path:
+    """The local folder of a PEFT adapter's base model (its ``base_model_name_or_path`` and ``revision``)."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    spec = config["base_model_name_or_path"] + (f"@{config['revision']}" if config.get("revision") else "")
+    try:
+        return resolve_model(spec)
+    except ValueError as exc:
+        raise ValueError(
+            f"{adapter_dir}: cannot rebuild the merged model, its base model {spec!r} (base_model_name_or_path in "
+            f"adapter_config.json) is gone: {exc}"
+        ) from None
+
+
+def _merge_adapter(base: Path, adapter: Path, target: Path, trust_remote_code: bool) -> None:
+    """Base + adapter merged, with the adapter's tokenizer and card, written under a temporary name then renamed."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # The base's own dtype, as a LoRA run on CUDA (bf16 frozen base) merges in the stage.
+    lm = from_pretrained(AutoModelForCausalLM, base, trust_remote_code, dtype="auto")
+    merged = PeftModel.from_pretrained(lm, str(adapter)).merge_and_unload()
+    tmp = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        from_pretrained(AutoTokenizer, adapter, trust_remote_code).save_pretrained(str(tmp))
+        card = adapter / "README.md"
+        if card.is_file():
+            (tmp / "README.md").write_text(merged_card_text(card.read_text()))
+        grant_umask_permissions(tmp)  # a shared model cache
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -253,7 +253,7 @@ class PreferenceLossConfig(StrictConfig):
 
 
 class LoraConfig(StrictConfig):
-    """LoRA adapters (Hu et al. 2021) on ``target_modules``; merged into the weights of the saved model."""
+    """LoRA adapters (Hu et al. 2021) on ``target_modules``; saved merged into the weights, as an adapter, or both."""
 
     r: int = Field(16, ge=1, description="Adapter rank.")
     alpha: float = Field(32.0, gt=0, allow_inf_nan=False, description="The update is scaled by alpha / r.")
@@ -263,7 +263,18 @@ class LoraConfig(StrictConfig):
         min_length=1,
         description="Names of the linear layers that get adapters.",
     )
-    save_adapter: bool = Field(True, description="Also save the PEFT adapter alone, in adapter/ beside model/.")
+    save_adapter: bool = Field(True, description="Save the PEFT adapter alone, in adapter/.")
+    save_merged: bool = Field(
+        True,
+        description="Save the merged weights in model/. false writes only the adapter; later stages and "
+        "`creditflow export` rebuild the merged model from the base + adapter when they need it.",
+    )
+
+    @model_validator(mode="after")
+    def _saves_something(self) -> "LoraConfig":
+        if not (self.save_merged or self.save_adapter):
+            raise ValueError("save_merged: false needs save_adapter: true (else the trained model is not saved)")
+        return self
 
 
 class PolicyConfig(DistributedTrainingConfig):
@@ -290,15 +301,24 @@ class PolicyConfig(DistributedTrainingConfig):
 
 class RolloutSampling(SamplingConfig):
     """How the policy samples its rollouts. T = 1, top_p = 1 and top_k = 0 by default: the policy gradient assumes
-    the samples come from the policy itself. Always transformers' generate(): the policy changes every iteration
-    and the trainer needs the exact token ids it sampled."""
+    the samples come from the policy itself. Always transformers' generate(), in the trainer or, with the
+    pipeline's ``compute.backend: ray``, on Ray actors that hold copies of the policy and get its new weights every
+    iteration (the same token ids either way). vLLM is not supported: its engine would need the new weights every
+    iteration."""
 
-    backend: Literal["hf"] = Field("hf", description="hf only: rollouts come from the policy being trained.")
+    backend: Literal["hf"] = Field(
+        "hf", description="hf only: rollouts come from the policy being trained (on Ray actors with compute: ray)."
+    )
     temperature: float = Field(1.0, ge=0, allow_inf_nan=False, description="1: sample from the policy itself.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, description="0: sample from the whole vocabulary (the policy itself).")
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per rollout.")
-    batch_size: int = Field(16, ge=1, description="Prompts per generate() call.")
+    batch_size: int = Field(
+        16,
+        ge=1,
+        description="Prompts per generate() call and per shard, the unit of seeding and of Ray scheduling "
+        "(rl.batch_size / compute.workers keeps every worker busy).",
+    )
     max_prompts: int | None = Field(None, ge=1, description="First N train-split prompts to train on.")
 
 

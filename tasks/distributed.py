@@ -1,6 +1,7 @@
 """Inference on a Ray cluster (``compute.backend: ray``): one actor per worker holds the model, and shards of the
 work are the unit of scheduling and of resumption. Token rewards, on-policy sampling, evaluation answers and
-reward-model scoring all go through :func:`map_shards`.
+reward-model scoring all go through :func:`map_shards`; online-RL rollouts keep one :class:`RayWorkers` set for the
+whole run and push the policy's new weights to it every iteration.
 
 The driver cuts the work into the same shards the local path computes (same items, same batches, same seeds, same
 code), so results are identical either way; it hands one shard at a time to each actor and stores every finished
@@ -63,6 +64,63 @@ class ShardWorker:
     def run(self, shard: Any) -> list:
         return self.work(shard)
 
+    def update(self, state: Any) -> None:
+        """Hand the held callable new state between jobs (online RL: the policy's weights of this iteration)."""
+        self.work.update(state)
+
+
+class RayWorkers:
+    """``count`` Ray actors, each holding what ``build()`` made, until the block ends. :func:`map_shards` starts one
+    set per job; a caller running many jobs through the same model (online RL: one per iteration) keeps one set
+    across them instead of reloading the model each time. Needs a :func:`ray_session`."""
+
+    def __init__(self, build: Callable[[], Callable[[Any], list]], compute: ComputeConfig, count: int):
+        import ray
+
+        remote = ray.remote(num_cpus=compute.cpus_per_worker, num_gpus=compute.gpus_per_worker)(ShardWorker)
+        run_id = uuid.uuid4().hex[:8]
+        self.actors = [remote.options(name=f"{ACTOR_PREFIX}-{run_id}-{i}").remote(build) for i in range(count)]
+
+    def __enter__(self) -> RayWorkers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+    def update(self, state: Any) -> None:
+        """Every actor's ``update(state)``: ``state`` goes to the object store once, not once per actor."""
+        import ray
+
+        ref = ray.put(state)
+        ray.get([actor.update.remote(ref) for actor in self.actors])
+
+    def map(
+        self,
+        shards: list,
+        write: Callable[[int, list], None],
+        progress=None,
+        weigh: Callable[[Any], int] = lambda shard: 1,
+    ) -> None:
+        """Hand one shard at a time to each free actor; ``write`` and ``progress`` as in :func:`map_shards`."""
+        import ray
+
+        pending: dict[Any, tuple[Any, int]] = {}
+        queue = iter(range(len(shards)))
+        for actor, index in zip(self.actors, queue):
+            pending[actor.run.remote(shards[index])] = (actor, index)
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            actor, index = pending.pop(ref)
+            write(index, ray.get(ref))  # a dead worker raises here: finished shards are already stored
+            if progress is not None:
+                progress.update(weigh(shards[index]))
+            following = next(queue, None)
+            if following is not None:
+                pending[actor.run.remote(shards[following])] = (actor, following)
+
 
 def map_shards(
     shards: list,
@@ -84,32 +142,8 @@ def map_shards(
             if progress is not None:
                 progress.update(weigh(shard))
         return
-    import ray
-
-    with ray_session(compute):
-        remote = ray.remote(num_cpus=compute.cpus_per_worker, num_gpus=compute.gpus_per_worker)(ShardWorker)
-        run_id = uuid.uuid4().hex[:8]
-        actors = [
-            remote.options(name=f"{ACTOR_PREFIX}-{run_id}-{i}").remote(build)
-            for i in range(min(compute.workers, len(shards)))
-        ]
-        pending: dict[Any, tuple[Any, int]] = {}
-        queue = iter(range(len(shards)))
-        try:
-            for actor, index in zip(actors, queue):
-                pending[actor.run.remote(shards[index])] = (actor, index)
-            while pending:
-                (ref,), _ = ray.wait(list(pending), num_returns=1)
-                actor, index = pending.pop(ref)
-                write(index, ray.get(ref))  # a dead worker raises here: finished shards are already stored
-                if progress is not None:
-                    progress.update(weigh(shards[index]))
-                following = next(queue, None)
-                if following is not None:
-                    pending[actor.run.remote(shards[following])] = (actor, following)
-        finally:
-            for actor in actors:
-                ray.kill(actor)
+    with ray_session(compute), RayWorkers(build, compute, min(compute.workers, len(shards))) as workers:
+        workers.map(shards, write, progress, weigh)
 
 
 def resumable_map(

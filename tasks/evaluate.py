@@ -40,14 +40,17 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
     if not messages:
         raise ValueError("evaluate: the curated pairs have no eval-split prompts (raise curate.eval_fraction)")
 
+    from creditflow.tasks.causal_lm import trained_model_folder
     from creditflow.tasks.models import resolve_model
 
     trained = ["policy", *(["rl"] if "rl" in ctx.upstream else [])]  # the RL policy when that stage is enabled
-    systems = {name: ctx.upstream_dir(name) / "model" for name in trained}
     # The model the policies started from: the token-reward stage's reference (its log-probs trained the policy).
-    systems["reference"] = resolve_model(ctx.upstream["token_rewards"].config["reference_model"])
+    reference = resolve_model(ctx.upstream["token_rewards"].config["reference_model"])
     reward_model = ctx.upstream_dir("reward_model") / "model"
-    trust = ctx.remote_code_allowed(*systems.values(), reward_model)  # trained models keep their base's code files
+    artifacts = [ctx.upstream_dir(name) for name in trained]
+    trust = ctx.remote_code_allowed(*artifacts, reference, reward_model)  # trained models keep their base's code
+    systems = {name: trained_model_folder(folder, trust) for name, folder in zip(trained, artifacts)}
+    systems["reference"] = reference
     gold = load_gold_scorer(config.gold_scorer) if config.gold_scorer else None
     completions: dict[str, list[str]] = {}
     with ray_session(ctx.compute):  # local, or one Ray session for every job

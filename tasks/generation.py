@@ -36,14 +36,22 @@ def shard_seed(seed: int, shard: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{shard}".encode()).digest()[:7], "little")
 
 
-def load_generation_model(folder: str | Path, device: str = "auto", trust_remote_code: bool = False):
-    """(tokenizer, causal LM) for generation: bf16 on CUDA, fp32 on CPU, eval mode, a pad token set."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_generation_tokenizer(folder: str | Path, trust_remote_code: bool = False):
+    """The tokenizer in ``folder``, with EOS as its pad token when it has none (generate() pads batches)."""
+    from transformers import AutoTokenizer
 
-    target = resolve_device(device)
     tokenizer = from_pretrained(AutoTokenizer, folder, trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_generation_model(folder: str | Path, device: str = "auto", trust_remote_code: bool = False):
+    """(tokenizer, causal LM) for generation: bf16 on CUDA, fp32 on CPU, eval mode, a pad token set."""
+    from transformers import AutoModelForCausalLM
+
+    target = resolve_device(device)
+    tokenizer = load_generation_tokenizer(folder, trust_remote_code)
     model = from_pretrained(AutoModelForCausalLM, folder, trust_remote_code, dtype=inference_dtype("auto", target))
     return tokenizer, model.to(target).eval()
 

@@ -91,6 +91,20 @@ def write_card(folder: str | Path, **card: Any) -> None:
     Path(folder, "README.md").write_text(card_text(**card))
 
 
+ADAPTER_TITLE = " (LoRA adapter)"
+
+
+def merged_card_text(adapter_card: str) -> str:
+    """The card of a model merged later from an adapter-only run (``lora.save_merged: false``): the adapter's card,
+    which holds everything the stage knew, with the merged model's title and library."""
+    _, front, body = adapter_card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    meta["library_name"] = "transformers"
+    for entry in meta["model-index"]:
+        entry["name"] = entry["name"].removesuffix(ADAPTER_TITLE)
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n{body.replace(ADAPTER_TITLE, '', 1)}"
+
+
 TIMINGS = ("tokens_per_s", "peak_memory_gb")  # metrics that vary run to run: kept out of cards (and digests)
 
 
@@ -104,8 +118,8 @@ def write_trained_cards(
     metadata: dict[str, Any],
     metrics: dict[str, float],
 ) -> None:
-    """Cards for a trained causal LM's merged ``model/`` and, for LoRA runs, its ``adapter/``; the adapter also names
-    its base by hub id when it has one (PEFT records the local snapshot path it was loaded from)."""
+    """Cards for the folders a trained causal LM was saved to: merged ``model/`` and/or LoRA ``adapter/``; the adapter
+    also names its base by hub id when it has one (PEFT records the local snapshot path it was loaded from)."""
     lora = getattr(ctx.config, "lora", None) is not None
     for folder in folders:
         adapter = folder.name == "adapter"
@@ -116,7 +130,7 @@ def write_trained_cards(
             (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
         write_card(
             folder,
-            title=title + (" (LoRA adapter)" if adapter else ""),
+            title=title + (ADAPTER_TITLE if adapter else ""),
             summary=f"Trained with CreditFlow's {ctx.stage} stage from its reference model.",
             base_model=base_model,
             datasets=stage_datasets(ctx),

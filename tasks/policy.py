@@ -16,7 +16,8 @@ One step: chosen and rejected rows of every pair go through the model in one for
 log-probs of completion tokens only are computed chunk by chunk from the final hidden states under activation
 checkpointing (:func:`training_logprobs`), so no [rows, seq, vocab] tensor is ever materialized, in forward or
 backward. AdamW, cosine schedule with warmup, gradient accumulation, clipping; optional LoRA (Hu et al. 2021) merged
-into the saved model; ``num_processes > 1`` runs the same trainer under torchrun with DDP.
+into the saved model and/or saved as a PEFT adapter; ``num_processes > 1`` runs the same trainer under torchrun
+with DDP.
 
 Checkpoints (trainable weights as safetensors; optimizer, scheduler, RNG, step, data position and metric history)
 are written atomically every ``save_every`` steps, so a killed run resumes and continues the same loss curve.
@@ -35,7 +36,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from creditflow.tasks import fsdp, training
-from creditflow.tasks.causal_lm import load_policy_model, save_trained_lm
+from creditflow.tasks.causal_lm import load_policy_model, save_trained_lm, trained_outputs
 from creditflow.tasks.configs import PolicyConfig, method_label
 from creditflow.tasks.logprobs import CompletionLogprobs
 from creditflow.tasks.losses import preference_loss, token_reward_correlation
@@ -72,7 +73,8 @@ METRIC_NAMES = {  # LossOutput.metrics() -> our metric names (no "/": they are a
 
 
 def compute_policy(ctx: StageContext) -> dict[str, float]:
-    """Train the token-reward stage's reference model on the train pairs; write ``model/`` and ``train_log``."""
+    """Train the token-reward stage's reference model on the train pairs; write ``model/`` (and/or the LoRA
+    ``adapter/``) and ``train_log``."""
     from creditflow.tasks.model_card import write_trained_cards
     from creditflow.tasks.models import resolve_model
     from creditflow.tasks.tokenization import load_tokenizer
@@ -99,8 +101,7 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
         ctx.run.log_metrics(metrics, step=step)
         logged.add(step)
 
-    model_out = ctx.writer.dir / "model"
-    adapter_out = ctx.writer.dir / "adapter" if config.lora is not None and config.lora.save_adapter else None
+    model_out, adapter_out = trained_outputs(ctx.writer.dir, config.lora)
     if config.in_process:
         trainer = PolicyTrainer(
             model_dir, examples, config, checkpoint_dir=ctx.checkpoint_dir, on_step=log_step, progress=ctx.progress,
@@ -122,7 +123,7 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
     ctx.writer.write_table("train_log", training.history_table(content))
     ctx.writer.write_table("train_timings", training.history_table(timings), volatile=True)
     ctx.run.log_figure(loss_figure(history), "policy/loss_curve.png")
-    ctx.log_model_location("model")
+    ctx.log_model_location((model_out or adapter_out).name)
     training.Checkpoint(ctx.checkpoint_dir).remove()  # the published artifact supersedes it (and its .old copy)
     last = history[-1]
     metrics = {
@@ -139,7 +140,7 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
     loss = config.loss
     write_trained_cards(
         ctx,
-        [model_out] + ([adapter_out] if adapter_out else []),
+        [f for f in (model_out, adapter_out) if f],
         base_model=knobs["reference_model"],
         title=f"{method_label(config.model_dump())} policy",
         tags=[loss.loss_type, *(["t-reg"] if loss.alpha else [])],
@@ -159,7 +160,7 @@ def launch_distributed(
     model_dir: str | Path,
     examples: list[PolicyExample],
     config: PolicyConfig,
-    output_dir: str | Path,
+    output_dir: str | Path | None,
     adapter_dir: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
     on_step: training.StepCallback | None = None,
@@ -353,9 +354,9 @@ class PolicyTrainer:
             *rewards,
         )
 
-    def save_pretrained(self, out_dir: str | Path, adapter_dir: str | Path | None = None) -> None:
-        """The trained model (LoRA merged) and its tokenizer, and with ``adapter_dir`` the PEFT adapter alone;
-        written by rank 0."""
+    def save_pretrained(self, out_dir: str | Path | None, adapter_dir: str | Path | None = None) -> None:
+        """The trained model (LoRA merged) and its tokenizer, to ``out_dir`` and/or, as the PEFT adapter alone, to
+        ``adapter_dir``; written by rank 0."""
         lora = self.config.lora is not None
         if self.fsdp:  # gather the shards once, into a fresh unsharded copy on rank 0's CPU
             full = fsdp.full_state_dict(self.module)

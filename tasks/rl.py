@@ -42,8 +42,15 @@ and experiments/scripts/rlhf_*.py, read at commit 0a08591):
   vf_coef 0.1, no reward whitening); the defaults here are a fixed kl_coef 0.05 (``kl_target`` turns the same
   adaptive controller on), gamma 1, lam 0.95, vf_coef 0.1, and the same clip ranges (0.2).
 
-One process (no DDP); checkpoints (trainable weights incl. the value head, optimizer, schedule, RNG, iteration,
-KL coefficient, history) every ``save_every`` iterations, so a killed run resumes exactly.
+Training is one process (no DDP); checkpoints (trainable weights incl. the value head, optimizer, schedule, RNG,
+iteration, KL coefficient, history) every ``save_every`` iterations, so a killed run resumes exactly.
+
+Rollouts: in the trainer, or with the pipeline's ``compute.backend: ray`` on Ray actors (tasks/distributed.py), each
+holding a copy of the policy built as the trainer builds it, loaded once per run. Every iteration the trainer puts
+its trainable weights (the LoRA adapters, or every parameter) in the object store once, each actor loads them, and
+the actors sample the iteration's shards (one generate() call of ``sampling.batch_size`` prompts each, seeded by
+shard index): the same token ids as sampling in the trainer. vLLM is not supported for rollouts: its engine would
+need the new weights every iteration.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,9 +70,10 @@ import torch
 from tqdm.auto import tqdm
 
 from creditflow.tasks import training
-from creditflow.tasks.causal_lm import disable_dropout, load_policy_model, save_trained_lm
+from creditflow.tasks.causal_lm import disable_dropout, load_policy_model, save_trained_lm, trained_outputs
 from creditflow.tasks.configs import RLConfig
-from creditflow.tasks.generation import sample_token_ids
+from creditflow.tasks.distributed import RayWorkers, ray_session, uses_ray
+from creditflow.tasks.generation import Rollouts, load_generation_tokenizer, sample_token_ids
 from creditflow.tasks.gold import load_gold_scorer
 from creditflow.tasks.logprobs import completion_logprobs, completion_positions, states_entropy, states_logprobs
 from creditflow.tasks.models import from_pretrained
@@ -83,6 +92,7 @@ from creditflow.tasks.schema import Messages, split_rows, unique_prompts
 from creditflow.tasks.tokenization import pad_token_id, padded_batch
 
 if TYPE_CHECKING:
+    from creditflow.tasks.config_base import ComputeConfig
     from creditflow.tasks.stage import StageContext
 
 logger = logging.getLogger(__name__)
@@ -92,7 +102,8 @@ logger = logging.getLogger(__name__)
 
 
 def compute_rl(ctx: StageContext) -> dict[str, float]:
-    """Train an RL policy from the reference on the train prompts; write ``model/``, ``train_log`` and ``samples``."""
+    """Train an RL policy from the reference on the train prompts; write ``model/`` (and/or the LoRA ``adapter/``),
+    ``train_log`` and ``samples``."""
     from creditflow.tasks.model_card import write_trained_cards
     from creditflow.tasks.models import resolve_model
 
@@ -113,11 +124,11 @@ def compute_rl(ctx: StageContext) -> dict[str, float]:
         on_step=lambda step, metrics: ctx.run.log_metrics(metrics, step=step),
         progress=ctx.progress,
         trust_remote_code=trust,
+        compute=ctx.compute,
     )
     history = trainer.train()
-    adapter_out = ctx.writer.dir / "adapter" if config.lora is not None and config.lora.save_adapter else None
-    lora = config.lora is not None
-    save_trained_lm(trainer.model, lora, trainer.model_dir, ctx.writer.dir / "model", adapter_out, trust)
+    model_out, adapter_out = trained_outputs(ctx.writer.dir, config.lora)
+    save_trained_lm(trainer.model, config.lora is not None, trainer.model_dir, model_out, adapter_out, trust)
 
     content, timings = training.split_timings(history)
     ctx.writer.write_table("train_log", training.history_table(content))
@@ -125,7 +136,7 @@ def compute_rl(ctx: StageContext) -> dict[str, float]:
     ctx.writer.write_table("samples", pa.Table.from_pylist(trainer.samples))
     ctx.run.log_rows(trainer.samples[-50:], "rl/samples.json")
     ctx.run.log_figure(reward_figure(history), "rl/reward_curve.png")
-    ctx.log_model_location("model")
+    ctx.log_model_location((model_out or adapter_out).name)
     training.Checkpoint(ctx.checkpoint_dir).remove()
     first, last = history[0], history[-1]
     metrics = {
@@ -141,7 +152,7 @@ def compute_rl(ctx: StageContext) -> dict[str, float]:
     method = f"{config.algorithm} ({config.reward_source})"
     write_trained_cards(
         ctx,
-        [ctx.writer.dir / "model"] + ([adapter_out] if adapter_out else []),
+        [f for f in (model_out, adapter_out) if f],
         base_model=ctx.reference_model,
         title=f"{method} RL policy",
         tags=[config.algorithm, "rlhf", *(["abc"] if "abc" in config.reward_source else [])],
@@ -196,15 +207,15 @@ class RLTrainer:
         on_step: training.StepCallback | None = None,
         progress: bool = True,
         trust_remote_code: bool = False,
+        compute: ComputeConfig | None = None,
     ):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         self.config, self.prompts, self.model_dir = config, prompts, Path(model_dir)
         self.on_step, self.progress = on_step, progress
+        self.trust_remote_code, self.compute = trust_remote_code, compute
         self.device = training.resolve_device()
-        self.tokenizer = from_pretrained(AutoTokenizer, model_dir, trust_remote_code)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_generation_tokenizer(model_dir, trust_remote_code)
         self.pad_id = pad_token_id(self.tokenizer)
 
         torch.manual_seed(config.seed)
@@ -261,32 +272,60 @@ class RLTrainer:
 
     def train(self) -> list[dict[str, float]]:
         bar = tqdm(total=self.iterations, initial=self.iteration, desc="rl", unit="iter", disable=not self.progress)
-        while self.iteration < self.iterations:
-            metrics = self._iteration(self.iteration)
-            self.iteration += 1
-            self.history.append({"step": self.iteration, **metrics})
-            bar.update(1)
-            if self.checkpoint and self.iteration % self.config.save_every == 0 and self.iteration < self.iterations:
-                progress = {"step": self.iteration, "history": self.history, "samples": self.samples}
-                training.save_training_state(
-                    self.checkpoint, self.trainable, self.optimizer, self.scheduler, self._identity(),
-                    kl_coef=self.kl.value, **progress,
-                )  # fmt: skip
-            if self.on_step is not None:
-                self.on_step(self.iteration, metrics)
+        with self._rollout_workers() as samplers:
+            while self.iteration < self.iterations:
+                metrics = self._iteration(self.iteration, samplers)
+                self.iteration += 1
+                self.history.append({"step": self.iteration, **metrics})
+                bar.update(1)
+                due = self.iteration % self.config.save_every == 0 and self.iteration < self.iterations
+                if self.checkpoint and due:
+                    progress = {"step": self.iteration, "history": self.history, "samples": self.samples}
+                    training.save_training_state(
+                        self.checkpoint, self.trainable, self.optimizer, self.scheduler, self._identity(),
+                        kl_coef=self.kl.value, **progress,
+                    )  # fmt: skip
+                if self.on_step is not None:
+                    self.on_step(self.iteration, metrics)
         bar.close()
         return self.history
 
+    @contextmanager
+    def _rollout_workers(self):
+        """Ray actors holding copies of the policy for the whole run (``compute.backend: ray``), else None: the
+        base model loads once per run, and each iteration only pushes the trainable weights."""
+        if not uses_ray(self.compute):
+            yield None
+            return
+        shards = math.ceil(self.config.batch_size / self.config.sampling.batch_size)  # per iteration
+        settings = self.config.model_dump(mode="json")  # picklable, stage-free
+        build = partial(RolloutSampler, str(self.model_dir), settings, self.trust_remote_code)
+        with ray_session(self.compute), RayWorkers(build, self.compute, min(self.compute.workers, shards)) as workers:
+            yield workers
+
     # -- one iteration: sample, score, advantages, PPO epochs ------------------------------------------------
 
-    def _rollouts(self, iteration: int) -> list[Rollout]:
+    def _rollouts(self, iteration: int, samplers: RayWorkers | None = None) -> list[Rollout]:
         config = self.config
         start = iteration * config.batch_size
         prompts = [self.prompts[i] for i in self.order[start : start + config.batch_size]]
-        sampling = config.sampling.model_copy(update={"seed": config.sampling.seed + iteration})
-        self.model.eval()
-        sampled = sample_token_ids(self.model, self.tokenizer, prompts, config.samples_per_prompt, sampling, False)
-        self.model.train()
+        seed, step = config.sampling.seed + iteration, config.sampling.batch_size
+        # A shard is one generate() call (sampling.batch_size prompts) wherever it runs, so the seeds never depend
+        # on the worker count.
+        if samplers is None:
+            sampling = config.sampling.model_copy(update={"seed": seed})
+            self.model.eval()
+            # Sampling reseeds torch; the fork keeps the trainer's own stream (LoRA dropout) as it is on Ray.
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                k = config.samples_per_prompt
+                sampled = sample_token_ids(self.model, self.tokenizer, prompts, k, sampling, False, 0, step)
+            self.model.train()
+        else:
+            samplers.update({n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad})
+            shards = [(seed, i, prompts[s : s + step]) for i, s in enumerate(range(0, len(prompts), step))]
+            done: list[list[Rollouts]] = [[] for _ in shards]
+            samplers.map(shards, done.__setitem__)
+            sampled = [row for shard in done for row in shard]
         rollouts = []
         for prompt, row in zip(prompts, sampled):
             for ids in row.completions:
@@ -307,10 +346,10 @@ class RLTrainer:
             values = layout.scatter(self.value_head(states.float())[:, 0])
         return logp, values, states
 
-    def _iteration(self, iteration: int) -> dict[str, float]:
+    def _iteration(self, iteration: int, samplers: RayWorkers | None = None) -> dict[str, float]:
         config = self.config
         started = time.perf_counter()
-        rollouts = self._rollouts(iteration)
+        rollouts = self._rollouts(iteration, samplers)
         layout = Layout.of(rollouts, self.pad_id, self.device)
         mask = layout.mask
         with torch.no_grad():
@@ -413,6 +452,34 @@ class RLTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {**sums, "grad_norm": float(norm)}
+
+
+class RolloutSampler:
+    """One copy of the policy on a Ray actor, built as the trainer builds its own (same base folder, LoRA wrapper
+    and dtype); each iteration it loads the trainer's trainable weights (``update``), then samples shards of that
+    iteration's prompts: (seed, shard index, prompts) -> their :class:`Rollouts`."""
+
+    def __init__(self, model_dir: str, config: dict, trust_remote_code: bool = False):
+        self.config = RLConfig.model_validate(config)
+        self.tokenizer = load_generation_tokenizer(model_dir, trust_remote_code)
+        model, _ = load_policy_model(model_dir, self.config, training.resolve_device(), trust_remote_code)
+        self.model = model.eval()
+        self.trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def update(self, weights: dict[str, torch.Tensor]) -> None:
+        unexpected = self.model.load_state_dict(weights, strict=False).unexpected_keys
+        missing = self.trainable - weights.keys()
+        if unexpected or missing:
+            raise ValueError(
+                f"rl: the pushed weights do not match the rollout policy's trainable parameters "
+                f"(unexpected {sorted(unexpected)[:3]}, missing {sorted(missing)[:3]})"
+            )
+
+    def __call__(self, shard: tuple[int, int, list[Messages]]) -> list[Rollouts]:
+        seed, index, prompts = shard  # one whole shard: its seed is shard_seed(seed, index), as in the trainer
+        sampling = self.config.sampling.model_copy(update={"seed": seed})
+        k = self.config.samples_per_prompt
+        return sample_token_ids(self.model, self.tokenizer, prompts, k, sampling, False, index, len(prompts))
 
 
 def reward_figure(history: list[dict[str, float]]):

@@ -98,3 +98,18 @@ def stop_at(step: int):
             raise Interrupt
 
     return callback
+
+
+def workers_started() -> set[str]:
+    """Names of every shard worker this Ray cluster has started, alive or dead (RayWorkers kills its actors when done):
+    an equality with the local run proves nothing unless these grew. Read from the GCS actor table, since
+    ray.util.state.list_actors needs the dashboard, which the dev install leaves out (ray is pinned to 2.60)."""
+    from ray._private.state import actors
+
+    from creditflow.tasks.distributed import ACTOR_PREFIX, ShardWorker
+
+    return {
+        actor["Name"]
+        for actor in actors().values()
+        if actor["ActorClassName"] == ShardWorker.__name__ and actor["Name"].startswith(ACTOR_PREFIX)
+    }

@@ -12,7 +12,7 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import pair_row, publish_artifact
+from conftest import pair_row, publish_artifact, workers_started
 
 from creditflow.storage.shard_results import ShardResults
 from creditflow.storage.token_cache import TokenCache, row_key
@@ -21,7 +21,7 @@ from creditflow.storage.workspace import Workspace
 from creditflow.tasks import schema as S
 from creditflow.tasks.config_base import ComputeConfig, SamplingConfig
 from creditflow.tasks.configs import EvaluateConfig, OnPolicyConfig, TokenRewardsConfig
-from creditflow.tasks.distributed import ACTOR_PREFIX, ShardWorker, resumable_map
+from creditflow.tasks.distributed import resumable_map
 from creditflow.tasks.evaluate import compute_evaluate
 from creditflow.tasks.generation import Sampler, generate
 from creditflow.tasks.onpolicy import compute_onpolicy
@@ -42,19 +42,6 @@ def cluster():
     ray.init(num_cpus=2, namespace="creditflow", include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def _workers_started() -> set[str]:
-    """Names of every shard worker this cluster has started, alive or dead (map_shards kills its actors when done):
-    an equality with the local run proves nothing unless these grew. Read from the GCS actor table, since
-    ray.util.state.list_actors needs the dashboard, which the dev install leaves out (ray is pinned to 2.60)."""
-    from ray._private.state import actors
-
-    return {
-        actor["Name"]
-        for actor in actors().values()
-        if actor["ActorClassName"] == ShardWorker.__name__ and actor["Name"].startswith(ACTOR_PREFIX)
-    }
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +96,11 @@ def _publish_model(workspace, stage: str, folder, config: dict):
 def test_ray_actors_give_the_local_rows_for_contrastive_and_abc(models, tmp_path):
     config = TokenRewardsConfig(sources=["contrastive", "abc"], max_length=64, rows_per_shard=3, batch_size=2)
     pairs = _pairs(5)
-    before = _workers_started()
+    before = workers_started()
     local_metrics, local = _stage(tmp_path / "local", models, pairs, config, None)
-    assert _workers_started() == before  # the local path starts no actor
+    assert workers_started() == before  # the local path starts no actor
     ray_metrics, distributed = _stage(tmp_path / "ray", models, pairs, config, RAY)
-    assert len(_workers_started() - before) == 4  # 2 workers for each of the 2 sources (4 shards each)
+    assert len(workers_started() - before) == 4  # 2 workers for each of the 2 sources (4 shards each)
     assert ray_metrics["rows_computed"] == local_metrics["rows_computed"] == 20
     rows = [pq.read_table(folder / "token_rewards.parquet").to_pylist() for folder in (local, distributed)]
     assert rows[0] == rows[1]  # same shards, same batches, same code: the same bits
@@ -123,11 +110,11 @@ def test_ray_actors_give_the_local_rows_for_contrastive_and_abc(models, tmp_path
 def test_the_onpolicy_stage_on_ray_writes_the_local_pairs(models, tmp_path):
     config = OnPolicyConfig(enabled=True, samples_per_prompt=3, max_new_tokens=6, batch_size=2, temperature=1.0)
     pairs = _pairs(5)
-    before = _workers_started()
+    before = workers_started()
     local_metrics, local = _stage(tmp_path / "local", models, pairs, config, None, compute_onpolicy, "onpolicy")
-    assert _workers_started() == before  # the local path starts no actor
+    assert workers_started() == before  # the local path starts no actor
     ray_metrics, distributed = _stage(tmp_path / "ray", models, pairs, config, RAY, compute_onpolicy, "onpolicy")
-    assert len(_workers_started() - before) == 2  # one sampler, one reward scorer: each job is a single shard here
+    assert len(workers_started() - before) == 2  # one sampler, one reward scorer: each job is a single shard here
     assert local_metrics == ray_metrics and local_metrics["samples"] == 15
     for table in ("pairs", "quarantine"):
         assert pq.read_table(distributed / f"{table}.parquet") == pq.read_table(local / f"{table}.parquet")
@@ -179,19 +166,19 @@ SAMPLING = SamplingConfig(temperature=1.0, max_new_tokens=6, batch_size=2, seed=
 @pytest.mark.usefixtures("cluster")
 def test_sampling_and_reward_scores_on_ray_equal_local(models):
     policy, reward = models
-    before = _workers_started()
+    before = workers_started()
     local = generate(policy, PROMPTS, 2, SAMPLING, progress=False, prompts_per_shard=3)
-    assert _workers_started() == before  # the local path starts no actor
+    assert workers_started() == before  # the local path starts no actor
     assert generate(policy, PROMPTS, 2, SAMPLING, RAY, progress=False, prompts_per_shard=3) == local
-    samplers = _workers_started() - before
+    samplers = workers_started() - before
     assert len(samplers) == 2  # 3 shards: both workers sampled
     completions = [[{"role": "assistant", "content": text}] for texts in local for text in texts]
     prompts = [p for p in PROMPTS for _ in range(2)]
     jobs = [(prompts, completions), (prompts[:5], completions[:5])]
     local_scores = score_rewards(reward, jobs, progress=False, rows_per_shard=4)
-    assert _workers_started() == before | samplers
+    assert workers_started() == before | samplers
     assert score_rewards(reward, jobs, RAY, progress=False, rows_per_shard=4) == local_scores
-    assert len(_workers_started() - before - samplers) == 2  # 6 shards: both workers scored
+    assert len(workers_started() - before - samplers) == 2  # 6 shards: both workers scored
 
 
 def _sampler_dies_on_second_shard(folder: str, k: int, sampling: dict):
@@ -232,13 +219,13 @@ def test_a_dead_sampler_loses_no_finished_shard(models, tmp_path):
 def test_the_evaluate_stage_on_ray_writes_the_local_generations(models, tmp_path):
     config = EvaluateConfig(max_prompts=3, max_new_tokens=6, batch_size=2, temperature=1.0, gold_scorer=None)
     pairs = [{**row, "split": "eval"} for row in _pairs(3, " (eval)")]
-    before = _workers_started()
+    before = workers_started()
     local_metrics, local = _stage(tmp_path / "local", models, pairs, config, None, compute_evaluate, "evaluate")
-    assert _workers_started() == before  # the local path starts no actor
+    assert workers_started() == before  # the local path starts no actor
     ray_metrics, distributed = _stage(tmp_path / "ray", models, pairs, config, RAY, compute_evaluate, "evaluate")
     # One sampler per system (a single shard each), and both workers for the reward-model scores (one shard per
     # system: shards never span two jobs).
-    assert len(_workers_started() - before) == 4
+    assert len(workers_started() - before) == 4
     assert ray_metrics == local_metrics and local_metrics["prompts"] == 3
     generations = [pq.read_table(folder / "generations.parquet") for folder in (local, distributed)]
     assert generations[0].num_rows == 6 and generations[1] == generations[0]

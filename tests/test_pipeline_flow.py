@@ -309,7 +309,8 @@ def test_the_pipeline_plans_each_stage_once_and_refreshes_the_catalog_once(tmp_p
     for name, stage in result["stages"].items():  # every declared output is in the manifest
         outputs = stage["manifest"]["outputs"]
         for output in STAGES[name].outputs:
-            assert any(f == f"{output}.parquet" or f.startswith(output) for f in outputs), (name, output)
+            group = (output,) if isinstance(output, str) else output
+            assert any(f == f"{o}.parquet" or f.startswith(o) for o in group for f in outputs), (name, output)
 
 
 def test_old_model_keys_point_at_reference_model(tmp_path):
@@ -439,7 +440,8 @@ def test_too_few_pairs_fail_right_after_curation_before_the_reward_model_trains(
 
 def test_the_pipeline_runs_on_hub_ids_from_the_offline_hf_cache_and_exports_hf_folders(tmp_path, monkeypatch):
     """The real hub code path (huggingface_hub's cache layout, HF_HUB_OFFLINE=1), no mocks: `org/name` specs for
-    the model, tokenizer and dataset; a LoRA policy with its adapter; model cards; `creditflow export`."""
+    the model, tokenizer and dataset; an adapter-only LoRA policy (lora.save_merged: false) that evaluate and
+    `creditflow export` merge onto its hub base; model cards."""
     from conftest import CORPUS
     from huggingface_hub import ModelCard
     from peft import PeftModel
@@ -465,10 +467,11 @@ def test_the_pipeline_runs_on_hub_ids_from_the_offline_hf_cache_and_exports_hf_f
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setenv("CREDITFLOW_MODEL_CACHE", str(tmp_path / "models"))  # where the merged policy is built
 
     cfg = _config(sources=[{"hf": "acme/prefs"}], tokenizer="acme/tiny-lm", rules={"max_length": 512})
     cfg["reference_model"] = "acme/tiny-lm"
-    cfg["policy"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    cfg["policy"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "save_merged": False}
     cfg["policy"]["loss"]["alpha"] = 0.25
     workspace = tmp_path / "ws"
     stages = pipeline_flow(config=cfg, workspace=str(workspace), progress=False)["stages"]
@@ -479,12 +482,15 @@ def test_the_pipeline_runs_on_hub_ids_from_the_offline_hf_cache_and_exports_hf_f
     assert stages["curate"]["manifest"]["config"]["tokenizer"] == f"acme/tiny-lm@{'c' * 40}"
     assert stages["curate"]["manifest"]["config"]["sources"][0]["revision"] == "d" * 40
     assert stages["evaluate"]["manifest"]["metrics"]["prompts"] > 0
+    policy_files = stages["policy"]["manifest"]["outputs"]
+    assert "adapter/adapter_model.safetensors" in policy_files and not any(f.startswith("model/") for f in policy_files)
 
     # Exported folders load with the standard classes and carry a card with YAML metadata.
     cli = CliRunner()
     result = cli.invoke(app, ["export", "policy", "--out", str(tmp_path / "policy"), "-w", str(workspace)])
     assert result.exit_code == 0, result.output
     policy = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    assert len(list((tmp_path / "models").glob("merged-*"))) == 1  # merged for evaluate, reused by export
     card = (tmp_path / "policy" / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["base_model"] == "acme/tiny-lm" and meta["datasets"] == ["acme/prefs"]
@@ -518,7 +524,7 @@ def test_the_pipeline_runs_on_hub_ids_from_the_offline_hf_cache_and_exports_hf_f
     os.umask(umask)
     private = [
         p
-        for p in workspace.joinpath("artifacts").rglob("*")
+        for p in [*workspace.joinpath("artifacts").rglob("*"), *tmp_path.joinpath("models").rglob("*")]
         if p.is_file() and p.stat().st_mode & 0o044 & ~umask != 0o044 & ~umask
     ]
     assert not private, private[:3]
@@ -529,8 +535,10 @@ def test_the_pipeline_runs_on_hub_ids_from_the_offline_hf_cache_and_exports_hf_f
 
 
 def test_the_rl_stage_trains_next_to_dpo_and_evaluate_compares_them(tmp_path):
-    """rl.enabled: an RL policy from the reference (ABC rewards from the trained RM), cached, evaluated, exported;
-    `creditflow stage rl` without a reward model names what is missing."""
+    """rl.enabled: an RL policy from the reference (ABC rewards from the trained RM; an adapter-only LoRA, merged
+    when read), cached, evaluated, exported; `creditflow stage rl` without a reward model names what is missing."""
+    from transformers import AutoModelForCausalLM
+
     from creditflow.flows.pipeline import rl_flow
     from creditflow.storage.export import export_model
 
@@ -542,6 +550,7 @@ def test_the_rl_stage_trains_next_to_dpo_and_evaluate_compares_them(tmp_path):
         samples_per_prompt=2,
         learning_rate=1e-3,
         sampling={"max_new_tokens": 8},
+        lora={"r": 4, "target_modules": ["q_proj", "v_proj"], "save_merged": False},
     )
     workspace = tmp_path / "ws"
     curate_flow(config=cfg, workspace=str(workspace), progress=False)
@@ -556,6 +565,8 @@ def test_the_rl_stage_trains_next_to_dpo_and_evaluate_compares_them(tmp_path):
     )
     metrics = stages["evaluate"]["manifest"]["metrics"]
     assert {"rm_score.rl", "win_rate_rm.rl", "gold_score.rl", "rm_score.policy"} <= set(metrics)
-    assert export_model(Workspace.resolve(str(workspace)), "rl", tmp_path / "rl_out").joinpath("README.md").is_file()
+    assert not (workspace / "artifacts" / "rl" / rl["fingerprint"] / "model").exists()
+    exported = export_model(Workspace.resolve(str(workspace)), "rl", tmp_path / "rl_out")
+    assert exported.joinpath("README.md").is_file() and AutoModelForCausalLM.from_pretrained(exported)
     again = pipeline_flow(config=cfg, workspace=str(workspace), progress=False)["stages"]
     assert again["rl"]["cache_hit"] and again["evaluate"]["cache_hit"]

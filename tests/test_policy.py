@@ -18,10 +18,13 @@ from conftest import Interrupt, pair_row, stop_at
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from creditflow.flows.config import ConfigError, load_config
+from creditflow.flows.registry import STAGES
+from creditflow.flows.stages import missing_outputs
 from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
 from creditflow.tasks import schema as S
-from creditflow.tasks.causal_lm import load_policy_model
+from creditflow.tasks.causal_lm import load_policy_model, trained_model_folder
 from creditflow.tasks.configs import LoraConfig, PolicyConfig, PreferenceLossConfig
 from creditflow.tasks.logprobs import completion_logprobs, training_logprobs
 from creditflow.tasks.policy import PolicyTrainer, compute_policy, launch_distributed
@@ -499,9 +502,10 @@ def test_two_nodes_of_one_process_train_as_two_processes_on_one_node(model_dir, 
 # Stage entry point
 
 
-def test_stage_writes_model_train_log_and_mlflow_artifacts(model_dir, data, tmp_path, publish):
+def _run_stage(model_dir, data, workspace_dir, publish, config: PolicyConfig) -> tuple[StageContext, dict]:
+    """compute_policy on published curate and token-reward artifacts: (its context, its metrics)."""
     pairs, table = data
-    workspace = Workspace.resolve(tmp_path / "ws")
+    workspace = Workspace.resolve(workspace_dir)
     split = [_pair(i, "eval") for i in range(100, 103)]  # eval pairs are not trained on
     store = workspace.store
     curate = publish(store, "curate", "c", {"pairs": pa.concat_tables([pairs, S.rows_to_table(split, S.PAIRS_SCHEMA)])})
@@ -512,19 +516,22 @@ def test_stage_writes_model_train_log_and_mlflow_artifacts(model_dir, data, tmp_
         {"token_rewards": table},
         {"reference_model": str(model_dir), "sources": ["contrastive"], "abc_beta": 0.8, **KNOBS},
     )
-    run = Run.start(workspace, "policy-test", "policy")
-    config = _config(max_steps=3, save_every=1)
     ctx = StageContext(
         config,
         workspace,
         {"curate": curate, "token_rewards": token_rewards},
         store.writer("policy", "p1"),
-        run,
+        Run.start(workspace, "policy-test", "policy"),
         progress=False,
         stage="policy",
         fingerprint="p1",
     )
-    metrics = compute_policy(ctx)
+    return ctx, compute_policy(ctx)
+
+
+def test_stage_writes_model_train_log_and_mlflow_artifacts(model_dir, data, tmp_path, publish):
+    ctx, metrics = _run_stage(model_dir, data, tmp_path / "ws", publish, _config(max_steps=3, save_every=1))
+    run, store = ctx.run, ctx.workspace.store
     assert metrics["train_pairs"] == 24 and metrics["steps"] == 3
     assert 0 <= metrics["final_rewards_accuracy"] <= 1 and metrics["tokens_per_s"] > 0
     log = pq.read_table(ctx.writer.dir / "train_log.parquet")
@@ -540,6 +547,65 @@ def test_stage_writes_model_train_log_and_mlflow_artifacts(model_dir, data, tmp_
     location = run.client.get_run(run.run_id).data.tags["creditflow.model_path"]
     assert location == str(store.path("policy", "p1") / "model")  # one copy of the weights: the artifact store's
     assert [m.step for m in run.client.get_metric_history(run.run_id, "loss")] == [1, 2, 3]
+
+
+def test_an_adapter_only_lora_run_rebuilds_its_merged_model(model_dir, data, tmp_path, publish, monkeypatch):
+    """lora.save_merged: false writes adapter/ alone (tokenizer and card in it); trained_model_folder merges it onto
+    the base once, into the model cache: the network the same run with save_merged: true writes to model/."""
+    import shutil
+
+    import yaml
+
+    monkeypatch.setenv("CREDITFLOW_MODEL_CACHE", str(tmp_path / "cache"))
+    lora = dict(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    runs = {
+        merged: _run_stage(
+            model_dir, data, tmp_path / str(merged), publish,
+            _config(lora=LoraConfig(**lora, save_merged=merged), max_steps=3, learning_rate=1e-2),
+        )[0].writer.dir
+        for merged in (True, False)
+    }  # fmt: skip
+    adapter_only = runs[False]
+    assert not (adapter_only / "model").exists()
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"} <= {
+        p.name for p in (adapter_only / "adapter").iterdir()
+    }
+    assert trained_model_folder(runs[True]) == runs[True] / "model"
+    rebuilt = trained_model_folder(adapter_only)
+    assert rebuilt.parent == tmp_path / "cache" and trained_model_folder(adapter_only) == rebuilt  # merged once
+    ids = torch.tensor([[1, 5, 9, 12, 7]])
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(runs[True] / "model").eval()(ids).logits
+        torch.testing.assert_close(
+            AutoModelForCausalLM.from_pretrained(rebuilt).eval()(ids).logits, expected, atol=1e-5, rtol=0
+        )
+    # The merged model's card: the metadata and title of the save_merged: true run's model/ card.
+    cards = [(folder / "README.md").read_text().split("---\n") for folder in (rebuilt, runs[True] / "model")]
+    assert yaml.safe_load(cards[0][1]) == yaml.safe_load(cards[1][1])
+    assert cards[0][2].splitlines()[:3] == cards[1][2].splitlines()[:3] and "policy" in cards[0][2].splitlines()[1]
+    # An adapter whose base folder is gone names it.
+    orphan = tmp_path / "orphan"
+    shutil.copytree(adapter_only / "adapter", orphan / "adapter")
+    config = json.loads((orphan / "adapter" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "gone")
+    (orphan / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"its base model '{tmp_path / 'gone'}' \(base_model_name_or_path in"):
+        trained_model_folder(orphan)
+
+
+@pytest.mark.parametrize("section", ["policy", "rl"])
+def test_an_adapter_only_run_needs_the_adapter(section):
+    with pytest.raises(ConfigError, match=rf"{section}\.lora: save_merged: false needs save_adapter: true"):
+        load_config(None, {f"{section}.lora": {"save_merged": False, "save_adapter": False}})
+
+
+def test_a_trained_policy_artifact_holds_model_or_adapter(tmp_path):
+    for table in ("train_log", "train_timings"):
+        (tmp_path / f"{table}.parquet").touch()
+    assert missing_outputs(STAGES["policy"], tmp_path) == [("model/", "adapter/")]  # neither: refused
+    (tmp_path / "adapter").mkdir()
+    assert missing_outputs(STAGES["policy"], tmp_path) == []
+    assert missing_outputs(STAGES["rl"], tmp_path) == ["samples"]  # its model/-or-adapter/ group is met too
 
 
 def test_reference_logprobs_at_the_policys_precision_start_dpo_at_a_zero_margin(model_dir, examples):
