@@ -113,3 +113,12 @@ def workers_started() -> set[str]:
         for actor in actors().values()
         if actor["ActorClassName"] == ShardWorker.__name__ and actor["Name"].startswith(ACTOR_PREFIX)
     }
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local 2-CPU Ray cluster, started by the test module that asks for it and shut down after it."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, namespace="creditflow", include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

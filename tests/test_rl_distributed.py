@@ -22,13 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, namespace="creditflow", include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory):
     policy = build_tiny_causal_lm(tmp_path_factory.mktemp("rl_lm"), CORPUS * 4, seed=0)
     reward = build_tiny_reward_backbone(tmp_path_factory.mktemp("rl_rm"), CORPUS * 4, seed=0)
