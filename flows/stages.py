@@ -118,6 +118,11 @@ def missing_outputs(stage: Stage, folder: Path) -> list[str | tuple[str, ...]]:
     return [output for output in stage.outputs if not present(output)]
 
 
+def _computed(manifest: Manifest) -> dict[str, Any]:
+    """What :func:`compute_stage` returns (and Prefect persists): the manifest and the MLflow run that made it."""
+    return {"manifest": manifest.to_dict(), "computed_by": manifest.mlflow_run_id}
+
+
 @task(name="compute-stage", persist_result=True, result_serializer="json", cache_key_fn=_cache_key)
 def compute_stage(
     plan: StagePlan, workspace_root: str, mlflow_run_id: str, refresh: bool = False, progress: bool = True
@@ -126,9 +131,8 @@ def compute_stage(
     name, fingerprint = plan.stage.name, plan.fingerprint
     workspace = Workspace.resolve(workspace_root)
     store = workspace.store
-    if not refresh and store.exists(name, fingerprint):
-        manifest = store.load(name, fingerprint)
-        return {"manifest": manifest.to_dict(), "computed_by": manifest.mlflow_run_id}
+    if not refresh and store.exists(name, fingerprint):  # published by another process since the caller looked
+        return _computed(store.load(name, fingerprint))
 
     store.sweep_stale_tmp(name)
     run = Run(client_for(workspace), mlflow_run_id)
@@ -169,7 +173,7 @@ def compute_stage(
         store.discard(writer)
         raise
     run.log_metrics(metrics)
-    return {"manifest": manifest.to_dict(), "computed_by": manifest.mlflow_run_id}
+    return _computed(manifest)
 
 
 @dataclass
@@ -243,8 +247,7 @@ def execute_stage(
             plan=plan, workspace_root=str(workspace.root), mlflow_run_id=run.run_id, refresh=refresh, progress=progress
         )
         if not refresh and workspace.store.exists(name, plan.fingerprint):  # a hit needs no Prefect task run
-            cached = workspace.store.load(name, plan.fingerprint)
-            result = {"manifest": cached.to_dict(), "computed_by": cached.mlflow_run_id}
+            result = _computed(workspace.store.load(name, plan.fingerprint))
         else:
             result = compute(**arguments)
         if not workspace.store.exists(name, plan.fingerprint):

@@ -36,14 +36,14 @@ def hold_lease(root: Path, lease: Lease) -> Iterator[None]:
     folder = Path(root) / LEASES
     folder.mkdir(parents=True, exist_ok=True)
     name = folder / f"{lease.stage}.{lease.fingerprint}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    note, lock = name.with_suffix(".json"), FileLock(name.with_suffix(".lock"))
-    with lock:
+    note, lock_path = name.with_suffix(".json"), name.with_suffix(".lock")
+    with FileLock(lock_path):
         note.write_text(json.dumps(dataclasses.asdict(lease)))
         try:
             yield
         finally:
             note.unlink(missing_ok=True)
-    Path(lock.lock_file).unlink(missing_ok=True)
+    lock_path.unlink(missing_ok=True)
 
 
 def live_leases(root: Path) -> list[Lease]:
