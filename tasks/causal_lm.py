@@ -5,9 +5,6 @@ the preference (policy) and online-RL stages and by the stages and exports that 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 import warnings
 from pathlib import Path
 from typing import Protocol
@@ -15,12 +12,17 @@ from typing import Protocol
 import torch
 from filelock import FileLock
 
-from creditflow.storage.artifacts import grant_umask_permissions
 from creditflow.storage.hashing import sha256_file, sha256_json
 from creditflow.tasks.configs import LoraConfig
 from creditflow.tasks.logprobs import check_lm_head
 from creditflow.tasks.model_card import merged_card_text
-from creditflow.tasks.models import from_pretrained, model_cache_dir, model_fingerprint, resolve_model
+from creditflow.tasks.models import (
+    build_cached_folder,
+    from_pretrained,
+    model_cache_dir,
+    model_fingerprint,
+    resolve_model,
+)
 
 MERGED, ADAPTER = "model", "adapter"  # a trained artifact's folders: merged weights, LoRA adapter
 
@@ -142,21 +144,20 @@ def adapter_base(adapter_dir: Path) -> Path:
 
 
 def _merge_adapter(base: Path, adapter: Path, target: Path, trust_remote_code: bool) -> None:
-    """Base + adapter merged, with the adapter's tokenizer and card, written under a temporary name then renamed."""
+    """Base + adapter merged into ``target`` in the model cache, with the adapter's tokenizer and card."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # The base's own dtype, as a LoRA run on CUDA (bf16 frozen base) merges in the stage.
     lm = from_pretrained(AutoModelForCausalLM, base, trust_remote_code, dtype="auto")
     merged = PeftModel.from_pretrained(lm, str(adapter)).merge_and_unload()
-    tmp = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:8]}")
-    try:
+    tokenizer = from_pretrained(AutoTokenizer, adapter, trust_remote_code)
+    card = adapter / "README.md"
+
+    def save(tmp: Path) -> None:
         merged.save_pretrained(str(tmp), safe_serialization=True)
-        from_pretrained(AutoTokenizer, adapter, trust_remote_code).save_pretrained(str(tmp))
-        card = adapter / "README.md"
+        tokenizer.save_pretrained(str(tmp))
         if card.is_file():
             (tmp / "README.md").write_text(merged_card_text(card.read_text()))
-        grant_umask_permissions(tmp)  # a shared model cache
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    build_cached_folder(target, save)

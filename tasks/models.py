@@ -143,6 +143,23 @@ def model_cache_dir() -> Path:
     return Path(os.environ.get(MODEL_CACHE_ENV) or Path.home() / ".cache" / "creditflow" / "models").expanduser()
 
 
+def build_cached_folder(target: Path, build) -> Path:
+    """``target`` in the model cache, made by ``build(tmp)`` under a temporary name and renamed into place, so a
+    reader never sees half a model; a concurrent builder that renamed first is fine."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        build(tmp)
+        grant_umask_permissions(tmp)  # a shared model cache
+        os.rename(tmp, target)
+    except OSError:
+        if not target.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def model_fingerprint(folder: str | Path) -> str:
     """Digest of ``config.json``, the weight files and any shipped modelling code (name + content): what makes two
     folders the same network."""
@@ -206,17 +223,7 @@ def _tiny_lm_folder() -> Path:
 
     rows = [json.loads(line) for line in sample.read_text().splitlines() if line.strip()]
     corpus = [row[key] for row in rows for key in ("prompt", "chosen", "rejected")]
-    tmp = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        build_tiny_causal_lm(tmp, corpus, seed=0)
-        grant_umask_permissions(tmp)
-        os.rename(tmp, target)
-    except OSError:
-        if not target.is_dir():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_cached_folder(target, lambda tmp: build_tiny_causal_lm(tmp, corpus, seed=0))
 
 
 def _convert_gguf(package: Path, gguf_file: str, target: Path) -> None:
@@ -238,15 +245,9 @@ def _convert_gguf(package: Path, gguf_file: str, target: Path) -> None:
         del config.quantization_config
     model = type(loaded)(config)
     model.load_state_dict(loaded.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:8]}")
-    try:
+
+    def save(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        grant_umask_permissions(tmp)  # a shared model cache
-        os.rename(tmp, target)
-    except OSError:
-        if not target.is_dir():  # a concurrent converter that renamed first is fine; anything else is not
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    build_cached_folder(target, save)
