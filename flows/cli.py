@@ -295,12 +295,13 @@ def serve(
     cron: Optional[str] = typer.Option(None, help='Cron schedule, e.g. "0 3 * * *".'),
     interval: Optional[float] = typer.Option(None, help="Run every this many seconds."),
     name: str = typer.Option("scheduled", help="Deployment name: creditflow-pipeline/<name>."),
+    limit: int = typer.Option(1, min=1, help="Pipeline runs at once; a run due while they go waits."),
 ) -> None:
     """Register the pipeline as a scheduled Prefect deployment and run its flow runs (Ctrl-C to stop)."""
     from creditflow.flows import ops
 
     with user_errors():
-        ops.serve(config_dict(config, set_), workspace, name, cron=cron, interval=interval)
+        ops.serve(config_dict(config, set_), workspace, name, cron=cron, interval=interval, limit=limit)
 
 
 @app.command()

@@ -266,8 +266,12 @@ def serve(
     name: str,
     cron: str | None = None,
     interval: float | None = None,
+    limit: int = 1,
 ) -> None:
-    """Register ``creditflow-pipeline/<name>`` with its schedule and run its flow runs until interrupted."""
+    """Register ``creditflow-pipeline/<name>`` with its schedule and run its flow runs until interrupted.
+
+    ``limit`` runs at most that many pipeline runs at once: a run still going when the next one is due delays it,
+    instead of two runs competing for the same cores and workspace."""
     from prefect.settings import PREFECT_API_URL
     from prefect.types.entrypoint import EntrypointType
 
@@ -283,6 +287,7 @@ def serve(
         interval=interval,
         parameters={"config": config, "workspace": str(ws.root), "progress": False},
         tags=["creditflow"],
+        limit=limit,
         # A module path, not this checkout's file path: runs resolve the flow from the installed package.
         entrypoint_type=EntrypointType.MODULE_PATH,
     )

@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.runtime import flow_run
 
-from creditflow.flows.config import data_needs, default_run_name, pipeline_needs
+from creditflow.flows.config import ConfigError, data_needs, default_run_name, pipeline_needs, validate
 from creditflow.flows.registry import STAGES, pin_hub_revisions
 from creditflow.flows.stages import StageNotReady, execute_stage, hash_sources, plan_stage, record_stage_run
 from creditflow.storage.artifacts import Manifest
@@ -64,6 +65,16 @@ def _refresh_catalog(ws: Workspace) -> None:
     Catalog(ws.catalog_path, ws.store).refresh()
 
 
+def _readable_run_name() -> str:
+    """The MLflow run's name (``run_name``, else the config's method/LoRA/seed), so Prefect's run list says what ran
+    instead of showing random words. Prefect calls this as the flow run starts, scheduled runs included."""
+    parameters = flow_run.parameters
+    try:
+        return parameters.get("run_name") or default_run_name(validate(parameters.get("config")))
+    except ConfigError:
+        return "invalid config"  # the flow itself reports the error, in config words
+
+
 def _stage_flow(name: str):
     """The Prefect flow that runs stage ``name`` alone (or as a subflow of the pipeline)."""
 
@@ -75,8 +86,10 @@ def _stage_flow(name: str):
         progress: bool = True,
         upstream: dict[str, dict[str, Any]] | None = None,
         refresh_catalog: bool = True,
+        run_name: str | None = None,
     ) -> dict[str, Any]:
-        """``upstream``: manifests of the earlier stages (the pipeline passes them; alone, they are resolved)."""
+        """``upstream``: manifests of the earlier stages (the pipeline passes them; alone, they are resolved).
+        ``run_name``: the pipeline run's name, which names this flow run in Prefect."""
         config, cfg = pin_hub_revisions(config)
         ws = Workspace.resolve(workspace or cfg.workspace)
         manifests = {k: Manifest.from_dict(m) for k, m in upstream.items()} if upstream is not None else None
@@ -90,7 +103,9 @@ def _stage_flow(name: str):
         return result.to_dict()
 
     run_stage.__name__ = run_stage.__qualname__ = f"{name}_flow"
-    return flow(name=name, description=STAGES[name].description)(run_stage)
+    return flow(
+        name=name, description=STAGES[name].description, flow_run_name=lambda: f"{name}: {_readable_run_name()}"
+    )(run_stage)
 
 
 STAGE_FLOWS = {name: _stage_flow(name) for name in STAGES}
@@ -104,7 +119,11 @@ rl_flow = STAGE_FLOWS["rl"]
 evaluate_flow = STAGE_FLOWS["evaluate"]
 
 
-@flow(name="creditflow-pipeline", description="Curate -> reward model -> token rewards -> policy optimization.")
+@flow(
+    name="creditflow-pipeline",
+    description="Curate -> reward model -> token rewards -> policy optimization.",
+    flow_run_name=_readable_run_name,
+)
 def pipeline_flow(
     config: dict[str, Any] | None = None,
     workspace: str | None = None,
@@ -158,6 +177,7 @@ def pipeline_flow(
                     progress=progress,
                     upstream={u: m.to_dict() for u, m in upstream.items()},
                     refresh_catalog=False,
+                    run_name=run_name,
                 )
             results[name] = result
             manifests[name] = Manifest.from_dict(result["manifest"])

@@ -65,10 +65,11 @@ def _verify_store(ws: Workspace) -> list:
 
 
 @pytest.mark.slow
-def test_up_serve_scheduled_deployment_run_and_down(tmp_path):
-    """`creditflow up` starts real servers that outlive it; `serve` registers the cron deployment on them."""
+def test_up_serve_scheduler_starts_the_run_and_down(tmp_path):
+    """`creditflow up` starts real servers that outlive it; `serve --interval` registers the deployment, and the
+    server's scheduler, not a manual trigger, starts a pipeline run, which completes and is listed by `runs`."""
     from prefect import get_client
-    from prefect.deployments import run_deployment
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     ws = tmp_path / "ws"
@@ -85,8 +86,9 @@ def test_up_serve_scheduled_deployment_run_and_down(tmp_path):
         status = subprocess.run([*CLI, "status", "-w", str(ws)], capture_output=True, text=True, timeout=60)
         assert status.stdout.count(" ok ") == 2, status.stdout
 
+        # The first interval run is due one interval after registration; the runner looks for due runs every second.
         serve = subprocess.Popen(
-            [*CLI, "serve", "-w", str(ws), "--cron", "0 3 * * *", "--name", "nightly", "--set", source],
+            [*CLI, "serve", "-w", str(ws), "--interval", "20", "--name", "every-20s", "--set", source],
             env={**os.environ, "PREFECT_API_URL": env["PREFECT_API_URL"], "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -99,18 +101,42 @@ def test_up_serve_scheduled_deployment_run_and_down(tmp_path):
                 while True:
                     assert serve.poll() is None, serve.stdout.read()
                     try:
-                        deployment = client.read_deployment_by_name("creditflow-pipeline/nightly")
+                        deployment = client.read_deployment_by_name("creditflow-pipeline/every-20s")
                         break
                     except Exception:  # ObjectNotFound until serve has registered it
                         assert time.monotonic() < deadline, "deployment not registered within 120 s"
                         time.sleep(0.5)
-            assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
-            assert deployment.entrypoint == "creditflow.flows.pipeline.pipeline_flow"
-            assert deployment.parameters["workspace"] == str(ws.resolve())
-            assert deployment.parameters["config"]["curate"]["sources"][0]["path"] == str(tmp_path / "pairs.jsonl")
+                assert [s.schedule.interval.total_seconds() for s in deployment.schedules] == [20.0]
+                assert deployment.entrypoint == "creditflow.flows.pipeline.pipeline_flow"
+                assert deployment.parameters["workspace"] == str(ws.resolve())
+                assert deployment.parameters["config"]["curate"]["sources"][0]["path"] == str(tmp_path / "pairs.jsonl")
 
-            flow_run = run_deployment("creditflow-pipeline/nightly", timeout=240, poll_interval=1)
+                # Nobody triggers a run: the scheduler must create one and the runner must finish it.
+                of_deployment = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+                deadline = time.monotonic() + 300
+                while True:
+                    assert serve.poll() is None, serve.stdout.read()
+                    runs = client.read_flow_runs(deployment_filter=of_deployment)
+                    finished = [r for r in runs if r.state and r.state.is_final()]
+                    if finished:
+                        _kill_group(serve)  # no further scheduled run during the checks below
+                        break
+                    assert time.monotonic() < deadline, (
+                        f"no scheduled run finished within 300 s; runs: {[(r.name, r.state_name) for r in runs]}; "
+                        f"server log:\n{(ws / 'servers' / 'prefect.log').read_text()[-3000:]}"
+                    )
+                    time.sleep(1)
+                (flow_run,) = finished[:1]
+                subflows = client.read_flow_runs()
         assert flow_run.state.is_completed(), flow_run.state
+        assert flow_run.auto_scheduled  # created by the scheduler
+        # Readable names in Prefect's run list: the pipeline's run name, and each stage under it.
+        assert flow_run.name == "dpo seed=0"
+        assert "curate: dpo seed=0" in {r.name for r in subflows if r.parent_task_run_id}
+        server_log = (ws / "servers" / "prefect.log").read_text()
+        assert "Traceback" not in server_log and "InvalidRequestError" not in server_log, server_log[-3000:]
+        listed = subprocess.run([*CLI, "runs", "-w", str(ws)], capture_output=True, text=True, timeout=120)
+        assert listed.returncode == 0 and "dpo seed=0" in listed.stdout, listed.stdout + listed.stderr
 
         workspace = Workspace.resolve(ws)
         (curate,) = workspace.store.manifests("curate")
@@ -120,11 +146,11 @@ def test_up_serve_scheduled_deployment_run_and_down(tmp_path):
 
         server = MlflowClient(env["MLFLOW_TRACKING_URI"])
         (parent,) = server.search_runs(
-            [server.get_experiment_by_name("creditflow").experiment_id], "tags.`creditflow.kind` = 'pipeline'"
+            [server.get_experiment_by_name("creditflow").experiment_id],
+            "tags.`creditflow.kind` = 'pipeline' and attributes.status = 'FINISHED'",
         )
-        assert parent.info.status == "FINISHED"
-        (listed,) = ops.list_runs(str(ws))
-        assert listed["run_id"] == parent.info.run_id and listed["status"] == "FINISHED"
+        listed = next(run for run in ops.list_runs(str(ws)) if run["run_id"] == parent.info.run_id)
+        assert listed["status"] == "FINISHED" and listed["name"] == flow_run.name
         assert listed["stages"][0] == {
             "stage": "curate",
             "fingerprint": curate.fingerprint,
@@ -297,7 +323,7 @@ def test_infra_files_parse_and_point_at_real_flows_and_services():
     assert services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
 
     dockerfile = (infra / "Dockerfile.worker").read_text()
-    assert f"WORKDIR {workdir}" in dockerfile and "pip install ." in dockerfile
+    assert f"WORKDIR {workdir}" in dockerfile and "pip install --constraint constraints.txt ." in dockerfile
     assert f'"--pool", "{next(iter(pools))}"' in dockerfile
 
     template = yaml.safe_load((infra / "k8s" / "base-job-template.yaml").read_text())
