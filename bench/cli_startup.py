@@ -27,8 +27,8 @@ COMMANDS = {
 BASELINE = [
     sys.executable,
     "-c",
-    "import creditflow.flows.pipeline, creditflow.tasks.policy, creditflow.tasks.token_rewards, "
-    "creditflow.tasks.evaluate, creditflow.tasks.onpolicy, creditflow.tasks.reward_model",
+    "import creditflow.flows.pipeline, creditflow.tasks.recipes.policy, creditflow.tasks.recipes.token_rewards, "
+    "creditflow.tasks.recipes.evaluate, creditflow.tasks.recipes.onpolicy, creditflow.tasks.recipes.reward_model",
 ]
 
 

@@ -77,11 +77,11 @@ def precision_check(folder: Path) -> list[dict]:
     from token_rewards import load_pairs  # bench/token_rewards.py
 
     from creditflow.tasks.configs import PolicyConfig, PreferenceLossConfig, TokenRewardsConfig
-    from creditflow.tasks.contrastive import encode_contrastive, load_reference_model, score_contrastive
-    from creditflow.tasks.policy import PolicyTrainer
-    from creditflow.tasks.preference_batches import PolicyExample, SideTokens
-    from creditflow.tasks.tokenization import load_tokenizer, pad_token_id
-    from creditflow.tasks.training import resolve_device
+    from creditflow.tasks.credit.contrastive import encode_contrastive, load_reference_model, score_contrastive
+    from creditflow.tasks.models.precision import resolve_device
+    from creditflow.tasks.models.tokenization import load_tokenizer, pad_token_id
+    from creditflow.tasks.recipes.policy import PolicyTrainer
+    from creditflow.tasks.train.preference_batches import PolicyExample, SideTokens
 
     device = resolve_device()
     tokenizer = load_tokenizer(str(folder))

@@ -1,4 +1,4 @@
-"""Benchmark: the policy trainer (tasks/policy.py) against TRL's DPOTrainer on the same model, data and batch.
+"""Benchmark: the policy trainer (tasks/recipes/policy.py) against TRL's DPOTrainer on the same model, data and batch.
 
     ours-treg            PolicyTrainer, DPO + T-REG (alpha 0.25, contrastive r_hat), length-grouped batches
     ours-dpo             PolicyTrainer, plain DPO (alpha 0, no token rewards), length-grouped batches
@@ -53,7 +53,7 @@ def build_model(folder: Path, args) -> None:
     import torch
     from transformers import LlamaForCausalLM
 
-    from creditflow.tasks.tiny import build_tiny_tokenizer, tiny_llama_config
+    from creditflow.tasks.models.tiny import build_tiny_tokenizer, tiny_llama_config
 
     sample = Path(__file__).resolve().parents[1] / "creditflow" / "data" / "sample_preferences.jsonl"
     texts = [json.loads(line)[k] for line in open(sample) for k in ("prompt", "chosen", "rejected")]
@@ -77,7 +77,7 @@ def build_examples(folder: Path, args, fixed: bool) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from creditflow.tasks.logprobs import completion_logprobs
+    from creditflow.tasks.models.logprobs import completion_logprobs
 
     generator = torch.Generator().manual_seed(0)
     # on the GPU when there is one: 192 full-size sequences on a CPU would eat most of gpu_check's 10 minutes
@@ -114,8 +114,8 @@ def build_examples(folder: Path, args, fixed: bool) -> list[dict]:
 def setup_ours(args, examples: list[dict], device):
     """(train, step end times, real tokens per step) for PolicyTrainer, model loaded and trainer built."""
     from creditflow.tasks.configs import PolicyConfig, PreferenceLossConfig
-    from creditflow.tasks.policy import PolicyTrainer
-    from creditflow.tasks.preference_batches import PolicyExample, epoch_batches
+    from creditflow.tasks.recipes.policy import PolicyTrainer
+    from creditflow.tasks.train.preference_batches import PolicyExample, epoch_batches
 
     treg = args.variant in ("ours-treg", "ours-fsdp")
     if not treg:

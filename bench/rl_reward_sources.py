@@ -5,7 +5,7 @@
         [-w bench-workspace]
 
 The curated pairs and the reward model come from the config's curate and reward_model stages (run, or reused from
-the workspace's cache); the RL runs use the RL trainer directly (tasks/rl.py) with the same settings except
+the workspace's cache); the RL runs use the RL trainer directly (tasks/recipes/rl.py) with the same settings except
 ``reward_source`` and ``seed``. Gold = vaderSentiment on every iteration's rollouts (the bundled task's judge).
 Prints one JSON line per run (gold, reward and KL per iteration) and writes them to ``--out`` as each run ends, then
 a table of the gold score at fixed budgets and the KL to pi_ref at the last one (mean +- std over seeds); draws the
@@ -47,10 +47,10 @@ def main() -> None:
     from creditflow.flows.pipeline import curate_flow, reward_model_flow
     from creditflow.storage.workspace import Workspace
     from creditflow.tasks.configs import RLConfig
-    from creditflow.tasks.models import resolve_model
+    from creditflow.tasks.data.schema import split_rows, unique_prompts
+    from creditflow.tasks.models.resolve import resolve_model
     from creditflow.tasks.plots import finish, new_figure
-    from creditflow.tasks.rl import RLTrainer
-    from creditflow.tasks.schema import split_rows, unique_prompts
+    from creditflow.tasks.recipes.rl import RLTrainer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml")

@@ -1,4 +1,4 @@
-"""Benchmark: the RL stage's trainer (tasks/rl.py, RLOO) against TRL 1.16's RLOOTrainer on the same tiny models.
+"""Benchmark: the RL stage's trainer (tasks/recipes/rl.py, RLOO) against TRL 1.16's RLOOTrainer on the same tiny models.
 
 Both sample ``--k`` completions for each of ``--prompts`` prompts per step, score them with the same reward model
 (a sequence classifier), take one optimizer step per generation batch (no reuse of rollouts), with a KL penalty to
@@ -34,7 +34,7 @@ def prompts(n: int) -> list[list[dict]]:
 
 
 def build_models(folder: Path) -> tuple[Path, Path]:
-    from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
+    from creditflow.tasks.models.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
 
     texts = [json.loads(line)[k] for line in open(SAMPLE) for k in ("prompt", "chosen", "rejected")]
     size = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4)
@@ -45,7 +45,7 @@ def build_models(folder: Path) -> tuple[Path, Path]:
 
 def run_ours(args) -> list[float]:
     from creditflow.tasks.configs import RLConfig
-    from creditflow.tasks.rl import RLTrainer
+    from creditflow.tasks.recipes.rl import RLTrainer
 
     config = RLConfig(
         algorithm="rloo",

@@ -52,10 +52,10 @@ CANDIDATES = {
 
 
 def main() -> None:
-    from creditflow.tasks import audit
-    from creditflow.tasks.audit_probes import build_probe
     from creditflow.tasks.configs import TEMPLATE_PRESETS
-    from creditflow.tasks.models import resolve_model
+    from creditflow.tasks.credit.audit_probes import build_probe
+    from creditflow.tasks.models.resolve import resolve_model
+    from creditflow.tasks.recipes import audit
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")

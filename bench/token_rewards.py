@@ -49,15 +49,16 @@ def load_pairs(n: int) -> tuple[list, list]:
 
 
 def model_folder(spec: str) -> tuple[Path, str]:
-    """The model to benchmark: a spec for tasks/models.py, or a tiny Llama built from the sample (the fallback)."""
-    from creditflow.tasks.models import resolve_model
+    """The model to benchmark: a spec for tasks/models/resolve.py, or a tiny Llama built from the sample
+    (the fallback)."""
+    from creditflow.tasks.models.resolve import resolve_model
 
     if spec != "tiny":
         try:
             return resolve_model(spec), spec
         except ModuleNotFoundError as exc:
             print(f"{exc}\nfalling back to the tiny model", file=sys.stderr)
-    from creditflow.tasks.tiny import build_tiny_causal_lm
+    from creditflow.tasks.models.tiny import build_tiny_causal_lm
 
     texts = [json.loads(line)[k] for line in open(SAMPLE) for k in ("prompt", "chosen", "rejected")]
     folder = Path(tempfile.mkdtemp(prefix="bench-tiny-"))
@@ -68,8 +69,8 @@ def naive_scores(model, items, batch_size: int, pad_id: int):
     """The straightforward implementation: data order, full-vocabulary fp32 log_softmax per batch."""
     import torch
 
-    from creditflow.tasks.contrastive import contrastive_rewards
-    from creditflow.tasks.logprobs import naive_completion_logprobs
+    from creditflow.tasks.credit.contrastive import contrastive_rewards
+    from creditflow.tasks.models.logprobs import naive_completion_logprobs
 
     device = next(model.parameters()).device
     sequences = [(kind, i) for i in range(len(items)) for kind in ("better_ids", "worse_ids", "plain_ids")]
@@ -99,10 +100,10 @@ def worker(args) -> None:
     import numpy as np
     import torch
 
-    from creditflow.tasks import contrastive as T
     from creditflow.tasks.configs import TokenRewardsConfig
-    from creditflow.tasks.tokenization import load_tokenizer, pad_token_id
-    from creditflow.tasks.training import inference_dtype, resolve_device
+    from creditflow.tasks.credit import contrastive as T
+    from creditflow.tasks.models.precision import inference_dtype, resolve_device
+    from creditflow.tasks.models.tokenization import load_tokenizer, pad_token_id
 
     device = resolve_device(args.device)
     dtype = inference_dtype("auto", device)

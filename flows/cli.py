@@ -238,7 +238,7 @@ def data_sample(
     seed: int = typer.Option(0),
 ) -> None:
     """Regenerate the bundled synthetic preference set (vaderSentiment labels)."""
-    from creditflow.tasks.sample_data import write_sample
+    from creditflow.tasks.data.sample_data import write_sample
 
     with user_errors():
         rows = write_sample(out, prompts, seed)

@@ -28,10 +28,10 @@ def rewards_audit(
     experiment: str = typer.Option("creditflow-audit", help="MLflow experiment of the audit run."),
 ) -> None:
     """Do token rewards point the right way? AUC of bad vs other tokens on a probe with known errors."""
-    from creditflow.tasks import audit
-    from creditflow.tasks.audit_probes import build_probe
     from creditflow.tasks.configs import TEMPLATE_PRESETS
-    from creditflow.tasks.models import resolve_model
+    from creditflow.tasks.credit.audit_probes import build_probe
+    from creditflow.tasks.models.resolve import resolve_model
+    from creditflow.tasks.recipes import audit
 
     with user_errors():
         unknown = sorted(set(preset or []) - set(TEMPLATE_PRESETS))
@@ -65,9 +65,9 @@ def rewards_show(
 ) -> None:
     """Print one pair's token rewards, each token coloured by r (green good, red bad), from the newest artifact."""
     from creditflow.storage.workspace import Workspace
-    from creditflow.tasks.models import resolve_model
-    from creditflow.tasks.token_view import render_pair
-    from creditflow.tasks.tokenization import load_tokenizer
+    from creditflow.tasks.credit.token_view import render_pair
+    from creditflow.tasks.models.resolve import resolve_model
+    from creditflow.tasks.models.tokenization import load_tokenizer
 
     store = Workspace.resolve(workspace).store
     for manifest in sorted(store.manifests("token_rewards"), key=lambda m: m.created_at, reverse=True):

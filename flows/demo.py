@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from creditflow.flows.config import load_config
-from creditflow.tasks.models import missing_packages
+from creditflow.tasks.models.resolve import missing_packages
 
 DEMO_CONFIG = "demo.yaml"
 TINY_CONFIG = "demo_tiny.yaml"

@@ -342,7 +342,7 @@ def join_stage(
     Same config, same workspace, so the same fingerprint and launch folder as node 0."""
     from creditflow.flows.registry import pin_hub_revisions
     from creditflow.flows.stages import StageNotReady, plan_stage, resolve_upstream
-    from creditflow.tasks.training import join_torchrun, launch_folder
+    from creditflow.tasks.train.launch import join_torchrun, launch_folder
 
     if stage not in MULTI_NODE_STAGES:
         raise ValueError(f"only {' and '.join(MULTI_NODE_STAGES)} run over several nodes, not {stage!r}")

@@ -1,51 +1,30 @@
-"""The stage registry: every stage's upstream stages, outputs, recipe, hashed code and inputs outside the store.
+"""The stage registry: every stage's upstream stages, outputs, hashed code and inputs outside the store.
 
-A stage's recipe is ``creditflow.tasks.<recipe>.compute_<name>(ctx)``; flows/stages.py plans and runs it.
+A stage's recipe is the function ``flows/recipes.py`` maps its name to; flows/stages.py plans and runs it. Its code
+digest covers every module that recipe's module reaches through imports (storage/hashing.reached_modules).
 """
 
 from __future__ import annotations
 
-import ast
 import copy
-import importlib
 import re
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache
 from pathlib import Path
 from typing import Any, Callable
 
 from creditflow.flows.config import PipelineConfig, validate
-from creditflow.storage.hashing import module_source, sha256_file
+from creditflow.storage.hashing import reached_modules, sha256_file, table_modules
 from creditflow.tasks.configs import TINY_BACKBONE
 from creditflow.tasks.stage import StageContext
 
-# Modules a recipe imports that cannot change what it writes: plumbing, MLflow figures, model resolution (the
-# resolved files are input digests), config classes (their dump is in the fingerprint), Ray (tested equal to local).
-NOT_ROW_CHANGING = frozenset({"stage", "plots", "token_view", "distributed", "models", "configs", "config_base"})
+RECIPES_MODULE = "creditflow.flows.recipes"  # read as source for hashing; imported when a stage computes
 
 
-def _tasks_imports(module: str) -> set[str]:
-    """The creditflow.tasks modules ``module``'s source imports, at top level or inside functions (parsed, not
-    imported, so planning costs no torch import)."""
-    tree = ast.parse(module_source(f"creditflow.tasks.{module}"))
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == "creditflow.tasks":
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("creditflow.tasks."):
-            found.add(node.module.split(".")[2])
-    return found
-
-
-def reached_modules(recipe: str) -> set[str]:
-    """Every creditflow.tasks module ``recipe`` reaches through its imports, bar NOT_ROW_CHANGING (not followed)."""
-    reached, todo = set(), [recipe]
-    while todo:
-        module = todo.pop()
-        if module not in reached and module not in NOT_ROW_CHANGING:
-            reached.add(module)
-            todo += _tasks_imports(module)
-    return reached
+@cache
+def recipe_modules() -> dict[str, str]:
+    """Stage name -> the module of its recipe function, read from flows/recipes.py without importing it."""
+    return table_modules(RECIPES_MODULE, "RECIPES")
 
 
 @dataclass(frozen=True)
@@ -55,16 +34,16 @@ class Stage:
     upstream: tuple[str, ...]
     # Tables (<name>.parquet) and folders (<name>/) every artifact of this stage holds; a tuple of them: at least one.
     outputs: tuple[str | tuple[str, ...], ...]
-    recipe: str  # module in creditflow.tasks whose compute_<name>(ctx) runs the stage (imported when it runs)
-    extra_code: tuple[str, ...] = ()  # row-changing modules the recipe does not import (a worker run by name)
     input_digests: Callable[[PipelineConfig], dict[str, Any]] = lambda cfg: {}  # inputs outside the store
+    # Modules the recipe imports but does not run under this config (a token-reward source not asked for).
+    unused_code: Callable[[PipelineConfig], set[str]] = lambda cfg: set()
     uses_reference: bool = False  # reads the pipeline's reference_model (so it is part of its config)
     optional: bool = False  # runs only when its section says ``enabled: true``
 
-    @cached_property
-    def code_modules(self) -> tuple[str, ...]:
-        """Modules whose source changes the stage's rows (hashed into its fingerprint): all its recipe reaches."""
-        return tuple(sorted(f"creditflow.tasks.{m}" for m in reached_modules(self.recipe))) + self.extra_code
+    def code_modules(self, cfg: PipelineConfig | None = None) -> tuple[str, ...]:
+        """Modules whose source the stage runs (hashed into its fingerprint): all its recipe reaches under ``cfg``
+        (under any config when None)."""
+        return reached_modules([recipe_modules()[self.name]], stop=self.unused_code(cfg) if cfg else ())
 
     def section(self, cfg: PipelineConfig):
         return getattr(cfg, self.name)
@@ -73,7 +52,9 @@ class Stage:
         return not self.optional or self.section(cfg).enabled
 
     def compute(self, ctx: StageContext) -> dict[str, float]:
-        return getattr(importlib.import_module(f"creditflow.tasks.{self.recipe}"), f"compute_{self.name}")(ctx)
+        from creditflow.flows.recipes import RECIPES  # deferred: planning must not import torch (docs/environment.md)
+
+        return RECIPES[self.name](ctx)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -82,7 +63,7 @@ class Stage:
 
 def _resolve(key: str, spec: str) -> Path:
     """The folder of a model or tokenizer spec; an error names the config key."""
-    from creditflow.tasks.models import resolve_model
+    from creditflow.tasks.models.resolve import resolve_model
 
     try:
         return resolve_model(spec)
@@ -93,7 +74,7 @@ def _resolve(key: str, spec: str) -> Path:
 def _model_digest(key: str, spec: str) -> dict[str, str]:
     """Weights and tokenizer files of the model ``key`` names: both change what a stage computes (read as bytes, so
     planning imports no transformers). A hub snapshot also records its commit."""
-    from creditflow.tasks.models import model_fingerprint, tokenizer_files_digest
+    from creditflow.tasks.models.resolve import model_fingerprint, tokenizer_files_digest
 
     folder = _resolve(key, spec)
     digest = {"weights": model_fingerprint(folder), "tokenizer": tokenizer_files_digest(folder)}
@@ -115,7 +96,7 @@ def pin_hub_revisions(config: dict[str, Any] | None) -> tuple[dict[str, Any], Pi
     workers and later stages (which read the spec from upstream manifests) then all load the one snapshot the
     fingerprint covers, even if the branch moves mid-run, and the manifests say which commit it was.
     """
-    from creditflow.tasks.models import is_hub_id
+    from creditflow.tasks.models.resolve import is_hub_id
 
     cfg = validate(config)  # errors in config words first
     pinned = copy.deepcopy(config or {})
@@ -132,7 +113,7 @@ def pin_hub_revisions(config: dict[str, Any] | None) -> tuple[dict[str, Any], Pi
     raw_sources = (pinned.get("curate") or {}).get("sources") or []
     for raw, source in zip(raw_sources, cfg.curate.sources):
         if isinstance(raw, dict) and source.hf and not _COMMIT.match(source.revision or ""):
-            from creditflow.tasks.ingest import hub_dataset_snapshot
+            from creditflow.tasks.data.ingest import hub_dataset_snapshot
 
             snapshot = hub_dataset_snapshot(source)
             if snapshot is not None:
@@ -142,7 +123,7 @@ def pin_hub_revisions(config: dict[str, Any] | None) -> tuple[dict[str, Any], Pi
 
 
 def _curate_inputs(cfg: PipelineConfig) -> dict[str, Any]:
-    from creditflow.tasks.ingest import source_digest
+    from creditflow.tasks.data.ingest import source_digest
 
     digests = []
     for i, source in enumerate(cfg.curate.sources):
@@ -152,7 +133,7 @@ def _curate_inputs(cfg: PipelineConfig) -> dict[str, Any]:
             raise ValueError(f"curate.sources[{i}]: {exc}") from None
     inputs: dict[str, Any] = {"sources": digests}
     if cfg.curate.tokenizer:
-        from creditflow.tasks.models import tokenizer_files_digest
+        from creditflow.tasks.models.resolve import tokenizer_files_digest
 
         inputs["tokenizer"] = tokenizer_files_digest(_resolve("curate.tokenizer", cfg.curate.tokenizer))
     return inputs
@@ -174,6 +155,12 @@ def _audit_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     return {**_reference_inputs(cfg), **probe}
 
 
+def _unused_token_sources(cfg: PipelineConfig) -> set[str]:
+    """The modules of the token-reward sources this config does not ask for (the recipe's SOURCES table)."""
+    sources = table_modules(recipe_modules()["token_rewards"], "SOURCES")
+    return {module for name, module in sources.items() if name not in cfg.token_rewards.sources}
+
+
 def _token_rewards_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     # Only contrastive rows come from the reference model; ABC reads the reward model (an upstream artifact).
     return _reference_inputs(cfg) if "contrastive" in cfg.token_rewards.sources else {}
@@ -187,7 +174,6 @@ STAGES: dict[str, Stage] = {
         description="Ingest, validate, dedupe, filter and split preference data; quarantine rejected rows.",
         upstream=(),
         outputs=("pairs", "quarantine"),
-        recipe="curate",
         input_digests=_curate_inputs,
     ),
     "reward_model": Stage(
@@ -195,8 +181,6 @@ STAGES: dict[str, Stage] = {
         description="Train a Bradley-Terry reward model on the curated pairs; evaluate on the eval split.",
         upstream=("curate",),
         outputs=("eval_scores", "model/"),
-        recipe="reward_model",
-        extra_code=("creditflow.tasks.torchrun_worker",),  # launched by torchrun
         input_digests=_reward_model_inputs,
     ),
     "onpolicy": Stage(
@@ -204,7 +188,6 @@ STAGES: dict[str, Stage] = {
         description="Sample k responses per prompt from the reference policy; reward-model best vs worst become pairs.",
         upstream=("curate", "reward_model"),
         outputs=("pairs", "quarantine"),
-        recipe="onpolicy",
         input_digests=_reference_inputs,
         uses_reference=True,
         optional=True,
@@ -214,9 +197,8 @@ STAGES: dict[str, Stage] = {
         description="Per-token rewards (T-REG contrastive prompting, ABC) and reference log-probs, cached by content.",
         upstream=("curate", "reward_model", "onpolicy"),
         outputs=("token_rewards",),
-        recipe="token_rewards",
-        extra_code=("creditflow.storage.token_cache",),
         input_digests=_token_rewards_inputs,
+        unused_code=_unused_token_sources,
         uses_reference=True,
     ),
     "policy": Stage(
@@ -224,8 +206,6 @@ STAGES: dict[str, Stage] = {
         description="DPO / IPO / SimPO with the T-REG regularizer from cached token rewards and reference log-probs.",
         upstream=("curate", "onpolicy", "token_rewards"),
         outputs=("train_log", "train_timings", TRAINED_LM),
-        recipe="policy",
-        extra_code=("creditflow.tasks.torchrun_worker",),  # launched by torchrun
         # No input digests: the starting model is the token-reward stage's reference, already in that stage's.
     ),
     "rl": Stage(
@@ -233,7 +213,6 @@ STAGES: dict[str, Stage] = {
         description="Online RL (PPO / RLOO) from the reference on dense token rewards (sparse, ABC, contrastive).",
         upstream=("curate", "reward_model"),
         outputs=("train_log", "train_timings", "samples", TRAINED_LM),
-        recipe="rl",
         input_digests=_reference_inputs,
         uses_reference=True,
         optional=True,
@@ -243,14 +222,12 @@ STAGES: dict[str, Stage] = {
         description="Policy vs reference on held-out prompts: reward-model and gold scores, win rates, comparisons.",
         upstream=("curate", "reward_model", "token_rewards", "policy", "rl"),
         outputs=("generations",),
-        recipe="evaluate",
     ),
     "audit": Stage(
         name="audit",
         description="Token-reward audit: AUC of planted-error tokens per source (contrastive presets, ABC, DPO).",
         upstream=("reward_model", "policy"),
         outputs=("audit",),
-        recipe="audit",
         input_digests=_audit_inputs,
         uses_reference=True,
         optional=True,

@@ -34,14 +34,14 @@ TAG = "creditflow."
 def hash_sources() -> None:
     """Hash every stage's source now, before a long run gives anyone time to edit it (hashing._source_digest)."""
     for stage in STAGES.values():
-        code_version(stage.code_modules)
+        code_version(stage.code_modules())
 
 
 class StageNotReady(RuntimeError):
     """An upstream artifact a stage needs is not in the workspace."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StagePlan:
     """Everything a stage's execution needs, computed once: its fingerprint, typed config and upstream manifests."""
 
@@ -52,6 +52,7 @@ class StagePlan:
     section: Any  # the stage's config section, typed
     reference_model: str | None
     upstream: dict[str, Manifest]
+    code: str  # the code version the fingerprint covers (storage/hashing.code_version)
     compute: Any = None  # where inference runs (ComputeConfig): never part of the fingerprint
     trust_remote_code: bool = False  # may model folders run their own code: never part of the fingerprint either
 
@@ -70,10 +71,20 @@ def plan_stage(name: str, cfg: PipelineConfig, upstream: dict[str, Manifest]) ->
     reference = cfg.reference_model if stage.uses_reference else None
     if reference is not None:
         config["reference_model"] = reference
-    key = {"stage": name, "config": config, "inputs": inputs, "code": code_version(stage.code_modules)}
+    code = code_version(stage.code_modules(cfg))
+    key = {"stage": name, "config": config, "inputs": inputs, "code": code}
     fingerprint = sha256_json(key)[:FINGERPRINT_CHARS]
     return StagePlan(
-        stage, fingerprint, inputs, config, section, reference, upstream, cfg.compute, cfg.trust_remote_code
+        stage=stage,
+        fingerprint=fingerprint,
+        inputs=inputs,
+        config=config,
+        section=section,
+        reference_model=reference,
+        upstream=upstream,
+        code=code,
+        compute=cfg.compute,
+        trust_remote_code=cfg.trust_remote_code,
     )
 
 
@@ -139,17 +150,17 @@ def compute_stage(
     writer = store.writer(name, fingerprint)
     try:
         context = StageContext(
-            plan.section,
-            workspace,
-            plan.upstream,
-            writer,
-            run,
-            progress,
-            name,
-            fingerprint,
-            plan.reference_model,
-            plan.compute,
-            plan.trust_remote_code,
+            config=plan.section,
+            workspace=workspace,
+            upstream=plan.upstream,
+            writer=writer,
+            run=run,
+            progress=progress,
+            stage=name,
+            fingerprint=fingerprint,
+            reference_model=plan.reference_model,
+            compute=plan.compute,
+            trust_remote_code=plan.trust_remote_code,
         )
         # the lease keeps `artifacts gc` off this run's checkpoints, cache shards and upstream artifacts
         upstream = tuple((m.stage, m.fingerprint) for m in plan.upstream.values())
@@ -164,7 +175,7 @@ def compute_stage(
             fingerprint=fingerprint,
             inputs=plan.inputs,
             config=plan.config,
-            code_version=code_version(plan.stage.code_modules),
+            code_version=plan.code,
             metrics=metrics,
             mlflow_run_id=mlflow_run_id,
             replace=refresh,

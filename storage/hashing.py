@@ -44,8 +44,68 @@ def sha256_tree(root: str | Path) -> str:
     return sha256_json(entries)
 
 
+def imported_modules(module: str) -> set[str]:
+    """The ``creditflow`` modules ``module``'s source imports, at top level or inside functions (parsed, not
+    imported). ``from package import name`` counts ``package.name`` when that is a module, else ``package``."""
+    found = set()
+    for node in ast.walk(ast.parse(module_source(module))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "creditflow"}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "creditflow":
+            submodules = {f"{node.module}.{alias.name}" for alias in node.names} if _is_package(node.module) else set()
+            found |= {name for name in submodules if importlib.util.find_spec(name)} or {node.module}
+    return found
+
+
+def _is_package(module: str) -> bool:
+    spec = importlib.util.find_spec(module)
+    return spec is not None and spec.submodule_search_locations is not None
+
+
+def reached_modules(roots: Iterable[str], stop: Iterable[str] = ()) -> tuple[str, ...]:
+    """Every ``creditflow`` module the ``roots`` reach through their imports, transitively, the roots included:
+    what a stage's (or a token-reward source's) code digest covers, so a moved file or a new helper is covered
+    without a list to keep. Modules in ``stop`` are neither counted nor followed (the code of a source the
+    config does not use)."""
+    stop = set(stop)
+    reached: set[str] = set()
+    todo = [module for module in roots if module not in stop]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo += [m for m in imported_modules(module) if m not in stop]
+    return tuple(sorted(reached))
+
+
+def table_modules(module: str, table: str) -> dict[str, str]:
+    """The module of each function in the dict literal ``table`` of ``module``, read from its source, not imported:
+    ``RECIPES = {"curate": curate.compute_curate}`` with ``from creditflow.tasks.recipes import curate`` gives
+    ``{"curate": "creditflow.tasks.recipes.curate"}``. So planning can hash the code a table reaches without
+    importing torch, while the table itself holds the functions (an editor finds every caller)."""
+    tree = ast.parse(module_source(module))
+    names = {}  # local name -> the module it is, or the module it comes from
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "creditflow":
+            package = _is_package(node.module)
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                names[alias.asname or alias.name] = full if package and importlib.util.find_spec(full) else node.module
+    for node in tree.body:
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
+        if any(isinstance(t, ast.Name) and t.id == table for t in targets) and isinstance(node.value, ast.Dict):
+            found = {}
+            for key, value in zip(node.value.keys, node.value.values):
+                name = value.value.id if isinstance(value, ast.Attribute) else value.id  # module.function, or function
+                found[key.value] = names[name]
+            return found
+    raise LookupError(f"no dict literal {table} in {module}")
+
+
 def code_version(modules: Iterable[str]) -> str:
-    """Package version plus a digest of the source of the modules (dotted names) that shape a stage's rows.
+    """Package version plus a digest of the source of ``modules`` (dotted names, usually :func:`reached_modules`).
 
     Modules are found, not imported, so planning a stage costs no torch import."""
     sources = {name: _source_digest(name) for name in modules}

@@ -2,7 +2,7 @@
 and run, looked up by content key.
 
 A row's key is ``sha256(source, prompt messages, completion messages, knobs)``, where the knobs are everything
-else that changes its values (tasks/token_rewards.py lists them per source). Shards are append-only and written
+else that changes its values (tasks/recipes/token_rewards.py lists them per source). Shards are append-only and written
 atomically (temporary file, then rename) as soon as their rows are done, so a run that dies keeps every shard it
 finished and the next run computes only the keys that are still missing.
 """

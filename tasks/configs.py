@@ -323,7 +323,8 @@ class RolloutSampling(SamplingConfig):
 
 
 class RLConfig(TrainingConfig):
-    """Online RL from the reference policy (PPO or RLOO) on per-token rewards; tasks/rl.py says what each knob does.
+    """Online RL from the reference policy (PPO or RLOO) on per-token rewards; tasks/recipes/rl.py says what each
+    knob does.
     One iteration samples ``batch_size`` prompts x ``samples_per_prompt`` rollouts and makes ``ppo_epochs`` passes
     of ``minibatches`` optimizer steps over them; ``epochs`` passes over the train prompts (``max_steps`` caps the
     iterations)."""
@@ -395,7 +396,7 @@ class EvaluateConfig(SamplingConfig):
 
 
 class AuditConfig(StrictConfig):
-    """The optional ``audit`` stage: do the token rewards point the right way (tasks/audit.py)?"""
+    """The optional ``audit`` stage: do the token rewards point the right way (tasks/recipes/audit.py)?"""
 
     enabled: bool = Field(False, description="Run the token-reward audit after evaluation.")
     presets: list[PresetName] = Field(

@@ -16,7 +16,7 @@ from creditflow.storage.workspace import Workspace
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)  # eleven fields: a call names each one
 class StageContext:
     config: Any  # the stage's config section (a pydantic model from tasks/configs.py)
     workspace: Workspace

@@ -32,7 +32,7 @@ CORPUS = ["the quick brown fox jumps over the lazy dog", "a helpful answer is co
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory):
     """A tiny Llama causal LM with a tokenizer trained on ``CORPUS``, built once per session."""
-    from creditflow.tasks.tiny import build_tiny_causal_lm
+    from creditflow.tasks.models.tiny import build_tiny_causal_lm
 
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny_lm"), CORPUS)
 
@@ -71,8 +71,8 @@ def publish():
 
 
 def pair_row(prompt: list[dict], chosen: list[dict], rejected: list[dict], row: int, split: str = "train") -> dict:
-    """A curated pair (tasks/schema.py's PAIRS_SCHEMA) of the given prompt, chosen and rejected messages."""
-    from creditflow.tasks import schema as S
+    """A curated pair (tasks/data/schema.py's PAIRS_SCHEMA) of the given prompt, chosen and rejected messages."""
+    from creditflow.tasks.data import schema as S
 
     return {
         "pair_id": S.pair_id(prompt, chosen, rejected),
@@ -106,7 +106,7 @@ def workers_started() -> set[str]:
     ray.util.state.list_actors needs the dashboard, which the dev install leaves out (ray is pinned to 2.60)."""
     from ray._private.state import actors
 
-    from creditflow.tasks.distributed import ACTOR_PREFIX, ShardWorker
+    from creditflow.tasks.infer.distributed import ACTOR_PREFIX, ShardWorker
 
     return {
         actor["Name"]

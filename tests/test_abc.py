@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from creditflow.tasks.abc import (
+from creditflow.tasks.credit.attention_credit import (
     abc_token_rewards,
     encode_for_abc,
     load_abc_model,
@@ -16,9 +16,9 @@ from creditflow.tasks.abc import (
     project_to_policy,
     score_abc,
 )
-from creditflow.tasks.schema import completion_text
-from creditflow.tasks.tiny import build_tiny_reward_backbone, build_tiny_tokenizer
-from creditflow.tasks.tokenization import completion_offsets, encode_pair
+from creditflow.tasks.data.schema import completion_text
+from creditflow.tasks.models.tiny import build_tiny_reward_backbone, build_tiny_tokenizer
+from creditflow.tasks.models.tokenization import completion_offsets, encode_pair
 
 CORPUS = ["the quick brown fox jumps over the lazy dog", "a helpful answer is correct and concise"] * 20
 PROMPT = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "How was the trip?"}]
@@ -82,7 +82,7 @@ def test_formula_hand_values():
 
 
 def test_input_matches_the_reward_model_stage(reward_model):
-    from creditflow.tasks.reward_scoring import encode_for_reward
+    from creditflow.tasks.infer.reward_scoring import encode_for_reward
 
     tokenizer, _ = reward_model
     for completion in RESPONSES:
@@ -185,7 +185,7 @@ def test_project_to_policy_aligns_with_encode_pair(reward_model, tokenizers_pair
 
 
 def test_regularizer_form_recovers_the_shares_and_is_centered_and_bounded():
-    from creditflow.tasks.abc import attention_shares, bounded_rewards
+    from creditflow.tasks.credit.attention_credit import attention_shares, bounded_rewards
 
     official = abc_token_rewards(torch.tensor([1.0, 3.0]), reward=2.0, beta=0.5).numpy()  # [0.25, 1.75]
     reward, shares = attention_shares(official, beta=0.5)

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from conftest import CORPUS
 
-from creditflow.tasks.audit import TokenScores, auc, audit_source, known_items, score_items
-from creditflow.tasks.audit_probes import (
+from creditflow.tasks.credit.audit_probes import (
     CAPITALS,
     KINDS,
     PLANTED_KINDS,
@@ -20,6 +19,7 @@ from creditflow.tasks.audit_probes import (
     sentiment_flip_probe,
     user_probe,
 )
+from creditflow.tasks.recipes.audit import TokenScores, auc, audit_source, known_items, score_items
 
 
 def test_auc_hand_values_including_the_inverted_case():
@@ -139,9 +139,9 @@ def test_user_probe_reads_spans_and_names_bad_lines(tmp_path):
 
 @pytest.mark.slow
 def test_every_source_runs_on_tiny_models(tiny_lm_dir, tmp_path):
-    from creditflow.tasks.audit import run_audit
     from creditflow.tasks.configs import TEMPLATE_PRESETS
-    from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
+    from creditflow.tasks.models.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
+    from creditflow.tasks.recipes.audit import run_audit
 
     probe = planted_error_probe(n_per_kind=3, seed=0) + sentiment_flip_probe(n=3, seed=0)
     policy = build_tiny_causal_lm(tmp_path / "policy", CORPUS, seed=1)  # the reference's tokenizer, other weights

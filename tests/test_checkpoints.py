@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from creditflow.tasks import fsdp
+from creditflow.tasks.train import fsdp
 
 
 def _trained_linear(seed: int):
@@ -45,7 +45,7 @@ def test_a_sharded_checkpoint_round_trips_and_a_planted_pickle_runs_nothing(tmp_
 def test_a_swap_killed_between_its_renames_resumes_from_the_old_folder(tmp_path):
     """Checkpoint.save moves the current folder to ``.old`` and then renames the new one in: a kill between the two
     leaves only ``.old`` (and the half-made ``.tmp-*``), which both trainers (policy, reward model) resume from."""
-    from creditflow.tasks.training import Checkpoint, resume_training_state, save_training_state
+    from creditflow.tasks.train.checkpoint import Checkpoint, resume_training_state, save_training_state
 
     model, optimizer = _trained_linear(0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from creditflow.tasks import schema as S
 from creditflow.tasks.configs import CurateConfig, CurateRules, SourceConfig
-from creditflow.tasks.curate import RULES, curate, split_unit
-from creditflow.tasks.preference_formats import MalformedInputError
+from creditflow.tasks.data import schema as S
+from creditflow.tasks.data.formats import MalformedInputError
+from creditflow.tasks.recipes.curate import RULES, curate, split_unit
 
 
 def U(text: str) -> dict[str, str]:
@@ -389,7 +389,7 @@ CORPUS = [
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tmp_path_factory):
-    from creditflow.tasks.tiny import build_tiny_tokenizer
+    from creditflow.tasks.models.tiny import build_tiny_tokenizer
 
     out = tmp_path_factory.mktemp("tok")
     tokenizer = build_tiny_tokenizer(out, CORPUS, vocab_size=400)
@@ -411,7 +411,7 @@ LENGTH_ROWS = [
 
 
 def token_lengths(tokenizer, rows: list[dict]) -> list[tuple[int, int, int]]:
-    from creditflow.tasks.tokenization import encode_completions, encode_prompts
+    from creditflow.tasks.models.tokenization import encode_completions, encode_prompts
 
     prompts = [[U(r["prompt"])] for r in rows]
     p = encode_prompts(tokenizer, prompts)
@@ -612,7 +612,7 @@ def test_bundled_sample_curates_with_every_noise_rule_firing():
 
 
 def test_make_sample_regenerates_the_bundled_file():
-    from creditflow.tasks.sample_data import make_sample
+    from creditflow.tasks.data.sample_data import make_sample
 
     bundled = (importlib.resources.files("creditflow.data") / "sample_preferences.jsonl").read_text(encoding="utf-8")
     lines = [json.loads(line) for line in bundled.splitlines() if line.strip()]

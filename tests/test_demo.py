@@ -76,8 +76,8 @@ def test_evaluation_reproduces_its_metrics_from_the_generations_it_stored(demo_r
     import duckdb
     from mlflow.tracking import MlflowClient
 
-    from creditflow.tasks.evaluate import win_rate
-    from creditflow.tasks.gold import vader_scorer
+    from creditflow.tasks.infer.gold import vader_scorer
+    from creditflow.tasks.recipes.evaluate import win_rate
 
     workspace, results = demo_results
     with duckdb.connect(str(workspace / "catalog.duckdb"), read_only=True) as con:

@@ -18,17 +18,17 @@ from creditflow.storage.shard_results import ShardResults
 from creditflow.storage.token_cache import TokenCache, row_key
 from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
-from creditflow.tasks import schema as S
 from creditflow.tasks.config_base import ComputeConfig, SamplingConfig
 from creditflow.tasks.configs import EvaluateConfig, OnPolicyConfig, TokenRewardsConfig
-from creditflow.tasks.distributed import resumable_map
-from creditflow.tasks.evaluate import compute_evaluate
-from creditflow.tasks.generation import Sampler, generate
-from creditflow.tasks.onpolicy import compute_onpolicy
-from creditflow.tasks.reward_scoring import score_rewards
+from creditflow.tasks.data import schema as S
+from creditflow.tasks.infer.distributed import resumable_map
+from creditflow.tasks.infer.generation import Sampler, generate
+from creditflow.tasks.infer.reward_scoring import score_rewards
+from creditflow.tasks.models.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
+from creditflow.tasks.recipes.evaluate import compute_evaluate
+from creditflow.tasks.recipes.onpolicy import compute_onpolicy
+from creditflow.tasks.recipes.token_rewards import build_source, compute_missing, compute_token_rewards, side_requests
 from creditflow.tasks.stage import StageContext
-from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
-from creditflow.tasks.token_rewards import build_source, compute_missing, compute_token_rewards, side_requests
 
 ray = pytest.importorskip("ray")  # in the dev install; a plain install runs without it
 
@@ -73,8 +73,17 @@ def _stage(root, models, pairs, config, compute, recipe=compute_token_rewards, s
     run = Run.start(workspace, "distributed-test", stage)
     out = workspace.store.writer(stage, "t")
     ctx = StageContext(
-        config, workspace, upstream, out, run, False, stage, "t", reference_model=str(policy), compute=compute,
-    )  # fmt: skip
+        config=config,
+        workspace=workspace,
+        upstream=upstream,
+        writer=out,
+        run=run,
+        progress=False,
+        stage=stage,
+        fingerprint="t",
+        reference_model=str(policy),
+        compute=compute,
+    )
     return recipe(ctx), out.dir
 
 

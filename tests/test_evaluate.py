@@ -5,8 +5,8 @@ from conftest import publish_artifact
 
 from creditflow.storage.artifacts import ArtifactStore
 from creditflow.tasks.configs import method_label
-from creditflow.tasks.evaluate import comparison_figure, comparison_rows, win_rate
-from creditflow.tasks.gold import load_gold_scorer
+from creditflow.tasks.infer.gold import load_gold_scorer
+from creditflow.tasks.recipes.evaluate import comparison_figure, comparison_rows, win_rate
 
 
 def length_scorer(prompts, completions):

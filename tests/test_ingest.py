@@ -13,15 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from creditflow.tasks.configs import CurateConfig, CurateRules, SourceConfig
-from creditflow.tasks.curate import curate
-from creditflow.tasks.ingest import read_rows, source_digest
-from creditflow.tasks.preference_formats import (
-    MalformedInputError,
-    RowProblem,
-    check_columns,
-    convert_row,
-    detect_format,
-)
+from creditflow.tasks.data.formats import MalformedInputError, RowProblem, check_columns, convert_row, detect_format
+from creditflow.tasks.data.ingest import read_rows, source_digest
+from creditflow.tasks.recipes.curate import curate
 
 
 def U(text: str) -> dict[str, str]:
@@ -688,7 +682,7 @@ def test_deeply_nested_json_is_a_named_error(tmp_path):
 
 
 def test_row_total_counts_what_read_rows_yields(tmp_path):
-    from creditflow.tasks.ingest import row_total
+    from creditflow.tasks.data.ingest import row_total
 
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"prompt": "p", "chosen": "a", "rejected": str(i)}) + "\n\n" for i in range(7)))

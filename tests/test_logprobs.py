@@ -7,13 +7,13 @@ import torch
 from conftest import CORPUS
 from transformers import AutoModelForCausalLM
 
-from creditflow.tasks.logprobs import (
+from creditflow.tasks.models.logprobs import (
     check_lm_head,
     completion_logprobs,
     label_logprobs,
     naive_completion_logprobs,
 )
-from creditflow.tasks.tiny import build_tiny_causal_lm
+from creditflow.tasks.models.tiny import build_tiny_causal_lm
 
 
 def test_label_logprobs_hand_values():

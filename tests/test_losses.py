@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from creditflow.tasks.losses import PreferenceLossConfig, preference_loss, token_reward_correlation
+from creditflow.tasks.losses.preference import PreferenceLossConfig, preference_loss, token_reward_correlation
 
 # Two pairs, three completion positions; the zeros under a zero mask are padding.
 LOGP_W = [[-1.0, -2.0, -0.5], [-0.3, -1.2, 0.0]]

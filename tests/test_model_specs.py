@@ -11,7 +11,7 @@ import pytest
 from conftest import CORPUS, pair_row, publish_artifact
 
 from creditflow.flows.config import ConfigError, explain, load_config
-from creditflow.tasks.model_card import write_card
+from creditflow.tasks.models.model_card import write_card
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_hub_models_download_only_what_from_pretrained_reads(tmp_path, monkeypat
     only when a repo has no safetensors; offline, the same snapshot is found in the cache."""
     from huggingface_hub import constants
 
-    from creditflow.tasks.models import hub_snapshot
+    from creditflow.tasks.models.resolve import hub_snapshot
 
     common = {"config.json": b"{}", "tokenizer.json": b"{}", "README.md": b"card", "merges.txt": b"m"}
     server = _fake_hub(
@@ -200,7 +200,7 @@ class CustomForCausalLM(LlamaForCausalLM):
 def custom_code_lm(tmp_path_factory):
     """A tiny Llama whose config.json sends transformers to modelling code in the folder (``auto_map``), as a hub
     model with its own architecture does: transformers has no ``custom-llama`` of its own."""
-    from creditflow.tasks.tiny import build_tiny_causal_lm
+    from creditflow.tasks.models.tiny import build_tiny_causal_lm
 
     folder = build_tiny_causal_lm(tmp_path_factory.mktemp("custom") / "custom-lm", CORPUS)
     (folder / "configuration_custom.py").write_text(CUSTOM_CONFIG)
@@ -222,8 +222,8 @@ def _token_rewards_context(root, reference, trust_remote_code: bool):
     """The token-reward stage's context as flows/stages.py builds it: two curated pairs, contrastive scoring."""
     from creditflow.storage.tracking import Run
     from creditflow.storage.workspace import Workspace
-    from creditflow.tasks import schema as S
     from creditflow.tasks.configs import TokenRewardsConfig
+    from creditflow.tasks.data import schema as S
     from creditflow.tasks.stage import StageContext
 
     workspace = Workspace.resolve(root)
@@ -240,9 +240,17 @@ def _token_rewards_context(root, reference, trust_remote_code: bool):
     run = Run.start(workspace, "trust-remote-code", "token_rewards")
     writer = workspace.store.writer("token_rewards", "t")
     return StageContext(
-        TokenRewardsConfig(max_length=64), workspace, {"curate": curate}, writer, run, False, "token_rewards", "t",
-        reference_model=str(reference), trust_remote_code=trust_remote_code,
-    )  # fmt: skip
+        config=TokenRewardsConfig(max_length=64),
+        workspace=workspace,
+        upstream={"curate": curate},
+        writer=writer,
+        run=run,
+        progress=False,
+        stage="token_rewards",
+        fingerprint="t",
+        reference_model=str(reference),
+        trust_remote_code=trust_remote_code,
+    )
 
 
 def test_custom_code_models_load_only_with_trust_remote_code(custom_code_lm, tmp_path, caplog):
@@ -250,8 +258,8 @@ def test_custom_code_models_load_only_with_trust_remote_code(custom_code_lm, tmp
     load, and the stage warns once naming the folder and tags its MLflow run."""
     import torch
 
-    from creditflow.tasks.contrastive import load_reference_model
-    from creditflow.tasks.token_rewards import compute_token_rewards
+    from creditflow.tasks.credit.contrastive import load_reference_model
+    from creditflow.tasks.recipes.token_rewards import compute_token_rewards
 
     refused = _token_rewards_context(tmp_path / "off", custom_code_lm, trust_remote_code=False)
     with pytest.raises(ValueError, match=r"custom code(.|\n)*set `trust_remote_code: true` in the pipeline config"):
@@ -274,7 +282,7 @@ def test_custom_code_models_load_only_with_trust_remote_code(custom_code_lm, tmp
 def test_trust_remote_code_is_in_no_fingerprint_but_the_shipped_code_is(custom_code_lm, tmp_path):
     from creditflow.flows.stages import plan_stage
     from creditflow.storage.workspace import Workspace
-    from creditflow.tasks.models import model_fingerprint
+    from creditflow.tasks.models.resolve import model_fingerprint
 
     store = Workspace.resolve(tmp_path / "ws").store
     upstream = {stage: publish_artifact(store, stage, stage[0] * 24, {}) for stage in ("curate", "reward_model")}

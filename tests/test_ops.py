@@ -365,7 +365,7 @@ def test_the_prefect_multinode_deployment_is_node_0_and_the_indexed_job_joins_it
     from creditflow.flows.cli import app
     from creditflow.flows.cli_common import config_dict
     from creditflow.flows.config import validate
-    from creditflow.tasks.training import RDZV_ENV
+    from creditflow.tasks.train.launch import RDZV_ENV
 
     infra = Path(__file__).resolve().parents[1] / "infra" / "k8s"
     (deployment,) = _prefect_project(infra / "prefect-policy-multinode.yaml").deployments

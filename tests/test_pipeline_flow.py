@@ -20,8 +20,8 @@ from creditflow.flows.pipeline import curate_flow, pipeline_flow, reward_model_f
 from creditflow.flows.registry import STAGES
 from creditflow.flows.stages import StageNotReady
 from creditflow.storage.workspace import Workspace
-from creditflow.tasks.preference_formats import MalformedInputError
-from creditflow.tasks.tiny import build_tiny_causal_lm
+from creditflow.tasks.data.formats import MalformedInputError
+from creditflow.tasks.models.tiny import build_tiny_causal_lm
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
 
@@ -450,7 +450,7 @@ def test_the_pipeline_runs_on_hub_ids_from_the_offline_hf_cache_and_exports_hf_f
 
     from creditflow.flows.cli import app
     from creditflow.tasks.configs import SourceConfig
-    from creditflow.tasks.ingest import BUILTIN, source_path
+    from creditflow.tasks.data.ingest import BUILTIN, source_path
 
     hub = tmp_path / "hub"
     snapshot = hub / "models--acme--tiny-lm" / "snapshots" / ("c" * 40)

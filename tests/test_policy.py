@@ -23,17 +23,17 @@ from creditflow.flows.registry import STAGES
 from creditflow.flows.stages import missing_outputs
 from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
-from creditflow.tasks import schema as S
-from creditflow.tasks.causal_lm import load_policy_model, trained_model_folder
 from creditflow.tasks.configs import LoraConfig, PolicyConfig, PreferenceLossConfig
-from creditflow.tasks.logprobs import completion_logprobs, training_logprobs
-from creditflow.tasks.policy import PolicyTrainer, compute_policy, launch_distributed
-from creditflow.tasks.preference_batches import build_examples, collate, epoch_batches
+from creditflow.tasks.data import schema as S
+from creditflow.tasks.models.causal_lm import load_policy_model, trained_model_folder
+from creditflow.tasks.models.logprobs import completion_logprobs, training_logprobs
+from creditflow.tasks.models.tiny import build_tiny_causal_lm
+from creditflow.tasks.models.tokenization import completion_offsets, encode_pair, load_tokenizer
+from creditflow.tasks.recipes.policy import PolicyTrainer, compute_policy, launch_distributed
+from creditflow.tasks.recipes.token_rewards import OUTPUT_SCHEMA
 from creditflow.tasks.stage import StageContext
-from creditflow.tasks.tiny import build_tiny_causal_lm
-from creditflow.tasks.token_rewards import OUTPUT_SCHEMA
-from creditflow.tasks.tokenization import completion_offsets, encode_pair, load_tokenizer
-from creditflow.tasks.training import cosine_schedule
+from creditflow.tasks.train.optim import cosine_schedule
+from creditflow.tasks.train.preference_batches import build_examples, collate, epoch_batches
 
 GOOD = ["great", "wonderful", "lovely", "happy", "excellent", "bright"]
 BAD = ["awful", "terrible", "sad", "horrible", "boring", "grim"]
@@ -239,7 +239,7 @@ def test_cosine_schedule_warms_up_from_a_nonzero_rate_then_follows_transformers(
 
 
 def test_dropout_is_off_in_the_policy_so_step_zero_is_the_reference(tmp_path, examples):
-    from creditflow.tasks.tiny import build_tiny_causal_lm
+    from creditflow.tasks.models.tiny import build_tiny_causal_lm
 
     corpus = [S.completion_text(p[k]) for p in map(_pair, range(40)) for k in ("prompt", "chosen", "rejected")]
     noisy = build_tiny_causal_lm(tmp_path / "noisy", corpus * 3, seed=0, attention_dropout=0.5)
@@ -517,11 +517,11 @@ def _run_stage(model_dir, data, workspace_dir, publish, config: PolicyConfig) ->
         {"reference_model": str(model_dir), "sources": ["contrastive"], "abc_beta": 0.8, **KNOBS},
     )
     ctx = StageContext(
-        config,
-        workspace,
-        {"curate": curate, "token_rewards": token_rewards},
-        store.writer("policy", "p1"),
-        Run.start(workspace, "policy-test", "policy"),
+        config=config,
+        workspace=workspace,
+        upstream={"curate": curate, "token_rewards": token_rewards},
+        writer=store.writer("policy", "p1"),
+        run=Run.start(workspace, "policy-test", "policy"),
         progress=False,
         stage="policy",
         fingerprint="p1",

@@ -8,14 +8,14 @@ import torch
 from conftest import Interrupt, stop_at
 from transformers import AutoModelForSequenceClassification
 
-from creditflow.tasks import schema as S
 from creditflow.tasks.config_base import SamplingConfig
 from creditflow.tasks.configs import RewardModelConfig
-from creditflow.tasks.generation import sample_responses
-from creditflow.tasks.onpolicy import build_pairs
-from creditflow.tasks.reward_model import PairData, bradley_terry_loss, launch_distributed, train_reward_model
-from creditflow.tasks.reward_scoring import RewardScorer, encode_for_reward
-from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
+from creditflow.tasks.data import schema as S
+from creditflow.tasks.infer.generation import sample_responses
+from creditflow.tasks.infer.reward_scoring import RewardScorer, encode_for_reward
+from creditflow.tasks.models.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
+from creditflow.tasks.recipes.onpolicy import build_pairs
+from creditflow.tasks.recipes.reward_model import PairData, bradley_terry_loss, launch_distributed, train_reward_model
 
 GOOD = ["great", "wonderful", "lovely", "happy", "excellent"]
 BAD = ["awful", "terrible", "sad", "horrible", "boring"]

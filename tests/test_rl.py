@@ -11,12 +11,11 @@ import torch
 from conftest import Interrupt, stop_at
 from transformers import AutoModelForCausalLM
 
-from creditflow.tasks import schema as S
-from creditflow.tasks.abc import abc_token_rewards, official_policy_rewards
 from creditflow.tasks.configs import LoraConfig, RewardModelConfig, RLConfig
-from creditflow.tasks.reward_model import PairData, train_reward_model
-from creditflow.tasks.rl import RLTrainer
-from creditflow.tasks.rl_losses import (
+from creditflow.tasks.credit.attention_credit import abc_token_rewards, official_policy_rewards
+from creditflow.tasks.credit.rl_rewards import Rollout, TokenRewards, token_spans
+from creditflow.tasks.data import schema as S
+from creditflow.tasks.losses.rl import (
     AdaptiveKL,
     gae,
     ppo_policy_loss,
@@ -25,9 +24,10 @@ from creditflow.tasks.rl_losses import (
     value_loss,
     whiten,
 )
-from creditflow.tasks.rl_rewards import Rollout, TokenRewards, token_spans
-from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
-from creditflow.tasks.tokenization import load_tokenizer
+from creditflow.tasks.models.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
+from creditflow.tasks.models.tokenization import load_tokenizer
+from creditflow.tasks.recipes.reward_model import PairData, train_reward_model
+from creditflow.tasks.recipes.rl import RLTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -219,7 +219,7 @@ def test_abc_rollouts_the_reward_model_cannot_see_get_the_sparse_reward_counted_
     model_dir, reward_dir, caplog
 ):
     # max_length 2 holds only the chat template's closing "<|im_end|>\n": no response token survives
-    with caplog.at_level(logging.WARNING, logger="creditflow.tasks.rl"):
+    with caplog.at_level(logging.WARNING, logger="creditflow.tasks.recipes.rl"):
         trainer, history = _train(model_dir, reward_dir, _config(reward_source="abc", max_steps=1), rm_max_length=2)
     assert history[0]["abc_fallback_fraction"] == 1.0
     assert "8 of 8 rollouts got the sparse reward" in caplog.text
@@ -274,7 +274,7 @@ def test_an_interrupted_run_resumes_exactly(model_dir, reward_dir, tmp_path, kl_
 
 
 def test_the_saved_policy_loads(model_dir, reward_dir, tmp_path):
-    from creditflow.tasks.causal_lm import save_trained_lm
+    from creditflow.tasks.models.causal_lm import save_trained_lm
 
     trainer, _ = _train(model_dir, reward_dir, _config(max_steps=1))
     save_trained_lm(trainer.model, False, model_dir, tmp_path / "model")

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import workers_started
 
-from creditflow.tasks import training
 from creditflow.tasks.config_base import ComputeConfig
 from creditflow.tasks.configs import LoraConfig, RLConfig
-from creditflow.tasks.rl import RLTrainer, RolloutSampler
-from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
+from creditflow.tasks.models.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
+from creditflow.tasks.recipes.rl import RLTrainer, RolloutSampler
+from creditflow.tasks.train.metrics import split_timings
 
 ray = pytest.importorskip("ray")  # in the dev install; a plain install runs without it
 
@@ -51,7 +51,7 @@ class RecordingTrainer(RLTrainer):
 def _train(models, config, compute):
     policy, reward = models
     trainer = RecordingTrainer(policy, reward, PROMPTS, config, progress=False, compute=compute)
-    content, _ = training.split_timings(trainer.train())
+    content, _ = split_timings(trainer.train())
     return trainer, content
 
 

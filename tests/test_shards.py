@@ -7,10 +7,10 @@ import pytest
 from creditflow.storage.shard_results import ShardResults
 from creditflow.tasks.config_base import SamplingConfig
 from creditflow.tasks.configs import EvaluateConfig, RLConfig
-from creditflow.tasks.distributed import resumable_map
-from creditflow.tasks.generation import Sampler, generate, sample_responses, shard_seed, vllm_sampling_args
-from creditflow.tasks.reward_scoring import RewardScorer, score_rewards
-from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
+from creditflow.tasks.infer.distributed import resumable_map
+from creditflow.tasks.infer.generation import Sampler, generate, sample_responses, shard_seed, vllm_sampling_args
+from creditflow.tasks.infer.reward_scoring import RewardScorer, score_rewards
+from creditflow.tasks.models.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
 
 CORPUS = ["It was lovely, thank you", "It was awful.", "Question: how was the trip?"] * 20
 PROMPTS = [[{"role": "user", "content": f"Question {i}: how was the trip?"}] for i in range(7)]

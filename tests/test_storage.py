@@ -11,13 +11,15 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pytest
+from conftest import publish_artifact
 
 from creditflow.flows.config import ConfigError, PipelineConfig, load_config
 from creditflow.flows.registry import pin_hub_revisions
 from creditflow.flows.stages import plan_stage
 from creditflow.storage.artifacts import ArtifactError, ArtifactStore
 from creditflow.storage.catalog import Catalog
-from creditflow.tasks.tiny import build_tiny_tokenizer
+from creditflow.storage.hashing import reached_modules, table_modules
+from creditflow.tasks.models.tiny import build_tiny_tokenizer
 
 
 def _publish(store, fingerprint="f" * 24, rows=3, replace=False, **extra):
@@ -456,7 +458,7 @@ def test_user_sql_is_one_read_only_select_inside_the_store(tmp_path):
 
 def _hub_cache(root, repo: str, commit: str = "a" * 40, branch: str = "main"):
     """A tiny model written into a Hugging Face cache in the hub's own layout (refs/<branch> -> snapshots/<commit>)."""
-    from creditflow.tasks.tiny import build_tiny_causal_lm
+    from creditflow.tasks.models.tiny import build_tiny_causal_lm
 
     folder = root / ("models--" + repo.replace("/", "--"))
     build_tiny_causal_lm(folder / "snapshots" / commit, ["the hub layout, offline"] * 20, seed=int(commit[0], 16))
@@ -466,7 +468,7 @@ def _hub_cache(root, repo: str, commit: str = "a" * 40, branch: str = "main"):
 
 
 def test_hub_ids_resolve_offline_from_the_hf_cache_and_a_moved_branch_is_a_miss(tmp_path, monkeypatch):
-    from creditflow.tasks.models import resolve_model
+    from creditflow.tasks.models.resolve import resolve_model
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -534,24 +536,99 @@ def test_every_bundled_recipe_validates_and_says_what_it_is_for_and_how_to_launc
         load_config(recipe)  # strict: an unknown or misspelled key fails here
 
 
-def test_a_stage_hashes_every_module_its_recipe_reaches_and_no_plumbing():
-    """Stage fingerprints cover the recipe's imports, transitively: an edit to training.py's precision rules is a
-    token-reward cache miss, an edit to a plot is not."""
-    from creditflow.flows.registry import NOT_ROW_CHANGING, STAGES
+def test_a_stage_hashes_every_module_its_recipe_reaches():
+    """Stage fingerprints cover the recipe's imports, transitively, derived from the source (no list to keep)."""
+    from creditflow.flows.recipes import RECIPES
+    from creditflow.flows.registry import STAGES, recipe_modules
+    from creditflow.tasks.recipes.token_rewards import SOURCES
 
     def hashed(name: str) -> set[str]:
-        return {m.removeprefix("creditflow.tasks.") for m in STAGES[name].code_modules}
+        return {m.removeprefix("creditflow.") for m in STAGES[name].code_modules()}
 
-    # top level, `from creditflow.tasks import x`, and imports inside functions (reward_model's tiny backbone)
-    assert {"reward_model", "training", "fsdp", "reward_scoring", "schema", "tiny"} <= hashed("reward_model")
-    assert "torchrun_worker" in hashed("reward_model") and "torchrun_worker" in hashed("policy")  # launched by name
-    assert {"contrastive", "abc", "logprobs", "training"} <= hashed("token_rewards")
-    assert "creditflow.storage.token_cache" in hashed("token_rewards")
-    assert {"audit", "audit_probes", "ingest"} <= hashed("audit")  # ingest: through the probe, two imports deep
-    assert {"rl_losses", "rl_rewards", "generation", "gold"} <= hashed("rl")
-    for name in STAGES:
-        assert not hashed(name) & NOT_ROW_CHANGING, name
-    assert "policy" not in hashed("evaluate")  # a trained policy is an upstream artifact, not code
+    # The tables hold functions; planning reads their modules from source without importing them: the same.
+    assert recipe_modules() == {name: recipe.__module__ for name, recipe in RECIPES.items()}
+    assert table_modules(recipe_modules()["token_rewards"], "SOURCES") == {k: f.__module__ for k, f in SOURCES.items()}
+    # top level, `from package import module`, and imports inside functions (reward_model's tiny backbone)
+    assert {
+        "tasks.recipes.reward_model",
+        "tasks.train.checkpoint",
+        "tasks.train.fsdp",
+        "tasks.infer.reward_scoring",
+        "tasks.data.schema",
+        "tasks.models.tiny",
+    } <= hashed("reward_model")
+    assert {
+        "tasks.credit.contrastive",
+        "tasks.credit.attention_credit",
+        "tasks.models.logprobs",
+        "tasks.models.precision",
+        "storage.token_cache",
+    } <= hashed("token_rewards")
+    assert {"tasks.recipes.audit", "tasks.credit.audit_probes", "tasks.data.ingest"} <= hashed("audit")  # two deep
+    assert {"tasks.losses.rl", "tasks.credit.rl_rewards", "tasks.infer.generation", "tasks.infer.gold"} <= hashed("rl")
+    assert "tasks.recipes.policy" not in hashed("evaluate")  # a trained policy is an upstream artifact, not code
+    assert not any(m.startswith("flows.") for name in STAGES for m in hashed(name))
+
+
+def _plan_token_rewards(tmp_path, reference, sources: list[str]):
+    from creditflow.flows.config import validate
+    from creditflow.flows.stages import plan_stage
+    from creditflow.storage.workspace import Workspace
+
+    store = Workspace.resolve(tmp_path / "ws").store
+    table = {"t": pa.table({"x": [1]})}
+    upstream = {
+        stage: store.load(stage, stage) if store.exists(stage, stage) else publish_artifact(store, stage, stage, table)
+        for stage in ("curate", "reward_model")
+    }
+    cfg = validate({"reference_model": str(reference), "token_rewards": {"sources": sources}})
+    return plan_stage("token_rewards", cfg, upstream)
+
+
+@pytest.fixture
+def edited_source(monkeypatch):
+    """Simulate an edit of one module's source file, as the digests read it (read once per process: cleared)."""
+    from creditflow.storage import hashing
+
+    edits = {}
+    read = hashing.module_source
+
+    def source(module: str) -> str:
+        return edits.get(module, read(module))
+
+    def edit(module: str, change) -> None:
+        edits[module] = change(read(module))
+        hashing._source_digest.cache_clear()
+
+    monkeypatch.setattr(hashing, "module_source", source)
+    yield edit
+    hashing._source_digest.cache_clear()
+
+
+def test_token_reward_fingerprint_covers_abc_code_only_when_abc_is_a_source(tmp_path, tiny_lm_dir, edited_source):
+    abc_module = "creditflow.tasks.credit.attention_credit"
+
+    def fingerprints():
+        return {
+            sources: _plan_token_rewards(tmp_path, tiny_lm_dir, list(sources)).fingerprint
+            for sources in (("contrastive",), ("contrastive", "abc"))
+        }
+
+    before = fingerprints()
+    # A function only the ABC path reaches: its code changes, so do the rows of the configs that use ABC.
+    edited_source(abc_module, lambda text: text.replace("def score_abc(", "def score_abc(*_unused, ", 1))
+    after = fingerprints()
+    assert after[("contrastive",)] == before[("contrastive",)]
+    assert after[("contrastive", "abc")] != before[("contrastive", "abc")]
+    # The ABC rows' own cache key (a knob of the source) follows the same code.
+    assert abc_module in reached_modules([abc_module])
+
+
+def test_a_docstring_or_comment_edit_changes_no_fingerprint(tmp_path, tiny_lm_dir, edited_source):
+    before = _plan_token_rewards(tmp_path, tiny_lm_dir, ["contrastive", "abc"]).fingerprint
+    for module in ("creditflow.tasks.credit.attention_credit", "creditflow.tasks.recipes.token_rewards"):
+        edited_source(module, lambda text: text.replace('"""', '"""Reworded. ', 1) + "\n# a new comment\n")
+    assert _plan_token_rewards(tmp_path, tiny_lm_dir, ["contrastive", "abc"]).fingerprint == before
 
 
 def test_an_experiment_name_from_any_caller_cannot_leave_the_workspace(tmp_path):

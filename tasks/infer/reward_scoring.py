@@ -1,0 +1,161 @@
+"""How a reward model reads (prompt, completion) and scores it: shared by its training, on-policy relabelling,
+evaluation and ABC, so every one of them scores exactly what the reward model was trained on.
+
+With a chat template the whole conversation is rendered and cut from the left when too long (the reward is read
+at the end). Without one (encoders such as MiniLM) the prompt and the response are a text pair, truncated
+longest-first.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from creditflow.tasks.config_base import ComputeConfig
+from creditflow.tasks.data.schema import Messages, completion_text
+from creditflow.tasks.infer.distributed import resumable_map
+from creditflow.tasks.models.precision import autocast, resolve_device
+from creditflow.tasks.models.resolve import from_pretrained
+from creditflow.tasks.models.tokenization import pad_right
+
+
+def render_conversations(tokenizer, prompts: list[Messages], completions: list[Messages]) -> list[str]:
+    """Chat-template text of each full conversation (the reward model's input when it has a template)."""
+    return tokenizer.apply_chat_template(
+        [p + c for p, c in zip(prompts, completions)], tokenize=False, add_generation_prompt=False
+    )
+
+
+def prompt_texts(prompts: list[Messages]) -> list[str]:
+    """The first text of a (prompt, response) pair for template-less encoders."""
+    return ["\n\n".join(m["content"] for m in p) for p in prompts]
+
+
+@contextmanager
+def _truncate_left(tokenizer):
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        yield
+    finally:
+        tokenizer.truncation_side = side
+
+
+def encode_for_reward(
+    tokenizer, prompts: list[Messages], completions: list[Messages], max_length: int, offsets: bool = False
+):
+    """Token ids (a BatchEncoding) the reward model sees for each (prompt, completion)."""
+    if tokenizer.chat_template:
+        with _truncate_left(tokenizer):
+            return tokenizer(
+                render_conversations(tokenizer, prompts, completions),
+                add_special_tokens=False,
+                truncation=True,
+                max_length=max_length,
+                return_offsets_mapping=offsets,
+            )
+    return tokenizer(
+        prompt_texts(prompts),
+        [completion_text(c) for c in completions],
+        truncation="longest_first",
+        max_length=max_length,
+        return_offsets_mapping=offsets,
+    )
+
+
+def reward_batch(encoded, rows: list[int], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded model inputs for ``rows`` of an encoding (token_type_ids too when the tokenizer makes them)."""
+    batch = {}
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
+        if key in encoded:
+            batch[key] = pad_right([encoded[key][i] for i in rows], fill).to(device)
+    return batch
+
+
+def ensure_pad(tokenizer, model) -> None:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Decoder classifiers find the read-out token through the pad id; it must be set on the config.
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_reward_model(
+    folder: str | Path, device: torch.device | None = None, trust_remote_code: bool = False, **kwargs
+):
+    """(tokenizer, 1-logit sequence classifier) in eval mode; ``kwargs`` go to ``from_pretrained``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = from_pretrained(AutoTokenizer, folder, trust_remote_code)
+    model = from_pretrained(AutoModelForSequenceClassification, folder, trust_remote_code, num_labels=1, **kwargs)
+    ensure_pad(tokenizer, model)
+    return tokenizer, model.to(device or resolve_device()).eval()
+
+
+@torch.no_grad()
+def score_pairs(model, tokenizer, prompts, completions, max_length: int, batch_size: int, device=None) -> list[float]:
+    """Scalar reward of every (prompt, completion), batched longest first; results in input order. ``device``: where
+    the forward runs, by default the parameters' device (FSDP with CPU offload keeps those on the CPU)."""
+    device = device or next(model.parameters()).device
+    encoded = encode_for_reward(tokenizer, prompts, completions, max_length)
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded["input_ids"][i]))
+    scores = [0.0] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        with autocast(device, bf16=True):
+            rewards = model(**reward_batch(encoded, rows, tokenizer.pad_token_id, device)).logits[:, 0].float()
+        for i, reward in zip(rows, rewards.tolist()):
+            scores[i] = reward
+    return scores
+
+
+ROWS_PER_SHARD = 512  # (prompt, completion) rows per shard of :func:`score_rewards`
+
+
+class RewardScorer:
+    """A trained reward model folder as a scorer of (prompt, completion) batches."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        max_length: int = 512,
+        batch_size: int = 32,
+        device: str = "auto",
+        trust_remote_code: bool = False,
+    ):
+        self.tokenizer, self.model = load_reward_model(folder, resolve_device(device), trust_remote_code)
+        self.max_length, self.batch_size = max_length, batch_size
+
+    def score(self, prompts: list[Messages], completions: list[Messages]) -> list[float]:
+        return score_pairs(self.model, self.tokenizer, prompts, completions, self.max_length, self.batch_size)
+
+    def __call__(self, shard: tuple[list[Messages], list[Messages]]) -> list[float]:
+        return self.score(*shard)
+
+
+def score_rewards(
+    folder: str | Path,
+    jobs: list[tuple[list[Messages], list[Messages]]],
+    compute: ComputeConfig | None = None,
+    store=None,
+    progress: bool = True,
+    rows_per_shard: int = ROWS_PER_SHARD,
+    trust_remote_code: bool = False,
+) -> list[list[float]]:
+    """:meth:`RewardScorer.score` of every (prompts, completions) job, one list of scores per job, in shards of
+    ``rows_per_shard`` rows (input order) that never span two jobs, so each job is batched as a call of its own
+    would be. The reward model is loaded once here, or once per Ray actor; finished shards go to ``store``
+    (storage.shard_results.ShardResults)."""
+    shards, owners = [], []
+    for job, (prompts, completions) in enumerate(jobs):
+        for start in range(0, len(prompts), rows_per_shard):
+            shards.append((prompts[start : start + rows_per_shard], completions[start : start + rows_per_shard]))
+            owners.append(job)
+    build = partial(RewardScorer, str(folder), trust_remote_code=trust_remote_code)  # picklable: Ray actors too
+    done = resumable_map(shards, build, compute, store, "reward scores", progress)
+    scores: list[list[float]] = [[] for _ in jobs]
+    for job, rows in zip(owners, done):
+        scores[job] += rows
+    return scores
