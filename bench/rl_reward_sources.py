@@ -77,10 +77,10 @@ def main() -> None:
     Path(args.out).write_text("")  # then one line per finished run: a killed bench keeps the runs it finished
     for source in args.sources:
         for seed in args.seeds:
+            run = dict(enabled=True, reward_source=source, seed=seed, epochs=50, max_steps=args.iterations)
             config = RLConfig.model_validate(
-                {**RL_SETTINGS, "enabled": True, "reward_source": source, "seed": seed, "epochs": 50,
-                 "max_steps": args.iterations, "sampling": {**RL_SETTINGS["sampling"], "seed": seed}}
-            )  # fmt: skip
+                {**RL_SETTINGS, **run, "sampling": {**RL_SETTINGS["sampling"], "seed": seed}}
+            )
             started = time.perf_counter()
             trainer = RLTrainer(reference, rm_dir, prompts, config, rm_max_length=cfg["reward_model"]["max_length"])
             history = trainer.train()

@@ -342,7 +342,7 @@ def export(
     workspace: Optional[str] = WorkspaceOpt,
 ) -> None:
     """Write a self-contained Hugging Face folder (weights, tokenizer, model card) for a trained model."""
-    from creditflow.storage.export import export_model
+    from creditflow.flows.export import export_model
     from creditflow.storage.workspace import Workspace
 
     with user_errors():

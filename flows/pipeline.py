@@ -12,7 +12,14 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from creditflow.flows.config import ConfigError, data_needs, default_run_name, pipeline_needs, validate
+from creditflow.flows.config import (
+    ConfigError,
+    PipelineConfig,
+    data_needs,
+    default_run_name,
+    pipeline_needs,
+    validate,
+)
 from creditflow.flows.registry import STAGES, pin_hub_revisions
 from creditflow.flows.stages import StageNotReady, execute_stage, hash_sources, plan_stage, record_stage_run
 from creditflow.storage.artifacts import Manifest
@@ -61,6 +68,11 @@ def check_run_name(name: str) -> str:
     return name
 
 
+def _pinned(config: dict[str, Any] | None, pinned: bool) -> tuple[dict[str, Any], PipelineConfig]:
+    """``config`` with its hub ids pinned, and validated: pinned here unless the caller did it already."""
+    return (config or {}, validate(config)) if pinned else pin_hub_revisions(config)
+
+
 def _refresh_catalog(ws: Workspace) -> None:
     Catalog(ws.catalog_path, ws.store).refresh()
 
@@ -87,10 +99,12 @@ def _stage_flow(name: str):
         upstream: dict[str, dict[str, Any]] | None = None,
         refresh_catalog: bool = True,
         run_name: str | None = None,
+        pinned: bool = False,
     ) -> dict[str, Any]:
         """``upstream``: manifests of the earlier stages (the pipeline passes them; alone, they are resolved).
-        ``run_name``: the pipeline run's name, which names this flow run in Prefect."""
-        config, cfg = pin_hub_revisions(config)
+        ``run_name``: the pipeline run's name, which names this flow run in Prefect. ``pinned``: the caller has run
+        :func:`pin_hub_revisions` on ``config`` already (a run pins once)."""
+        config, cfg = _pinned(config, pinned)
         ws = Workspace.resolve(workspace or cfg.workspace)
         manifests = {k: Manifest.from_dict(m) for k, m in upstream.items()} if upstream is not None else None
         try:
@@ -131,15 +145,17 @@ def pipeline_flow(
     refresh: list[str] | None = None,
     progress: bool = True,
     run_name: str | None = None,
+    pinned: bool = False,
 ) -> dict[str, Any]:
     """Run every stage in order under one MLflow parent run (named ``run_name``, default from the config: method,
-    T-REG weight, LoRA, seed).
+    T-REG weight, LoRA, seed). ``pinned``: the caller pinned ``config``'s hub ids already (a run pins once; a
+    schedule's deployment holds the config as written, so its runs pin here).
 
     ``from_stage`` recomputes that stage and everything after it, taking earlier stages from the cache (they must
     exist). ``refresh`` names stages to recompute even if cached.
     """
     hash_sources()
-    config, cfg = pin_hub_revisions(config)
+    config, cfg = _pinned(config, pinned)
     ws = Workspace.resolve(workspace or cfg.workspace)
     order = [name for name, stage in STAGES.items() if stage.enabled(cfg)]
     refresh = list(refresh or [])
@@ -178,6 +194,7 @@ def pipeline_flow(
                     upstream={u: m.to_dict() for u, m in upstream.items()},
                     refresh_catalog=False,
                     run_name=run_name,
+                    pinned=True,
                 )
             results[name] = result
             manifests[name] = Manifest.from_dict(result["manifest"])
@@ -211,13 +228,19 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """What ``creditflow run`` and the demo call: the pipeline flow, or, when every stage is already cached and
     nothing asks for a recompute, :func:`record_cached_run`, which starts no Prefect server and loads no model."""
-    config, _ = pin_hub_revisions(config)  # once: both paths below plan with the same commits
+    config, cfg = pin_hub_revisions(config)  # once: both paths below plan with the same commits
     if not from_stage and not refresh:
-        cached = record_cached_run(config, workspace, run_name)
+        cached = record_cached_run(cfg, workspace, run_name)
         if cached is not None:
             return cached
     return pipeline_flow(
-        config=config, workspace=workspace, from_stage=from_stage, refresh=refresh, progress=progress, run_name=run_name
+        config=config,
+        workspace=workspace,
+        from_stage=from_stage,
+        refresh=refresh,
+        progress=progress,
+        run_name=run_name,
+        pinned=True,
     )
 
 
@@ -228,8 +251,8 @@ def run_stage_alone(
     starting Prefect or loading a model; otherwise the stage's flow runs."""
     if name not in STAGE_FLOWS:
         raise ValueError(f"unknown stage {name!r} (stages: {', '.join(STAGE_FLOWS)})")
+    config, cfg = pin_hub_revisions(config)
     if not refresh:
-        config, cfg = pin_hub_revisions(config)
         ws = Workspace.resolve(workspace or cfg.workspace)
         try:
             result = execute_stage(name, cfg, ws, cached_only=True, progress=progress)
@@ -238,17 +261,14 @@ def run_stage_alone(
         else:
             _refresh_catalog(ws)
             return result.to_dict()
-    return STAGE_FLOWS[name](config=config, workspace=workspace, refresh=refresh, progress=progress)
+    return STAGE_FLOWS[name](config=config, workspace=workspace, refresh=refresh, progress=progress, pinned=True)
 
 
-def record_cached_run(
-    config: dict[str, Any] | None, workspace: str | None, run_name: str | None = None
-) -> dict[str, Any] | None:
+def record_cached_run(cfg: PipelineConfig, workspace: str | None, run_name: str | None = None) -> dict[str, Any] | None:
     """If every stage of this config has its artifact, record the run as one light MLflow run (tagged with the
     run that computed each artifact, carrying the headline params and metrics) plus its ``stage_runs`` rows, and
     return it in ``pipeline_flow``'s shape. None when some stage must compute (or the stages' needs fail)."""
     hash_sources()
-    config, cfg = pin_hub_revisions(config)
     if pipeline_needs(cfg):
         return None  # pipeline_flow reports them
     ws = Workspace.resolve(workspace or cfg.workspace)

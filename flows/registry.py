@@ -96,7 +96,7 @@ def pin_hub_revisions(config: dict[str, Any] | None) -> tuple[dict[str, Any], Pi
     workers and later stages (which read the spec from upstream manifests) then all load the one snapshot the
     fingerprint covers, even if the branch moves mid-run, and the manifests say which commit it was.
     """
-    from creditflow.tasks.models.resolve import is_hub_id
+    from creditflow.tasks.models.hub import is_hub_id
 
     cfg = validate(config)  # errors in config words first
     pinned = copy.deepcopy(config or {})

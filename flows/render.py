@@ -174,7 +174,7 @@ def print_gc(report, ws, dry_run: bool, min_age: float) -> None:
 
 def print_audit(rows) -> None:
     """The token-reward audit table, and a loud warning for every source that points the wrong way."""
-    from creditflow.tasks.recipes.audit import AUC_WARNING
+    from creditflow.tasks.credit.audit_probes import AUC_WARNING
 
     def fmt(value: float) -> str:
         return "-" if value != value else f"{value:.3f}"  # NaN: nothing to compare

@@ -96,7 +96,7 @@ def test_hub_models_download_only_what_from_pretrained_reads(tmp_path, monkeypat
     only when a repo has no safetensors; offline, the same snapshot is found in the cache."""
     from huggingface_hub import constants
 
-    from creditflow.tasks.models.resolve import hub_snapshot
+    from creditflow.tasks.models.hub import hub_snapshot
 
     common = {"config.json": b"{}", "tokenizer.json": b"{}", "README.md": b"card", "merges.txt": b"m"}
     server = _fake_hub(

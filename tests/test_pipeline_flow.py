@@ -14,6 +14,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from creditflow.flows import pipeline as pipeline_module
 from creditflow.flows import stages as stage_module
 from creditflow.flows.config import ConfigError, PipelineConfig, load_config
 from creditflow.flows.pipeline import curate_flow, pipeline_flow, reward_model_flow
@@ -290,8 +291,14 @@ def test_onpolicy_stage_builds_pairs_from_policy_samples(tmp_path):
 
 
 def test_the_pipeline_plans_each_stage_once_and_refreshes_the_catalog_once(tmp_path, monkeypatch):
-    planned, refreshed = [], []
+    """...and pins its hub ids once: the stage subflows take the pinned config."""
+    planned, refreshed, pinned = [], [], []
     real_plan, real_refresh = stage_module.plan_stage, stage_module.Catalog.refresh
+    real_pin = pipeline_module.pin_hub_revisions
+
+    def counting_pin(config):
+        pinned.append(1)
+        return real_pin(config)
 
     def counting_plan(name, cfg, upstream):
         planned.append(name)
@@ -303,9 +310,13 @@ def test_the_pipeline_plans_each_stage_once_and_refreshes_the_catalog_once(tmp_p
 
     monkeypatch.setattr(stage_module, "plan_stage", counting_plan)
     monkeypatch.setattr(stage_module.Catalog, "refresh", counting_refresh)
+    monkeypatch.setattr(pipeline_module, "pin_hub_revisions", counting_pin)
     result = pipeline_flow(config=_config(), workspace=str(tmp_path), progress=False)
     assert planned == list(result["stages"]) == ["curate", "reward_model", "token_rewards", "policy", "evaluate"]
     assert refreshed == [tmp_path / "catalog.duckdb"]
+    assert len(pinned) == 1
+    pipeline_module.run_pipeline(config=_config(), workspace=str(tmp_path), progress=False)  # cached: the light path
+    assert len(pinned) == 2
     for name, stage in result["stages"].items():  # every declared output is in the manifest
         outputs = stage["manifest"]["outputs"]
         for output in STAGES[name].outputs:
@@ -539,8 +550,8 @@ def test_the_rl_stage_trains_next_to_dpo_and_evaluate_compares_them(tmp_path):
     when read), cached, evaluated, exported; `creditflow stage rl` without a reward model names what is missing."""
     from transformers import AutoModelForCausalLM
 
+    from creditflow.flows.export import export_model
     from creditflow.flows.pipeline import rl_flow
-    from creditflow.storage.export import export_model
 
     cfg = _config(sources=[{"builtin": "sample", "limit": 60}])
     cfg["rl"].update(

@@ -455,9 +455,13 @@ def test_two_process_fsdp_matches_one_process_and_resumes_exactly_from_its_shard
     assert not (tmp_path / "never").exists() and 2 <= saved < len(full) and (checkpoint / "sharded").is_dir()
     resumed_steps = []
     resumed = launch_distributed(
-        model_dir, examples, config, tmp_path / "resumed", checkpoint_dir=checkpoint,
+        model_dir,
+        examples,
+        config,
+        tmp_path / "resumed",
+        checkpoint_dir=checkpoint,
         on_step=lambda s, m: resumed_steps.append(s),
-    )  # fmt: skip
+    )
     assert resumed_steps == list(range(saved + 1, len(full) + 1))
     assert [h["loss"] for h in resumed] == [h["loss"] for h in full]
     uninterrupted = AutoModelForCausalLM.from_pretrained(tmp_path / "full").state_dict()
@@ -560,11 +564,14 @@ def test_an_adapter_only_lora_run_rebuilds_its_merged_model(model_dir, data, tmp
     lora = dict(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
     runs = {
         merged: _run_stage(
-            model_dir, data, tmp_path / str(merged), publish,
+            model_dir,
+            data,
+            tmp_path / str(merged),
+            publish,
             _config(lora=LoraConfig(**lora, save_merged=merged), max_steps=3, learning_rate=1e-2),
         )[0].writer.dir
         for merged in (True, False)
-    }  # fmt: skip
+    }
     adapter_only = runs[False]
     assert not (adapter_only / "model").exists()
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"} <= {

@@ -51,7 +51,7 @@ def source_digest(source: SourceConfig) -> str:
 def hub_dataset_snapshot(source: SourceConfig) -> Path | None:
     """The HF-cache snapshot folder of an ``org/name`` hub dataset (HF_HUB_OFFLINE honoured); None for a builder
     name (``json``, ``parquet``, ...) or a local folder."""
-    from creditflow.tasks.models.resolve import hub_snapshot, is_hub_id
+    from creditflow.tasks.models.hub import hub_snapshot, is_hub_id
 
     if not source.hf or not is_hub_id(source.hf):
         return None

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from creditflow.tasks.models.resolve import is_hub_id
+from creditflow.tasks.models.hub import is_hub_id
 
 if TYPE_CHECKING:
     from creditflow.tasks.stage import StageContext

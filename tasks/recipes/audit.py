@@ -27,11 +27,10 @@ from typing import Callable
 
 import numpy as np
 
-from creditflow.tasks.credit.audit_probes import KINDS, PLANTED_KINDS, ProbeItem, build_probe
+from creditflow.tasks.credit.audit_probes import AUC_WARNING, KINDS, PLANTED_KINDS, ProbeItem, build_probe
 from creditflow.tasks.data.schema import Messages
 
 logger = logging.getLogger(__name__)
-AUC_WARNING = 0.5
 REFERENCE = "reference log-prob"
 
 

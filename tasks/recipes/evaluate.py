@@ -56,9 +56,15 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
     with ray_session(ctx.compute):  # local, or one Ray session for every job
         for name, folder in systems.items():
             samples = generate(
-                folder, messages, 1, config, ctx.compute, ctx.shard_results(name), ctx.progress,
+                folder,
+                messages,
+                1,
+                config,
+                compute=ctx.compute,
+                store=ctx.shard_results(name),
+                progress=ctx.progress,
                 trust_remote_code=trust,
-            )  # fmt: skip
+            )
             completions[name] = [s[0] for s in samples]
         jobs = [(messages, [[{"role": "assistant", "content": t}] for t in texts]) for texts in completions.values()]
         scores = score_rewards(

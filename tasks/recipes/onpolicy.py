@@ -85,15 +85,25 @@ def compute_onpolicy(ctx: StageContext) -> dict[str, float]:
     trust = ctx.remote_code_allowed(reference, reward_model)
     with ray_session(ctx.compute):  # local, or one Ray session for both jobs
         samples = generate(
-            reference, prompt_messages, k, config, ctx.compute, ctx.shard_results("samples"), ctx.progress,
+            reference,
+            prompt_messages,
+            k,
+            config,
+            compute=ctx.compute,
+            store=ctx.shard_results("samples"),
+            progress=ctx.progress,
             trust_remote_code=trust,
-        )  # fmt: skip
+        )
         flat_prompts = [p for p, texts in zip(prompt_messages, samples) for _ in texts]
         flat_completions = [[{"role": "assistant", "content": t}] for texts in samples for t in texts]
         [flat_scores] = score_rewards(
-            reward_model, [(flat_prompts, flat_completions)], ctx.compute, ctx.shard_results("rm"), ctx.progress,
+            reward_model,
+            [(flat_prompts, flat_completions)],
+            compute=ctx.compute,
+            store=ctx.shard_results("rm"),
+            progress=ctx.progress,
             trust_remote_code=trust,
-        )  # fmt: skip
+        )
     scores = [flat_scores[i : i + k] for i in range(0, len(flat_scores), k)]
 
     pairs, quarantine = build_pairs(prompts, samples, scores, ctx.reference_model, config.min_margin)

@@ -110,17 +110,29 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
     model_out, adapter_out = trained_outputs(ctx.writer.dir, config.lora)
     if config.in_process:
         trainer = PolicyTrainer(
-            model_dir, examples, config, checkpoint_dir=ctx.checkpoint_dir, on_step=log_step, progress=ctx.progress,
+            model_dir,
+            examples,
+            config,
+            checkpoint_dir=ctx.checkpoint_dir,
+            on_step=log_step,
+            progress=ctx.progress,
             trust_remote_code=trust,
-        )  # fmt: skip
+        )
         history = trainer.train()
         trainer.save_pretrained(model_out, adapter_out)
         del trainer
     else:
         history = launch_distributed(
-            model_dir, examples, config, model_out, adapter_out, ctx.checkpoint_dir, on_step=log_step,
-            launch_dir=launch_folder(ctx.checkpoint_dir), trust_remote_code=trust,
-        )  # fmt: skip
+            model_dir,
+            examples,
+            config,
+            model_out,
+            adapter_dir=adapter_out,
+            checkpoint_dir=ctx.checkpoint_dir,
+            on_step=log_step,
+            launch_dir=launch_folder(ctx.checkpoint_dir),
+            trust_remote_code=trust,
+        )
     for entry in history:  # steps restored from a checkpoint were logged by the run that made them
         if entry["step"] not in logged:
             ctx.run.log_metrics({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
@@ -191,9 +203,14 @@ def run_worker(spec: dict, on_step: StepCallback) -> list[dict[str, float]]:
     config = PolicyConfig.model_validate(spec["config"])
     examples = [PolicyExample.from_dict(e) for e in torch.load(spec["examples"], weights_only=True)]
     trainer = PolicyTrainer(
-        spec["model_dir"], examples, config, checkpoint_dir=spec["checkpoint_dir"], on_step=on_step, progress=False,
+        spec["model_dir"],
+        examples,
+        config,
+        checkpoint_dir=spec["checkpoint_dir"],
+        on_step=on_step,
+        progress=False,
         trust_remote_code=spec["trust_remote_code"],
-    )  # fmt: skip
+    )
     history = trainer.train()
     trainer.save_pretrained(spec["output_dir"], spec["adapter_dir"])
     return history

@@ -340,15 +340,28 @@ def compute_reward_model(ctx: StageContext) -> dict[str, float]:
     model_dir = ctx.writer.dir / "model"
     if config.in_process:
         tokenizer, model, history = train_reward_model(
-            base, train, evaluation, config, checkpoint_dir=ctx.checkpoint_dir, on_step=log_step, progress=ctx.progress,
+            base,
+            train,
+            evaluation,
+            config,
+            checkpoint_dir=ctx.checkpoint_dir,
+            on_step=log_step,
+            progress=ctx.progress,
             trust_remote_code=trust,
-        )  # fmt: skip
+        )
         save_reward_model(model, tokenizer, base, model_dir, sharded=False, trust_remote_code=trust)
     else:
         history = launch_distributed(
-            base, train, evaluation, config, model_dir, ctx.checkpoint_dir, log_step,
-            launch_folder(ctx.checkpoint_dir), trust,
-        )  # fmt: skip
+            base,
+            train,
+            evaluation,
+            config,
+            model_dir,
+            checkpoint_dir=ctx.checkpoint_dir,
+            on_step=log_step,
+            launch_dir=launch_folder(ctx.checkpoint_dir),
+            trust_remote_code=trust,
+        )
         tokenizer, model = load_reward_model(model_dir, trust_remote_code=trust)
     if config.base_model == TINY_BACKBONE:
         shutil.rmtree(ctx.writer.dir / "base")

@@ -283,10 +283,8 @@ class RLTrainer:
                 due = self.iteration % self.config.save_every == 0 and self.iteration < self.iterations
                 if self.checkpoint and due:
                     progress = {"step": self.iteration, "history": self.history, "samples": self.samples}
-                    save_training_state(
-                        self.checkpoint, self.trainable, self.optimizer, self.scheduler, self._identity(),
-                        kl_coef=self.kl.value, **progress,
-                    )  # fmt: skip
+                    state = (self.checkpoint, self.trainable, self.optimizer, self.scheduler, self._identity())
+                    save_training_state(*state, kl_coef=self.kl.value, **progress)
                 if self.on_step is not None:
                     self.on_step(self.iteration, metrics)
         bar.close()
