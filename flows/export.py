@@ -10,6 +10,7 @@ from pathlib import Path
 
 from creditflow.storage.catalog import Catalog
 from creditflow.storage.workspace import Workspace
+from creditflow.tasks.models.causal_lm import ADAPTER, trained_model_folder
 
 
 def export_model(ws: Workspace, stage: str, out: str | Path, run_id: str | None = None, adapter: bool = False) -> Path:
@@ -27,7 +28,6 @@ def export_model(ws: Workspace, stage: str, out: str | Path, run_id: str | None 
     present = [f for f in fingerprints if ws.store.exists(stage, f)]
     if not present:
         raise ValueError(f"export: the {stage} artifacts of {which} were garbage-collected; rerun the stage")
-    from creditflow.tasks.models.causal_lm import ADAPTER, trained_model_folder
 
     artifact = ws.store.path(stage, present[0])
     if adapter and not (artifact / ADAPTER).is_dir():

@@ -23,6 +23,7 @@ from pathlib import Path
 from creditflow.storage.artifacts import Manifest
 from creditflow.storage.catalog import Catalog
 from creditflow.storage.leases import live_leases
+from creditflow.storage.token_cache import TokenCache
 from creditflow.storage.workspace import Workspace
 
 
@@ -149,7 +150,6 @@ def _prune_token_cache(
     workspace: Workspace, kept: list[Manifest], min_age: float, dry_run: bool, report: GcReport
 ) -> None:
     """Shards with no row that a remaining token_rewards artifact was assembled from (whole shards only)."""
-    from creditflow.storage.token_cache import TokenCache
 
     cache = TokenCache.for_workspace(workspace)
     needed: set[str] = set()

@@ -8,6 +8,7 @@ without torch or transformers.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -87,8 +88,6 @@ class SamplingConfig(StrictConfig):
     @field_validator("backend")
     @classmethod
     def _vllm_is_installed(cls, backend: str) -> str:
-        import importlib.util
-
         if backend == "vllm" and importlib.util.find_spec("vllm") is None:
             raise ValueError("backend 'vllm' needs vLLM, which is not installed: pip install 'creditflow[vllm]' (GPU)")
         return backend

@@ -4,13 +4,14 @@ data and, on a loaded machine, warns that it is slow."""
 
 from __future__ import annotations
 
+import matplotlib
+import matplotlib.pyplot as plt
+
 
 def new_figure(ncols: int, figsize: tuple[float, float]):
     """(figure, axes) of one row of ``ncols`` panels on the headless backend; ``axes`` is a list."""
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, ncols, figsize=figsize, squeeze=False)
     return fig, list(axes[0])
@@ -18,7 +19,6 @@ def new_figure(ncols: int, figsize: tuple[float, float]):
 
 def finish(fig):
     """Lay out and close ``fig`` (it can still be saved or logged)."""
-    import matplotlib.pyplot as plt
 
     fig.tight_layout()
     plt.close(fig)

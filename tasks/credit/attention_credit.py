@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers.utils.output_capturing import OutputRecorder
 
 from creditflow.storage.hashing import code_version, reached_modules
 from creditflow.tasks.configs import TokenRewardsConfig
@@ -35,6 +37,7 @@ from creditflow.tasks.data.schema import Messages
 from creditflow.tasks.infer.reward_scoring import encode_for_reward, load_reward_model, render_conversations
 from creditflow.tasks.models import tokenization
 from creditflow.tasks.models.precision import inference_dtype
+from creditflow.tasks.models.resolve import model_fingerprint
 from creditflow.tasks.models.tokenization import completion_offsets, pad_right
 
 
@@ -118,14 +121,12 @@ def load_abc_model(folder: str | Path, device: torch.device, dtype: torch.dtype,
 
 def is_encoder(model) -> bool:
     """Bidirectional encoders (model types with a masked-LM head) pool at CLS; decoders read the last token."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     return model.config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def _last_attention_module(model):
     """The last self-attention module of the backbone (the class transformers records ``attentions`` from)."""
-    from transformers.utils.output_capturing import OutputRecorder
 
     spec = getattr(model.base_model, "_can_record_outputs", {}).get("attentions")
     target = spec.target_class if isinstance(spec, OutputRecorder) else spec
@@ -290,7 +291,6 @@ def official_policy_rewards(
 
 def abc_source(config: TokenRewardsConfig, device, models: SourceModels, trust_remote_code: bool = False) -> Source:
     """ABC on the reward model in ``models.reward_model_dir`` (the reward-model stage's ``model/``)."""
-    from creditflow.tasks.models.resolve import model_fingerprint
 
     folder, dtype = Path(models.reward_model_dir), inference_dtype(config.dtype, device)
     tokenizer, model = load_abc_model(folder, device, dtype, trust_remote_code)

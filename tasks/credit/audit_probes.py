@@ -13,9 +13,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+from creditflow.tasks.configs import SourceConfig
+from creditflow.tasks.data.ingest import source_path
 from creditflow.tasks.data.schema import Messages
 
 PLANTED_KINDS = ("arithmetic", "counting", "ordering", "units", "sequence", "capitals")
@@ -136,12 +141,6 @@ FLIPS = {
 
 def sentiment_flip_probe(n: int = 60, seed: int = 0) -> list[ProbeItem]:
     """The bundled task's responses with one positive word flipped to a negative one (vader-checked)."""
-    import re
-
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    from creditflow.tasks.configs import SourceConfig
-    from creditflow.tasks.data.ingest import source_path
 
     lexicon = SentimentIntensityAnalyzer().lexicon
     flips = {good: bad for good, bad in FLIPS.items() if lexicon.get(good, 0) > 0 > lexicon.get(bad, 0)}

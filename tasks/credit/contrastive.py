@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from creditflow.storage.hashing import code_version, reached_modules, sha256_text
 from creditflow.tasks.configs import TokenRewardsConfig
@@ -34,7 +34,7 @@ from creditflow.tasks.data.schema import Messages, completion_text
 from creditflow.tasks.models import tokenization
 from creditflow.tasks.models.logprobs import DEFAULT_CHUNK, check_lm_head, completion_logprobs
 from creditflow.tasks.models.precision import autocast, reference_precision
-from creditflow.tasks.models.resolve import from_pretrained
+from creditflow.tasks.models.resolve import from_pretrained, model_fingerprint, resolve_model
 from creditflow.tasks.models.tokenization import (
     completion_offsets,
     encode_completions,
@@ -45,8 +45,6 @@ from creditflow.tasks.models.tokenization import (
 
 
 def load_reference_model(folder: str | Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM
-
     model = from_pretrained(AutoModelForCausalLM, folder, trust_remote_code, dtype=dtype, attn_implementation="sdpa")
     model = model.to(device).eval()
     check_lm_head(model)
@@ -167,7 +165,6 @@ def contrastive_source(
     config: TokenRewardsConfig, device, models: SourceModels, trust_remote_code: bool = False
 ) -> Source:
     """T-REG contrastive prompting on the reference model (whose tokenizer is the policy's)."""
-    from creditflow.tasks.models.resolve import model_fingerprint, resolve_model
 
     dtype, bf16_autocast = reference_precision(config.dtype, device)
     folder = resolve_model(models.reference_model)

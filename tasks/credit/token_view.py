@@ -12,6 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from rich.console import Group
+from rich.panel import Panel
+from rich.text import Text
 
 from creditflow.tasks.plots import finish, new_figure
 
@@ -63,9 +66,6 @@ def render_pair(pair_id: str, rows: list[dict[str, Any]], tokenizer):
     ``rows`` are ``token_rewards`` rows (any pairs; this pair's are picked); ``tokenizer`` decodes their token ids,
     or maps source -> tokenizer when sources were tokenized differently (ABC rows hold reward-model tokens).
     """
-    from rich.console import Group
-    from rich.panel import Panel
-    from rich.text import Text
 
     mine = [r for r in rows if r["pair_id"] == pair_id]
     if not mine:

@@ -13,6 +13,8 @@ import json
 import random
 from pathlib import Path
 
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
 SUBJECTS = [
     "new coffee shop",
     "hiking trail",
@@ -95,8 +97,6 @@ def _response(rng: random.Random, subject: str, positivity: float) -> str:
 
 
 def make_sample(n_prompts: int = 300, seed: int = 0) -> list[dict]:
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
     rng = random.Random(seed)
     scorer = SentimentIntensityAnalyzer()
     score = lambda text: round(scorer.polarity_scores(text)["compound"], 4)  # noqa: E731

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from creditflow.tasks.config_base import ComputeConfig, SamplingConfig
 from creditflow.tasks.data.schema import Messages
@@ -38,7 +39,6 @@ def shard_seed(seed: int, shard: int) -> int:
 
 def load_generation_tokenizer(folder: str | Path, trust_remote_code: bool = False):
     """The tokenizer in ``folder``, with EOS as its pad token when it has none (generate() pads batches)."""
-    from transformers import AutoTokenizer
 
     tokenizer = from_pretrained(AutoTokenizer, folder, trust_remote_code)
     if tokenizer.pad_token_id is None:
@@ -48,7 +48,6 @@ def load_generation_tokenizer(folder: str | Path, trust_remote_code: bool = Fals
 
 def load_generation_model(folder: str | Path, device: str = "auto", trust_remote_code: bool = False):
     """(tokenizer, causal LM) for generation: bf16 on CUDA, fp32 on CPU, eval mode, a pad token set."""
-    from transformers import AutoModelForCausalLM
 
     target = resolve_device(device)
     tokenizer = load_generation_tokenizer(folder, trust_remote_code)
@@ -212,7 +211,6 @@ class VllmSampler:
     """A vLLM engine for the model in ``folder``: (shard index, prompts) -> k texts each, like :class:`Sampler`."""
 
     def __init__(self, folder: str, k: int, sampling: dict, trust_remote_code: bool = False):
-        from transformers import AutoTokenizer
         from vllm import LLM  # pyright: ignore[reportMissingImports]  (the optional GPU extra, deferred)
 
         self.sampling, self.k = SamplingConfig.model_validate(sampling), k

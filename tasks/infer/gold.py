@@ -10,14 +10,14 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
 from creditflow.tasks.data import schema as S
 
 GoldScorer = Callable[[list[S.Messages], list[str]], list[float]]
 
 
 def vader_scorer(prompts: list[S.Messages], completions: list[str]) -> list[float]:
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
     analyzer = SentimentIntensityAnalyzer()
     return [analyzer.polarity_scores(text)["compound"] for text in completions]
 

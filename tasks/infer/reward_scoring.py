@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from creditflow.tasks.config_base import ComputeConfig
 from creditflow.tasks.data.schema import Messages, completion_text
@@ -86,7 +87,6 @@ def load_reward_model(
     folder: str | Path, device: torch.device | None = None, trust_remote_code: bool = False, **kwargs
 ):
     """(tokenizer, 1-logit sequence classifier) in eval mode; ``kwargs`` go to ``from_pretrained``."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = from_pretrained(AutoTokenizer, folder, trust_remote_code)
     model = from_pretrained(AutoModelForSequenceClassification, folder, trust_remote_code, num_labels=1, **kwargs)

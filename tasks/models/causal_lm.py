@@ -11,6 +11,9 @@ from typing import Protocol
 
 import torch
 from filelock import FileLock
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from creditflow.storage.hashing import sha256_file, sha256_json
 from creditflow.tasks.configs import LoraConfig
@@ -37,7 +40,6 @@ def load_policy_model(
     model_dir: str | Path, config: TrainableLMConfig, device: torch.device, trust_remote_code: bool = False
 ):
     """(trained model, causal LM inside it): the same object, or a PEFT wrapper and the LM it patched."""
-    from transformers import AutoModelForCausalLM
 
     # bf16 on CUDA: autocast over fp32 master weights. Pure bf16 weights would be ~13% faster and ~6 GiB lighter at
     # 0.5B params (docs/gpu_notes.md), but DPO learning rates (1e-7..1e-6) are far below bf16's relative precision
@@ -53,8 +55,6 @@ def load_policy_model(
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if config.lora is None:
         return lm.train(), lm
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
 
     adapters = PeftLoraConfig(
         r=config.lora.r,
@@ -98,7 +98,6 @@ def save_trained_lm(
     """With ``out_dir``, the trained model (LoRA merged) and its tokenizer as safetensors; with ``adapter_dir`` (LoRA
     runs) the PEFT adapter alone and the tokenizer: ``adapter_config.json`` + ``adapter_model.safetensors``,
     loadable with ``PeftModel.from_pretrained`` on the base model."""
-    from transformers import AutoTokenizer
 
     tokenizer = from_pretrained(AutoTokenizer, tokenizer_dir, trust_remote_code)
     if lora and adapter_dir is not None:
@@ -145,8 +144,6 @@ def adapter_base(adapter_dir: Path) -> Path:
 
 def _merge_adapter(base: Path, adapter: Path, target: Path, trust_remote_code: bool) -> None:
     """Base + adapter merged into ``target`` in the model cache, with the adapter's tokenizer and card."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # The base's own dtype, as a LoRA run on CUDA (bf16 frozen base) merges in the stage.
     lm = from_pretrained(AutoModelForCausalLM, base, trust_remote_code, dtype="auto")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 import uuid
@@ -25,6 +26,8 @@ from pathlib import Path
 
 from creditflow.storage.artifacts import grant_umask_permissions
 from creditflow.storage.hashing import sha256_file, sha256_json
+from creditflow.tasks.configs import SourceConfig
+from creditflow.tasks.data.ingest import source_path
 from creditflow.tasks.models.hub import NAMED_MODELS, hub_snapshot, is_hub_id
 
 MODEL_CACHE_ENV = "CREDITFLOW_MODEL_CACHE"
@@ -166,10 +169,6 @@ def _smollm2_folder() -> Path:
 
 def _tiny_lm_folder() -> Path:
     """A ~100K-parameter Llama with a tokenizer trained on the bundled sample: the offline fallback and CI policy."""
-    import json
-
-    from creditflow.tasks.configs import SourceConfig
-    from creditflow.tasks.data.ingest import source_path
 
     sample = source_path(SourceConfig(builtin="sample"))
     target = model_cache_dir() / f"tiny-lm-{sha256_file(sample)[:12]}"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -38,7 +39,6 @@ def build_tiny_tokenizer(out_dir: str | Path, corpus: list[str], vocab_size: int
 
 def tiny_llama_config(tokenizer: PreTrainedTokenizerFast, **overrides):
     """A ~100K-parameter Llama shape: fast enough for CPU tests, real enough to exercise every code path."""
-    from transformers import LlamaConfig
 
     settings = dict(
         vocab_size=len(tokenizer),
@@ -59,8 +59,6 @@ def tiny_llama_config(tokenizer: PreTrainedTokenizerFast, **overrides):
 
 def build_tiny_causal_lm(out_dir: str | Path, corpus: list[str], seed: int = 0, **overrides) -> Path:
     """Tokenizer + randomly initialized tiny Llama causal LM saved to ``out_dir`` (loads with AutoModelForCausalLM)."""
-    import torch
-    from transformers import LlamaForCausalLM
 
     tokenizer = build_tiny_tokenizer(out_dir, corpus)
     torch.manual_seed(seed)
@@ -70,8 +68,6 @@ def build_tiny_causal_lm(out_dir: str | Path, corpus: list[str], seed: int = 0, 
 
 def build_tiny_reward_backbone(out_dir: str | Path, corpus: list[str], seed: int = 0, **overrides) -> Path:
     """Tokenizer + tiny Llama sequence classifier (1 label) saved to ``out_dir``: a stand-in reward-model base."""
-    import torch
-    from transformers import LlamaForSequenceClassification
 
     tokenizer = build_tiny_tokenizer(out_dir, corpus)
     torch.manual_seed(seed)

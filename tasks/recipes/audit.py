@@ -26,9 +26,20 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
+import torch
+from matplotlib.patches import Patch
 
+from creditflow.tasks.configs import TEMPLATE_PRESETS, TokenRewardsConfig
+from creditflow.tasks.credit import attention_credit, contrastive
 from creditflow.tasks.credit.audit_probes import AUC_WARNING, KINDS, PLANTED_KINDS, ProbeItem, build_probe
 from creditflow.tasks.data.schema import Messages
+from creditflow.tasks.models.causal_lm import trained_model_folder
+from creditflow.tasks.models.logprobs import completion_logprobs
+from creditflow.tasks.models.precision import autocast, reference_precision, resolve_device
+from creditflow.tasks.models.resolve import resolve_model
+from creditflow.tasks.models.tokenization import load_tokenizer, pad_token_id, padded_batch
+from creditflow.tasks.plots import finish, new_figure
 
 logger = logging.getLogger(__name__)
 REFERENCE = "reference log-prob"
@@ -153,9 +164,6 @@ def audit_source(name: str, scorer: Scorer, probe: list[ProbeItem], known: set[i
 
 def audit_figure(rows: list[AuditRow]):
     """AUC per source: every item, the planted errors, and those the reference model knows; red below 0.5."""
-    from matplotlib.patches import Patch
-
-    from creditflow.tasks.plots import finish, new_figure
 
     sources = list(dict.fromkeys(r.source for r in rows))
     pools = [k for k in ("all", "planted", "planted-known") if any(r.kind == k for r in rows)]
@@ -200,22 +208,15 @@ class Reference:
     bf16_autocast: bool
 
     def precision(self):
-        from creditflow.tasks.models.precision import autocast
-
         return autocast(self.device, self.bf16_autocast)
 
     def encode(self, prompts, texts, config=None):
-        from creditflow.tasks.configs import TokenRewardsConfig
-        from creditflow.tasks.credit import contrastive
-
         config = config or TokenRewardsConfig(max_length=self.max_length)
         return contrastive.encode_contrastive(self.tokenizer, prompts, [_completion(t) for t in texts], config)
 
 
 def _contrastive_scorers(ref: Reference, better: str, worse: str) -> tuple[Scorer, Scorer]:
     """(r̂ scorer, reference log-prob scorer) of one preset: one contrastive pass per probe, shared by both."""
-    from creditflow.tasks.configs import TokenRewardsConfig
-    from creditflow.tasks.credit import contrastive
 
     config = TokenRewardsConfig(
         template="custom", better_template=better, worse_template=worse, max_length=ref.max_length
@@ -239,11 +240,6 @@ def _contrastive_scorers(ref: Reference, better: str, worse: str) -> tuple[Score
 
 def _implicit_scorer(ref: Reference, policy: str | Path, beta: float, trust_remote_code: bool = False) -> Scorer:
     """β·(log π − log π_ref) per token: what DPO's training made of each token."""
-    import torch
-
-    from creditflow.tasks.credit import contrastive
-    from creditflow.tasks.models.logprobs import completion_logprobs
-    from creditflow.tasks.models.tokenization import padded_batch
 
     dtype = next(ref.model.parameters()).dtype
     trained = contrastive.load_reference_model(policy, ref.device, dtype, trust_remote_code)
@@ -268,9 +264,6 @@ def _abc_scorers(
 ) -> tuple[Scorer, Scorer]:
     """(official ABC, centered ABC): the stored form (Σ r_t = r) and the regularizer's (standardized over the
     probe's responses, spread by attention, bounded)."""
-    import torch
-
-    from creditflow.tasks.credit import attention_credit
 
     tokenizer, model = attention_credit.load_abc_model(folder, device, torch.float32, trust_remote_code)
 
@@ -308,9 +301,6 @@ def run_audit(
 ) -> list[AuditRow]:
     """Audit every source the arguments make available: contrastive r̂ per preset and the reference log-prob
     (always), the DPO-implicit reward (with a trained ``policy``), ABC (with a ``reward_model``)."""
-    from creditflow.tasks.credit import contrastive
-    from creditflow.tasks.models.precision import reference_precision, resolve_device
-    from creditflow.tasks.models.tokenization import load_tokenizer, pad_token_id
 
     device = resolve_device()
     tokenizer = load_tokenizer(str(reference), trust_remote_code)
@@ -341,11 +331,6 @@ def run_audit(
 def compute_audit(ctx) -> dict[str, float]:
     """Audit the reference model's contrastive presets, the reward model's ABC and the trained policy's DPO-implicit
     reward on the probe; write ``audit`` (one row per source and probe kind) and log the table and a plot."""
-    import pyarrow as pa
-
-    from creditflow.tasks.configs import TEMPLATE_PRESETS
-    from creditflow.tasks.models.causal_lm import trained_model_folder
-    from creditflow.tasks.models.resolve import resolve_model
 
     config = ctx.config
     probe = build_probe(config.per_kind, config.sentiment, config.seed, config.probe)

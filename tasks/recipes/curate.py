@@ -29,6 +29,8 @@ from creditflow.tasks.data import schema as S
 from creditflow.tasks.data.formats import MalformedInputError, RowProblem, check_columns, convert_row, detect_format
 from creditflow.tasks.data.ingest import has_columns, read_rows, row_total
 from creditflow.tasks.data.schema import completion_text
+from creditflow.tasks.models.resolve import resolve_model
+from creditflow.tasks.models.tokenization import encode_completions, encode_prompts, load_tokenizer
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.stage import StageContext
 
@@ -223,9 +225,6 @@ def _apply_length_rules(
     quarantine: _Quarantine,
     trust_remote_code: bool = False,
 ) -> None:
-    from creditflow.tasks.models.resolve import resolve_model
-    from creditflow.tasks.models.tokenization import encode_completions, encode_prompts, load_tokenizer
-
     tokenizer = load_tokenizer(str(resolve_model(config.tokenizer)), trust_remote_code)
     rules = config.rules
     batch = 1024

@@ -22,6 +22,8 @@ from creditflow.tasks.infer.distributed import ray_session
 from creditflow.tasks.infer.generation import generate
 from creditflow.tasks.infer.gold import load_gold_scorer
 from creditflow.tasks.infer.reward_scoring import score_rewards
+from creditflow.tasks.models.causal_lm import trained_model_folder
+from creditflow.tasks.models.resolve import resolve_model
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.stage import StageContext
 
@@ -39,9 +41,6 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
     messages = prompts.column("prompt").to_pylist()
     if not messages:
         raise ValueError("evaluate: the curated pairs have no eval-split prompts (raise curate.eval_fraction)")
-
-    from creditflow.tasks.models.causal_lm import trained_model_folder
-    from creditflow.tasks.models.resolve import resolve_model
 
     trained = ["policy", *(["rl"] if "rl" in ctx.upstream else [])]  # the RL policy when that stage is enabled
     # The model the policies started from: the token-reward stage's reference (its log-probs trained the policy).

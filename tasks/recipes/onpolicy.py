@@ -18,6 +18,7 @@ from creditflow.tasks.data import schema as S
 from creditflow.tasks.infer.distributed import ray_session
 from creditflow.tasks.infer.generation import generate
 from creditflow.tasks.infer.reward_scoring import score_rewards
+from creditflow.tasks.models.resolve import resolve_model
 from creditflow.tasks.stage import StageContext
 
 
@@ -74,8 +75,6 @@ def build_pairs(
 
 
 def compute_onpolicy(ctx: StageContext) -> dict[str, float]:
-    from creditflow.tasks.models.resolve import resolve_model
-
     config: OnPolicyConfig = ctx.config
     # Train-split prompts only: the policy trains on train pairs, and eval prompts stay unseen for evaluation.
     prompts = S.unique_prompts(S.split_rows(ctx.read_upstream("curate", "pairs"), "train"), config.max_prompts)

@@ -35,15 +35,17 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from creditflow.tasks.configs import PolicyConfig, method_label
 from creditflow.tasks.data.schema import split_rows
 from creditflow.tasks.losses.preference import preference_loss, token_reward_correlation
 from creditflow.tasks.models.causal_lm import load_policy_model, save_trained_lm, trained_outputs
 from creditflow.tasks.models.logprobs import CompletionLogprobs
+from creditflow.tasks.models.model_card import write_trained_cards
 from creditflow.tasks.models.precision import autocast, resolve_device
-from creditflow.tasks.models.resolve import from_pretrained
-from creditflow.tasks.models.tokenization import pad_token_id
+from creditflow.tasks.models.resolve import from_pretrained, resolve_model
+from creditflow.tasks.models.tokenization import load_tokenizer, pad_token_id
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.train import fsdp
 from creditflow.tasks.train.checkpoint import Checkpoint, resume_training_state, save_training_state
@@ -81,9 +83,6 @@ METRIC_NAMES = {  # LossOutput.metrics() -> our metric names (no "/": they are a
 def compute_policy(ctx: StageContext) -> dict[str, float]:
     """Train the token-reward stage's reference model on the train pairs; write ``model/`` (and/or the LoRA
     ``adapter/``) and ``train_log``."""
-    from creditflow.tasks.models.model_card import write_trained_cards
-    from creditflow.tasks.models.resolve import resolve_model
-    from creditflow.tasks.models.tokenization import load_tokenizer
 
     config: PolicyConfig = ctx.config
     knobs = ctx.upstream["token_rewards"].config
@@ -234,8 +233,6 @@ class PolicyTrainer:
         progress: bool = True,
         trust_remote_code: bool = False,
     ):
-        from transformers import AutoTokenizer
-
         if not examples:
             raise ValueError("policy: no training pairs")
         if config.loss.alpha > 0 and examples[0].chosen.rewards is None:

@@ -34,6 +34,8 @@ from creditflow.tasks.data.schema import SIDES, Messages, split_rows
 from creditflow.tasks.infer.reward_scoring import encode_for_reward, load_reward_model, reward_batch, score_pairs
 from creditflow.tasks.models.model_card import stage_config, stage_datasets, write_card
 from creditflow.tasks.models.precision import autocast, resolve_device
+from creditflow.tasks.models.resolve import resolve_model
+from creditflow.tasks.models.tiny import build_tiny_reward_backbone
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.stage import StageContext
 from creditflow.tasks.train import fsdp
@@ -310,15 +312,12 @@ def run_worker(spec: dict, on_step: StepCallback) -> list[dict[str, float]]:
 
 
 def _build_tiny_backbone(folder: Path, pairs: PairData, seed: int) -> Path:
-    from creditflow.tasks.models.tiny import build_tiny_reward_backbone
-
     corpus = [m["content"] for rows in (pairs.prompts, pairs.chosen, pairs.rejected) for conv in rows for m in conv]
     return build_tiny_reward_backbone(folder, corpus, seed=seed)
 
 
 def compute_reward_model(ctx: StageContext) -> dict[str, float]:
     """Train on the curated train split, evaluate on eval, save ``model/`` (safetensors + tokenizer)."""
-    from creditflow.tasks.models.resolve import resolve_model
 
     config: RewardModelConfig = ctx.config
     pairs = ctx.read_upstream("curate", "pairs")

@@ -69,6 +69,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
 
 from creditflow.tasks.configs import RLConfig
 from creditflow.tasks.credit.rl_rewards import Rollout, TokenRewards, token_spans
@@ -87,8 +88,9 @@ from creditflow.tasks.losses.rl import (
 )
 from creditflow.tasks.models.causal_lm import disable_dropout, load_policy_model, save_trained_lm, trained_outputs
 from creditflow.tasks.models.logprobs import completion_logprobs, completion_positions, states_entropy, states_logprobs
+from creditflow.tasks.models.model_card import write_trained_cards
 from creditflow.tasks.models.precision import autocast, resolve_device
-from creditflow.tasks.models.resolve import from_pretrained
+from creditflow.tasks.models.resolve import from_pretrained, resolve_model
 from creditflow.tasks.models.tokenization import pad_token_id, padded_batch
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.train.checkpoint import Checkpoint, resume_training_state, save_training_state
@@ -108,8 +110,6 @@ logger = logging.getLogger(__name__)
 def compute_rl(ctx: StageContext) -> dict[str, float]:
     """Train an RL policy from the reference on the train prompts; write ``model/`` (and/or the LoRA ``adapter/``),
     ``train_log`` and ``samples``."""
-    from creditflow.tasks.models.model_card import write_trained_cards
-    from creditflow.tasks.models.resolve import resolve_model
 
     config: RLConfig = ctx.config
     prompts = unique_prompts(split_rows(ctx.read_upstream("curate", "pairs"), "train"), config.sampling.max_prompts)
@@ -213,8 +213,6 @@ class RLTrainer:
         trust_remote_code: bool = False,
         compute: ComputeConfig | None = None,
     ):
-        from transformers import AutoModelForCausalLM
-
         self.config, self.prompts, self.model_dir = config, prompts, Path(model_dir)
         self.on_step, self.progress = on_step, progress
         self.trust_remote_code, self.compute = trust_remote_code, compute

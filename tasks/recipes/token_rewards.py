@@ -37,6 +37,7 @@ from creditflow.tasks.config_base import ComputeConfig
 from creditflow.tasks.configs import TokenRewardsConfig
 from creditflow.tasks.credit import attention_credit, contrastive
 from creditflow.tasks.credit.source import Source, SourceModels
+from creditflow.tasks.credit.token_view import heatmap_figure, heatmap_html
 from creditflow.tasks.data.schema import SIDES, Messages
 from creditflow.tasks.infer.distributed import map_shards, uses_ray
 from creditflow.tasks.models.precision import resolve_device
@@ -243,8 +244,6 @@ def reward_summary(table: pa.Table) -> dict[str, float]:
 
 
 def _log_heatmaps(ctx: StageContext, table: pa.Table, sources: list[Source], n_pairs: int) -> None:
-    from creditflow.tasks.credit.token_view import heatmap_figure, heatmap_html
-
     sample = set(list(dict.fromkeys(table.column("pair_id").to_pylist()))[:n_pairs])
     if not sample:
         return
