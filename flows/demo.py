@@ -10,6 +10,7 @@ on tiny models instead.
 from __future__ import annotations
 
 import importlib.resources
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,6 @@ def comparison_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def summary_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and standard deviation over seeds per method (the reference row once), for two or more seeds."""
-    import statistics
 
     by_method: dict[str, list[dict[str, Any]]] = {}
     for row in rows:

@@ -16,6 +16,9 @@ from typing import Any, Callable
 from creditflow.flows.config import PipelineConfig, validate
 from creditflow.storage.hashing import reached_modules, sha256_file, table_modules
 from creditflow.tasks.configs import TINY_BACKBONE
+from creditflow.tasks.data.ingest import hub_dataset_snapshot, source_digest
+from creditflow.tasks.models.hub import is_hub_id
+from creditflow.tasks.models.resolve import model_fingerprint, resolve_model, tokenizer_files_digest
 from creditflow.tasks.stage import StageContext
 
 RECIPES_MODULE = "creditflow.flows.recipes"  # read as source for hashing; imported when a stage computes
@@ -63,7 +66,6 @@ class Stage:
 
 def _resolve(key: str, spec: str) -> Path:
     """The folder of a model or tokenizer spec; an error names the config key."""
-    from creditflow.tasks.models.resolve import resolve_model
 
     try:
         return resolve_model(spec)
@@ -74,7 +76,6 @@ def _resolve(key: str, spec: str) -> Path:
 def _model_digest(key: str, spec: str) -> dict[str, str]:
     """Weights and tokenizer files of the model ``key`` names: both change what a stage computes (read as bytes, so
     planning imports no transformers). A hub snapshot also records its commit."""
-    from creditflow.tasks.models.resolve import model_fingerprint, tokenizer_files_digest
 
     folder = _resolve(key, spec)
     digest = {"weights": model_fingerprint(folder), "tokenizer": tokenizer_files_digest(folder)}
@@ -96,7 +97,6 @@ def pin_hub_revisions(config: dict[str, Any] | None) -> tuple[dict[str, Any], Pi
     workers and later stages (which read the spec from upstream manifests) then all load the one snapshot the
     fingerprint covers, even if the branch moves mid-run, and the manifests say which commit it was.
     """
-    from creditflow.tasks.models.hub import is_hub_id
 
     cfg = validate(config)  # errors in config words first
     pinned = copy.deepcopy(config or {})
@@ -113,8 +113,6 @@ def pin_hub_revisions(config: dict[str, Any] | None) -> tuple[dict[str, Any], Pi
     raw_sources = (pinned.get("curate") or {}).get("sources") or []
     for raw, source in zip(raw_sources, cfg.curate.sources):
         if isinstance(raw, dict) and source.hf and not _COMMIT.match(source.revision or ""):
-            from creditflow.tasks.data.ingest import hub_dataset_snapshot
-
             snapshot = hub_dataset_snapshot(source)
             if snapshot is not None:
                 raw["revision"] = snapshot.name
@@ -123,8 +121,6 @@ def pin_hub_revisions(config: dict[str, Any] | None) -> tuple[dict[str, Any], Pi
 
 
 def _curate_inputs(cfg: PipelineConfig) -> dict[str, Any]:
-    from creditflow.tasks.data.ingest import source_digest
-
     digests = []
     for i, source in enumerate(cfg.curate.sources):
         try:
@@ -133,8 +129,6 @@ def _curate_inputs(cfg: PipelineConfig) -> dict[str, Any]:
             raise ValueError(f"curate.sources[{i}]: {exc}") from None
     inputs: dict[str, Any] = {"sources": digests}
     if cfg.curate.tokenizer:
-        from creditflow.tasks.models.resolve import tokenizer_files_digest
-
         inputs["tokenizer"] = tokenizer_files_digest(_resolve("curate.tokenizer", cfg.curate.tokenizer))
     return inputs
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+import os
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any, Optional
@@ -43,8 +47,6 @@ def print_results(result: dict[str, Any]) -> None:
 
 
 def print_where_to_look(workspace: str) -> None:
-    import os
-
     ws = Path(workspace)
     say = partial(console.print, soft_wrap=True)  # commands and paths stay whole, to copy and paste
     say(f"\n[bold]workspace[/]  {ws}")
@@ -112,9 +114,6 @@ def print_servers(workspace: Optional[str]) -> None:
 
 def print_rows(columns: list[str], rows: list[tuple], fmt: str) -> None:
     """Query results as CSV or JSON (one object per row) on stdout, for pipes and files."""
-    import csv
-    import json
-    import sys
 
     if fmt == "csv":
         writer = csv.writer(sys.stdout)

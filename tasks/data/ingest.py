@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from creditflow.storage.hashing import sha256_file
 from creditflow.tasks.configs import SourceConfig
 from creditflow.tasks.data.formats import MalformedInputError
+from creditflow.tasks.models.hub import hub_snapshot, is_hub_id
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 BUILTIN = {"sample": "sample_preferences.jsonl"}
@@ -51,7 +52,6 @@ def source_digest(source: SourceConfig) -> str:
 def hub_dataset_snapshot(source: SourceConfig) -> Path | None:
     """The HF-cache snapshot folder of an ``org/name`` hub dataset (HF_HUB_OFFLINE honoured); None for a builder
     name (``json``, ``parquet``, ...) or a local folder."""
-    from creditflow.tasks.models.hub import hub_snapshot, is_hub_id
 
     if not source.hf or not is_hub_id(source.hf):
         return None

@@ -8,7 +8,7 @@ variant from Touvron et al. 2023, Llama 2; centering from Eisenstein et al. 2023
     L = mean_b[ -log sigmoid(r_c - r_r - m_b) ] + c * mean_b[ (r_c + r_r)^2 ]
 
 with m_b the curated score margin when ``use_margin`` is set (else 0) and c the centering coefficient.
-Training checkpoints (weights, optimizer, scheduler, RNG, step; tasks/training.py) are written atomically every
+Training checkpoints (weights, optimizer, scheduler, RNG, step; tasks/train/checkpoint.py) are written atomically every
 ``save_every`` steps, so an interrupted run resumes on the same data order and reaches the same weights.
 ``num_processes`` > 1 or ``strategy: fsdp`` trains under torchrun like the policy stage: DDP, or FSDP2 over the
 backbone's blocks with sharded (DCP) checkpoints and one consolidated safetensors folder at the end

@@ -7,7 +7,7 @@ On CUDA the units compute in bf16 and reduce gradients in fp32 (``MixedPrecision
 everything stays fp32.
 
 Checkpoints are sharded with ``torch.distributed.checkpoint`` (DCP): every rank writes its own shards of the model
-and optimizer state into the checkpoint folder, which ``training.Checkpoint`` then renames into place atomically,
+and optimizer state into the checkpoint folder, which ``checkpoint.Checkpoint`` then renames into place atomically,
 so a SIGKILL leaves the previous complete checkpoint. The final model is gathered once into a full state dict on
 rank 0 and saved as a normal Hugging Face folder.
 """

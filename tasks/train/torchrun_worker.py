@@ -1,4 +1,4 @@
-"""One process of a trainer launched by ``training.launch_torchrun``:
+"""One process of a trainer launched by ``launch.launch_torchrun``:
 
     python -m torch.distributed.run --nproc_per_node N -m creditflow.tasks.train.torchrun_worker SPEC.json
 
