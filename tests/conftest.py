@@ -122,3 +122,12 @@ def cluster():
     ray.init(num_cpus=2, namespace="creditflow", include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def train_reward_model(*args, **kwargs):
+    """(tokenizer, model, per-epoch eval history) of one RewardModelTrainer run: the tests' shorthand."""
+    from creditflow.tasks.recipes.reward_model import RewardModelTrainer
+
+    trainer = RewardModelTrainer(*args, **kwargs)
+    history = trainer.train()
+    return trainer.tokenizer, trainer.model, history

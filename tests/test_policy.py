@@ -485,7 +485,7 @@ def test_two_nodes_of_one_process_train_as_two_processes_on_one_node(model_dir, 
     monkeypatch.setenv("CREDITFLOW_RDZV_ENDPOINT", f"127.0.0.1:{port}")
     launch = tmp_path / "policy.launch"
     join = (
-        f"import sys; from creditflow.tasks.training import join_torchrun; sys.exit(join_torchrun({str(launch)!r}, 1))"
+        f"import sys; from creditflow.tasks.train.launch import join_torchrun; sys.exit(join_torchrun({str(launch)!r}, 1))"
     )
     node1 = subprocess.Popen([sys.executable, "-c", join], env=os.environ)
     try:

@@ -5,7 +5,7 @@ import math
 import pyarrow as pa
 import pytest
 import torch
-from conftest import Interrupt, stop_at
+from conftest import Interrupt, stop_at, train_reward_model
 from transformers import AutoModelForSequenceClassification
 
 from creditflow.tasks.config_base import SamplingConfig
@@ -15,7 +15,7 @@ from creditflow.tasks.infer.generation import sample_responses
 from creditflow.tasks.infer.reward_scoring import RewardScorer, encode_for_reward
 from creditflow.tasks.models.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
 from creditflow.tasks.recipes.onpolicy import build_pairs
-from creditflow.tasks.recipes.reward_model import PairData, bradley_terry_loss, launch_distributed, train_reward_model
+from creditflow.tasks.recipes.reward_model import PairData, bradley_terry_loss, launch_distributed
 
 GOOD = ["great", "wonderful", "lovely", "happy", "excellent"]
 BAD = ["awful", "terrible", "sad", "horrible", "boring"]

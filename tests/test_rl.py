@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import Interrupt, stop_at
+from conftest import Interrupt, stop_at, train_reward_model
 from transformers import AutoModelForCausalLM
 
 from creditflow.tasks.configs import LoraConfig, RewardModelConfig, RLConfig
@@ -26,7 +26,7 @@ from creditflow.tasks.losses.rl import (
 )
 from creditflow.tasks.models.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
 from creditflow.tasks.models.tokenization import load_tokenizer
-from creditflow.tasks.recipes.reward_model import PairData, train_reward_model
+from creditflow.tasks.recipes.reward_model import PairData
 from creditflow.tasks.recipes.rl import RLTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -48,7 +48,7 @@ from creditflow.tasks.models.resolve import from_pretrained, resolve_model
 from creditflow.tasks.models.tokenization import load_tokenizer, pad_token_id
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.train import fsdp
-from creditflow.tasks.train.checkpoint import Checkpoint, resume_training_state, save_training_state
+from creditflow.tasks.train.checkpoint import Checkpoint
 from creditflow.tasks.train.launch import launch_folder, launch_torchrun
 from creditflow.tasks.train.metrics import StepCallback, history_table, peak_memory_gb, split_timings
 from creditflow.tasks.train.optim import adamw, cosine_schedule, total_steps, warmup_steps
@@ -60,6 +60,7 @@ from creditflow.tasks.train.preference_batches import (
     collate,
     epoch_batches,
 )
+from creditflow.tasks.train.trainer import Trainer
 
 if TYPE_CHECKING:  # importing it pulls in MLflow, which torchrun workers never need
     from creditflow.tasks.stage import StageContext
@@ -219,7 +220,7 @@ def run_worker(spec: dict, on_step: StepCallback) -> list[dict[str, float]]:
 # The trainer
 
 
-class PolicyTrainer:
+class PolicyTrainer(Trainer):
     """Preference optimization of ``model_dir`` on ``examples``; DDP when launched under torchrun."""
 
     def __init__(
@@ -263,9 +264,9 @@ class PolicyTrainer:
         warmup = warmup_steps(config.warmup_ratio, self.total_steps)
         self.scheduler = cosine_schedule(self.optimizer, warmup, self.total_steps)
         self.step, self.position, self.history = 0, (0, 0), []
-        self.module = module
+        self.sharded_model = module if self.fsdp else None
         self.checkpoint = Checkpoint(checkpoint_dir, self.rank) if checkpoint_dir is not None else None
-        self.resumed_from = self._resume() if self.checkpoint and self.checkpoint.latest() else 0
+        self.resumed_from = self.step if self.resume() else 0
         if not self.resumed_from:
             torch.manual_seed(config.seed + self.rank)  # distinct dropout masks per process
         if self.world > 1 and not self.fsdp:
@@ -299,7 +300,7 @@ class PolicyTrainer:
                 self.history.append({"step": self.step, **metrics})
                 bar.update(1)
                 if self.checkpoint and self.step % config.save_every == 0 and self.step < self.total_steps:
-                    self._save()
+                    self.save_checkpoint()
                 if self.on_step is not None and self.rank == 0:
                     self.on_step(self.step, metrics)
         bar.close()
@@ -393,32 +394,14 @@ class PolicyTrainer:
 
     # -- checkpoints: what identifies this run, and where it stands --------------------------------------
 
-    def _identity(self) -> dict:
+    def identity(self) -> dict:
         return {"config": self.config.model_dump(), "world": self.world}
 
-    def _save(self) -> None:
-        progress = {"step": self.step, "position": list(self.position), "history": self.history}
-        if self.fsdp:  # every rank writes its shards of weights and optimizer state (DCP)
-            state = {"scheduler": self.scheduler.state_dict(), **self._identity(), **progress}
-            shards = lambda folder: fsdp.save_sharded(folder, self.module, self.optimizer)  # noqa: E731
-            self.checkpoint.save({}, state, write_shards=shards)
-            return
-        save_training_state(
-            self.checkpoint, self.trainable, self.optimizer, self.scheduler, self._identity(), **progress
-        )
+    def progress_state(self) -> dict:
+        return {"step": self.step, "position": list(self.position), "history": self.history}
 
-    def _resume(self) -> int:
-        if self.fsdp:
-            folder = self.checkpoint.latest()
-            _, state = self.checkpoint.load(self._identity())
-            fsdp.load_sharded(folder, self.module, self.optimizer)
-            self.scheduler.load_state_dict(state["scheduler"])
-        else:
-            state = resume_training_state(
-                self.checkpoint, self.trainable, self.optimizer, self.scheduler, self._identity()
-            )
+    def restore(self, state: dict) -> None:
         self.step, self.position, self.history = state["step"], tuple(state["position"]), state["history"]
-        return self.step
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -39,10 +39,11 @@ from creditflow.tasks.models.tiny import build_tiny_reward_backbone
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.stage import StageContext
 from creditflow.tasks.train import fsdp
-from creditflow.tasks.train.checkpoint import Checkpoint, resume_training_state, save_training_state
+from creditflow.tasks.train.checkpoint import Checkpoint
 from creditflow.tasks.train.launch import launch_folder, launch_torchrun
 from creditflow.tasks.train.metrics import StepCallback
 from creditflow.tasks.train.optim import adamw, cosine_schedule, total_steps, warmup_steps
+from creditflow.tasks.train.trainer import Trainer
 
 
 def bradley_terry_loss(
@@ -124,155 +125,160 @@ def evaluate(model, tokenizer, data: PairData, config: RewardModelConfig, device
     )
 
 
-def _accumulate(module, tokenizer, encoded, train: PairData, rows: list[int], n_pairs: int, world: int, config, device):
-    """Backward of one micro-batch's share of the step's mean loss over ``n_pairs`` (times ``world``: DDP and FSDP
-    average gradients over the processes); returns (loss sum, wins, margin sum)."""
-    with autocast(device, config.bf16):
-        r_c, r_r = (
-            module(**reward_batch(encoded[side], rows, tokenizer.pad_token_id, device)).logits[:, 0].float()
-            for side in SIDES
-        )
-    margin = torch.tensor([train.margins[i] for i in rows], device=device) if config.use_margin else None
-    loss = bradley_terry_loss(r_c, r_r, margin, config.center_rewards_coefficient)
-    (loss * len(rows) * world / n_pairs).backward()
-    return torch.tensor([loss.item() * len(rows), (r_c > r_r).sum().item(), (r_c - r_r).sum().item()])
-
-
-def train_reward_model(
-    model_dir: str | Path,
-    train: PairData,
-    evaluation: PairData,
-    config: RewardModelConfig,
-    checkpoint_dir: str | Path | None = None,
-    on_step: StepCallback | None = None,
-    progress: bool = True,
-    trust_remote_code: bool = False,
-):
-    """Train from ``model_dir``; returns (tokenizer, model, history of per-epoch eval metrics).
+class RewardModelTrainer(Trainer):
+    """Bradley-Terry training of ``model_dir`` on ``train``, evaluated on ``evaluation`` after every epoch.
 
     Under torchrun (``num_processes`` > 1, or ``strategy: fsdp``) every step's micro-batches are dealt out to the
     processes in turn (DDP, or FSDP2 over the backbone's blocks), so N processes take the same steps as one process
-    with ``grad_accum`` x N; an epoch's last micro-batches that cannot give every process one are dropped. One
-    function rather than a trainer class: the loop is short, and it reads top to bottom."""
-    device = resolve_device()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    sharded = config.strategy == "fsdp"
-    torch.manual_seed(config.seed)  # the fresh reward head's initialization, the same on every process
-    tokenizer, model = load_reward_model(model_dir, device, trust_remote_code)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    if sharded:  # before the optimizer is built: it must hold the sharded parameters
-        fsdp.shard(model, model, device, config.bf16, config.fsdp_cpu_offload)
-    module = model
-    if world > 1 and not sharded:
-        device_ids = [device.index] if device.type == "cuda" else None
-        module = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    encoded = {
-        side: encode_for_reward(tokenizer, train.prompts, getattr(train, side), config.max_length) for side in SIDES
-    }
-    micro_per_epoch = -(-len(train) // config.batch_size) // world * world
-    if micro_per_epoch == 0:
-        raise ValueError(f"reward_model: {len(train)} pairs make no micro-batch for each of {world} processes")
-    per_step = config.grad_accum * world
-    steps_per_epoch = -(-micro_per_epoch // per_step)
-    total = total_steps(micro_per_epoch, per_step, config.epochs, config.max_steps)
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = adamw(trainable, config.learning_rate, config.weight_decay, device)
-    scheduler = cosine_schedule(optimizer, warmup_steps(config.warmup_ratio, total), total)
+    with ``grad_accum`` x N; an epoch's last micro-batches that cannot give every process one are dropped."""
 
-    checkpoint = Checkpoint(checkpoint_dir, rank) if checkpoint_dir is not None else None
-    identity = {"config": config.model_dump(), "world": world}
-    step = 0
-    if checkpoint is not None and checkpoint.latest() is not None:
-        step = _resume(checkpoint, model, trainable, optimizer, scheduler, identity, sharded)
-    resumed_at = step
-    history: list[dict[str, float]] = []
-    bar = tqdm(total=total, initial=step, desc="reward model", unit="step", disable=not progress or rank, leave=False)
-    for epoch in range(config.epochs):
-        if step >= total:
-            break
-        if (epoch + 1) * steps_per_epoch <= resumed_at:
-            continue  # finished (and evaluated) before the checkpoint
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)).tolist()
-        micro_batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-        micro_batches = micro_batches[:micro_per_epoch]
-        for first in range(0, len(micro_batches), per_step):
-            if epoch * steps_per_epoch + first // per_step < step:
-                continue  # already done before the checkpoint we resumed from
-            if step >= total:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        train: PairData,
+        evaluation: PairData,
+        config: RewardModelConfig,
+        *,
+        checkpoint_dir: str | Path | None = None,
+        on_step: StepCallback | None = None,
+        progress: bool = True,
+        trust_remote_code: bool = False,
+    ):
+        self.config, self.pairs, self.evaluation, self.model_dir = config, train, evaluation, Path(model_dir)
+        self.on_step, self.progress, self.trust_remote_code = on_step, progress, trust_remote_code
+        self.device = resolve_device()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.sharded = config.strategy == "fsdp"
+        torch.manual_seed(config.seed)  # the fresh reward head's initialization, the same on every process
+        self.tokenizer, self.model = load_reward_model(model_dir, self.device, trust_remote_code)
+        if config.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.train()
+        if self.sharded:  # before the optimizer is built: it must hold the sharded parameters
+            fsdp.shard(self.model, self.model, self.device, config.bf16, config.fsdp_cpu_offload)
+            self.sharded_model = self.model
+        self.module = self.model
+        if self.world > 1 and not self.sharded:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.module = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.encoded = {
+            side: encode_for_reward(self.tokenizer, train.prompts, getattr(train, side), config.max_length)
+            for side in SIDES
+        }
+        self.micro_per_epoch = -(-len(train) // config.batch_size) // self.world * self.world
+        if self.micro_per_epoch == 0:
+            raise ValueError(f"reward_model: {len(train)} pairs make no micro-batch for each of {self.world} processes")
+        self.per_step = config.grad_accum * self.world
+        self.steps_per_epoch = -(-self.micro_per_epoch // self.per_step)
+        self.total_steps = total_steps(self.micro_per_epoch, self.per_step, config.epochs, config.max_steps)
+        self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.optimizer = adamw(self.trainable, config.learning_rate, config.weight_decay, self.device)
+        self.scheduler = cosine_schedule(
+            self.optimizer, warmup_steps(config.warmup_ratio, self.total_steps), self.total_steps
+        )
+        self.step, self.history = 0, []  # history: the eval metrics of every epoch
+        self.checkpoint = Checkpoint(checkpoint_dir, self.rank) if checkpoint_dir is not None else None
+        self.resume()
+
+    def identity(self) -> dict:
+        return {"config": self.config.model_dump(), "world": self.world}
+
+    def progress_state(self) -> dict:
+        return {"step": self.step}
+
+    def restore(self, state: dict) -> None:
+        self.step = state["step"]
+
+    def train(self) -> list[dict[str, float]]:
+        """Run to ``total_steps`` (continuing a checkpoint if there is one); returns the per-epoch eval metrics."""
+        config, rank, pairs = self.config, self.rank, self.pairs
+        resumed_at = self.step
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="reward model",
+            unit="step",
+            disable=not self.progress or rank,
+            leave=False,
+        )
+        for epoch in range(config.epochs):
+            if self.step >= self.total_steps:
                 break
-            group = micro_batches[first : first + per_step]
-            n_pairs = sum(len(rows) for rows in group)
-            mine = group[rank::world]
-            stats = sum(
-                _accumulate(module, tokenizer, encoded, train, rows, n_pairs, world, config, device) for rows in mine
+            if (epoch + 1) * self.steps_per_epoch <= resumed_at:
+                continue  # finished (and evaluated) before the checkpoint
+            generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+            order = torch.randperm(len(pairs), generator=generator).tolist()
+            micro_batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+            micro_batches = micro_batches[: self.micro_per_epoch]
+            for first in range(0, len(micro_batches), self.per_step):
+                if epoch * self.steps_per_epoch + first // self.per_step < self.step:
+                    continue  # already done before the checkpoint we resumed from
+                if self.step >= self.total_steps:
+                    break
+                group = micro_batches[first : first + self.per_step]
+                metrics = self._train_step(group)
+                metrics["train.epoch"] = epoch + (first + len(group)) / len(micro_batches)
+                self.step += 1
+                bar.update(1)
+                if self.on_step and rank == 0:
+                    self.on_step(self.step, metrics)
+                if self.checkpoint is not None and self.step % config.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+            epoch_eval = evaluate(self.model, self.tokenizer, self.evaluation, config, self.device).metrics()
+            self.history.append({"epoch": epoch + 1, **epoch_eval})  # every process evaluates: FSDP gathers
+            if self.on_step and rank == 0:
+                self.on_step(self.step, {f"epoch_{k}": v for k, v in epoch_eval.items()})
+        bar.close()
+        self.model.eval()
+        return self.history
+
+    def _train_step(self, group: list[list[int]]) -> dict[str, float]:
+        """One optimizer step over ``group``'s micro-batches, dealt out to the processes in turn."""
+        n_pairs = sum(len(rows) for rows in group)
+        stats = sum(self._accumulate(rows, n_pairs) for rows in group[self.rank :: self.world])
+        if self.world > 1:
+            dist.all_reduce(stats)
+        clip = self.config.max_grad_norm or math.inf
+        grad_norm = fsdp.total_norm(torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {
+            "train.loss": stats[0].item() / n_pairs,
+            "train.accuracy": stats[1].item() / n_pairs,
+            "train.margin": stats[2].item() / n_pairs,
+            "train.grad_norm": grad_norm,
+            "train.lr": self.scheduler.get_last_lr()[0],
+        }
+
+    def _accumulate(self, rows: list[int], n_pairs: int) -> torch.Tensor:
+        """Backward of one micro-batch's share of the step's mean loss over ``n_pairs`` (times ``world``: DDP and
+        FSDP average gradients over the processes); returns (loss sum, wins, margin sum)."""
+        pad_id, device = self.tokenizer.pad_token_id, self.device
+        with autocast(device, self.config.bf16):
+            r_c, r_r = (
+                self.module(**reward_batch(self.encoded[side], rows, pad_id, device)).logits[:, 0].float()
+                for side in SIDES
             )
-            if world > 1:
-                dist.all_reduce(stats)
-            clip = config.max_grad_norm or math.inf
-            grad_norm = fsdp.total_norm(torch.nn.utils.clip_grad_norm_(list(trainable.values()), clip))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            metrics = {
-                "train.loss": stats[0].item() / n_pairs,
-                "train.accuracy": stats[1].item() / n_pairs,
-                "train.margin": stats[2].item() / n_pairs,
-                "train.grad_norm": grad_norm,
-                "train.lr": scheduler.get_last_lr()[0],
-                "train.epoch": epoch + (first + len(group)) / len(micro_batches),
-            }
-            if on_step and rank == 0:
-                on_step(step, metrics)
-            if checkpoint is not None and step % config.save_every == 0 and step < total:
-                _save(checkpoint, model, trainable, optimizer, scheduler, identity, sharded, step)
-        epoch_eval = evaluate(model, tokenizer, evaluation, config, device).metrics()  # every process: FSDP gathers
-        history.append({"epoch": epoch + 1, **epoch_eval})
-        if on_step and rank == 0:
-            on_step(step, {f"epoch_{k}": v for k, v in epoch_eval.items()})
-    bar.close()
-    model.eval()
-    return tokenizer, model, history
+        margin = torch.tensor([self.pairs.margins[i] for i in rows], device=device) if self.config.use_margin else None
+        loss = bradley_terry_loss(r_c, r_r, margin, self.config.center_rewards_coefficient)
+        (loss * len(rows) * self.world / n_pairs).backward()
+        return torch.tensor([loss.item() * len(rows), (r_c > r_r).sum().item(), (r_c - r_r).sum().item()])
 
-
-def _save(checkpoint, model, trainable, optimizer, scheduler, identity, sharded: bool, step: int) -> None:
-    if sharded:  # every process writes its shards of weights and optimizer state (DCP)
-        state = {"scheduler": scheduler.state_dict(), **identity, "step": step}
-        checkpoint.save({}, state, write_shards=lambda folder: fsdp.save_sharded(folder, model, optimizer))
-    else:
-        save_training_state(checkpoint, trainable, optimizer, scheduler, identity, step=step)
-
-
-def _resume(checkpoint, model, trainable, optimizer, scheduler, identity, sharded: bool) -> int:
-    if sharded:
-        folder = checkpoint.latest()
-        _, state = checkpoint.load(identity)
-        fsdp.load_sharded(folder, model, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
-    else:
-        state = resume_training_state(checkpoint, trainable, optimizer, scheduler, identity)
-    return state["step"]
-
-
-def save_reward_model(
-    model, tokenizer, base: str | Path, out_dir: str | Path, sharded: bool, trust_remote_code: bool = False
-) -> None:
-    """The trained model and tokenizer as an HF folder, written by rank 0 (FSDP: the shards gathered once into a
-    fresh unsharded copy on CPU). Every process must call it."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if sharded:
-        full = fsdp.full_state_dict(model)
-        if rank == 0:
-            _, model = load_reward_model(base, torch.device("cpu"), trust_remote_code)
-            model.load_state_dict(full)
-    if rank == 0:
-        model.save_pretrained(str(out_dir), safe_serialization=True)
-        tokenizer.save_pretrained(str(out_dir))
-    if dist.is_initialized():
-        dist.barrier()
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """The trained model and tokenizer as an HF folder, written by rank 0 (FSDP: the shards gathered once into
+        a fresh unsharded copy on CPU). Every process must call it."""
+        model = self.model
+        if self.sharded:
+            full = fsdp.full_state_dict(model)
+            if self.rank == 0:
+                _, model = load_reward_model(self.model_dir, torch.device("cpu"), self.trust_remote_code)
+                model.load_state_dict(full)
+        if self.rank == 0:
+            model.save_pretrained(str(out_dir), safe_serialization=True)
+            self.tokenizer.save_pretrained(str(out_dir))
+        if dist.is_initialized():
+            dist.barrier()
 
 
 def launch_distributed(
@@ -299,11 +305,18 @@ def run_worker(spec: dict, on_step: StepCallback) -> list[dict[str, float]]:
     config = RewardModelConfig.model_validate(spec["config"])
     pairs = json.loads(Path(spec["pairs"]).read_text())
     train, evaluation = PairData(**pairs["train"]), PairData(**pairs["eval"])
-    trust = spec["trust_remote_code"]
-    tokenizer, model, history = train_reward_model(
-        spec["model_dir"], train, evaluation, config, spec["checkpoint_dir"], on_step, False, trust
+    trainer = RewardModelTrainer(
+        spec["model_dir"],
+        train,
+        evaluation,
+        config,
+        checkpoint_dir=spec["checkpoint_dir"],
+        on_step=on_step,
+        progress=False,
+        trust_remote_code=spec["trust_remote_code"],
     )
-    save_reward_model(model, tokenizer, spec["model_dir"], spec["output_dir"], config.strategy == "fsdp", trust)
+    history = trainer.train()
+    trainer.save_pretrained(spec["output_dir"])
     return history
 
 
@@ -338,7 +351,7 @@ def compute_reward_model(ctx: StageContext) -> dict[str, float]:
 
     model_dir = ctx.writer.dir / "model"
     if config.in_process:
-        tokenizer, model, history = train_reward_model(
+        trainer = RewardModelTrainer(
             base,
             train,
             evaluation,
@@ -348,7 +361,9 @@ def compute_reward_model(ctx: StageContext) -> dict[str, float]:
             progress=ctx.progress,
             trust_remote_code=trust,
         )
-        save_reward_model(model, tokenizer, base, model_dir, sharded=False, trust_remote_code=trust)
+        history = trainer.train()
+        trainer.save_pretrained(model_dir)
+        tokenizer, model = trainer.tokenizer, trainer.model
     else:
         history = launch_distributed(
             base,

@@ -93,9 +93,10 @@ from creditflow.tasks.models.precision import autocast, resolve_device
 from creditflow.tasks.models.resolve import from_pretrained, resolve_model
 from creditflow.tasks.models.tokenization import pad_token_id, padded_batch
 from creditflow.tasks.plots import finish, new_figure
-from creditflow.tasks.train.checkpoint import Checkpoint, resume_training_state, save_training_state
+from creditflow.tasks.train.checkpoint import Checkpoint
 from creditflow.tasks.train.metrics import StepCallback, history_table, split_timings
 from creditflow.tasks.train.optim import adamw, cosine_schedule, warmup_steps
+from creditflow.tasks.train.trainer import Trainer
 
 if TYPE_CHECKING:
     from creditflow.tasks.config_base import ComputeConfig
@@ -196,7 +197,7 @@ class Layout:
         return flat.new_zeros(self.mask.shape).index_put((self.rows, self.index), flat)
 
 
-class RLTrainer:
+class RLTrainer(Trainer):
     """PPO / RLOO of ``model_dir`` on ``prompts`` against the reward model in ``reward_model_dir``."""
 
     def __init__(
@@ -251,15 +252,17 @@ class RLTrainer:
         self.kl = AdaptiveKL(config.kl_coef, config.kl_target, config.kl_horizon)
         self.iteration, self.history, self.samples = 0, [], []
         self.checkpoint = Checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
-        if self.checkpoint and self.checkpoint.latest():
-            state = resume_training_state(
-                self.checkpoint, self.trainable, self.optimizer, self.scheduler, self._identity()
-            )
-            self.iteration, self.history, self.samples = state["step"], state["history"], state["samples"]
-            self.kl.value = state["kl_coef"]
+        self.resume()
 
-    def _identity(self) -> dict:
+    def identity(self) -> dict:
         return {"config": self.config.model_dump(), "prompts": len(self.prompts)}
+
+    def progress_state(self) -> dict:
+        return {"step": self.iteration, "history": self.history, "samples": self.samples, "kl_coef": self.kl.value}
+
+    def restore(self, state: dict) -> None:
+        self.iteration, self.history, self.samples = state["step"], state["history"], state["samples"]
+        self.kl.value = state["kl_coef"]
 
     @contextmanager
     def reference(self):
@@ -280,9 +283,7 @@ class RLTrainer:
                 bar.update(1)
                 due = self.iteration % self.config.save_every == 0 and self.iteration < self.iterations
                 if self.checkpoint and due:
-                    progress = {"step": self.iteration, "history": self.history, "samples": self.samples}
-                    state = (self.checkpoint, self.trainable, self.optimizer, self.scheduler, self._identity())
-                    save_training_state(*state, kl_coef=self.kl.value, **progress)
+                    self.save_checkpoint()
                 if self.on_step is not None:
                     self.on_step(self.iteration, metrics)
         bar.close()

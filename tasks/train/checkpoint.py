@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from creditflow.tasks.train import fsdp
+
 
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -105,21 +107,37 @@ def _set_rng_state(state: dict[str, torch.Tensor | None]) -> None:
         torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
 
 
-def save_training_state(checkpoint: Checkpoint, trainable, optimizer, scheduler, identity: dict, **progress) -> None:
+def save_training_state(
+    checkpoint: Checkpoint, trainable, optimizer, scheduler, identity: dict, *, sharded_model=None, **progress
+) -> None:
     """Checkpoint the trainable weights, optimizer and scheduler, with ``identity`` (what makes this run this run:
-    config, process count) and ``progress`` (step, data position, history)."""
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **identity, **progress}
-    checkpoint.save(trainable, state)
+    config, process count) and ``progress`` (step, data position, history). With ``sharded_model`` (FSDP2) every
+    process writes its shards of weights and optimizer state instead (DCP); rank 0 the rest. Every trainer saves
+    through here."""
+    state = {"scheduler": scheduler.state_dict(), **identity, **progress}
+    if sharded_model is not None:
+        checkpoint.save({}, state, write_shards=lambda folder: fsdp.save_sharded(folder, sharded_model, optimizer))
+    else:
+        checkpoint.save(trainable, {"optimizer": optimizer.state_dict(), **state})
 
 
-def resume_training_state(checkpoint: Checkpoint, trainable, optimizer, scheduler, identity: dict) -> dict[str, Any]:
+def resume_training_state(
+    checkpoint: Checkpoint, trainable, optimizer, scheduler, identity: dict, *, sharded_model=None
+) -> dict[str, Any]:
     """Restore what :func:`save_training_state` wrote (and this process's RNG); returns the stored state."""
-    weights, state = checkpoint.load(identity)
-    if set(weights) != set(trainable):
-        raise ValueError(f"{checkpoint.folder}: checkpoint parameters do not match the model's trainable parameters")
-    with torch.no_grad():
-        for name, param in trainable.items():
-            param.copy_(weights[name])
-    optimizer.load_state_dict(state["optimizer"])
+    if sharded_model is not None:
+        folder = checkpoint.latest()
+        _, state = checkpoint.load(identity)
+        fsdp.load_sharded(folder, sharded_model, optimizer)
+    else:
+        weights, state = checkpoint.load(identity)
+        if set(weights) != set(trainable):
+            raise ValueError(
+                f"{checkpoint.folder}: checkpoint parameters do not match the model's trainable parameters"
+            )
+        with torch.no_grad():
+            for name, param in trainable.items():
+                param.copy_(weights[name])
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state
