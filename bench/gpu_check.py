@@ -77,9 +77,10 @@ def precision_check(folder: Path) -> list[dict]:
     from token_rewards import load_pairs  # bench/token_rewards.py
 
     from creditflow.tasks.configs import PolicyConfig, PreferenceLossConfig, TokenRewardsConfig
-    from creditflow.tasks.credit.contrastive import encode_contrastive, load_reference_model, score_contrastive
+    from creditflow.tasks.credit.contrastive import encode_contrastive, score_contrastive
+    from creditflow.tasks.models.loading import load_reference_model, load_tokenizer
     from creditflow.tasks.models.precision import resolve_device
-    from creditflow.tasks.models.tokenization import load_tokenizer, pad_token_id
+    from creditflow.tasks.models.tokenization import pad_token_id
     from creditflow.tasks.recipes.policy import PolicyTrainer
     from creditflow.tasks.train.preference_batches import PolicyExample, SideTokens
 

@@ -102,8 +102,9 @@ def worker(args) -> None:
 
     from creditflow.tasks.configs import TokenRewardsConfig
     from creditflow.tasks.credit import contrastive as T
+    from creditflow.tasks.models.loading import load_tokenizer
     from creditflow.tasks.models.precision import inference_dtype, resolve_device
-    from creditflow.tasks.models.tokenization import load_tokenizer, pad_token_id
+    from creditflow.tasks.models.tokenization import pad_token_id
 
     device = resolve_device(args.device)
     dtype = inference_dtype("auto", device)

@@ -66,8 +66,8 @@ def rewards_show(
     """Print one pair's token rewards, each token coloured by r (green good, red bad), from the newest artifact."""
     from creditflow.storage.workspace import Workspace
     from creditflow.tasks.credit.token_view import render_pair
+    from creditflow.tasks.models.loading import load_tokenizer
     from creditflow.tasks.models.resolve import resolve_model
-    from creditflow.tasks.models.tokenization import load_tokenizer
 
     store = Workspace.resolve(workspace).store
     for manifest in sorted(store.manifests("token_rewards"), key=lambda m: m.created_at, reverse=True):

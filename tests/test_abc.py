@@ -11,12 +11,12 @@ from hypothesis import strategies as st
 from creditflow.tasks.credit.attention_credit import (
     abc_token_rewards,
     encode_for_abc,
-    load_abc_model,
     project_rewards,
     project_to_policy,
     score_abc,
 )
 from creditflow.tasks.data.schema import completion_text
+from creditflow.tasks.models.loading import load_abc_model
 from creditflow.tasks.models.tiny import build_tiny_reward_backbone, build_tiny_tokenizer
 from creditflow.tasks.models.tokenization import completion_offsets, encode_pair
 

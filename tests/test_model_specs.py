@@ -258,7 +258,7 @@ def test_custom_code_models_load_only_with_trust_remote_code(custom_code_lm, tmp
     load, and the stage warns once naming the folder and tags its MLflow run."""
     import torch
 
-    from creditflow.tasks.credit.contrastive import load_reference_model
+    from creditflow.tasks.models.loading import load_reference_model
     from creditflow.tasks.recipes.token_rewards import compute_token_rewards
 
     refused = _token_rewards_context(tmp_path / "off", custom_code_lm, trust_remote_code=False)

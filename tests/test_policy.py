@@ -25,10 +25,11 @@ from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
 from creditflow.tasks.configs import LoraConfig, PolicyConfig, PreferenceLossConfig
 from creditflow.tasks.data import schema as S
-from creditflow.tasks.models.causal_lm import load_policy_model, trained_model_folder
+from creditflow.tasks.models.causal_lm import trained_model_folder
+from creditflow.tasks.models.loading import load_policy_model, load_tokenizer
 from creditflow.tasks.models.logprobs import completion_logprobs, training_logprobs
 from creditflow.tasks.models.tiny import build_tiny_causal_lm
-from creditflow.tasks.models.tokenization import completion_offsets, encode_pair, load_tokenizer
+from creditflow.tasks.models.tokenization import completion_offsets, encode_pair
 from creditflow.tasks.recipes.policy import PolicyTrainer, compute_policy, launch_distributed
 from creditflow.tasks.recipes.token_rewards import OUTPUT_SCHEMA
 from creditflow.tasks.stage import StageContext
@@ -484,9 +485,8 @@ def test_two_nodes_of_one_process_train_as_two_processes_on_one_node(model_dir, 
         port = probe.getsockname()[1]
     monkeypatch.setenv("CREDITFLOW_RDZV_ENDPOINT", f"127.0.0.1:{port}")
     launch = tmp_path / "policy.launch"
-    join = (
-        f"import sys; from creditflow.tasks.train.launch import join_torchrun; sys.exit(join_torchrun({str(launch)!r}, 1))"
-    )
+    join = "import sys; from creditflow.tasks.train.launch import join_torchrun; "
+    join += f"sys.exit(join_torchrun({str(launch)!r}, 1))"
     node1 = subprocess.Popen([sys.executable, "-c", join], env=os.environ)
     try:
         config = _config(grad_accum=2, learning_rate=1e-3, num_processes=1, nnodes=2)

@@ -24,8 +24,8 @@ from creditflow.tasks.losses.rl import (
     value_loss,
     whiten,
 )
+from creditflow.tasks.models.loading import load_tokenizer
 from creditflow.tasks.models.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
-from creditflow.tasks.models.tokenization import load_tokenizer
 from creditflow.tasks.recipes.reward_model import PairData
 from creditflow.tasks.recipes.rl import RLTrainer
 

@@ -20,9 +20,10 @@ from creditflow.tasks.credit.attention_credit import abc_source
 from creditflow.tasks.credit.contrastive import contrastive_source
 from creditflow.tasks.credit.source import SourceModels
 from creditflow.tasks.data import schema as S
+from creditflow.tasks.models.loading import load_tokenizer
 from creditflow.tasks.models.logprobs import label_logprobs, naive_completion_logprobs
 from creditflow.tasks.models.tiny import build_tiny_causal_lm, build_tiny_reward_backbone, build_tiny_tokenizer
-from creditflow.tasks.models.tokenization import encode_pair, encode_prompts, load_tokenizer, truncate_pair
+from creditflow.tasks.models.tokenization import encode_pair, encode_prompts, truncate_pair
 from creditflow.tasks.recipes.token_rewards import OUTPUT_SCHEMA, compute_token_rewards
 from creditflow.tasks.stage import StageContext
 

@@ -34,8 +34,9 @@ from creditflow.storage.hashing import code_version, reached_modules
 from creditflow.tasks.configs import TokenRewardsConfig
 from creditflow.tasks.credit.source import Source, SourceModels
 from creditflow.tasks.data.schema import Messages
-from creditflow.tasks.infer.reward_scoring import encode_for_reward, load_reward_model, render_conversations
+from creditflow.tasks.infer.reward_scoring import encode_for_reward, render_conversations
 from creditflow.tasks.models import tokenization
+from creditflow.tasks.models.loading import load_abc_model
 from creditflow.tasks.models.precision import inference_dtype
 from creditflow.tasks.models.resolve import model_fingerprint
 from creditflow.tasks.models.tokenization import completion_offsets, pad_right
@@ -112,11 +113,6 @@ def _locate_completion(rendered: str, completion: Messages) -> list[tuple[int, i
         located.append((found, found + len(stripped), base + len(content) - len(content.lstrip())))
         cursor = found
     return located
-
-
-def load_abc_model(folder: str | Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
-    """(tokenizer, reward model) with eager attention: SDPA returns no attention weights."""
-    return load_reward_model(folder, device, trust_remote_code, dtype=dtype, attn_implementation="eager")
 
 
 def is_encoder(model) -> bool:

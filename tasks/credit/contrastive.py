@@ -20,21 +20,21 @@ one when truncation cut it); they are not truncated themselves, so those rows ru
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from creditflow.storage.hashing import code_version, reached_modules, sha256_text
 from creditflow.tasks.configs import TokenRewardsConfig
 from creditflow.tasks.credit.source import Source, SourceModels
 from creditflow.tasks.data.schema import Messages, completion_text
 from creditflow.tasks.models import tokenization
-from creditflow.tasks.models.logprobs import DEFAULT_CHUNK, check_lm_head, completion_logprobs
+from creditflow.tasks.models.loading import load_reference_model, load_tokenizer
+from creditflow.tasks.models.logprobs import DEFAULT_CHUNK, completion_logprobs
 from creditflow.tasks.models.precision import autocast, reference_precision
-from creditflow.tasks.models.resolve import from_pretrained, model_fingerprint, resolve_model
+from creditflow.tasks.models.resolve import model_fingerprint, resolve_model
 from creditflow.tasks.models.tokenization import (
     completion_offsets,
     encode_completions,
@@ -42,13 +42,6 @@ from creditflow.tasks.models.tokenization import (
     padded_batch,
     truncate_pair,
 )
-
-
-def load_reference_model(folder: str | Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
-    model = from_pretrained(AutoModelForCausalLM, folder, trust_remote_code, dtype=dtype, attn_implementation="sdpa")
-    model = model.to(device).eval()
-    check_lm_head(model)
-    return model
 
 
 def contrastive_messages(prompt: Messages, response: str, template: str) -> Messages:
@@ -168,7 +161,7 @@ def contrastive_source(
 
     dtype, bf16_autocast = reference_precision(config.dtype, device)
     folder = resolve_model(models.reference_model)
-    tokenizer = tokenization.load_tokenizer(str(folder), trust_remote_code)
+    tokenizer = load_tokenizer(str(folder), trust_remote_code)
     knobs = {
         "model": model_fingerprint(folder),
         "tokenizer": tokenization.tokenizer_fingerprint(tokenizer),

@@ -13,13 +13,13 @@ from creditflow.tasks.configs import TEMPLATE_PRESETS, RLConfig
 from creditflow.tasks.credit.attention_credit import (
     NoResponseTokens,
     encode_for_abc,
-    load_abc_model,
     official_policy_rewards,
     score_abc,
 )
 from creditflow.tasks.credit.contrastive import ContrastiveItem, contrastive_messages, score_contrastive
 from creditflow.tasks.data.schema import Messages
-from creditflow.tasks.infer.reward_scoring import load_reward_model, score_pairs
+from creditflow.tasks.infer.reward_scoring import score_pairs
+from creditflow.tasks.models.loading import load_abc_model, load_reward_model
 from creditflow.tasks.models.tokenization import encode_prompts, pad_token_id
 
 

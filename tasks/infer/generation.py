@@ -17,13 +17,11 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from creditflow.tasks.config_base import ComputeConfig, SamplingConfig
 from creditflow.tasks.data.schema import Messages
 from creditflow.tasks.infer.distributed import resumable_map, uses_ray
-from creditflow.tasks.models.precision import inference_dtype, resolve_device
-from creditflow.tasks.models.resolve import from_pretrained
+from creditflow.tasks.models.loading import load_generation_model, load_tokenizer
 from creditflow.tasks.models.tokenization import render_prompts
 
 PROMPTS_PER_SHARD = 128  # the unit of seeding, of Ray scheduling and of resumption
@@ -35,24 +33,6 @@ def shard_seed(seed: int, shard: int) -> int:
     if shard == 0:
         return seed
     return int.from_bytes(hashlib.sha256(f"{seed}:{shard}".encode()).digest()[:7], "little")
-
-
-def load_generation_tokenizer(folder: str | Path, trust_remote_code: bool = False):
-    """The tokenizer in ``folder``, with EOS as its pad token when it has none (generate() pads batches)."""
-
-    tokenizer = from_pretrained(AutoTokenizer, folder, trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_generation_model(folder: str | Path, device: str = "auto", trust_remote_code: bool = False):
-    """(tokenizer, causal LM) for generation: bf16 on CUDA, fp32 on CPU, eval mode, a pad token set."""
-
-    target = resolve_device(device)
-    tokenizer = load_generation_tokenizer(folder, trust_remote_code)
-    model = from_pretrained(AutoModelForCausalLM, folder, trust_remote_code, dtype=inference_dtype("auto", target))
-    return tokenizer, model.to(target).eval()
 
 
 @torch.no_grad()
@@ -214,7 +194,7 @@ class VllmSampler:
         from vllm import LLM  # pyright: ignore[reportMissingImports]  (the optional GPU extra, deferred)
 
         self.sampling, self.k = SamplingConfig.model_validate(sampling), k
-        self.tokenizer = from_pretrained(AutoTokenizer, folder, trust_remote_code)
+        self.tokenizer = load_tokenizer(folder, trust_remote_code)
         self.engine = LLM(
             model=folder, tokenizer=folder, dtype="auto", seed=self.sampling.seed, trust_remote_code=trust_remote_code
         )

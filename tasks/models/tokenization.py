@@ -6,23 +6,12 @@ without special tokens, followed by EOS. Later stages concatenate these id lists
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from creditflow.storage.hashing import sha256_json
 from creditflow.tasks.configs import TRUNCATION_MODES
 from creditflow.tasks.data.schema import Messages, completion_text
-from creditflow.tasks.models.resolve import from_pretrained
-
-
-@lru_cache(maxsize=8)
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    try:
-        return from_pretrained(AutoTokenizer, name_or_path, trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot load tokenizer {name_or_path!r}: {exc}") from exc
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

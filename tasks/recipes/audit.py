@@ -35,10 +35,11 @@ from creditflow.tasks.credit import attention_credit, contrastive
 from creditflow.tasks.credit.audit_probes import AUC_WARNING, KINDS, PLANTED_KINDS, ProbeItem, build_probe
 from creditflow.tasks.data.schema import Messages
 from creditflow.tasks.models.causal_lm import trained_model_folder
+from creditflow.tasks.models.loading import load_abc_model, load_reference_model, load_tokenizer
 from creditflow.tasks.models.logprobs import completion_logprobs
 from creditflow.tasks.models.precision import autocast, reference_precision, resolve_device
 from creditflow.tasks.models.resolve import resolve_model
-from creditflow.tasks.models.tokenization import load_tokenizer, pad_token_id, padded_batch
+from creditflow.tasks.models.tokenization import pad_token_id, padded_batch
 from creditflow.tasks.plots import finish, new_figure
 
 logger = logging.getLogger(__name__)
@@ -242,7 +243,7 @@ def _implicit_scorer(ref: Reference, policy: str | Path, beta: float, trust_remo
     """β·(log π − log π_ref) per token: what DPO's training made of each token."""
 
     dtype = next(ref.model.parameters()).dtype
-    trained = contrastive.load_reference_model(policy, ref.device, dtype, trust_remote_code)
+    trained = load_reference_model(policy, ref.device, dtype, trust_remote_code)
 
     @torch.no_grad()
     def implicit(prompts, texts):
@@ -265,7 +266,7 @@ def _abc_scorers(
     """(official ABC, centered ABC): the stored form (Σ r_t = r) and the regularizer's (standardized over the
     probe's responses, spread by attention, bounded)."""
 
-    tokenizer, model = attention_credit.load_abc_model(folder, device, torch.float32, trust_remote_code)
+    tokenizer, model = load_abc_model(folder, device, torch.float32, trust_remote_code)
 
     def scores(prompts, texts, centered: bool):
         items = [
@@ -305,7 +306,7 @@ def run_audit(
     device = resolve_device()
     tokenizer = load_tokenizer(str(reference), trust_remote_code)
     dtype, bf16_autocast = reference_precision("auto", device)  # what token_rewards.dtype: auto scores with
-    model = contrastive.load_reference_model(reference, device, dtype, trust_remote_code)
+    model = load_reference_model(reference, device, dtype, trust_remote_code)
     ref = Reference(model, tokenizer, pad_token_id(tokenizer), device, max_length, batch_size, bf16_autocast)
     sources: dict[str, Scorer] = {}
     for index, (preset, (better, worse)) in enumerate(presets.items()):

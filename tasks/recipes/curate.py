@@ -29,8 +29,9 @@ from creditflow.tasks.data import schema as S
 from creditflow.tasks.data.formats import MalformedInputError, RowProblem, check_columns, convert_row, detect_format
 from creditflow.tasks.data.ingest import has_columns, read_rows, row_total
 from creditflow.tasks.data.schema import completion_text
+from creditflow.tasks.models.loading import load_tokenizer
 from creditflow.tasks.models.resolve import resolve_model
-from creditflow.tasks.models.tokenization import encode_completions, encode_prompts, load_tokenizer
+from creditflow.tasks.models.tokenization import encode_completions, encode_prompts
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.stage import StageContext
 

@@ -35,17 +35,17 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from creditflow.tasks.configs import PolicyConfig, method_label
 from creditflow.tasks.data.schema import split_rows
 from creditflow.tasks.losses.preference import preference_loss, token_reward_correlation
-from creditflow.tasks.models.causal_lm import load_policy_model, save_trained_lm, trained_outputs
+from creditflow.tasks.models.causal_lm import save_trained_lm, trained_outputs
+from creditflow.tasks.models.loading import load_policy_model, load_tokenizer
 from creditflow.tasks.models.logprobs import CompletionLogprobs
 from creditflow.tasks.models.model_card import write_trained_cards
 from creditflow.tasks.models.precision import autocast, resolve_device
-from creditflow.tasks.models.resolve import from_pretrained, resolve_model
-from creditflow.tasks.models.tokenization import load_tokenizer, pad_token_id
+from creditflow.tasks.models.resolve import resolve_model
+from creditflow.tasks.models.tokenization import pad_token_id
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.train import fsdp
 from creditflow.tasks.train.checkpoint import Checkpoint
@@ -249,7 +249,7 @@ class PolicyTrainer(Trainer):
             raise ValueError("policy.strategy 'fsdp' runs under torchrun (compute_policy launches it)")
         torch.manual_seed(config.seed)  # LoRA initialization: the same on every rank (DDP also broadcasts it)
         self.model, self.lm = load_policy_model(model_dir, config, self.device, trust_remote_code)
-        self.pad_id = pad_token_id(from_pretrained(AutoTokenizer, model_dir, trust_remote_code))
+        self.pad_id = pad_token_id(load_tokenizer(str(model_dir), trust_remote_code))
         module = CompletionLogprobs(self.lm, config.chunk_size)
         if self.fsdp:  # before the optimizer is built: it must hold the sharded parameters
             fsdp.shard(module, self.lm, self.device, config.bf16, config.fsdp_cpu_offload)

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from creditflow.tasks.configs import TINY_BACKBONE, RewardModelConfig
 from creditflow.tasks.data.schema import SIDES, Messages, split_rows
-from creditflow.tasks.infer.reward_scoring import encode_for_reward, load_reward_model, reward_batch, score_pairs
+from creditflow.tasks.infer.reward_scoring import encode_for_reward, reward_batch, score_pairs
+from creditflow.tasks.models.loading import load_reward_model
 from creditflow.tasks.models.model_card import stage_config, stage_datasets, write_card
 from creditflow.tasks.models.precision import autocast, resolve_device
 from creditflow.tasks.models.resolve import resolve_model

@@ -69,13 +69,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
 
 from creditflow.tasks.configs import RLConfig
 from creditflow.tasks.credit.rl_rewards import Rollout, TokenRewards, token_spans
 from creditflow.tasks.data.schema import Messages, split_rows, unique_prompts
 from creditflow.tasks.infer.distributed import RayWorkers, ray_session, uses_ray
-from creditflow.tasks.infer.generation import Rollouts, load_generation_tokenizer, sample_token_ids
+from creditflow.tasks.infer.generation import Rollouts, sample_token_ids
 from creditflow.tasks.infer.gold import load_gold_scorer
 from creditflow.tasks.losses.rl import (
     AdaptiveKL,
@@ -86,11 +85,16 @@ from creditflow.tasks.losses.rl import (
     value_loss,
     whiten,
 )
-from creditflow.tasks.models.causal_lm import disable_dropout, load_policy_model, save_trained_lm, trained_outputs
+from creditflow.tasks.models.causal_lm import save_trained_lm, trained_outputs
+from creditflow.tasks.models.loading import (
+    load_generation_tokenizer,
+    load_policy_model,
+    load_reference_model,
+)
 from creditflow.tasks.models.logprobs import completion_logprobs, completion_positions, states_entropy, states_logprobs
 from creditflow.tasks.models.model_card import write_trained_cards
 from creditflow.tasks.models.precision import autocast, resolve_device
-from creditflow.tasks.models.resolve import from_pretrained, resolve_model
+from creditflow.tasks.models.resolve import resolve_model
 from creditflow.tasks.models.tokenization import pad_token_id, padded_batch
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.train.checkpoint import Checkpoint
@@ -225,10 +229,8 @@ class RLTrainer(Trainer):
         self.model, self.lm = load_policy_model(model_dir, config, self.device, trust_remote_code)
         self.frozen_reference = None
         if config.lora is None:  # LoRA runs read pi_ref through disabled adapters
-            reference = from_pretrained(AutoModelForCausalLM, model_dir, trust_remote_code, dtype=torch.float32)
-            reference = reference.to(self.device)
-            disable_dropout(reference)
-            self.frozen_reference = reference.eval().requires_grad_(False)
+            reference = load_reference_model(model_dir, self.device, torch.float32, trust_remote_code)
+            self.frozen_reference = reference.requires_grad_(False)
         self.value_head = None
         if config.algorithm == "ppo":
             self.value_head = torch.nn.Linear(self.lm.config.hidden_size, 1).to(self.device)
