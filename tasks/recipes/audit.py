@@ -50,6 +50,43 @@ REFERENCE = "reference log-prob"
 # Metrics
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The stage: config -> setup -> run -> save
+
+
+def compute_audit(ctx) -> dict[str, float]:
+    """Audit the reference model's contrastive presets, the reward model's ABC and the trained policy's DPO-implicit
+    reward on the probe; write ``audit`` (one row per source and probe kind) and log the table and a plot."""
+
+    config = ctx.config
+    probe = build_probe(config.per_kind, config.sentiment, config.seed, config.probe)
+    reference = resolve_model(ctx.reference_model)
+    reward_model, policy_artifact = ctx.upstream_dir("reward_model") / "model", ctx.upstream_dir("policy")
+    trust = ctx.remote_code_allowed(reference, reward_model, policy_artifact)
+    policy = trained_model_folder(policy_artifact, trust)
+    rows = run_audit(
+        reference,
+        {name: TEMPLATE_PRESETS[name] for name in config.presets},
+        probe,
+        max_length=config.max_length,
+        batch_size=config.batch_size,
+        reward_model=reward_model,
+        reward_model_max_length=int(ctx.upstream["reward_model"].config["max_length"]),
+        policy=policy,
+        beta=float(ctx.upstream["policy"].config["loss"]["beta"]),
+        trust_remote_code=trust,
+    )
+    for row in rows:
+        if row.kind == "all" and row.auc < AUC_WARNING:
+            logger.warning(
+                "audit: %s points the wrong way (AUC %.3f < 0.5 on %d items)", row.source, row.auc, row.items
+            )
+    ctx.writer.write_table("audit", pa.Table.from_pylist([asdict(r) for r in rows]))
+    ctx.run.log_rows([asdict(r) for r in rows], "audit/table.json")
+    ctx.run.log_figure(audit_figure(rows), "audit/auc.png")
+    return {f"{r.source}.{r.kind}.auc": r.auc for r in rows if r.auc == r.auc} | {"items": len(probe)}
+
+
 def auc(bad: np.ndarray, other: np.ndarray) -> float:
     """P(bad < other) + ½ P(bad == other): 1 when every bad score is below every other score."""
     bad, other = np.asarray(bad, dtype=np.float64), np.sort(np.asarray(other, dtype=np.float64))
@@ -323,40 +360,3 @@ def run_audit(
     scores = {name: score_items(scorer, probe) for name, scorer in sources.items()}
     known = known_items(scores[REFERENCE]) if REFERENCE in scores else None
     return [row for name, per_item in scores.items() for row in summarize(name, per_item, known)]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Stage entry point
-
-
-def compute_audit(ctx) -> dict[str, float]:
-    """Audit the reference model's contrastive presets, the reward model's ABC and the trained policy's DPO-implicit
-    reward on the probe; write ``audit`` (one row per source and probe kind) and log the table and a plot."""
-
-    config = ctx.config
-    probe = build_probe(config.per_kind, config.sentiment, config.seed, config.probe)
-    reference = resolve_model(ctx.reference_model)
-    reward_model, policy_artifact = ctx.upstream_dir("reward_model") / "model", ctx.upstream_dir("policy")
-    trust = ctx.remote_code_allowed(reference, reward_model, policy_artifact)
-    policy = trained_model_folder(policy_artifact, trust)
-    rows = run_audit(
-        reference,
-        {name: TEMPLATE_PRESETS[name] for name in config.presets},
-        probe,
-        max_length=config.max_length,
-        batch_size=config.batch_size,
-        reward_model=reward_model,
-        reward_model_max_length=int(ctx.upstream["reward_model"].config["max_length"]),
-        policy=policy,
-        beta=float(ctx.upstream["policy"].config["loss"]["beta"]),
-        trust_remote_code=trust,
-    )
-    for row in rows:
-        if row.kind == "all" and row.auc < AUC_WARNING:
-            logger.warning(
-                "audit: %s points the wrong way (AUC %.3f < 0.5 on %d items)", row.source, row.auc, row.items
-            )
-    ctx.writer.write_table("audit", pa.Table.from_pylist([asdict(r) for r in rows]))
-    ctx.run.log_rows([asdict(r) for r in rows], "audit/table.json")
-    ctx.run.log_figure(audit_figure(rows), "audit/auc.png")
-    return {f"{r.source}.{r.kind}.auc": r.auc for r in rows if r.auc == r.auc} | {"items": len(probe)}

@@ -39,6 +39,23 @@ RULES = ("schema", "score", "empty", "identical", "duplicate", "tie", "margin", 
 _RAW_MAX_CHARS = 20_000
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The stage: config -> setup -> run -> save
+
+
+def compute_curate(ctx: StageContext) -> dict[str, float]:
+    """Stage entry point: curate, write ``pairs`` and ``quarantine``, log rule counts and plots to MLflow."""
+    trust = ctx.remote_code_allowed(ctx.config.tokenizer) if ctx.config.tokenizer else False  # the one model it loads
+    result = curate(ctx.config, progress=ctx.progress, trust_remote_code=trust)
+    ctx.writer.write_table("pairs", result.pairs)
+    ctx.writer.write_table("quarantine", result.quarantine)
+    ctx.run.log_figure(_summary_figure(result), "curate/summary.png")
+    if result.quarantine.num_rows:
+        sample = result.quarantine.slice(0, 200).drop_columns(["raw"]).to_pylist()
+        ctx.run.log_rows(sample, "curate/quarantine_sample.json")
+    return result.metrics
+
+
 @dataclass
 class CurationResult:
     pairs: pa.Table
@@ -275,19 +292,6 @@ def _assign_splits(pairs: list[dict[str, Any]], eval_fraction: float, seed: int)
         eval_ids = {min(units, key=units.get)}  # tiny sets: still hold out one prompt
     for p in pairs:
         p["split"] = "eval" if p["prompt_id"] in eval_ids else "train"
-
-
-def compute_curate(ctx: StageContext) -> dict[str, float]:
-    """Stage entry point: curate, write ``pairs`` and ``quarantine``, log rule counts and plots to MLflow."""
-    trust = ctx.remote_code_allowed(ctx.config.tokenizer) if ctx.config.tokenizer else False  # the one model it loads
-    result = curate(ctx.config, progress=ctx.progress, trust_remote_code=trust)
-    ctx.writer.write_table("pairs", result.pairs)
-    ctx.writer.write_table("quarantine", result.quarantine)
-    ctx.run.log_figure(_summary_figure(result), "curate/summary.png")
-    if result.quarantine.num_rows:
-        sample = result.quarantine.slice(0, 200).drop_columns(["raw"]).to_pylist()
-        ctx.run.log_rows(sample, "curate/quarantine_sample.json")
-    return result.metrics
 
 
 def _summary_figure(result: CurationResult):

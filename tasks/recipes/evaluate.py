@@ -27,12 +27,8 @@ from creditflow.tasks.models.resolve import resolve_model
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.stage import StageContext
 
-
-def win_rate(policy: list[float], reference: list[float]) -> float:
-    """Share of prompts where the policy's score beats the reference's; a tie counts half."""
-    if not policy:
-        return float("nan")
-    return sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy, reference)) / len(policy)
+# ---------------------------------------------------------------------------------------------------------
+# The stage: config -> setup -> run -> save
 
 
 def compute_evaluate(ctx: StageContext) -> dict[str, float]:
@@ -115,6 +111,13 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
     current = _comparison_rows(policy, ctx.upstream.get("rl"), now, metrics)
     ctx.run.log_figure(comparison_figure([*comparison_rows(ctx.workspace.store), *current]), "evaluate/comparison.png")
     return metrics
+
+
+def win_rate(policy: list[float], reference: list[float]) -> float:
+    """Share of prompts where the policy's score beats the reference's; a tie counts half."""
+    if not policy:
+        return float("nan")
+    return sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy, reference)) / len(policy)
 
 
 def comparison_rows(store: ArtifactStore) -> list[dict]:

@@ -21,57 +21,8 @@ from creditflow.tasks.infer.reward_scoring import score_rewards
 from creditflow.tasks.models.resolve import resolve_model
 from creditflow.tasks.stage import StageContext
 
-
-def build_pairs(
-    prompts: pa.Table, samples: list[list[str]], scores: list[list[float]], policy: str, min_margin: float
-) -> tuple[list[dict], list[dict]]:
-    """Best vs worst sample per prompt -> (pairs, quarantine rows)."""
-    pairs, quarantine = [], []
-    for row, texts, rewards in zip(prompts.to_pylist(), samples, scores):
-        candidates = [(r, t) for r, t in zip(rewards, texts) if t]
-        problem = None
-        if len(candidates) < 2:
-            problem = ("empty", f"{len(texts) - len(candidates)} of {len(texts)} samples are empty")
-        elif len({t for _, t in candidates}) < 2:
-            problem = ("identical", "all non-empty samples are identical")
-        else:
-            best, worst = max(candidates), min(candidates)
-            if best[0] - worst[0] <= min_margin:
-                problem = ("margin", f"reward spread {best[0] - worst[0]:.4g} <= min_margin {min_margin}")
-        if problem:
-            quarantine.append(
-                {
-                    "source": f"onpolicy:{policy}",
-                    "source_row": f"prompt {row['prompt_id']}",
-                    "rule": problem[0],
-                    "field": "samples",
-                    "reason": problem[1],
-                    "pair_id": None,
-                    "raw": json.dumps([{"text": t, "reward": r} for t, r in zip(texts, rewards)], ensure_ascii=False),
-                }
-            )
-            continue
-        chosen = [{"role": "assistant", "content": best[1]}]
-        rejected = [{"role": "assistant", "content": worst[1]}]
-        pairs.append(
-            {
-                "pair_id": S.pair_id(row["prompt"], chosen, rejected),
-                "prompt_id": row["prompt_id"],
-                "prompt": row["prompt"],
-                "chosen": chosen,
-                "rejected": rejected,
-                "score_chosen": best[0],
-                "score_rejected": worst[0],
-                "margin": best[0] - worst[0],
-                "prompt_tokens": None,
-                "chosen_tokens": None,
-                "rejected_tokens": None,
-                "source": f"onpolicy:{policy}",
-                "source_row": f"prompt {row['prompt_id']}",
-                "split": row["split"],
-            }
-        )
-    return pairs, quarantine
+# ---------------------------------------------------------------------------------------------------------
+# The stage: config -> setup -> run -> save
 
 
 def compute_onpolicy(ctx: StageContext) -> dict[str, float]:
@@ -131,3 +82,55 @@ def compute_onpolicy(ctx: StageContext) -> dict[str, float]:
         "mean_margin": sum(margins) / len(margins) if margins else 0.0,
         "empty_samples": sum(1 for texts in samples for t in texts if not t),
     }
+
+
+def build_pairs(
+    prompts: pa.Table, samples: list[list[str]], scores: list[list[float]], policy: str, min_margin: float
+) -> tuple[list[dict], list[dict]]:
+    """Best vs worst sample per prompt -> (pairs, quarantine rows)."""
+    pairs, quarantine = [], []
+    for row, texts, rewards in zip(prompts.to_pylist(), samples, scores):
+        candidates = [(r, t) for r, t in zip(rewards, texts) if t]
+        problem = None
+        if len(candidates) < 2:
+            problem = ("empty", f"{len(texts) - len(candidates)} of {len(texts)} samples are empty")
+        elif len({t for _, t in candidates}) < 2:
+            problem = ("identical", "all non-empty samples are identical")
+        else:
+            best, worst = max(candidates), min(candidates)
+            if best[0] - worst[0] <= min_margin:
+                problem = ("margin", f"reward spread {best[0] - worst[0]:.4g} <= min_margin {min_margin}")
+        if problem:
+            quarantine.append(
+                {
+                    "source": f"onpolicy:{policy}",
+                    "source_row": f"prompt {row['prompt_id']}",
+                    "rule": problem[0],
+                    "field": "samples",
+                    "reason": problem[1],
+                    "pair_id": None,
+                    "raw": json.dumps([{"text": t, "reward": r} for t, r in zip(texts, rewards)], ensure_ascii=False),
+                }
+            )
+            continue
+        chosen = [{"role": "assistant", "content": best[1]}]
+        rejected = [{"role": "assistant", "content": worst[1]}]
+        pairs.append(
+            {
+                "pair_id": S.pair_id(row["prompt"], chosen, rejected),
+                "prompt_id": row["prompt_id"],
+                "prompt": row["prompt"],
+                "chosen": chosen,
+                "rejected": rejected,
+                "score_chosen": best[0],
+                "score_rejected": worst[0],
+                "margin": best[0] - worst[0],
+                "prompt_tokens": None,
+                "chosen_tokens": None,
+                "rejected_tokens": None,
+                "source": f"onpolicy:{policy}",
+                "source_row": f"prompt {row['prompt_id']}",
+                "split": row["split"],
+            }
+        )
+    return pairs, quarantine

@@ -78,6 +78,9 @@ METRIC_NAMES = {  # LossOutput.metrics() -> our metric names (no "/": they are a
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The stage: config -> setup -> run -> save
+
+
 # Stage entry point: setup, run, save
 
 

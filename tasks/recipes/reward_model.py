@@ -46,6 +46,98 @@ from creditflow.tasks.train.metrics import StepCallback
 from creditflow.tasks.train.optim import adamw, cosine_schedule, total_steps, warmup_steps
 from creditflow.tasks.train.trainer import Trainer
 
+# ---------------------------------------------------------------------------------------------------------
+# The stage: config -> setup -> run -> save
+
+
+def compute_reward_model(ctx: StageContext) -> dict[str, float]:
+    """Train on the curated train split, evaluate on eval, save ``model/`` (safetensors + tokenizer)."""
+
+    config: RewardModelConfig = ctx.config
+    pairs = ctx.read_upstream("curate", "pairs")
+    train = PairData.from_table(split_rows(pairs, "train"))
+    evaluation_table = split_rows(pairs, "eval")
+    evaluation = PairData.from_table(evaluation_table)
+    if not len(train):
+        raise ValueError("reward_model: the curated data has no train pairs")
+
+    if config.base_model == TINY_BACKBONE:
+        base = _build_tiny_backbone(ctx.writer.dir / "base", train, config.seed)
+    else:
+        base = resolve_model(config.base_model)
+    trust = ctx.remote_code_allowed(base)
+
+    def log_step(step: int, metrics: dict[str, float]) -> None:
+        ctx.run.log_metrics(metrics, step=step)
+
+    model_dir = ctx.writer.dir / "model"
+    if config.in_process:
+        trainer = RewardModelTrainer(
+            base,
+            train,
+            evaluation,
+            config,
+            checkpoint_dir=ctx.checkpoint_dir,
+            on_step=log_step,
+            progress=ctx.progress,
+            trust_remote_code=trust,
+        )
+        history = trainer.train()
+        trainer.save_pretrained(model_dir)
+        tokenizer, model = trainer.tokenizer, trainer.model
+    else:
+        history = launch_distributed(
+            base,
+            train,
+            evaluation,
+            config,
+            model_dir,
+            checkpoint_dir=ctx.checkpoint_dir,
+            on_step=log_step,
+            launch_dir=launch_folder(ctx.checkpoint_dir),
+            trust_remote_code=trust,
+        )
+        tokenizer, model = load_reward_model(model_dir, trust_remote_code=trust)
+    if config.base_model == TINY_BACKBONE:
+        shutil.rmtree(ctx.writer.dir / "base")
+
+    final = evaluate(model, tokenizer, evaluation, config)
+    ctx.writer.write_table(
+        "eval_scores",
+        pa.table(
+            {
+                "pair_id": evaluation_table.column("pair_id"),
+                "reward_chosen": pa.array(final.rewards_chosen, pa.float32()),
+                "reward_rejected": pa.array(final.rewards_rejected, pa.float32()),
+            }
+        ),
+    )
+    fig = _reward_figure(final)
+    ctx.run.log_figure(fig, "reward_model/eval_rewards.png")
+    ctx.run.log_dict(history, "reward_model/eval_history.json")
+    ctx.log_model_location("model")
+    Checkpoint(ctx.checkpoint_dir).remove()  # the published artifact supersedes it
+    metrics = {
+        **final.metrics(),
+        "train_pairs": len(train),
+        "eval_pairs": len(evaluation),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    write_card(
+        model_dir,
+        title="Bradley-Terry reward model",
+        summary="A scalar reward head trained with CreditFlow on chosen/rejected pairs: "
+        "loss = -log sigmoid(r(x, y_w) - r(x, y_l)).",
+        base_model=config.base_model,
+        datasets=stage_datasets(ctx),
+        tags=["reward-model", "bradley-terry"],
+        metadata={"method": "bradley-terry"},
+        metrics=metrics,
+        config=stage_config(ctx),
+        pipeline_tag="text-classification",
+    )
+    return metrics
+
 
 def bradley_terry_loss(
     rewards_chosen: torch.Tensor,
@@ -328,95 +420,6 @@ def run_worker(spec: dict, on_step: StepCallback) -> list[dict[str, float]]:
 def _build_tiny_backbone(folder: Path, pairs: PairData, seed: int) -> Path:
     corpus = [m["content"] for rows in (pairs.prompts, pairs.chosen, pairs.rejected) for conv in rows for m in conv]
     return build_tiny_reward_backbone(folder, corpus, seed=seed)
-
-
-def compute_reward_model(ctx: StageContext) -> dict[str, float]:
-    """Train on the curated train split, evaluate on eval, save ``model/`` (safetensors + tokenizer)."""
-
-    config: RewardModelConfig = ctx.config
-    pairs = ctx.read_upstream("curate", "pairs")
-    train = PairData.from_table(split_rows(pairs, "train"))
-    evaluation_table = split_rows(pairs, "eval")
-    evaluation = PairData.from_table(evaluation_table)
-    if not len(train):
-        raise ValueError("reward_model: the curated data has no train pairs")
-
-    if config.base_model == TINY_BACKBONE:
-        base = _build_tiny_backbone(ctx.writer.dir / "base", train, config.seed)
-    else:
-        base = resolve_model(config.base_model)
-    trust = ctx.remote_code_allowed(base)
-
-    def log_step(step: int, metrics: dict[str, float]) -> None:
-        ctx.run.log_metrics(metrics, step=step)
-
-    model_dir = ctx.writer.dir / "model"
-    if config.in_process:
-        trainer = RewardModelTrainer(
-            base,
-            train,
-            evaluation,
-            config,
-            checkpoint_dir=ctx.checkpoint_dir,
-            on_step=log_step,
-            progress=ctx.progress,
-            trust_remote_code=trust,
-        )
-        history = trainer.train()
-        trainer.save_pretrained(model_dir)
-        tokenizer, model = trainer.tokenizer, trainer.model
-    else:
-        history = launch_distributed(
-            base,
-            train,
-            evaluation,
-            config,
-            model_dir,
-            checkpoint_dir=ctx.checkpoint_dir,
-            on_step=log_step,
-            launch_dir=launch_folder(ctx.checkpoint_dir),
-            trust_remote_code=trust,
-        )
-        tokenizer, model = load_reward_model(model_dir, trust_remote_code=trust)
-    if config.base_model == TINY_BACKBONE:
-        shutil.rmtree(ctx.writer.dir / "base")
-
-    final = evaluate(model, tokenizer, evaluation, config)
-    ctx.writer.write_table(
-        "eval_scores",
-        pa.table(
-            {
-                "pair_id": evaluation_table.column("pair_id"),
-                "reward_chosen": pa.array(final.rewards_chosen, pa.float32()),
-                "reward_rejected": pa.array(final.rewards_rejected, pa.float32()),
-            }
-        ),
-    )
-    fig = _reward_figure(final)
-    ctx.run.log_figure(fig, "reward_model/eval_rewards.png")
-    ctx.run.log_dict(history, "reward_model/eval_history.json")
-    ctx.log_model_location("model")
-    Checkpoint(ctx.checkpoint_dir).remove()  # the published artifact supersedes it
-    metrics = {
-        **final.metrics(),
-        "train_pairs": len(train),
-        "eval_pairs": len(evaluation),
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
-    write_card(
-        model_dir,
-        title="Bradley-Terry reward model",
-        summary="A scalar reward head trained with CreditFlow on chosen/rejected pairs: "
-        "loss = -log sigmoid(r(x, y_w) - r(x, y_l)).",
-        base_model=config.base_model,
-        datasets=stage_datasets(ctx),
-        tags=["reward-model", "bradley-terry"],
-        metadata={"method": "bradley-terry"},
-        metrics=metrics,
-        config=stage_config(ctx),
-        pipeline_tag="text-classification",
-    )
-    return metrics
 
 
 def _reward_figure(result: EvalResult):

@@ -108,7 +108,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
 # ---------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage: config -> setup -> run -> save
+
+
 # Stage entry point: setup, run, save
 
 
@@ -169,10 +177,6 @@ def compute_rl(ctx: StageContext) -> dict[str, float]:
         metrics=metrics,
     )
     return metrics
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The trainer
 
 
 @dataclass

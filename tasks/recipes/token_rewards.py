@@ -58,6 +58,59 @@ SOURCES = {"contrastive": contrastive.contrastive_source, "abc": attention_credi
 # Sources: what a row's key depends on and how its values are computed
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The stage: config -> setup -> run -> save
+
+
+def compute_token_rewards(ctx: StageContext) -> dict[str, float]:
+    """Compute the missing cache rows of every requested source, then write ``token_rewards`` from the cache.
+
+    Pairs come from the on-policy stage when it ran, else from curation. Metrics per source and in total:
+    ``rows_computed`` / ``rows_reused`` count distinct cache keys computed now / found in the cache (the proof of
+    incrementality), ``tokens_per_s`` the non-pad tokens through the model per second of compute.
+    """
+    config: TokenRewardsConfig = ctx.config
+    pairs = ctx.read_upstream("onpolicy" if "onpolicy" in ctx.upstream else "curate", "pairs")
+    pair_ids, sides, prompts, completions = side_requests(pairs)
+    cache = TokenCache.for_workspace(ctx.workspace)
+
+    metrics: dict[str, float] = {"pairs": pairs.num_rows}
+    sources, keys = [], []
+    rm_folder, rm_max_length = _reward_model_folder(ctx) if "abc" in config.sources else (None, None)
+    # One warning for the stage; the flag rides in each source's build arguments, so Ray actors get it too.
+    trust = ctx.remote_code_allowed(*(rm_folder if name == "abc" else ctx.reference_model for name in config.sources))
+    for name in config.sources:
+        models = {"reference_model": ctx.reference_model}
+        if name == "abc":
+            models = {"reward_model_dir": str(rm_folder), "rm_max_length": rm_max_length}
+        build = partial(build_source, name, config.model_dump(mode="json"), **models, trust_remote_code=trust)
+        source = build()
+        run = compute_missing(
+            cache, source, prompts, completions, config.rows_per_shard, ctx.progress, ctx.compute, build
+        )
+        sources.append(source)
+        keys.append(run.keys)
+        metrics.update(
+            {
+                f"{name}.rows_computed": run.computed,
+                f"{name}.rows_reused": run.reused,
+                f"{name}.forward_tokens": run.forward_tokens,
+                f"{name}.seconds": run.seconds,
+                f"{name}.tokens_per_s": run.forward_tokens / run.seconds if run.computed else 0.0,
+                f"{name}.rows_truncated": run.truncated,
+            }
+        )
+    metrics["rows_computed"] = sum(metrics[f"{s.name}.rows_computed"] for s in sources)
+    metrics["rows_reused"] = sum(metrics[f"{s.name}.rows_reused"] for s in sources)
+
+    table = assemble(cache, pair_ids, sides, [s.name for s in sources], keys)
+    ctx.writer.write_table("token_rewards", table)
+    metrics["rows"] = table.num_rows
+    metrics.update(reward_summary(table))
+    _log_heatmaps(ctx, table, sources, config.heatmap_pairs)
+    return metrics
+
+
 @dataclass
 class SourceRun:
     keys: list[str]  # one per request
@@ -168,55 +221,6 @@ def _reward_model_folder(ctx: StageContext) -> tuple[Path, int]:
     for name in model_files:
         ctx.workspace.store.file(manifest, name)  # raises on a missing or edited file
     return ctx.upstream_dir("reward_model") / "model", int(manifest.config["max_length"])
-
-
-def compute_token_rewards(ctx: StageContext) -> dict[str, float]:
-    """Compute the missing cache rows of every requested source, then write ``token_rewards`` from the cache.
-
-    Pairs come from the on-policy stage when it ran, else from curation. Metrics per source and in total:
-    ``rows_computed`` / ``rows_reused`` count distinct cache keys computed now / found in the cache (the proof of
-    incrementality), ``tokens_per_s`` the non-pad tokens through the model per second of compute.
-    """
-    config: TokenRewardsConfig = ctx.config
-    pairs = ctx.read_upstream("onpolicy" if "onpolicy" in ctx.upstream else "curate", "pairs")
-    pair_ids, sides, prompts, completions = side_requests(pairs)
-    cache = TokenCache.for_workspace(ctx.workspace)
-
-    metrics: dict[str, float] = {"pairs": pairs.num_rows}
-    sources, keys = [], []
-    rm_folder, rm_max_length = _reward_model_folder(ctx) if "abc" in config.sources else (None, None)
-    # One warning for the stage; the flag rides in each source's build arguments, so Ray actors get it too.
-    trust = ctx.remote_code_allowed(*(rm_folder if name == "abc" else ctx.reference_model for name in config.sources))
-    for name in config.sources:
-        models = {"reference_model": ctx.reference_model}
-        if name == "abc":
-            models = {"reward_model_dir": str(rm_folder), "rm_max_length": rm_max_length}
-        build = partial(build_source, name, config.model_dump(mode="json"), **models, trust_remote_code=trust)
-        source = build()
-        run = compute_missing(
-            cache, source, prompts, completions, config.rows_per_shard, ctx.progress, ctx.compute, build
-        )
-        sources.append(source)
-        keys.append(run.keys)
-        metrics.update(
-            {
-                f"{name}.rows_computed": run.computed,
-                f"{name}.rows_reused": run.reused,
-                f"{name}.forward_tokens": run.forward_tokens,
-                f"{name}.seconds": run.seconds,
-                f"{name}.tokens_per_s": run.forward_tokens / run.seconds if run.computed else 0.0,
-                f"{name}.rows_truncated": run.truncated,
-            }
-        )
-    metrics["rows_computed"] = sum(metrics[f"{s.name}.rows_computed"] for s in sources)
-    metrics["rows_reused"] = sum(metrics[f"{s.name}.rows_reused"] for s in sources)
-
-    table = assemble(cache, pair_ids, sides, [s.name for s in sources], keys)
-    ctx.writer.write_table("token_rewards", table)
-    metrics["rows"] = table.num_rows
-    metrics.update(reward_summary(table))
-    _log_heatmaps(ctx, table, sources, config.heatmap_pairs)
-    return metrics
 
 
 def assemble(
