@@ -44,9 +44,11 @@ def sha256_tree(root: str | Path) -> str:
     return sha256_json(entries)
 
 
-def imported_modules(module: str) -> set[str]:
+@lru_cache(maxsize=None)
+def imported_modules(module: str) -> frozenset[str]:
     """The ``creditflow`` modules ``module``'s source imports, at top level or inside functions (parsed, not
-    imported). ``from package import name`` counts ``package.name`` when that is a module, else ``package``."""
+    imported; once per process, like the source itself). ``from package import name`` counts ``package.name`` when
+    that is a module, else ``package``."""
     found = set()
     for node in ast.walk(ast.parse(module_source(module))):
         if isinstance(node, ast.Import):
@@ -54,7 +56,7 @@ def imported_modules(module: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "creditflow":
             submodules = {f"{node.module}.{alias.name}" for alias in node.names} if _is_package(node.module) else set()
             found |= {name for name in submodules if importlib.util.find_spec(name)} or {node.module}
-    return found
+    return frozenset(found)
 
 
 def _is_package(module: str) -> bool:

@@ -596,13 +596,17 @@ def edited_source(monkeypatch):
     def source(module: str) -> str:
         return edits.get(module, read(module))
 
+    def forget() -> None:
+        hashing._source_digest.cache_clear()
+        hashing.imported_modules.cache_clear()
+
     def edit(module: str, change) -> None:
         edits[module] = change(read(module))
-        hashing._source_digest.cache_clear()
+        forget()
 
     monkeypatch.setattr(hashing, "module_source", source)
     yield edit
-    hashing._source_digest.cache_clear()
+    forget()
 
 
 def test_token_reward_fingerprint_covers_abc_code_only_when_abc_is_a_source(tmp_path, tiny_lm_dir, edited_source):
