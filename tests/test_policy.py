@@ -26,7 +26,7 @@ from creditflow.storage.workspace import Workspace
 from creditflow.tasks.configs import LoraConfig, PolicyConfig, PreferenceLossConfig
 from creditflow.tasks.data import schema as S
 from creditflow.tasks.models.causal_lm import trained_model_folder
-from creditflow.tasks.models.loading import load_policy_model, load_tokenizer
+from creditflow.tasks.models.loading import disable_dropout, load_policy_model, load_tokenizer
 from creditflow.tasks.models.logprobs import completion_logprobs, training_logprobs
 from creditflow.tasks.models.tiny import build_tiny_causal_lm
 from creditflow.tasks.models.tokenization import completion_offsets, encode_pair
@@ -250,6 +250,32 @@ def test_dropout_is_off_in_the_policy_so_step_zero_is_the_reference(tmp_path, ex
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     _, history = _train(noisy, _examples(noisy, _data(noisy), "contrastive"), _config(max_steps=1))
     assert history[0]["sequence_loss"] == pytest.approx(math.log(2), abs=1e-6)  # z = 0: log π = log π_ref
+
+
+def test_dropout_off_covers_functional_dropout_read_from_config_floats():
+    """OPT's layers apply F.dropout with a float copied from the config (`dropout`, `activation_dropout`), which no
+    nn.Dropout module holds: in train mode, two forwards must still agree."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(
+        vocab_size=64,
+        hidden_size=16,
+        word_embed_proj_dim=16,
+        ffn_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        dropout=0.3,
+        attention_dropout=0.3,
+        activation_dropout=0.3,
+    )
+    torch.manual_seed(0)
+    model = OPTForCausalLM(config).train()
+    ids = torch.randint(0, 64, (2, 10))
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # the control: dropout is on
+    disable_dropout(model)
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    assert model.config.dropout == model.config.activation_dropout == 0.0
 
 
 def test_length_grouping_cuts_padding_and_keeps_every_pair(examples):

@@ -104,8 +104,15 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):  # attention kernels read a float
-            module.attention_dropout = 0.0
+        # Functional dropout reads a float the layer copied from its config at init: OPT's `dropout` and
+        # `activation_dropout`, Llama's `attention_dropout`, BERT-style `hidden_dropout_prob`.
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    for name, value in vars(config).items() if config is not None else ():
+        if "dropout" in name and isinstance(value, float):  # and layers that read the config at forward time
+            setattr(config, name, 0.0)
 
 
 def load_reference_model(folder: str | Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
