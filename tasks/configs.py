@@ -330,7 +330,11 @@ class RLConfig(TrainingConfig):
     iterations)."""
 
     enabled: bool = Field(False, description="Train an RL policy too (evaluate then compares it with the others).")
-    algorithm: Literal["ppo", "rloo"] = Field("ppo", description="ppo: value head + GAE; rloo: leave-one-out.")
+    algorithm: Literal["ppo", "rloo", "rloo_token"] = Field(
+        "ppo",
+        description="ppo: value head + GAE; rloo: sequence-level leave-one-out (TRL's RLOO); rloo_token: per-position "
+        "leave-one-out on returns-to-go, which keeps dense token credit.",
+    )
     reward_source: Literal["sparse", "abc", "contrastive", "abc+contrastive"] = Field(
         "abc",
         description="sparse: RM score on the last token; abc: spread by the RM's attention (official form); "
@@ -346,7 +350,7 @@ class RLConfig(TrainingConfig):
     clip_range: float = Field(0.2, gt=0, allow_inf_nan=False, description="PPO ratio clip epsilon.")
     value_clip: float = Field(0.2, gt=0, allow_inf_nan=False, description="PPO value clip epsilon (ppo only).")
     vf_coef: float = Field(0.1, ge=0, allow_inf_nan=False, description="Value-loss weight (ppo only).")
-    gamma: float = Field(1.0, ge=0, le=1, description="Discount (ppo's GAE; rloo uses 1).")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount (ppo's GAE; rloo and rloo_token use 1).")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (ppo only).")
     whiten_advantages: bool = Field(True, description="Standardize advantages over each iteration's tokens.")
     kl_coef: float = Field(0.05, ge=0, allow_inf_nan=False, description="Per-token KL penalty to pi_ref.")
@@ -367,8 +371,10 @@ class RLConfig(TrainingConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> "RLConfig":
-        if self.algorithm == "rloo" and self.samples_per_prompt < 2:
-            raise ValueError("rl.algorithm 'rloo' needs samples_per_prompt >= 2 (the leave-one-out baseline)")
+        if self.algorithm.startswith("rloo") and self.samples_per_prompt < 2:
+            raise ValueError(
+                f"rl.algorithm {self.algorithm!r} needs samples_per_prompt >= 2 (the leave-one-out baseline)"
+            )
         rollouts = self.batch_size * self.samples_per_prompt
         if rollouts < self.minibatches * self.grad_accum:
             raise ValueError(

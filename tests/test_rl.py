@@ -21,6 +21,7 @@ from creditflow.tasks.losses.rl import (
     ppo_policy_loss,
     returns_to_go,
     rloo_advantages,
+    rloo_token_advantages,
     value_loss,
     whiten,
 )
@@ -69,13 +70,33 @@ def test_value_loss_takes_the_larger_of_the_clipped_and_unclipped_errors():
     assert float(loss) == pytest.approx(0.5 * (0.64 + 1.0) / 2) and float(clipped) == pytest.approx(0.5)
 
 
-def test_rloo_uses_the_other_samples_returns_from_the_same_position():
+def test_rloo_token_uses_the_other_samples_returns_from_the_same_position():
     rewards = torch.tensor([[0.0, 0.0, 1.0], [0.5, 0.5, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     # G^A = [1, 1, 1], G^B = [1, 0.5, 0] (0 past its end)
-    torch.testing.assert_close(rloo_advantages(rewards, mask, k=2), torch.tensor([[0.0, 0.5, 1.0], [0.0, -0.5, 0.0]]))
+    expected = torch.tensor([[0.0, 0.5, 1.0], [0.0, -0.5, 0.0]])
+    torch.testing.assert_close(rloo_token_advantages(rewards, mask, k=2), expected)
     three = torch.tensor([[1.0], [2.0], [6.0]])
-    torch.testing.assert_close(rloo_advantages(three, torch.ones(3, 1), k=3), torch.tensor([[-3.0], [-1.5], [4.5]]))
+    expected = torch.tensor([[-3.0], [-1.5], [4.5]])
+    torch.testing.assert_close(rloo_token_advantages(three, torch.ones(3, 1), k=3), expected)
+    with pytest.raises(ValueError, match="at least 2 samples per prompt"):
+        rloo_token_advantages(rewards, mask, k=1)
+
+
+def test_rloo_is_sequence_level_as_trl_and_differs_from_the_per_token_form():
+    """docs/algorithms.md's vector: k = 2, reward 1 on the last token of both, lengths 10 and 5."""
+    mask = torch.zeros(2, 10)
+    mask[0, :10], mask[1, :5] = 1.0, 1.0
+    rewards = torch.zeros(2, 10)
+    rewards[0, 9], rewards[1, 4] = 1.0, 1.0
+    assert torch.equal(rloo_advantages(rewards, mask, k=2), torch.zeros(2, 10))
+    per_token = torch.zeros(2, 10)
+    per_token[0, 5:] = 1.0
+    torch.testing.assert_close(rloo_token_advantages(rewards, mask, k=2), per_token)
+    # R = [1, 2, 6] for one prompt: each minus the mean of the other two, on every token of its row (TRL's RLOO)
+    three = torch.tensor([[1.0, 0.0], [1.0, 1.0], [2.0, 4.0]])
+    expected = torch.tensor([[-3.0, -3.0], [-1.5, -1.5], [4.5, 4.5]])
+    torch.testing.assert_close(rloo_advantages(three, torch.ones(3, 2), k=3), expected)
     with pytest.raises(ValueError, match="at least 2 samples per prompt"):
         rloo_advantages(rewards, mask, k=1)
 
@@ -112,8 +133,9 @@ def test_token_spans_tile_the_decoded_text(model_dir):
 
 
 def test_bad_configs_are_clear():
-    with pytest.raises(ValueError, match="'rloo' needs samples_per_prompt >= 2"):
-        RLConfig(algorithm="rloo", samples_per_prompt=1)
+    for algorithm in ("rloo", "rloo_token"):
+        with pytest.raises(ValueError, match=f"'{algorithm}' needs samples_per_prompt >= 2"):
+            RLConfig(algorithm=algorithm, samples_per_prompt=1)
     with pytest.raises(ValueError, match="cannot fill 4 minibatches"):
         RLConfig(batch_size=1, samples_per_prompt=2, minibatches=4)
 
@@ -168,7 +190,7 @@ def _train(model_dir, reward_dir, config, **kwargs):
     return trainer, trainer.train()
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "rloo"])
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "rloo_token"])
 def test_every_trainable_parameter_changes_and_the_first_rollouts_have_zero_kl(model_dir, reward_dir, algorithm):
     trainer = RLTrainer(model_dir, reward_dir, PROMPTS, _config(algorithm=algorithm), progress=False)
     before = {n: p.detach().clone() for n, p in trainer.trainable.items()}

@@ -54,16 +54,37 @@ def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (rewards.flip(1).cumsum(1).flip(1)) * mask
 
 
-def rloo_advantages(rewards: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-token leave-one-out advantages; rows are grouped by prompt, ``k`` consecutive rows per prompt."""
+def _leave_one_out(grouped: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row of a prompt's group minus the mean of the group's other k - 1 rows (dim 1 is the group)."""
+    return grouped - (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
+
+
+def _check_groups(rewards: torch.Tensor, k: int) -> None:
     if k < 2:
         raise ValueError("RLOO needs at least 2 samples per prompt (rl.samples_per_prompt >= 2)")
     if rewards.shape[0] % k:
         raise ValueError(f"{rewards.shape[0]} rows are not groups of k = {k}")
+
+
+def rloo_advantages(rewards: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
+    Feedback in LLMs"), sequence-level as in TRL's RLOOTrainer. Sample i's return is R_i = sum_t r_{i,t}; its
+    advantage A_i = R_i - mean_{j != i} R_j (the other samples of its prompt) is put on every one of its tokens.
+    Rows are grouped by prompt, ``k`` consecutive rows per prompt."""
+    _check_groups(rewards, k)
+    returns = (rewards * mask).sum(1).view(-1, k)
+    return _leave_one_out(returns, k).view(-1, 1) * mask
+
+
+def rloo_token_advantages(rewards: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-position leave-one-out (``algorithm: rloo_token``): the return-to-go G_{i,t} = sum_{s>=t} r_{i,s} minus
+    the mean of the other samples' G_{j,t} at the same position (0 past their end). A token's advantage depends on
+    the rewards after it, so dense token credit is not averaged over the sequence. It is not sequence-level RLOO,
+    even under a sparse reward when lengths differ: for k = 2, reward 1 at the end of both, lengths 10 and 5, the
+    long sample's positions 5..9 get +1, where :func:`rloo_advantages` gives 0 everywhere."""
+    _check_groups(rewards, k)
     returns = returns_to_go(rewards, mask)
-    grouped = returns.view(-1, k, returns.shape[1])
-    baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
-    return (grouped - baseline).view_as(returns) * mask
+    return _leave_one_out(returns.view(-1, k, returns.shape[1]), k).view_as(returns) * mask
 
 
 def ppo_policy_loss(

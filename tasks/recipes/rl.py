@@ -17,9 +17,10 @@ generation module: the ids exactly as sampled), each rollout gets a per-token re
     abc+contrastive  abc + contrastive_scale * r_hat_t.
 
 PPO: a value head (one linear layer on the policy's last hidden state, zero-initialized, trained with weight
-``vf_coef``), GAE(gamma, lam), clipped value loss. RLOO: no value head; per-token returns with a leave-one-out
-baseline over the k rollouts of a prompt. Advantages are whitened over the iteration's tokens. Full fine-tuning
-keeps a frozen copy of the reference; LoRA runs get pi_ref for free by disabling the adapters.
+``vf_coef``), GAE(gamma, lam), clipped value loss. RLOO: no value head; each rollout's summed reward minus the
+mean of the other k - 1 rollouts of its prompt, on all its tokens (TRL's form); ``rloo_token`` does the same per
+position on returns-to-go, which keeps dense token credit. Advantages are whitened over the iteration's tokens.
+Full fine-tuning keeps a frozen copy of the reference; LoRA runs get pi_ref for free by disabling the adapters.
 
 Where this differs from the official ABC code (XanderJC/attention-based-credit, abcrl/attention/redistribution.py
 and experiments/scripts/rlhf_*.py, read at commit 0a08591):
@@ -82,6 +83,7 @@ from creditflow.tasks.losses.rl import (
     masked_mean,
     ppo_policy_loss,
     rloo_advantages,
+    rloo_token_advantages,
     value_loss,
     whiten,
 )
@@ -106,6 +108,7 @@ if TYPE_CHECKING:
     from creditflow.tasks.config_base import ComputeConfig
     from creditflow.tasks.stage import StageContext
 
+RLOO_ADVANTAGES = {"rloo": rloo_advantages, "rloo_token": rloo_token_advantages}  # rl.algorithm -> estimator
 logger = logging.getLogger(__name__)
 
 
@@ -371,7 +374,8 @@ class RLTrainer(Trainer):
         if config.algorithm == "ppo":
             advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
         else:
-            advantages, returns = rloo_advantages(rewards, mask, config.samples_per_prompt), None
+            leave_one_out = RLOO_ADVANTAGES[config.algorithm]
+            advantages, returns = leave_one_out(rewards, mask, config.samples_per_prompt), None
         if config.whiten_advantages:
             advantages = whiten(advantages, mask)
 
