@@ -1,12 +1,13 @@
-"""Benchmark: the RL stage's trainer (tasks/recipes/rl.py, RLOO) against TRL 1.16's RLOOTrainer on the same tiny models.
+"""Benchmark: the RL stage's trainer (tasks/recipes/rl.py) against TRL 1.16's RLOOTrainer and GRPOTrainer (vLLM off)
+on the same tiny models, prompts and settings, in the same run.
 
 Both sample ``--k`` completions for each of ``--prompts`` prompts per step, score them with the same reward model
 (a sequence classifier), take one optimizer step per generation batch (no reuse of rollouts), with a KL penalty to
-the reference (beta 0.05), and run ``--steps`` steps. Speed is rollouts per second of wall time between steps
-(median over the steps after ``--warmup``), each trainer in its own subprocess. TRL ships no PPOTrainer any more
-(1.16 has GRPO-style RLOO), so PPO has no baseline here.
+the reference (beta 0.05: in the reward for RLOO, a k3 loss term for GRPO, as TRL does), and run ``--steps``
+steps. Speed is rollouts per second of wall time between steps (median over the steps after ``--warmup``), each
+trainer in its own subprocess. TRL ships no PPOTrainer any more, so PPO has no baseline here.
 
-    .venv/bin/python bench/rl_speed.py [--steps 8] [--prompts 8] [--k 4] [--max-new-tokens 32]
+    .venv/bin/python bench/rl_speed.py [--algorithms rloo grpo] [--steps 8] [--prompts 8] [--k 4] [--max-new-tokens 32]
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def run_ours(args) -> list[float]:
     from creditflow.tasks.recipes.rl import RLTrainer
 
     config = RLConfig(
-        algorithm="rloo",
+        algorithm=args.algorithm,
         reward_source="sparse",
+        kl_penalty="loss" if args.algorithm == "grpo" else "reward",
         batch_size=args.prompts,
         samples_per_prompt=args.k,
         ppo_epochs=1,
@@ -70,7 +72,7 @@ def run_trl(args) -> list[float]:
 
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from trl import RLOOConfig, RLOOTrainer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     warnings.filterwarnings("ignore")
     tokenizer = AutoTokenizer.from_pretrained(args.policy)
@@ -78,8 +80,9 @@ def run_trl(args) -> list[float]:
     reward_tokenizer = AutoTokenizer.from_pretrained(args.reward)
     reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward, num_labels=1)
     reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
-    config = RLOOConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench-trl-rloo-"),
+    Config, Trainer = (GRPOConfig, GRPOTrainer) if args.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
+    config = Config(
+        output_dir=tempfile.mkdtemp(prefix=f"bench-trl-{args.algorithm}-"),
         per_device_train_batch_size=args.prompts * args.k,
         num_generations=args.k,
         max_completion_length=args.max_new_tokens,
@@ -97,7 +100,7 @@ def run_trl(args) -> list[float]:
     )
     ends: list[float] = []
 
-    trainer = RLOOTrainer(
+    trainer = Trainer(
         model=args.policy,
         reward_funcs=reward_model,
         args=config,
@@ -112,12 +115,14 @@ def run_trl(args) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algorithms", nargs="+", choices=["rloo", "grpo"], default=["rloo", "grpo"])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--trainer", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--algorithm", choices=["rloo", "grpo"], help=argparse.SUPPRESS)
     parser.add_argument("--policy", help=argparse.SUPPRESS)
     parser.add_argument("--reward", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -130,23 +135,33 @@ def main() -> None:
 
     policy, reward = build_models(Path(tempfile.mkdtemp(prefix="bench-rl-")))
     rollouts = args.prompts * args.k
-    results = {}
-    for trainer in ("ours", "trl"):
-        command = [sys.executable, __file__, "--trainer", trainer, "--policy", str(policy), "--reward", str(reward)]
-        command += ["--steps", str(args.steps), "--prompts", str(args.prompts), "--k", str(args.k)]
-        command += ["--max-new-tokens", str(args.max_new_tokens)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(f"{trainer} failed:\n{done.stderr[-4000:]}")
-        seconds = json.loads(done.stdout.strip().splitlines()[-1])["step_seconds"][args.warmup :]
-        results[trainer] = rollouts / statistics.median(seconds)
     print(
         f"tiny Llama (4 layers, hidden 256), {args.prompts} prompts x k={args.k}, {args.max_new_tokens} new tokens, "
         f"{args.steps} steps ({args.warmup} left out); torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    for trainer, speed in results.items():
-        print(f"{trainer:5} {speed:8.1f} rollouts/s")
-    print(f"ours vs TRL RLOOTrainer: {results['ours'] / results['trl']:.2f}x")
+    for algorithm in args.algorithms:
+        results = {}
+        for trainer in ("ours", "trl"):
+            command = [sys.executable, __file__, "--trainer", trainer, "--algorithm", algorithm]
+            command += ["--policy", str(policy), "--reward", str(reward), "--steps", str(args.steps)]
+            command += [
+                "--prompts",
+                str(args.prompts),
+                "--k",
+                str(args.k),
+                "--max-new-tokens",
+                str(args.max_new_tokens),
+            ]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"{trainer} {algorithm} failed:\n{done.stderr[-4000:]}")
+            seconds = json.loads(done.stdout.strip().splitlines()[-1])["step_seconds"][args.warmup :]
+            results[trainer] = rollouts / statistics.median(seconds)
+        name = "GRPOTrainer" if algorithm == "grpo" else "RLOOTrainer"
+        print(
+            f"{algorithm:5} ours {results['ours']:7.1f} rollouts/s, TRL {name} {results['trl']:7.1f}: "
+            f"{results['ours'] / results['trl']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

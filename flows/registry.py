@@ -7,6 +7,7 @@ digest covers every module that recipe's module reaches through imports (storage
 from __future__ import annotations
 
 import copy
+import importlib.util
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -40,6 +41,8 @@ class Stage:
     input_digests: Callable[[PipelineConfig], dict[str, Any]] = lambda cfg: {}  # inputs outside the store
     # Modules the recipe imports but does not run under this config (a token-reward source not asked for).
     unused_code: Callable[[PipelineConfig], set[str]] = lambda cfg: set()
+    # Upstream stages it reads only under some configs (the RL stage reads the DPO policy for dpo_implicit only).
+    unused_upstream: Callable[[PipelineConfig], set[str]] = lambda cfg: set()
     uses_reference: bool = False  # reads the pipeline's reference_model (so it is part of its config)
     optional: bool = False  # runs only when its section says ``enabled: true``
 
@@ -155,6 +158,21 @@ def _unused_token_sources(cfg: PipelineConfig) -> set[str]:
     return {module for name, module in sources.items() if name not in cfg.token_rewards.sources}
 
 
+def _rl_inputs(cfg: PipelineConfig) -> dict[str, Any]:
+    """The reference, and the source file of each user reward function (an edit to it changes the rewards)."""
+    functions = {}
+    for i, spec in enumerate(cfg.rl.reward_functions):
+        module = spec.function.partition(":")[0]
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            found = None
+        if found is None or not found.origin or not Path(found.origin).is_file():
+            raise ValueError(f"rl.reward_functions[{i}] {spec.function!r}: no installed module {module!r}")
+        functions[spec.function] = sha256_file(found.origin)
+    return {**_reference_inputs(cfg), **({"reward_functions": functions} if functions else {})}
+
+
 def _token_rewards_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     # Only contrastive rows come from the reference model; ABC reads the reward model (an upstream artifact).
     return _reference_inputs(cfg) if "contrastive" in cfg.token_rewards.sources else {}
@@ -204,10 +222,12 @@ STAGES: dict[str, Stage] = {
     ),
     "rl": Stage(
         name="rl",
-        description="Online RL (PPO / RLOO) from the reference on dense token rewards (sparse, ABC, contrastive).",
-        upstream=("curate", "reward_model"),
+        description="Online RL (PPO / RLOO / GRPO) from the reference on dense token rewards (sparse, ABC, "
+        "contrastive, DPO-implicit) and user reward functions.",
+        upstream=("curate", "reward_model", "policy"),
         outputs=("train_log", "train_timings", "samples", TRAINED_LM),
-        input_digests=_reference_inputs,
+        input_digests=_rl_inputs,
+        unused_upstream=lambda cfg: set() if cfg.rl.reward_source == "dpo_implicit" else {"policy"},
         uses_reference=True,
         optional=True,
     ),

@@ -58,8 +58,9 @@ class StagePlan:
 
 
 def active_upstream(name: str, cfg: PipelineConfig) -> list[str]:
-    """Upstream stages that run under this config (a disabled optional stage is not an input)."""
-    return [u for u in STAGES[name].upstream if STAGES[u].enabled(cfg)]
+    """Upstream stages that run and are read under this config (a disabled optional stage is not an input)."""
+    unused = STAGES[name].unused_upstream(cfg)
+    return [u for u in STAGES[name].upstream if STAGES[u].enabled(cfg) and u not in unused]
 
 
 def plan_stage(name: str, cfg: PipelineConfig, upstream: dict[str, Manifest]) -> StagePlan:

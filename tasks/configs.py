@@ -138,6 +138,9 @@ class RewardModelConfig(DistributedTrainingConfig):
     )
     eval_batch_size: int = Field(32, ge=1, description="Pairs per forward when scoring the eval split.")
     gradient_checkpointing: bool = Field(False, description="Recompute the backbone's activations in backward.")
+    disable_dropout: bool = Field(
+        True, description="Train without dropout (TRL's RewardConfig default); false keeps the backbone's dropout."
+    )
 
 
 class OnPolicyConfig(SamplingConfig):
@@ -322,23 +325,48 @@ class RolloutSampling(SamplingConfig):
     max_prompts: int | None = Field(None, ge=1, description="First N train-split prompts to train on.")
 
 
+class RewardFunction(StrictConfig):
+    """A verifiable reward: ``function(prompts, completions) -> one float per completion``, imported from the
+    installed environment (never from workspace files), weighted into the rollout's reward."""
+
+    function: str = Field(description="'package.module:function'.")
+    weight: float = Field(1.0, allow_inf_nan=False, description="Its weight in the summed reward.")
+
+    @field_validator("function")
+    @classmethod
+    def _spec(cls, value: str) -> str:
+        module, _, name = value.partition(":")
+        if not module or not name:
+            raise ValueError(f"{value!r}: expected 'package.module:function'")
+        return value
+
+
 class RLConfig(TrainingConfig):
-    """Online RL from the reference policy (PPO or RLOO) on per-token rewards; tasks/recipes/rl.py says what each
-    knob does.
+    """Online RL from the reference policy (PPO, RLOO or GRPO) on per-token rewards; tasks/recipes/rl.py says what
+    each knob does.
     One iteration samples ``batch_size`` prompts x ``samples_per_prompt`` rollouts and makes ``ppo_epochs`` passes
     of ``minibatches`` optimizer steps over them; ``epochs`` passes over the train prompts (``max_steps`` caps the
     iterations)."""
 
     enabled: bool = Field(False, description="Train an RL policy too (evaluate then compares it with the others).")
-    algorithm: Literal["ppo", "rloo", "rloo_token"] = Field(
+    algorithm: Literal["ppo", "rloo", "rloo_token", "grpo"] = Field(
         "ppo",
         description="ppo: value head + GAE; rloo: sequence-level leave-one-out (TRL's RLOO); rloo_token: per-position "
-        "leave-one-out on returns-to-go, which keeps dense token credit.",
+        "leave-one-out on returns-to-go, which keeps dense token credit; grpo: group-normalized sequence advantages "
+        "plus the group-normalized token credit of the reward source (credit_weight).",
     )
-    reward_source: Literal["sparse", "abc", "contrastive", "abc+contrastive"] = Field(
+    reward_source: Literal["sparse", "abc", "contrastive", "abc+contrastive", "dpo_implicit"] = Field(
         "abc",
         description="sparse: RM score on the last token; abc: spread by the RM's attention (official form); "
-        "contrastive: sparse + contrastive_scale * r_hat from the reference model; abc+contrastive: both.",
+        "contrastive: sparse + contrastive_scale * r_hat from the reference model; abc+contrastive: both; "
+        "dpo_implicit: sparse + implicit_beta * log(pi_dpo / pi_ref) per token from the policy stage (RTO).",
+    )
+    reward_model_weight: float = Field(
+        1.0, ge=0, allow_inf_nan=False, description="Weight of the RM score; 0: reward_functions replace the RM."
+    )
+    reward_functions: list[RewardFunction] = Field(
+        default_factory=list,
+        description="Verifiable rewards summed with the RM: 'package.module:function' or {function, weight}.",
     )
     learning_rate: float = Field(1e-5, gt=0, allow_inf_nan=False, description="Peak AdamW learning rate.")
     batch_size: int = Field(8, ge=1, description="Prompts per iteration.")
@@ -347,13 +375,39 @@ class RLConfig(TrainingConfig):
     samples_per_prompt: int = Field(1, ge=1, description="Rollouts per prompt (k); RLOO needs k >= 2.")
     ppo_epochs: int = Field(2, ge=1, description="Passes over each iteration's rollouts.")
     minibatches: int = Field(2, ge=1, description="Optimizer steps per pass.")
-    clip_range: float = Field(0.2, gt=0, allow_inf_nan=False, description="PPO ratio clip epsilon.")
+    clip_range: float = Field(0.2, gt=0, allow_inf_nan=False, description="Ratio clip epsilon (below 1).")
+    clip_range_high: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="Ratio clip above 1 (DAPO's clip-higher: 0.28); null: clip_range."
+    )
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = Field(
+        "dapo",
+        description="Loss aggregation, TRL's names: dapo token mean; grpo mean of per-sequence means; dr_grpo sum "
+        "over rows x max_new_tokens.",
+    )
+    scale_rewards: bool = Field(True, description="grpo: divide the group-centred rewards by the group's std.")
+    credit_weight: float = Field(
+        1.0, ge=0, allow_inf_nan=False, description="grpo: weight of the group-normalized token credit (dense sources)."
+    )
+    truncated: Literal["keep", "mask", "penalize"] = Field(
+        "keep",
+        description="Rollouts that hit max_new_tokens without EOS: keep; mask them out of the loss; or penalize.",
+    )
+    truncation_penalty: float = Field(
+        1.0, ge=0, allow_inf_nan=False, description="truncated: penalize subtracts this from their reward."
+    )
     value_clip: float = Field(0.2, gt=0, allow_inf_nan=False, description="PPO value clip epsilon (ppo only).")
     vf_coef: float = Field(0.1, ge=0, allow_inf_nan=False, description="Value-loss weight (ppo only).")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount (ppo's GAE; rloo and rloo_token use 1).")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (ppo only).")
-    whiten_advantages: bool = Field(True, description="Standardize advantages over each iteration's tokens.")
+    whiten_advantages: bool | None = Field(
+        None, description="Standardize advantages over each iteration's tokens; null: yes, but not for grpo."
+    )
     kl_coef: float = Field(0.05, ge=0, allow_inf_nan=False, description="Per-token KL penalty to pi_ref.")
+    kl_penalty: Literal["reward", "loss"] = Field(
+        "reward",
+        description="reward: -kl_coef * (log pi - log pi_ref) per token in the reward; loss: kl_coef * the k3 "
+        "estimator added to the loss per token (TRL's GRPO).",
+    )
     kl_target: float | None = Field(
         None, gt=0, allow_inf_nan=False, description="Adaptive KL controller target; null: fixed kl_coef."
     )
@@ -363,18 +417,36 @@ class RLConfig(TrainingConfig):
     contrastive_template: PresetName = Field(
         DEFAULT_TEMPLATE, description="T-REG prompt preset for the contrastive reward."
     )
+    implicit_beta: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="dpo_implicit: beta_1; null: the policy stage's loss.beta."
+    )
+    disable_dropout: bool = Field(
+        True,
+        description="Dropout off in the whole policy, LoRA adapters included (TRL's RL trainers): the first "
+        "minibatch's ratio is then exactly 1.",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute decoder activations in backward.")
     chunk_size: int = Field(1024, ge=1, description="Response positions per LM-head chunk.")
     lora: LoraConfig | None = None
     sampling: RolloutSampling = Field(default_factory=RolloutSampling)
     gold_scorer: str | None = Field("vader", description="Logged on every iteration's rollouts (reward curves).")
 
+    @field_validator("reward_functions", mode="before")
+    @classmethod
+    def _function_specs(cls, value):
+        if isinstance(value, list):  # a bare 'package.module:function' has weight 1
+            return [{"function": v} if isinstance(v, str) else v for v in value]
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> "RLConfig":
-        if self.algorithm.startswith("rloo") and self.samples_per_prompt < 2:
-            raise ValueError(
-                f"rl.algorithm {self.algorithm!r} needs samples_per_prompt >= 2 (the leave-one-out baseline)"
-            )
+        if self.algorithm in ("rloo", "rloo_token", "grpo") and self.samples_per_prompt < 2:
+            baseline = "the group statistics" if self.algorithm == "grpo" else "the leave-one-out baseline"
+            raise ValueError(f"rl.algorithm {self.algorithm!r} needs samples_per_prompt >= 2 ({baseline})")
+        if self.reward_model_weight == 0 and not self.reward_functions:
+            raise ValueError("rl: reward_model_weight 0 needs reward_functions (otherwise there is no reward)")
+        if self.reward_model_weight == 0 and "abc" in self.reward_source:
+            raise ValueError(f"rl.reward_source {self.reward_source!r} spreads the RM's score: reward_model_weight > 0")
         rollouts = self.batch_size * self.samples_per_prompt
         if rollouts < self.minibatches * self.grad_accum:
             raise ValueError(

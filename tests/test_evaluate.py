@@ -25,7 +25,7 @@ def test_gold_scorers():
     assert happy > 0.5 and sad < -0.5
     plugin = load_gold_scorer("test_evaluate:length_scorer")
     assert plugin([[]], ["abc"]) == [3.0]
-    with pytest.raises(ValueError, match="expected 'vader' or 'package.module:function'"):
+    with pytest.raises(ValueError, match="expected 'package.module:function'"):
         load_gold_scorer("nonsense")
     with pytest.raises(ValueError, match="cannot import"):
         load_gold_scorer("no_such_module_xyz:f")

@@ -547,7 +547,8 @@ def test_the_pipeline_runs_on_hub_ids_from_the_offline_hf_cache_and_exports_hf_f
 
 def test_the_rl_stage_trains_next_to_dpo_and_evaluate_compares_them(tmp_path):
     """rl.enabled: an RL policy from the reference (ABC rewards from the trained RM; an adapter-only LoRA, merged
-    when read), cached, evaluated, exported; `creditflow stage rl` without a reward model names what is missing."""
+    when read), cached, evaluated, exported; `creditflow stage rl` without a reward model names what is missing;
+    then GRPO on the DPO policy's implicit reward (RTO) and a reward function, the stage run alone."""
     from transformers import AutoModelForCausalLM
 
     from creditflow.flows.export import export_model
@@ -581,3 +582,11 @@ def test_the_rl_stage_trains_next_to_dpo_and_evaluate_compares_them(tmp_path):
     assert exported.joinpath("README.md").is_file() and AutoModelForCausalLM.from_pretrained(exported)
     again = pipeline_flow(config=cfg, workspace=str(workspace), progress=False)["stages"]
     assert again["rl"]["cache_hit"] and again["evaluate"]["cache_hit"]
+
+    # RTO with GRPO and a verifiable reward: the stage now reads the DPO policy, and its digest covers it
+    assert "policy" not in rl["inputs"]["upstream"]
+    cfg["rl"].update(algorithm="grpo", reward_source="dpo_implicit", reward_functions=["test_rl:good_word_reward"])
+    rto = rl_flow(config=cfg, workspace=str(workspace), progress=False)["manifest"]
+    policy = stages["policy"]["manifest"]
+    assert rto["inputs"]["upstream"]["policy"] == policy["digest"] and "test_rl:good_word_reward" in str(rto["inputs"])
+    assert rto["metrics"]["iterations"] == 2 and rto["fingerprint"] != rl["fingerprint"]

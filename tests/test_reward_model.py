@@ -325,3 +325,17 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_not_run(backbone, tmp_path)
             backbone, _separable(8), _separable(4, 100), config, checkpoint_dir=checkpoint, progress=False
         )
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_the_reward_model_trains_without_dropout_unless_asked(encoder_backbone, disable):
+    from creditflow.tasks.recipes.reward_model import RewardModelTrainer
+
+    data = _separable(4)
+    config = RewardModelConfig(disable_dropout=disable)
+    trainer = RewardModelTrainer(encoder_backbone, data, data, config, progress=False)
+    assert trainer.model.training
+    batch = {k: torch.tensor(v) for k, v in encode_for_reward(trainer.tokenizer, data.prompts, data.chosen, 64).items()}
+    with torch.no_grad():
+        first, second = trainer.model(**batch).logits, trainer.model(**batch).logits
+    assert torch.equal(first, second) == disable  # BERT's hidden and attention dropout (0.1) in train mode

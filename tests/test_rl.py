@@ -1,5 +1,6 @@
-"""The online-RL stage: advantage and loss math against hand-computed values, ABC's official form on policy tokens,
-and the trainer on tiny models (every parameter moves, a learnable reward rises, resume is exact)."""
+"""The online-RL stage: advantage and loss math against hand-computed values and TRL's GRPO loss, ABC's official form
+on policy tokens, and the trainer on tiny models (every parameter moves, a learnable reward rises, resume is exact)
+for every algorithm and reward source."""
 
 import logging
 import math
@@ -17,18 +18,24 @@ from creditflow.tasks.credit.rl_rewards import Rollout, TokenRewards, token_span
 from creditflow.tasks.data import schema as S
 from creditflow.tasks.losses.rl import (
     AdaptiveKL,
+    aggregate_loss,
+    clipped_policy_loss,
     gae,
-    ppo_policy_loss,
+    group_advantages,
+    group_token_credit,
+    k3_kl,
     returns_to_go,
     rloo_advantages,
     rloo_token_advantages,
     value_loss,
     whiten,
 )
-from creditflow.tasks.models.loading import load_tokenizer
+from creditflow.tasks.models.loading import load_reference_model, load_tokenizer
+from creditflow.tasks.models.logprobs import completion_logprobs
 from creditflow.tasks.models.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
+from creditflow.tasks.models.tokenization import padded_batch
 from creditflow.tasks.recipes.reward_model import PairData
-from creditflow.tasks.recipes.rl import RLTrainer
+from creditflow.tasks.recipes.rl import Layout, RLTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,6 +45,19 @@ BAD = ["awful", "terrible", "sad", "grim"]
 
 def _prompt(i: int) -> S.Messages:
     return [{"role": "user", "content": f"How was day {i}?"}]
+
+
+def good_word_reward(prompts: list[S.Messages], completions: list[str]) -> list[float]:
+    """A verifiable reward (``rl.reward_functions``): how many GOOD words the completion has."""
+    return [float(sum(text.count(w) for w in GOOD)) for text in completions]
+
+
+def failing_reward(prompts, completions):
+    raise KeyError("no answer key")
+
+
+def nan_reward(prompts, completions):
+    return [float("nan")] * len(completions)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -54,14 +74,113 @@ def test_gae_matches_hand_computed_values_and_stops_at_each_rows_end():
     torch.testing.assert_close(returns, torch.tensor([[2.08576, 1.458, 2.0], [1.81, 1.0, 0.0]]))
 
 
-def test_ppo_policy_loss_clips_both_ways_and_passes_no_gradient_through_clipped_tokens():
+def test_clipped_policy_loss_clips_both_ways_and_passes_no_gradient_through_clipped_tokens():
     logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]])).requires_grad_()
     old, advantages, mask = torch.zeros(1, 3), torch.tensor([[1.0, -1.0, 2.0]]), torch.ones(1, 3)
-    loss, clipped = ppo_policy_loss(logp, old, advantages, mask, clip_range=0.2)
+    per_token, clipped = clipped_policy_loss(logp, old, advantages, 0.2, 0.2)
+    loss = aggregate_loss(per_token, mask, "dapo", 3)
     # token 1: max(-1.5, -1.2) = -1.2 (clipped); token 2: max(0.5, 0.8) = 0.8 (clipped); token 3: -2.2
-    assert float(loss.detach()) == pytest.approx((-1.2 + 0.8 - 2.2) / 3) and float(clipped) == pytest.approx(2 / 3)
+    assert float(loss.detach()) == pytest.approx((-1.2 + 0.8 - 2.2) / 3) and clipped.tolist() == [[True, True, False]]
     loss.backward()
     torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0, -2.2 / 3]]))
+    # clip-higher: eps_high 0.6 lets token 1's ratio 1.5 through, the lower clip of token 2 is unchanged
+    per_token, clipped = clipped_policy_loss(logp.detach(), old, advantages, 0.2, 0.6)
+    torch.testing.assert_close(per_token, torch.tensor([[-1.5, 0.8, -2.2]]))
+
+
+def test_loss_aggregations_match_hand_computed_values():
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    assert float(aggregate_loss(per_token, mask, "dapo", 8)) == pytest.approx(10 / 4)  # token mean
+    assert float(aggregate_loss(per_token, mask, "grpo", 8)) == pytest.approx((2 + 4) / 2)  # mean of row means
+    assert float(aggregate_loss(per_token, mask, "dr_grpo", 8)) == pytest.approx(10 / (2 * 8))  # over B * L
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        aggregate_loss(per_token, mask, "bnpo", 8)
+
+
+def test_k3_kl_is_zero_at_equal_policies_positive_elsewhere():
+    logp, ref = torch.log(torch.tensor([0.5, 0.25])), torch.log(torch.tensor([0.5, 0.5]))
+    # d = log 2: exp(d) - d - 1 = 1 - log 2; sampled from pi_old = 2 pi, each is weighted by 1/2
+    torch.testing.assert_close(k3_kl(logp, ref), torch.tensor([0.0, 1.0 - math.log(2.0)]))
+    torch.testing.assert_close(k3_kl(logp, ref, logp + math.log(2.0)), torch.tensor([0.0, 0.5 - math.log(2.0) / 2]))
+
+
+def test_grpo_advantages_and_dense_credit_match_the_spec_vector():
+    # docs/algorithms.md, "GRPO with dense token credit": k = 2, rewards (1, 0), lengths 3 and 2
+    scores = torch.tensor([1.0, 0.0])
+    std = math.sqrt(0.5)  # unbiased std of (1, 0)
+    torch.testing.assert_close(group_advantages(scores, 2), torch.tensor([0.5, -0.5]) / (std + 1e-4))
+    torch.testing.assert_close(group_advantages(scores, 2, scale=False), torch.tensor([0.5, -0.5]))
+    credit = torch.tensor([[0.2, 0.0, 0.4], [-0.2, 0.1, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # the group's 5 tokens: mean 0.1, squared deviations sum to 0.2, unbiased std sqrt(0.2 / 4) = 0.223607
+    expected = (torch.tensor([[0.1, -0.1, 0.3], [-0.3, 0.0, 0.0]]) / (math.sqrt(0.2 / 4) + 1e-4)) * mask
+    normalized = group_token_credit(credit, mask, 2)
+    torch.testing.assert_close(normalized, expected)
+    spec = torch.tensor([[0.44701, -0.44701, 1.34104], [-1.34104, 0.0, 0.0]])  # the numbers docs/algorithms.md prints
+    torch.testing.assert_close(normalized, spec, atol=1e-5, rtol=0)
+    torch.testing.assert_close(group_advantages(scores, 2), torch.tensor([0.70701, -0.70701]), atol=1e-5, rtol=0)
+    assert float((normalized * mask).sum()) == pytest.approx(0.0, abs=1e-5)  # it only moves credit between tokens
+    torch.testing.assert_close(group_token_credit(torch.ones(2, 3), mask, 2), torch.zeros(2, 3))  # constant: none
+    with pytest.raises(ValueError, match="GRPO needs at least 2 samples"):
+        group_advantages(scores, 1)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_the_grpo_loss_equals_trl_grpo_trainers_on_the_same_tensors(model_dir, tmp_path, loss_type):
+    """TRL 1.16's GRPOTrainer._compute_loss, run on a real trainer and model, against ours on its log-probs."""
+    import warnings
+
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    warnings.filterwarnings("ignore")
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        loss_type=loss_type,
+        beta=0.1,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        num_generations=2,
+        per_device_train_batch_size=4,
+        max_completion_length=5,
+        use_cpu=True,
+        report_to=[],
+    )
+    trainer = GRPOTrainer(
+        model=str(model_dir),
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": "How was day 1?"}] * 4),
+    )
+    torch.manual_seed(0)
+    prompt_ids, completion_ids = torch.randint(3, 50, (4, 3)), torch.randint(3, 50, (4, 5))
+    completion_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    input_ids = torch.cat([prompt_ids, completion_ids], 1)
+    attention = torch.cat([torch.ones(4, 3, dtype=torch.long), completion_mask], 1)
+    with torch.no_grad():  # TRL's own per-token log-probs: the comparison is of the loss math on them
+        logp = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention, 5)[0]
+    old = logp + 0.3 * torch.randn_like(logp)  # ratios both sides of the clip range
+    ref = logp + 0.2 * torch.randn_like(logp)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    inputs = {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": torch.ones(4, 3, dtype=torch.long),
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": advantages,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
+        "num_items_in_batch": completion_mask.sum(),
+    }
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # what its training loop sets for a one-step window
+    trl_loss = float(trainer._compute_loss(trainer.model, inputs))
+
+    mask = completion_mask.float()
+    per_token, _ = clipped_policy_loss(logp, old, advantages[:, None] * mask, 0.2, 0.28)
+    ours = aggregate_loss(per_token + 0.1 * k3_kl(logp, ref, old), mask, loss_type, 5)
+    assert float(ours) == pytest.approx(trl_loss, rel=1e-4, abs=1e-6)
 
 
 def test_value_loss_takes_the_larger_of_the_clipped_and_unclipped_errors():
@@ -133,11 +252,19 @@ def test_token_spans_tile_the_decoded_text(model_dir):
 
 
 def test_bad_configs_are_clear():
-    for algorithm in ("rloo", "rloo_token"):
+    for algorithm in ("rloo", "rloo_token", "grpo"):
         with pytest.raises(ValueError, match=f"'{algorithm}' needs samples_per_prompt >= 2"):
             RLConfig(algorithm=algorithm, samples_per_prompt=1)
     with pytest.raises(ValueError, match="cannot fill 4 minibatches"):
         RLConfig(batch_size=1, samples_per_prompt=2, minibatches=4)
+    with pytest.raises(ValueError, match="reward_model_weight 0 needs reward_functions"):
+        RLConfig(reward_model_weight=0.0)
+    with pytest.raises(ValueError, match="spreads the RM's score"):
+        RLConfig(reward_model_weight=0.0, reward_source="abc", reward_functions=["test_rl:good_word_reward"])
+    with pytest.raises(ValueError, match="expected 'package.module:function'"):
+        RLConfig(reward_functions=["no_colon"])
+    spec = RLConfig(reward_functions=["test_rl:good_word_reward", {"function": "m:f", "weight": 2.0}])
+    assert [(f.function, f.weight) for f in spec.reward_functions] == [("test_rl:good_word_reward", 1.0), ("m:f", 2.0)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,9 +317,35 @@ def _train(model_dir, reward_dir, config, **kwargs):
     return trainer, trainer.train()
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "rloo_token"])
-def test_every_trainable_parameter_changes_and_the_first_rollouts_have_zero_kl(model_dir, reward_dir, algorithm):
-    trainer = RLTrainer(model_dir, reward_dir, PROMPTS, _config(algorithm=algorithm), progress=False)
+@pytest.fixture(scope="module")
+def dpo_dir(tmp_path_factory, model_dir):
+    """The policy with perturbed weights, standing in for the policy stage's DPO policy (same tokenizer)."""
+    folder = shutil.copytree(model_dir, tmp_path_factory.mktemp("rl_dpo") / "model")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "algorithm,overrides",
+    [
+        ("ppo", {}),
+        ("rloo", {}),
+        ("rloo_token", {}),
+        ("grpo", {"reward_source": "sparse"}),
+        ("grpo", {"loss_type": "grpo", "kl_penalty": "loss", "clip_range_high": 0.28}),
+    ],
+    ids=["ppo", "rloo", "rloo_token", "grpo-sparse", "grpo-abc-k3"],
+)
+def test_every_trainable_parameter_changes_and_the_first_rollouts_have_zero_kl(
+    model_dir, reward_dir, algorithm, overrides
+):
+    config = _config(algorithm=algorithm, **overrides)
+    trainer = RLTrainer(model_dir, reward_dir, PROMPTS, config, progress=False)
     before = {n: p.detach().clone() for n, p in trainer.trainable.items()}
     history = trainer.train()
     unchanged = [n for n, p in trainer.trainable.items() if torch.equal(p.detach(), before[n])]
@@ -211,30 +364,135 @@ def test_lora_reads_the_reference_through_disabled_adapters(model_dir, reward_di
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-5) and history[-1]["kl"] != 0.0
 
 
-@pytest.mark.parametrize("source", ["sparse", "abc", "contrastive", "abc+contrastive"])
-def test_each_reward_source_gives_per_token_rewards(model_dir, reward_dir, source):
-    trainer, history = _train(model_dir, reward_dir, _config(reward_source=source, max_steps=1))
-    first = history[0]
-    if source in ("sparse", "abc"):  # both spread exactly r over the tokens
-        assert first["token_reward_sum"] == pytest.approx(first["reward"], abs=1e-4)
-    else:  # r_hat adds its own per-token signal on top
-        assert first["token_reward_sum"] != pytest.approx(first["reward"], abs=1e-6)
+SOURCES = ["sparse", "abc", "contrastive", "abc+contrastive", "dpo_implicit"]
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+@pytest.mark.parametrize("source", SOURCES)
+def test_each_reward_source_trains_every_parameter_with_its_credit(model_dir, reward_dir, dpo_dir, source, algorithm):
+    implicit = {"implicit_model_dir": dpo_dir, "implicit_beta": 0.5} if source == "dpo_implicit" else {}
+    config = _config(reward_source=source, algorithm=algorithm, max_steps=1)
+    trainer = RLTrainer(model_dir, reward_dir, PROMPTS, config, progress=False, **implicit)
+    before = {n: p.detach().clone() for n, p in trainer.trainable.items()}
+    first = trainer.train()[0]
+    assert not [n for n, p in trainer.trainable.items() if torch.equal(p.detach(), before[n])]
+    if source == "sparse":
+        assert first["token_credit_sum"] == 0.0
+    elif source == "abc":  # the attention spreads exactly r over the tokens
+        assert first["token_credit_sum"] == pytest.approx(first["reward"], abs=1e-4)
+    else:  # r_hat or the implicit reward add their own per-token signal
+        assert first["token_credit_sum"] != pytest.approx(first["reward"], abs=1e-6)
 
 
 def _scored(trainer, rewards: TokenRewards, rollouts):
+    layout = Layout.of(rollouts, trainer.pad_id, trainer.device)
+    lengths = [len(r.prompt_ids) for r in rollouts], [len(r.completion_ids) for r in rollouts]
     with torch.no_grad(), trainer.reference() as reference:
-        return rewards(rollouts, reference, trainer.tokenizer)
+        ref = completion_logprobs(reference, layout.input_ids, layout.attention_mask, *lengths)
+        return rewards(rollouts, reference, trainer.tokenizer, ref), ref
+
+
+def test_dpo_implicit_credit_is_beta_times_the_log_ratio_and_the_score_goes_last(model_dir, reward_dir, dpo_dir):
+    config = _config(reward_source="dpo_implicit", max_steps=1)
+    trainer = RLTrainer(model_dir, reward_dir, PROMPTS, config, progress=False, implicit_model_dir=dpo_dir)
+    assert trainer.rewards.implicit_beta == 0.1  # no implicit_beta: the caller's (the policy stage's loss.beta)
+    rollouts = trainer._rollouts(0)
+    rewards, ref = _scored(trainer, trainer.rewards, rollouts)
+    dpo = load_reference_model(dpo_dir, trainer.device, torch.float32)
+    for i, r in enumerate(rollouts):
+        ids, mask = padded_batch([r.prompt_ids + r.completion_ids], trainer.pad_id)
+        with torch.no_grad():
+            logp = completion_logprobs(dpo, ids, mask, [len(r.prompt_ids)], [len(r.completion_ids)])[0]
+        np.testing.assert_allclose(rewards.credit[i], 0.1 * (logp - ref[i]).numpy(), atol=1e-5)
+        token_rewards = rewards.token_rewards(i)
+        assert token_rewards[-1] == pytest.approx(rewards.credit[i][-1] + rewards.scores[i], abs=1e-5)
+    with pytest.raises(ValueError, match="'dpo_implicit' needs a trained DPO policy"):
+        RLTrainer(model_dir, reward_dir, PROMPTS, config, progress=False)
+
+
+def test_reward_functions_join_or_replace_the_reward_model(model_dir, reward_dir):
+    joined = _config(
+        reward_source="sparse", max_steps=1, reward_functions=[{"function": "test_rl:good_word_reward", "weight": 2.0}]
+    )
+    trainer = RLTrainer(model_dir, reward_dir, PROMPTS, joined, progress=False)
+    rollouts = trainer._rollouts(0)
+    rewards, _ = _scored(trainer, trainer.rewards, rollouts)
+    counts = good_word_reward([], [r.text for r in rollouts])
+    assert rewards.parts["test_rl:good_word_reward"] == counts
+    assert rewards.scores == pytest.approx([m + 2.0 * c for m, c in zip(rewards.parts["reward_model"], counts)])
+
+    alone = _config(reward_source="sparse", reward_model_weight=0.0, reward_functions=["test_rl:good_word_reward"])
+    trainer = RLTrainer(model_dir, reward_dir, PROMPTS, alone, progress=False)
+    assert trainer.rewards.rm is None  # not even loaded
+    history = trainer.train()
+    assert "reward/reward_model" not in history[0] and "reward/test_rl:good_word_reward" in history[0]
+
+
+@pytest.mark.parametrize(
+    "function,message",
+    [
+        ("test_rl:failing_reward", r"rl.reward_functions\[0\] 'test_rl:failing_reward' raised KeyError"),
+        ("test_rl:nan_reward", r"'test_rl:nan_reward' returned nan for completion 0"),
+        ("test_rl:no_such_function", r"rl.reward_functions\[0\] 'test_rl:no_such_function': cannot import"),
+    ],
+)
+def test_a_broken_reward_function_is_named(model_dir, reward_dir, function, message):
+    config = _config(reward_source="sparse", max_steps=1, reward_functions=[function])
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        _train(model_dir, reward_dir, config)
+
+
+def test_old_logprobs_come_from_the_sampling_mode_and_the_first_ratio_is_one_with_lora_dropout(model_dir, reward_dir):
+    lora = LoraConfig(r=4, alpha=8, dropout=0.05, target_modules=["q_proj", "v_proj"])
+    for disable in (True, False):
+        trainer = RLTrainer(model_dir, reward_dir, PROMPTS, _config(lora=lora, disable_dropout=disable), progress=False)
+        with torch.no_grad():  # as after some updates: LoRA's B starts at 0, which hides its dropout
+            for param in [p for name, p in trainer.trainable.items() if "lora_B" in name]:
+                param.add_(0.5 * torch.randn_like(param))
+        layout = Layout.of(trainer._rollouts(0), trainer.pad_id, trainer.device)
+        with torch.no_grad(), trainer._behaviour_mode():
+            old, again = trainer._forward(layout)[0], trainer._forward(layout)[0]
+        torch.testing.assert_close(old, again, rtol=0, atol=0)  # eval mode: no dropout noise in pi_old
+        assert trainer.model.training  # and back to train mode for the updates
+        new = trainer._forward(layout)[0]
+        ratio = torch.exp(new - old)[layout.mask.bool()]
+        if disable:  # the default: no dropout anywhere, so the first minibatch's ratio is exactly 1
+            torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-6)
+        else:  # LoRA dropout 0.05 on in the update's forward: the ratio moves
+            assert float((ratio - 1).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["mask", "penalize"])
+def test_truncated_rollouts_are_masked_or_penalized(model_dir, reward_dir, mode):
+    # max_new_tokens 3: most rollouts stop at the limit, without EOS
+    kept = _config(
+        reward_source="sparse", max_steps=1, algorithm="grpo", sampling={"max_new_tokens": 3, "batch_size": 4}
+    )
+    _, keep_history = _train(model_dir, reward_dir, kept)
+    first = keep_history[0]
+    assert first["truncated_fraction"] > 0
+    trainer, history = _train(
+        model_dir, reward_dir, kept.model_copy(update={"truncated": mode, "truncation_penalty": 2.0})
+    )
+    if mode == "penalize":  # the same rollouts (same seeds), each truncated one 2 lower
+        assert history[0]["reward"] == pytest.approx(first["reward"] - 2.0 * first["truncated_fraction"], abs=1e-5)
+    else:
+        truncated = [s["stopped"] is False for s in trainer.samples]
+        assert history[0]["reward"] == pytest.approx(first["reward"], abs=1e-6) and any(truncated)
+        if all(truncated):  # nothing left to learn from
+            assert history[0]["policy_loss"] == 0.0
 
 
 def test_abc_rewards_reach_tokens_before_the_last_and_nothing_falls_back(model_dir, reward_dir):
     trainer, history = _train(model_dir, reward_dir, _config(reward_source="abc", max_steps=1))
     assert history[0]["abc_fallback_fraction"] == 0.0
-    rollouts = trainer._rollouts(1)
-    rewards, scores, fallbacks = _scored(trainer, trainer.rewards, rollouts)
-    assert fallbacks == 0
-    long = [(x, s) for x, s in zip(rewards, scores) if len(x) > 1]
-    assert long and all(np.any(x[:-1] != 0.0) for x, _ in long)  # the sparse reward would leave them all 0
-    assert [float(x.sum()) for x, _ in long] == pytest.approx([s for _, s in long], abs=1e-5)
+    rewards, _ = _scored(trainer, trainer.rewards, trainer._rollouts(1))
+    assert rewards.fallbacks == 0
+    long = [i for i, x in enumerate(rewards.credit) if len(x) > 1]
+    assert long and all(np.any(rewards.credit[i][:-1] != 0.0) for i in long)  # sparse would leave them all 0
+    scores = [rewards.scores[i] for i in long]
+    assert [float(rewards.credit[i].sum()) for i in long] == pytest.approx(scores, abs=1e-5)
+    assert [float(rewards.token_rewards(i).sum()) for i in long] == pytest.approx(scores, abs=1e-5)  # not twice
 
 
 def test_abc_rollouts_the_reward_model_cannot_see_get_the_sparse_reward_counted_and_warned(
@@ -245,8 +503,9 @@ def test_abc_rollouts_the_reward_model_cannot_see_get_the_sparse_reward_counted_
         trainer, history = _train(model_dir, reward_dir, _config(reward_source="abc", max_steps=1), rm_max_length=2)
     assert history[0]["abc_fallback_fraction"] == 1.0
     assert "8 of 8 rollouts got the sparse reward" in caplog.text
-    rewards, scores, fallbacks = _scored(trainer, trainer.rewards, trainer._rollouts(1))
-    assert fallbacks == len(rewards) and all(np.all(x[:-1] == 0.0) and x[-1] == s for x, s in zip(rewards, scores))
+    rewards, _ = _scored(trainer, trainer.rewards, trainer._rollouts(1))
+    assert rewards.fallbacks == len(rewards.scores) and all(not c.any() for c in rewards.credit)
+    assert all(rewards.token_rewards(i)[-1] == s for i, s in enumerate(rewards.scores))
 
 
 def test_abc_refuses_a_reward_model_whose_template_rewrites_the_response(model_dir, reward_dir, tmp_path):
@@ -257,15 +516,16 @@ def test_abc_refuses_a_reward_model_whose_template_rewrites_the_response(model_d
     tokenizer.save_pretrained(folder)
     trainer = RLTrainer(model_dir, reward_dir, PROMPTS, _config(reward_source="abc"), progress=False)
     ids = trainer.tokenizer("It was great", add_special_tokens=False)["input_ids"]
-    rollout = Rollout(PROMPTS[0], [], ids, *token_spans(trainer.tokenizer, ids))
+    rollout = Rollout(PROMPTS[0], trainer._rollouts(0)[0].prompt_ids, ids, *token_spans(trainer.tokenizer, ids))
     rewards = TokenRewards(folder, trainer.config, trainer.device, 512)
     with pytest.raises(ValueError, match="does not render the response text verbatim"):
         _scored(trainer, rewards, [rollout])
 
 
-def test_a_learnable_reward_rises(model_dir, reward_dir):
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+def test_a_learnable_reward_rises(model_dir, reward_dir, algorithm):
     config = _config(
-        algorithm="rloo", samples_per_prompt=4, epochs=8, max_steps=16, learning_rate=1e-2, reward_source="sparse"
+        algorithm=algorithm, samples_per_prompt=4, epochs=8, max_steps=16, learning_rate=1e-2, reward_source="sparse"
     )
     _, history = _train(model_dir, reward_dir, config)
     early = np.mean([h["reward"] for h in history[:3]])
@@ -273,10 +533,14 @@ def test_a_learnable_reward_rises(model_dir, reward_dir):
     assert late > early + 0.5, [round(h["reward"], 3) for h in history]
 
 
-@pytest.mark.parametrize("kl_target", [None, 0.5], ids=["fixed-kl", "adaptive-kl"])
-def test_an_interrupted_run_resumes_exactly(model_dir, reward_dir, tmp_path, kl_target):
+@pytest.mark.parametrize(
+    "kl_target,algorithm", [(None, "ppo"), (0.5, "ppo"), (0.5, "grpo")], ids=["fixed-kl", "adaptive-kl", "grpo"]
+)
+def test_an_interrupted_run_resumes_exactly(model_dir, reward_dir, tmp_path, kl_target, algorithm):
     # horizon 100: the adaptive coefficient moves ~3% per iteration, so a coefficient not restored shows
-    config = _config(epochs=3, max_steps=5, save_every=2, warmup_ratio=0.2, kl_target=kl_target, kl_horizon=100)
+    config = _config(
+        epochs=3, max_steps=5, save_every=2, warmup_ratio=0.2, kl_target=kl_target, kl_horizon=100, algorithm=algorithm
+    )
     straight, straight_history = _train(model_dir, reward_dir, config)
 
     with pytest.raises(Interrupt):
@@ -288,7 +552,7 @@ def test_an_interrupted_run_resumes_exactly(model_dir, reward_dir, tmp_path, kl_
     assert steps == [3, 4, 5] and [h["step"] for h in history] == [1, 2, 3, 4, 5]
     for name, param in straight.trainable.items():
         torch.testing.assert_close(param, resumed.trainable[name], atol=1e-6, rtol=0)
-    keys = ("reward", "kl", "policy_loss", "value_loss")
+    keys = ("reward", "kl", "policy_loss", *(["value_loss"] if algorithm == "ppo" else []))
     assert [h[k] for h in history for k in keys] == pytest.approx([h[k] for h in straight_history for k in keys])
     assert resumed.samples == straight.samples
     assert [h["kl_coef"] for h in history] == [h["kl_coef"] for h in straight_history]

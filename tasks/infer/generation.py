@@ -131,8 +131,7 @@ def _sample_shard(model, tokenizer, prompts: list[Messages], k: int, sampling: S
         if sampling.temperature > 0
         else {"do_sample": False}
     )
-    stop = model.generation_config.eos_token_id
-    stop = set(stop if isinstance(stop, list) else [stop] if stop is not None else []) | {tokenizer.eos_token_id}
+    stop = stop_token_ids(model, tokenizer)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right edge
     results: list[Rollouts] = []
@@ -157,6 +156,12 @@ def _sample_shard(model, tokenizer, prompts: list[Messages], k: int, sampling: S
     finally:
         tokenizer.padding_side = side
     return results
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """The tokens that end a completion: the generation config's EOS ids and the tokenizer's."""
+    stop = model.generation_config.eos_token_id
+    return set(stop if isinstance(stop, list) else [stop] if stop is not None else []) | {tokenizer.eos_token_id}
 
 
 def _cut_at_stop(ids: list[int], stop: set[int]) -> list[int]:

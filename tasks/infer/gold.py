@@ -22,13 +22,20 @@ def vader_scorer(prompts: list[S.Messages], completions: list[str]) -> list[floa
     return [analyzer.polarity_scores(text)["compound"] for text in completions]
 
 
-def load_gold_scorer(spec: str) -> GoldScorer:
-    if spec == "vader":
-        return vader_scorer
+def import_function(spec: str, key: str) -> Callable:
+    """The function a ``package.module:function`` spec names, imported from the installed environment; an error
+    names the config ``key``."""
     module, _, name = spec.partition(":")
-    if not name:
-        raise ValueError(f"gold_scorer {spec!r}: expected 'vader' or 'package.module:function'")
+    if not module or not name:
+        raise ValueError(f"{key} {spec!r}: expected 'package.module:function'")
     try:
-        return getattr(importlib.import_module(module), name)
+        function = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"gold_scorer {spec!r}: cannot import ({exc})") from exc
+        raise ValueError(f"{key} {spec!r}: cannot import ({exc})") from exc
+    if not callable(function):
+        raise ValueError(f"{key} {spec!r}: not a function")
+    return function
+
+
+def load_gold_scorer(spec: str) -> GoldScorer:
+    return vader_scorer if spec == "vader" else import_function(spec, "gold_scorer")

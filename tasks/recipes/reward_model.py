@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from creditflow.tasks.configs import TINY_BACKBONE, RewardModelConfig
 from creditflow.tasks.data.schema import SIDES, Messages, split_rows
 from creditflow.tasks.infer.reward_scoring import encode_for_reward, reward_batch, score_pairs
-from creditflow.tasks.models.loading import load_reward_model
+from creditflow.tasks.models.loading import disable_dropout, load_reward_model
 from creditflow.tasks.models.model_card import stage_config, stage_datasets, write_card
 from creditflow.tasks.models.precision import autocast, resolve_device
 from creditflow.tasks.models.resolve import resolve_model
@@ -244,6 +244,8 @@ class RewardModelTrainer(Trainer):
         self.sharded = config.strategy == "fsdp"
         torch.manual_seed(config.seed)  # the fresh reward head's initialization, the same on every process
         self.tokenizer, self.model = load_reward_model(model_dir, self.device, trust_remote_code)
+        if config.disable_dropout:
+            disable_dropout(self.model)
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()

@@ -1,12 +1,15 @@
-"""Stage 4b (optional): online RL from the reference policy, PPO or RLOO, on dense per-token rewards.
+"""Stage 4b (optional): online RL from the reference policy, PPO, RLOO or GRPO, on dense per-token rewards.
 
 Every iteration the policy samples ``samples_per_prompt`` rollouts for ``batch_size`` train prompts (the shared
-generation module: the ids exactly as sampled), each rollout gets a per-token reward, and the policy takes
-``ppo_epochs`` x ``minibatches`` clipped-PPO steps on them (tasks/losses/rl.py has the formulas):
+generation module: the ids exactly as sampled), each rollout gets a reward and per-token credit, and the policy takes
+``ppo_epochs`` x ``minibatches`` clipped steps on them (tasks/losses/rl.py has the formulas):
 
     r_t = reward_source_t - kl_coef * (log pi(y_t) - log pi_ref(y_t))        per-token KL penalty to pi_ref
 
-``reward_source`` (r is the reward model's score of the whole response):
+(``kl_penalty: loss`` moves the KL out of the reward into the loss: kl_coef times the k3 estimator per token.)
+r, a rollout's outcome, is ``reward_model_weight`` times the reward model's score plus each of the user's
+``reward_functions`` (``package.module:function(prompts, completions) -> floats``, e.g. a checker of verifiable
+answers) times its weight. ``reward_source`` says how r and any dense credit reach the tokens:
     sparse           r on the last token (the usual RLHF reward);
     abc              Attention-Based Credit, the official form (Chan et al. 2024, "Dense Reward for Free in RLHF",
                      arXiv 2402.00782): r_t = beta * a_t * r + (1 - beta) * r * [t = last policy token], a_t the
@@ -14,13 +17,26 @@ generation module: the ids exactly as sampled), each rollout gets a per-token re
                      response tokens, normalized over them; sum_t r_t = r;
     contrastive      sparse + contrastive_scale * r_hat_t, r_hat the T-REG contrastive token reward of the
                      reference model (tasks/credit/contrastive.py) on the sampled ids;
-    abc+contrastive  abc + contrastive_scale * r_hat_t.
+    abc+contrastive  abc + contrastive_scale * r_hat_t;
+    dpo_implicit     sparse + implicit_beta * (log pi_dpo(y_t) - log pi_ref(y_t)), pi_dpo the policy stage's DPO
+                     policy: RTO's reward (Zhong et al. 2024, "DPO Meets PPO: Reinforced Token Optimization for
+                     RLHF"; implicit_beta defaults to that policy's loss.beta).
+A user function's part of r always goes on the last token (ABC spreads only the reward model's score).
 
 PPO: a value head (one linear layer on the policy's last hidden state, zero-initialized, trained with weight
 ``vf_coef``), GAE(gamma, lam), clipped value loss. RLOO: no value head; each rollout's summed reward minus the
 mean of the other k - 1 rollouts of its prompt, on all its tokens (TRL's form); ``rloo_token`` does the same per
-position on returns-to-go, which keeps dense token credit. Advantages are whitened over the iteration's tokens.
-Full fine-tuning keeps a frozen copy of the reference; LoRA runs get pi_ref for free by disabling the adapters.
+position on returns-to-go, which keeps dense token credit. GRPO: no value head; the outcome r (less the summed KL
+penalty when it is in the reward) normalized within each prompt's group (``scale_rewards``), plus the source's
+dense credit normalized over the group's tokens, times ``credit_weight``: a sparse source is plain GRPO. Advantages
+are whitened over the iteration's tokens (``whiten_advantages``; by default not for GRPO, already normalized).
+The loss is aggregated as ``loss_type`` says (TRL's dapo, grpo, dr_grpo), clipped at 1 - clip_range and
+1 + clip_range_high (DAPO's clip-higher). Rollouts that hit ``max_new_tokens`` without a stop token are kept,
+masked out of the loss, or penalized (``truncated``).
+
+Old log-probs, values, the KL and the rewards come from the policy in eval mode, the mode it sampled in; with
+``disable_dropout`` (default) the policy has no dropout at all, LoRA's included, so the first minibatch's ratio is
+exactly 1. Full fine-tuning keeps a frozen copy of the reference; LoRA runs get pi_ref by disabling the adapters.
 
 Where this differs from the official ABC code (XanderJC/attention-based-credit, abcrl/attention/redistribution.py
 and experiments/scripts/rlhf_*.py, read at commit 0a08591):
@@ -72,23 +88,28 @@ import torch
 from tqdm.auto import tqdm
 
 from creditflow.tasks.configs import RLConfig
-from creditflow.tasks.credit.rl_rewards import Rollout, TokenRewards, token_spans
+from creditflow.tasks.credit.rl_rewards import Rollout, RolloutRewards, TokenRewards, token_spans
 from creditflow.tasks.data.schema import Messages, split_rows, unique_prompts
 from creditflow.tasks.infer.distributed import RayWorkers, ray_session, uses_ray
-from creditflow.tasks.infer.generation import Rollouts, sample_token_ids
+from creditflow.tasks.infer.generation import Rollouts, sample_token_ids, stop_token_ids
 from creditflow.tasks.infer.gold import load_gold_scorer
 from creditflow.tasks.losses.rl import (
     AdaptiveKL,
+    aggregate_loss,
+    clipped_policy_loss,
     gae,
+    group_advantages,
+    group_token_credit,
+    k3_kl,
     masked_mean,
-    ppo_policy_loss,
     rloo_advantages,
     rloo_token_advantages,
     value_loss,
     whiten,
 )
-from creditflow.tasks.models.causal_lm import save_trained_lm, trained_outputs
+from creditflow.tasks.models.causal_lm import save_trained_lm, trained_model_folder, trained_outputs
 from creditflow.tasks.models.loading import (
+    disable_dropout,
     load_generation_tokenizer,
     load_policy_model,
     load_reference_model,
@@ -113,14 +134,7 @@ logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The trainer
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The stage: config -> setup -> run -> save
-
-
-# Stage entry point: setup, run, save
 
 
 def compute_rl(ctx: StageContext) -> dict[str, float]:
@@ -133,7 +147,15 @@ def compute_rl(ctx: StageContext) -> dict[str, float]:
         raise ValueError("rl: the curated pairs have no train-split prompts")
     reward_model = ctx.upstream["reward_model"]
     reference, reward_dir = resolve_model(ctx.reference_model), ctx.upstream_dir("reward_model") / "model"
-    trust = ctx.remote_code_allowed(reference, reward_dir)
+    implicit = {}
+    if config.reward_source == "dpo_implicit":  # RTO: the policy stage's DPO policy gives the token rewards
+        if "policy" not in ctx.upstream:
+            raise ValueError("rl.reward_source 'dpo_implicit' needs the policy stage's trained policy")
+        beta = config.implicit_beta or float(ctx.upstream["policy"].config["loss"]["beta"])
+        implicit = {"implicit_model_dir": ctx.upstream_dir("policy"), "implicit_beta": beta}
+    trust = ctx.remote_code_allowed(reference, reward_dir, *implicit.values())
+    if implicit:
+        implicit["implicit_model_dir"] = trained_model_folder(implicit["implicit_model_dir"], trust)
     trainer = RLTrainer(
         reference,
         reward_dir,
@@ -145,6 +167,7 @@ def compute_rl(ctx: StageContext) -> dict[str, float]:
         progress=ctx.progress,
         trust_remote_code=trust,
         compute=ctx.compute,
+        **implicit,
     )
     history = trainer.train()
     model_out, adapter_out = trained_outputs(ctx.writer.dir, config.lora)
@@ -209,7 +232,8 @@ class Layout:
 
 
 class RLTrainer(Trainer):
-    """PPO / RLOO of ``model_dir`` on ``prompts`` against the reward model in ``reward_model_dir``."""
+    """PPO / RLOO / GRPO of ``model_dir`` on ``prompts`` against the reward model in ``reward_model_dir`` (and the
+    user's reward functions; ``implicit_model_dir`` is the DPO policy of ``reward_source: dpo_implicit``)."""
 
     def __init__(
         self,
@@ -224,6 +248,8 @@ class RLTrainer(Trainer):
         progress: bool = True,
         trust_remote_code: bool = False,
         compute: ComputeConfig | None = None,
+        implicit_model_dir: str | Path | None = None,
+        implicit_beta: float | None = None,
     ):
         self.config, self.prompts, self.model_dir = config, prompts, Path(model_dir)
         self.on_step, self.progress = on_step, progress
@@ -234,6 +260,9 @@ class RLTrainer(Trainer):
 
         torch.manual_seed(config.seed)
         self.model, self.lm = load_policy_model(model_dir, config, self.device, trust_remote_code)
+        if config.disable_dropout:
+            disable_dropout(self.model)  # the LoRA adapters' too
+        self.stop_ids = stop_token_ids(self.lm, self.tokenizer)
         self.frozen_reference = None
         if config.lora is None:  # LoRA runs read pi_ref through disabled adapters
             reference = load_reference_model(model_dir, self.device, torch.float32, trust_remote_code)
@@ -243,7 +272,15 @@ class RLTrainer(Trainer):
             self.value_head = torch.nn.Linear(self.lm.config.hidden_size, 1).to(self.device)
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
-        self.rewards = TokenRewards(Path(reward_model_dir), config, self.device, rm_max_length, trust_remote_code)
+        self.rewards = TokenRewards(
+            Path(reward_model_dir),
+            config,
+            self.device,
+            rm_max_length,
+            trust_remote_code,
+            implicit_model_dir=Path(implicit_model_dir) if implicit_model_dir else None,
+            implicit_beta=config.implicit_beta or implicit_beta or 0.1,
+        )
         self.gold = load_gold_scorer(config.gold_scorer) if config.gold_scorer else None
 
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -337,7 +374,8 @@ class RLTrainer(Trainer):
         rollouts = []
         for prompt, row in zip(prompts, sampled):
             for ids in row.completions:
-                rollouts.append(Rollout(prompt, row.prompt_ids, ids, *token_spans(self.tokenizer, ids)))
+                truncated = ids[-1] not in self.stop_ids  # cut at max_new_tokens, not stopped by the policy
+                rollouts.append(Rollout(prompt, row.prompt_ids, ids, *token_spans(self.tokenizer, ids), truncated))
         return rollouts
 
     def _forward(self, layout: Layout) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -354,37 +392,48 @@ class RLTrainer(Trainer):
             values = layout.scatter(self.value_head(states.float())[:, 0])
         return logp, values, states
 
+    @contextmanager
+    def _behaviour_mode(self):
+        """The policy as it sampled: eval mode (no dropout) for old log-probs, values, the KL and the rewards."""
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train()
+
     def _iteration(self, iteration: int, samplers: RayWorkers | None = None) -> dict[str, float]:
         config = self.config
         started = time.perf_counter()
         rollouts = self._rollouts(iteration, samplers)
         layout = Layout.of(rollouts, self.pad_id, self.device)
         mask = layout.mask
-        with torch.no_grad():
+        with torch.no_grad(), self._behaviour_mode():
             old_logp, old_values, states = self._forward(layout)
             entropy = masked_mean(layout.scatter(states_entropy(self.lm, states, config.chunk_size)), mask)
             with self.reference() as reference, autocast(self.device, config.bf16):
                 lengths = [len(r.prompt_ids) for r in rollouts], [len(r.completion_ids) for r in rollouts]
                 per_row = completion_logprobs(reference, layout.input_ids, layout.attention_mask, *lengths)
                 ref_logp = layout.scatter(torch.cat(per_row).to(old_logp.dtype))
-                token_rewards, scores, fallbacks = self.rewards(rollouts, reference, self.tokenizer)
-        source = layout.scatter(torch.from_numpy(np.concatenate(token_rewards)).to(self.device))
+                rewards = self.rewards(rollouts, reference, self.tokenizer, per_row)
+        truncated = torch.tensor([r.truncated for r in rollouts], device=self.device)
+        if config.truncated == "penalize":
+            rewards.scores = [s - config.truncation_penalty * t for s, t in zip(rewards.scores, truncated.tolist())]
         kl = (old_logp - ref_logp) * mask
-        rewards = source - self.kl.value * kl
-        if config.algorithm == "ppo":
-            advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
-        else:
-            leave_one_out = RLOO_ADVANTAGES[config.algorithm]
-            advantages, returns = leave_one_out(rewards, mask, config.samples_per_prompt), None
-        if config.whiten_advantages:
+        kl_in_reward = self.kl.value * kl if config.kl_penalty == "reward" else torch.zeros_like(kl)
+        advantages, returns = self._advantages(rewards, layout, kl_in_reward, old_values)
+        whiten_advantages = config.whiten_advantages
+        if whiten_advantages if whiten_advantages is not None else config.algorithm != "grpo":
             advantages = whiten(advantages, mask)
+        keep = (~truncated).float() if config.truncated == "mask" else torch.ones(len(rollouts), device=self.device)
+        batch = {"old_logp": old_logp, "ref_logp": ref_logp, "values": old_values, "advantages": advantages}
+        batch.update(returns=returns, keep=keep)
 
         sums: dict[str, float] = {}
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
         for _ in range(config.ppo_epochs):
             order = torch.randperm(len(rollouts), generator=generator).tolist()
             for minibatch in np.array_split(order, config.minibatches):
-                step = self._optimizer_step(rollouts, minibatch.tolist(), old_logp, old_values, advantages, returns)
+                step = self._optimizer_step(rollouts, minibatch.tolist(), batch)
                 for key, value in step.items():
                     sums[key] = sums.get(key, 0.0) + value / (config.ppo_epochs * config.minibatches)
         self.kl.update(float(kl.sum(1).mean()), len(rollouts))
@@ -396,16 +445,18 @@ class RLTrainer(Trainer):
                     "iteration": iteration + 1,
                     "prompt": r.prompt[-1]["content"],
                     "completion": r.text,
-                    "reward": scores[i],
+                    "reward": rewards.scores[i],
                     "gold": float(gold[i]) if gold is not None else None,
                     "tokens": len(r.completion_ids),
-                    "stopped": bool(r.completion_ids[-1] == self.tokenizer.eos_token_id),
+                    "stopped": not r.truncated,
                 }
             )
         seconds = time.perf_counter() - started
         metrics = {
-            "reward": float(np.mean(scores)),
-            "token_reward_sum": float(source.sum(1).mean()),
+            "reward": float(np.mean(rewards.scores)),
+            **{f"reward/{name}": float(np.mean(values)) for name, values in rewards.parts.items()},
+            "token_credit_sum": float(np.mean([c.sum() for c in rewards.credit])),
+            "truncated_fraction": float(truncated.float().mean()),
             "kl": float(kl.sum(1).mean()),
             "kl_coef": self.kl.value,
             "entropy": float(entropy),
@@ -416,6 +467,7 @@ class RLTrainer(Trainer):
             "tokens_per_s": float(layout.attention_mask.sum()) / seconds,
             "seconds": seconds,
         }
+        fallbacks = rewards.fallbacks
         if "abc" in config.reward_source:
             metrics["abc_fallback_fraction"] = fallbacks / len(rollouts)
             if fallbacks:
@@ -430,30 +482,60 @@ class RLTrainer(Trainer):
             metrics["gold"] = float(np.mean(gold))
         return metrics
 
-    def _optimizer_step(self, rollouts, rows, old_logp, old_values, advantages, returns) -> dict[str, float]:
-        """One optimizer step over the rollouts ``rows``, in ``grad_accum`` micro-batches, token-weighted."""
+    def _advantages(
+        self, rewards: RolloutRewards, layout: Layout, kl_in_reward: torch.Tensor, values: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(advantages [B, T], returns for the value loss or None) of the configured algorithm."""
+        config, mask, k = self.config, layout.mask, self.config.samples_per_prompt
+        if config.algorithm == "grpo":
+            outcome = torch.tensor(rewards.scores, device=self.device) - kl_in_reward.sum(1)
+            advantages = group_advantages(outcome, k, config.scale_rewards)[:, None] * mask
+            if config.reward_source != "sparse" and config.credit_weight > 0:
+                credit = layout.scatter(torch.from_numpy(np.concatenate(rewards.credit)).to(self.device))
+                advantages = advantages + config.credit_weight * group_token_credit(credit, mask, k)
+            return advantages, None
+        per_token = np.concatenate([rewards.token_rewards(i) for i in range(len(rewards.scores))])
+        token_rewards = layout.scatter(torch.from_numpy(per_token).to(self.device)) - kl_in_reward
+        if config.algorithm == "ppo":
+            return gae(token_rewards, values, mask, config.gamma, config.lam)
+        return RLOO_ADVANTAGES[config.algorithm](token_rewards, mask, k), None
+
+    def _optimizer_step(self, rollouts: list[Rollout], rows: list[int], batch: dict) -> dict[str, float]:
+        """One optimizer step over the rollouts ``rows``, in ``grad_accum`` micro-batches, each weighted by its
+        share of the step's loss normalizer (tokens for dapo, rows for grpo and dr_grpo)."""
         config = self.config
-        total_tokens = float(sum(len(rollouts[i].completion_ids) for i in rows))
+        keep = batch["keep"]
+        total_tokens = max(sum(len(rollouts[i].completion_ids) * float(keep[i]) for i in rows), 1.0)
+        high = config.clip_range_high or config.clip_range
         sums = {"policy_loss": 0.0, "clip_fraction": 0.0}
         if self.value_head is not None:
             sums.update(value_loss=0.0, value_clip_fraction=0.0)
+        if config.kl_penalty == "loss":
+            sums["kl_loss"] = 0.0
         for micro in np.array_split(np.asarray(rows), config.grad_accum):
             micro = micro.tolist()
             layout = Layout.of([rollouts[i] for i in micro], self.pad_id, self.device)
             width = layout.mask.shape[1]
-            share = float(layout.mask.sum()) / total_tokens
+            mask = layout.mask * keep[micro, None]
+            token_share = float(mask.sum()) / total_tokens
+            share = token_share if config.loss_type == "dapo" else len(micro) / len(rows)
             logp, values, _ = self._forward(layout)
-            old, adv = old_logp[micro, :width], advantages[micro, :width]
-            loss, clipped = ppo_policy_loss(logp, old, adv, layout.mask, config.clip_range)
-            sums["policy_loss"] += float(loss.detach()) * share
-            sums["clip_fraction"] += float(clipped) * share
+            old, adv = batch["old_logp"][micro, :width], batch["advantages"][micro, :width]
+            per_token, clipped = clipped_policy_loss(logp, old, adv, config.clip_range, high)
+            if config.kl_penalty == "loss":
+                kl = k3_kl(logp, batch["ref_logp"][micro, :width], old)
+                per_token = per_token + self.kl.value * kl
+                sums["kl_loss"] += float(masked_mean(kl.detach(), mask)) * token_share
+            loss = aggregate_loss(per_token, mask, config.loss_type, config.sampling.max_new_tokens) * share
+            sums["policy_loss"] += float(loss.detach())
+            sums["clip_fraction"] += float(masked_mean(clipped.float(), mask)) * token_share
             if values is not None:
-                v_old, v_target = old_values[micro, :width], returns[micro, :width]
-                v_loss, v_clipped = value_loss(values, v_old, v_target, layout.mask, config.value_clip)
-                loss = loss + config.vf_coef * v_loss
-                sums["value_loss"] += float(v_loss.detach()) * share
-                sums["value_clip_fraction"] += float(v_clipped) * share
-            (loss * share).backward()
+                v_old, v_target = batch["values"][micro, :width], batch["returns"][micro, :width]
+                v_loss, v_clipped = value_loss(values, v_old, v_target, mask, config.value_clip)
+                loss = loss + config.vf_coef * v_loss * token_share
+                sums["value_loss"] += float(v_loss.detach()) * token_share
+                sums["value_clip_fraction"] += float(v_clipped) * token_share
+            loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(
             list(self.trainable.values()), config.max_grad_norm if config.max_grad_norm else math.inf
         )
