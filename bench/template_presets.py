@@ -68,7 +68,7 @@ def main() -> None:
     presets = {name: TEMPLATE_PRESETS[name] for name in ("guideline", "prefix")}
     presets |= {name: CANDIDATES[name] for name in args.candidates}
     for row in audit.run_audit(resolve_model(args.model), presets, probe, max_length=512):
-        print(f"{row.source:26} {row.kind:13} items={row.items:3} auc={row.auc:.3f} paired={row.paired_accuracy:.3f}")
+        print(f"{row.source:26} {row.kind:13} items={row.items:3} paired={row.paired:.3f} auc={row.auc:.3f}")
 
 
 if __name__ == "__main__":

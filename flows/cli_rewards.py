@@ -51,9 +51,9 @@ def rewards_audit(
 
     run = Run.start(Workspace.resolve(workspace), experiment, f"audit {model}", tags={"creditflow.kind": "audit"})
     run.log_params({"model": model, "presets": ",".join(presets), "items": len(items), "seed": seed})
-    run.log_metrics({f"{r.source}.{r.kind}.auc": r.auc for r in rows})
+    run.log_metrics({f"{r.source}.{r.kind}.{key}": getattr(r, key) for r in rows for key in ("paired", "auc")})
     run.log_rows([vars(r) for r in rows], "audit/table.json")
-    run.log_figure(audit.audit_figure(rows), "audit/auc.png")
+    run.log_figure(audit.audit_figure(rows), "audit/paired.png")
     run.end()
     console.print(f"logged to MLflow experiment {experiment!r}, run {run.run_id}")
 

@@ -182,25 +182,28 @@ def print_audit(rows) -> None:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="token-reward audit")
     for name in ("source", "probe"):
         table.add_column(name, no_wrap=True)
-    for name in ("items", "bad", "AUC", "paired", "coverage"):
+    for name in ("items", "paired", "pooled AUC", "bad", "coverage"):
         table.add_column(name, justify="right")
-    previous = None
+    previous, notes = None, {}
     for row in rows:
         if previous is not None and row.source != previous:
             table.add_section()
-        style = "bold red" if row.auc < AUC_WARNING else None
-        cells = ("" if row.source == previous else row.source, row.kind, str(row.items), str(row.bad_tokens))
-        table.add_row(*cells, fmt(row.auc), fmt(row.paired_accuracy), fmt(row.coverage), style=style)
+        style = "bold red" if row.paired < AUC_WARNING else None
+        mark = notes.setdefault(row.note, "*" * (len(notes) + 1)) if row.note else ""
+        cells = ("" if row.source == previous else row.source, row.kind + mark, str(row.items))
+        table.add_row(*cells, fmt(row.paired), fmt(row.auc), str(row.bad_tokens), fmt(row.coverage), style=style)
         previous = row.source
     console.print(table)
     console.print(
-        "bad: tokens on a bad span. AUC: P(bad token scores below another token); 0.5 is chance. paired: bad "
-        "tokens below the correct answer's tokens at the same place. planted-known: the planted errors the "
-        "reference model itself gets right (its log-prob prefers the right answer)."
+        "paired (the headline): the share of items whose bad tokens score below the correct answer's tokens at the "
+        "same place, ties half; 0.5 is chance. pooled AUC: P(a bad token scores below any other token of the pool), "
+        "which also rewards telling the slot from its frame. bad: tokens on a bad span."
     )
+    for note, mark in notes.items():
+        console.print(f"{mark} {note}")
     for row in rows:
-        if row.kind == "all" and row.auc < AUC_WARNING:
+        if row.kind == "all" and row.paired < AUC_WARNING:
             console.print(
-                f"[bold red]WARNING: {row.source} points the wrong way (AUC {row.auc:.3f} < 0.5): "
-                "planted errors get HIGHER token rewards than correct tokens[/]"
+                f"[bold red]WARNING: {row.source} points the wrong way (paired score {row.paired:.3f} < 0.5): "
+                "planted errors get HIGHER token rewards than the correct tokens in their place[/]"
             )

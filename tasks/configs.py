@@ -247,6 +247,9 @@ class PreferenceLossConfig(StrictConfig):
     alpha: float = Field(0.0, ge=0, allow_inf_nan=False, description="T-REG weight; 0 disables the regularizer.")
     gamma: float = Field(0.5, allow_inf_nan=False, description="SimPO target margin (not gamma/beta).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO only (conservative DPO).")
+    rpo_alpha: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="Weight of the chosen responses' token NLL (RPO, TRL's rpo_alpha)."
+    )
 
     @model_validator(mode="after")
     def _smoothing_is_dpo_only(self) -> "PreferenceLossConfig":

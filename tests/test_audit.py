@@ -60,16 +60,16 @@ def test_audit_rows_on_a_perfect_an_inverted_and_a_blind_scorer():
     )
     by_kind = {r.kind: r for r in perfect}
     assert list(by_kind) == ["arithmetic", "user", "all"]
-    assert by_kind["all"].auc == 1.0 and by_kind["arithmetic"].paired_accuracy == 1.0
+    assert by_kind["all"].auc == 1.0 and by_kind["arithmetic"].paired == 1.0
     assert by_kind["all"].coverage == 1.0 and by_kind["all"].bad_tokens == 4
-    assert math.isnan(by_kind["user"].paired_accuracy)  # no correct answer to compare with
+    assert math.isnan(by_kind["user"].paired)  # no correct answer to compare with
 
     inverted = audit_source(
         "inverted", _by_character(lambda t, i: 1.0 if (t[i] == "5" or (t.startswith("bad") and i < 3)) else 0.0), probe
     )
-    assert inverted[-1].auc == 0.0 and inverted[0].paired_accuracy == 0.0
+    assert inverted[-1].auc == 0.0 and inverted[0].paired == 0.0
     blind = audit_source("blind", _by_character(lambda t, i: 0.0), probe)
-    assert blind[-1].auc == 0.5 and blind[0].paired_accuracy == 0.0  # equal means are not "below"
+    assert blind[-1].auc == 0.5 and blind[0].paired == 0.5  # equal means: a tie, counted half
 
 
 def test_planted_known_keeps_the_errors_the_reference_gets_right():
@@ -176,12 +176,14 @@ def test_rewards_audit_command_prints_the_table_and_logs_it_to_mlflow(tiny_lm_di
     result = CliRunner().invoke(app, [*args, "128", "--probe", str(probe), "--preset", "prefix", "-w", str(workspace)])
     assert result.exit_code == 0, result.output
     assert "token-reward audit" in result.output and "logged to MLflow" in result.output
+    assert "sentiment*" in result.output and "* built from the bundled sample's chosen responses" in result.output
 
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("creditflow-audit").experiment_id])
     assert run.data.params["presets"] == "prefix" and run.data.params["items"] == str(len(PLANTED_KINDS) + 2)
     assert 0.0 <= run.data.metrics["contrastive:prefix.user.auc"] <= 1.0
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "audit")} == {"audit/table.json", "audit/auc.png"}
+    assert 0.0 <= run.data.metrics["contrastive:prefix.all.paired"] <= 1.0
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "audit")} == {"audit/table.json", "audit/paired.png"}
     table = json.loads(Path(client.download_artifacts(run.info.run_id, "audit/table.json", str(tmp_path))).read_text())
     source = table["columns"].index("source")  # MLflow's table format: pandas' split orient
     assert {row[source] for row in table["data"]} == {"contrastive:prefix", "reference log-prob"}

@@ -186,3 +186,19 @@ def test_label_smoothing_weight_is_the_real_gradient_coefficient_clamped_at_zero
 def test_label_smoothing_outside_dpo_is_refused(kind):
     with pytest.raises(ValueError, match=f"label_smoothing applies to dpo only, not {kind}"):
         PreferenceLossConfig(loss_type=kind, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("kind", ["dpo", "simpo"])
+def test_rpo_alpha_adds_the_chosen_tokens_mean_nll(kind):
+    # chosen tokens: -1.0, -2.0, -0.5 and -0.3, -1.2 (the third of pair 2 is padding): mean NLL 5.0 / 5 = 1.0
+    plain = preference_loss(PreferenceLossConfig(loss_type=kind, beta=0.5), **tensors())
+    inputs = tensors(True)
+    rpo = preference_loss(PreferenceLossConfig(loss_type=kind, beta=0.5, rpo_alpha=0.5), **inputs)
+    assert rpo.loss.item() == pytest.approx(plain.loss.item() + 0.5 * 1.0, abs=1e-12)
+    rpo.loss.backward()
+    plain_inputs = tensors(True)
+    preference_loss(PreferenceLossConfig(loss_type=kind, beta=0.5), **plain_inputs).loss.backward()
+    # the NLL's gradient on each chosen token is -0.5 / 5, on padding 0; the rejected side is untouched
+    extra = inputs["logp_w"].grad - plain_inputs["logp_w"].grad
+    torch.testing.assert_close(extra, -0.1 * torch.tensor(MASK_W, dtype=torch.float64))
+    torch.testing.assert_close(inputs["logp_l"].grad, plain_inputs["logp_l"].grad)

@@ -26,7 +26,7 @@ from creditflow.tasks.data.schema import Messages
 PLANTED_KINDS = ("arithmetic", "counting", "ordering", "units", "sequence", "capitals")
 KINDS = (*PLANTED_KINDS, "sentiment", "user")
 
-AUC_WARNING = 0.5  # an audit AUC below this ranks the planted errors above the right tokens: worse than chance
+AUC_WARNING = 0.5  # an audit score below this ranks the planted errors above the right tokens: worse than chance
 
 
 @dataclass

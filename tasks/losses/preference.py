@@ -25,6 +25,11 @@ centered by the reward model's mean over the trained pairs, standardized, spread
 squashed into (−0.5, 0.5) (``abc.regularizer_rewards``). The raw official ABC form (Σ_t r_t = r, the remainder on
 the last token) stays what the token-reward stage stores, for online RL.
 
+NLL term (RPO: Pang et al. 2024, "Iterative Reasoning Preference Optimization"; TRL's ``rpo_alpha``), added to
+any of them with weight λ = ``rpo_alpha``: the mean negative log-likelihood of the chosen responses' tokens,
+        L_total += λ · (−Σ_{b,t} m_w ℓ_w / Σ_{b,t} m_w)
+It pushes up every chosen token without token labels: the credit gym's no-label control for T-REG.
+
 With label smoothing ε (DPO only; the config refuses it for IPO and SimPO) the DPO gradient's coefficient is
 −∂L/∂z = σ(−z) − ε, which turns negative once σ(−z) < ε (a pair learned past the smoothing target). w clamps it at
 0: the regularizer then stops rather than pushing the token rewards the other way. With α = 0 every loss is exactly
@@ -113,6 +118,8 @@ def preference_loss(
             reg_w, reg_l = reg_w / length_w, reg_l / length_l
         regularizer = reg_w + reg_l
         loss = (sequence + config.alpha * weight * regularizer).mean()
+    if config.rpo_alpha:
+        loss = loss + config.rpo_alpha * -(mask_w * logp_w).sum() / mask_w.sum().clamp(min=1)
     return LossOutput(loss, sequence.detach(), regularizer.detach(), weight, reward_w.detach(), reward_l.detach())
 
 

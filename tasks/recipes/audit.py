@@ -5,17 +5,23 @@ response token a score, higher meaning better: contrastive r̂ per template pres
 DPO-implicit reward β·(log π − log π_ref) of a trained policy, and the reference log-prob (surprisal, negated) as
 the trivial baseline. Per source and probe kind:
 
-- **AUC**: P(score of a bad token < score of another token) over all (bad, other) token pairs, ties half. 1 means
-  every bad token scores below every other one; 0.5 is chance; below 0.5 the source points the wrong way.
-- **paired accuracy**: the share of items whose bad tokens score below the tokens at the same characters of the
-  correct answer (items that have one).
+- **paired** (the headline): the share of items whose bad tokens score below the tokens at the same characters of
+  the correct answer, ties half (items that have a correct answer). This is the question T-REG needs answered:
+  does r̂ rank the wrong token below the right one at the same place? 1 is perfect, 0.5 chance, below 0.5 the
+  source points the wrong way.
+- **pooled AUC** (secondary): P(score of a bad token < score of another token) over all (bad, other) token pairs of
+  the pool, ties half. The other tokens are mostly the frame around the slot, so this rewards telling the slot from
+  its frame (position), not right from wrong: the plain reference surprisal does well on it.
 - **coverage**: the share of items with at least one token on a bad span (truncation can cut it off).
 
 Besides one row per kind, ``planted`` pools the planted-error kinds and ``all`` every item. ``planted-known`` keeps
 the planted errors the reference model itself gets right (its log-prob is lower at the wrong tokens than at the right
 answer's): where the model does not know the answer, no prompt can make it flag the error, so this row separates a
 template that fails from a model that does not know. Selected by the reference log-prob, that source's own paired
-accuracy there is 1 by construction.
+score there is 1 by construction, and presets close to the plain prompt (``prefix``: one line before it) inherit
+much of that selection; the row's ``note`` says so wherever it prints. The ``sentiment`` probe is built from the
+bundled sample's chosen responses, which the demo's reward model and policy train on: its ``abc`` and
+``dpo-implicit`` rows score text those models were trained on, and its note says that too.
 """
 
 from __future__ import annotations
@@ -77,14 +83,18 @@ def compute_audit(ctx) -> dict[str, float]:
         trust_remote_code=trust,
     )
     for row in rows:
-        if row.kind == "all" and row.auc < AUC_WARNING:
+        if row.kind == "all" and row.paired < AUC_WARNING:
             logger.warning(
-                "audit: %s points the wrong way (AUC %.3f < 0.5 on %d items)", row.source, row.auc, row.items
+                "audit: %s points the wrong way (paired score %.3f < 0.5 on %d items)",
+                row.source,
+                row.paired,
+                row.items,
             )
     ctx.writer.write_table("audit", pa.Table.from_pylist([asdict(r) for r in rows]))
     ctx.run.log_rows([asdict(r) for r in rows], "audit/table.json")
-    ctx.run.log_figure(audit_figure(rows), "audit/auc.png")
-    return {f"{r.source}.{r.kind}.auc": r.auc for r in rows if r.auc == r.auc} | {"items": len(probe)}
+    ctx.run.log_figure(audit_figure(rows), "audit/paired.png")
+    metrics = {f"{r.source}.{r.kind}.paired": r.paired for r in rows if r.paired == r.paired}
+    return metrics | {f"{r.source}.{r.kind}.auc": r.auc for r in rows if r.auc == r.auc} | {"items": len(probe)}
 
 
 def auc(bad: np.ndarray, other: np.ndarray) -> float:
@@ -117,15 +127,22 @@ class TokenScores:
 Scorer = Callable[[list[Messages], list[str]], list[TokenScores]]
 
 
+NOTES = {
+    "planted-known": "selected by the reference log-prob: favours the reference and presets near the plain prompt",
+    "sentiment": "built from the bundled sample's chosen responses: models trained on that sample have seen it",
+}
+
+
 @dataclass
 class AuditRow:
     source: str
     kind: str
     items: int
+    paired: float  # the headline: the wrong token below the right one at the same place, ties half
+    auc: float  # pooled over every (bad, other) token pair: secondary
     bad_tokens: int
-    auc: float
-    paired_accuracy: float
     coverage: float
+    note: str = ""
 
 
 @dataclass
@@ -154,7 +171,8 @@ def score_items(scorer: Scorer, probe: list[ProbeItem]) -> list[ItemScores]:
             ref = originals[j]
             right = _overlaps(ref.char_start, ref.char_end, item.original_spans)
             if right.any():
-                paired = float(scored.scores[bad].mean() < ref.scores[right].mean())
+                wrong_mean, right_mean = scored.scores[bad].mean(), ref.scores[right].mean()
+                paired = float(wrong_mean < right_mean) + 0.5 * float(wrong_mean == right_mean)
         per_item.append(ItemScores(item.kind, scored.scores[bad], scored.scores[real & ~bad], paired))
     return per_item
 
@@ -186,10 +204,11 @@ def summarize(name: str, per_item: list[ItemScores], known: set[int] | None = No
                 name,
                 kind,
                 len(chosen),
-                len(bad),
-                auc(bad, other),
                 float(np.mean(paired)) if paired else float("nan"),
+                auc(bad, other),
+                len(bad),
                 float(np.mean([len(p.bad) > 0 for p in chosen])) if chosen else float("nan"),
+                NOTES.get(kind, ""),
             )
         )
     return rows
@@ -201,11 +220,12 @@ def audit_source(name: str, scorer: Scorer, probe: list[ProbeItem], known: set[i
 
 
 def audit_figure(rows: list[AuditRow]):
-    """AUC per source: every item, the planted errors, and those the reference model knows; red below 0.5."""
+    """The paired score per source: every item, the planted errors, and those the reference model knows (a
+    selection that favours the reference); red below 0.5."""
 
     sources = list(dict.fromkeys(r.source for r in rows))
     pools = [k for k in ("all", "planted", "planted-known") if any(r.kind == k for r in rows)]
-    by_key = {(r.source, r.kind): r.auc for r in rows}
+    by_key = {(r.source, r.kind): r.paired for r in rows}
     fig, (ax,) = new_figure(1, (max(6, 1.4 * len(sources)), 3.8))
     width, colors = 0.8 / len(pools), ("#4f81bd", "#9bbb59", "#8064a2")
     for p, (pool, color) in enumerate(zip(pools, colors)):
@@ -219,7 +239,7 @@ def audit_figure(rows: list[AuditRow]):
     ax.axhline(0.5, color="black", lw=0.8, ls="--")
     ax.set_xticks(range(len(sources)), sources, rotation=20, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("AUC (bad tokens score lower)")
+    ax.set_ylabel("paired score (wrong below right, same place)")
     ax.set_title("token-reward audit (red edge: below 0.5, the wrong way)", fontsize=10)
     ax.legend(handles=[Patch(color=c, label=pool) for pool, c in zip(pools, colors)], fontsize=7, loc="lower right")
     return finish(fig)
