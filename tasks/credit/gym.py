@@ -173,13 +173,18 @@ def judge(prompt: str, text: str) -> Judgement:
     return Judgement([m.span() for m in found], right, max(ANSWER_TERMS - len(terms), 0))
 
 
+def tokens_over(char_start: list[int], char_end: list[int], span: tuple[int, int]) -> list[int]:
+    """The indices of the tokens whose character spans overlap ``span`` (one term of a response)."""
+    start, end = span
+    return [t for t, (s, e) in enumerate(zip(char_start, char_end)) if s < end and e > start]
+
+
 def token_truth(judgement: Judgement, char_start: list[int], char_end: list[int], stopped: bool) -> np.ndarray:
     """+1 (right), -1 (wrong) or 0 (carries no decision: spaces) for each token of a response, from the character
     spans of its tokens; the last token, when it is the stop token, is wrong iff terms are missing."""
     truth = np.zeros(len(char_start), dtype=np.float32)
     for (start, end), right in zip(judgement.spans, judgement.right):
-        overlap = [t for t, (s, e) in enumerate(zip(char_start, char_end)) if s < end and e > start]
-        truth[overlap] = 1.0 if right else -1.0
+        truth[tokens_over(char_start, char_end, (start, end))] = 1.0 if right else -1.0
     if stopped and len(truth):
         truth[-1] = -1.0 if judgement.missing else 1.0
     return truth
@@ -188,13 +193,6 @@ def token_truth(judgement: Judgement, char_start: list[int], char_end: list[int]
 def exact_match_reward(prompts: list[Messages], completions: list[str]) -> list[float]:
     """A verifiable reward for ``rl.reward_functions``: 1 for a right answer, else 0 (prompts are plain turns)."""
     return [float(judge(p[-1]["content"], text).errors == 0) for p, text in zip(prompts, completions)]
-
-
-def term_accuracy_reward(prompts: list[Messages], completions: list[str]) -> list[float]:
-    """The share of the ANSWER_TERMS decisions a response got right, in [0, 1]."""
-    return [
-        max(1.0 - judge(p[-1]["content"], text).errors / ANSWER_TERMS, 0.0) for p, text in zip(prompts, completions)
-    ]
 
 
 def paired_slot_score(right: list[float], wrong: list[float]) -> float:
@@ -209,11 +207,10 @@ def paired_slot_score(right: list[float], wrong: list[float]) -> float:
 
 def slot_mean(rewards: np.ndarray, char_start: list[int], char_end: list[int], span: tuple[int, int]) -> float:
     """The mean token reward over the tokens that overlap the character ``span`` (one term)."""
-    start, end = span
-    overlap = [r for r, s, e in zip(rewards, char_start, char_end) if s < end and e > start]
+    overlap = tokens_over(char_start, char_end, span)
     if not overlap:
-        raise ValueError(f"no token overlaps characters {start}..{end}")
-    return float(np.mean(overlap))
+        raise ValueError(f"no token overlaps characters {span[0]}..{span[1]}")
+    return float(np.mean(np.asarray(rewards)[overlap]))
 
 
 def seeded(seed: int, *salt: int) -> np.random.Generator:
@@ -366,8 +363,7 @@ def _differing_terms(a: Response, b: Response) -> tuple[np.ndarray, np.ndarray]:
         marks = np.zeros(len(r.ids), dtype=np.float32)
         for i, (start, end) in enumerate(r.judgement.spans):
             if i >= len(other) or own[i] != other[i]:
-                overlap = [t for t, (s, e) in enumerate(zip(r.char_start, r.char_end)) if s < end and e > start]
-                marks[overlap] = 1.0
+                marks[tokens_over(r.char_start, r.char_end, (start, end))] = 1.0
         if r.stopped and len(own) != len(other):
             marks[-1] = 1.0
         out.append(marks)
