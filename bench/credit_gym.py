@@ -12,8 +12,9 @@ held-out prompts:
 
 Methods: DPO; DPO + T-REG with each token-reward source (alpha = --alpha); DPO + NLL on the chosen tokens (RPO's
 rpo_alpha = --alpha / 2: the no-label control); SimPO with and without T-REG and NLL; alpha and learning-rate sweeps;
-best-vs-worst pairs; online RL (GRPO, RLOO, PPO) on the exact-match reward, sparse or with the DPO-implicit token
-credit. Sources: the oracle (dense: every token; sparse: only where the two answers differ), its controls (random
+best-vs-worst pairs; online RL (GRPO, RLOO, PPO) on the exact-match reward, sparse or with dense token credit
+(the oracle and its random-sign and inverted controls through ``rl.credit_function``, and the DPO-implicit
+reward). Sources: the oracle (dense: every token; sparse: only where the two answers differ), its controls (random
 signs, inverted, a constant +s/-s), contrastive prompting (the gym's control instructions and every T-REG preset),
 ABC from a reward model trained on the pairs, and the DPO-implicit reward of a DPO policy trained on the disjoint
 split. Each source also gets the audit's paired within-slot score on held-out items (right vs one-slip answers).
@@ -35,6 +36,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 
 from creditflow.flows.env import apply_defaults
@@ -50,7 +53,7 @@ from creditflow.tasks.credit import gym  # noqa: E402
 from creditflow.tasks.credit.rl_rewards import assistant  # noqa: E402
 from creditflow.tasks.models.loading import load_reference_model, load_tokenizer  # noqa: E402
 from creditflow.tasks.models.tiny import build_tiny_causal_lm, build_tiny_reward_backbone  # noqa: E402
-from creditflow.tasks.plots import finish, new_figure  # noqa: E402
+from creditflow.tasks.plots import finish  # noqa: E402
 from creditflow.tasks.recipes.policy import PolicyTrainer  # noqa: E402
 from creditflow.tasks.recipes.reward_model import PairData, RewardModelTrainer  # noqa: E402
 from creditflow.tasks.recipes.rl import RLTrainer  # noqa: E402
@@ -94,21 +97,39 @@ def offline_methods(sources: list[str], alpha: float, alphas: list[float], lr_sc
 BVW = " [best-vs-worst]"
 CURVES = ("oracle_dense", "inverted", "contrastive:control", "dpo_implicit")
 SWEPT = ("oracle_dense", "inverted", "contrastive:control")
-RL_RUNS = [  # (name, algorithm, reward_source, GRPO's credit_weight)
-    ("grpo sparse", "grpo", "sparse", 1.0),
-    ("grpo + dpo_implicit", "grpo", "dpo_implicit", 1.0),
-    ("grpo + dpo_implicit (w=0.25)", "grpo", "dpo_implicit", 0.25),
-    ("rloo sparse", "rloo", "sparse", 1.0),
-    ("rloo_token + dpo_implicit", "rloo_token", "dpo_implicit", 1.0),
-    ("ppo sparse", "ppo", "sparse", 1.0),
-    ("ppo + dpo_implicit", "ppo", "dpo_implicit", 1.0),
+
+RL_ALGORITHMS = ("grpo", "rloo", "rloo_token", "ppo")
+RL_CREDIT_WEIGHT = 0.25  # GRPO's weight on the group-normalized credit: at 1 the DPO-implicit credit collapsed it
+
+
+@dataclass(frozen=True)
+class RLRun:
+    algorithm: str
+    source: str  # sparse, dpo_implicit, or a gym credit function's source (oracle_dense, random_signs, inverted)
+    credit_weight: float = RL_CREDIT_WEIGHT
+
+    @property
+    def name(self) -> str:
+        return f"{self.algorithm} {self.source}"
+
+
+RL_CREDIT_FUNCTIONS = {  # gym source -> its rl.credit_function
+    "oracle_dense": "creditflow.tasks.credit.gym:oracle_credit",
+    "random_signs": "creditflow.tasks.credit.gym:random_sign_credit",
+    "inverted": "creditflow.tasks.credit.gym:inverted_credit",
+}
+RL_RUNS = [
+    *(RLRun("grpo", source) for source in ("sparse", *RL_CREDIT_FUNCTIONS, "dpo_implicit")),
+    *(RLRun(algorithm, source) for algorithm in ("rloo_token", "ppo") for source in ("oracle_dense", "dpo_implicit")),
+    RLRun("rloo", "sparse"),
+    RLRun("ppo", "sparse"),
 ]
-RL_COMPARISONS = [  # (dense, its sparse baseline)
-    ("grpo + dpo_implicit", "grpo sparse"),
-    ("grpo + dpo_implicit (w=0.25)", "grpo sparse"),
-    ("rloo_token + dpo_implicit", "rloo sparse"),
-    ("ppo + dpo_implicit", "ppo sparse"),
-]
+
+
+def rl_baseline(method: str) -> str:
+    """The sparse run a dense RL run is compared with (rloo_token's is sequence-level RLOO, TRL's)."""
+    algorithm = method.split(" ")[0]
+    return f"{'rloo' if algorithm == 'rloo_token' else algorithm} sparse"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,9 +202,8 @@ def run_world(task_name: str, seed: int, args, folder: Path) -> dict:
         )
         results[method.name] = {**evaluate(trainer.lm), "curve": evaluate.curve}
     if args.rl:
-        for name, algorithm, source, credit_weight in RL_RUNS:
-            trainer = _train_rl(args, seed, sft_dir, folder, train, algorithm, source, credit_weight)
-            results[name] = {**evaluate(trainer.lm), "curve": []}
+        for run in RL_RUNS:
+            results[run.name] = {**evaluate(_train_rl(args, seed, sft_dir, folder, train, run).lm), "curve": []}
     stats = {
         "pairs": len(pairs["random"]),
         "pairs_bvw": len(pairs["bvw"]),
@@ -251,12 +271,14 @@ def _train_reward_model(corpus, pairs, eval_pairs, seed: int, folder: Path) -> P
     return folder / "rm"
 
 
-def _train_rl(args, seed, sft_dir, folder, train, algorithm, source, credit_weight) -> RLTrainer:
+def _train_rl(args, seed, sft_dir, folder, train, run: RLRun) -> RLTrainer:
+    function = RL_CREDIT_FUNCTIONS.get(run.source)
     config = RLConfig.model_validate(
         {
-            "algorithm": algorithm,
-            "reward_source": source,
-            "credit_weight": credit_weight,
+            "algorithm": run.algorithm,
+            "reward_source": "function" if function else run.source,
+            "credit_function": function,
+            "credit_weight": run.credit_weight,
             "reward_model_weight": 0.0,
             "reward_functions": ["creditflow.tasks.credit.gym:exact_match_reward"],
             "samples_per_prompt": 4,
@@ -270,7 +292,9 @@ def _train_rl(args, seed, sft_dir, folder, train, algorithm, source, credit_weig
             "sampling": {"max_new_tokens": 16, "batch_size": 64, "seed": seed},
         }
     )
-    implicit = {"implicit_model_dir": folder / "dpo_implicit", "implicit_beta": 0.1} if source == "dpo_implicit" else {}
+    implicit = (
+        {"implicit_model_dir": folder / "dpo_implicit", "implicit_beta": 0.1} if run.source == "dpo_implicit" else {}
+    )
     trainer = RLTrainer(sft_dir, sft_dir, [gym.messages(p) for p in train], config, progress=False, **implicit)
     trainer.train()
     trainer.lm.eval()
@@ -363,6 +387,8 @@ def summarize(worlds: list[dict], tasks: list[str]) -> tuple[str, dict]:
             d_nll, se_nll, _ = paired(mine, task, method, "dpo+nll" + suffix, "exact")
             d_err, se_err, _ = paired(mine, task, method, "dpo" + suffix, "errors")
             source = method.split("treg:")[1].split("@")[0].split(" ")[0] if "treg:" in method else None
+            if method.split(" ")[0] in RL_ALGORITHMS and method.split(" ")[1] in mine[0]["audit"]:
+                source = method.split(" ")[1]
             audit = float(np.mean([w["audit"][source] for w in mine])) if source else None
             summary[task][method] = {
                 "exact": float(np.mean(exact)),
@@ -389,10 +415,21 @@ def summarize(worlds: list[dict], tasks: list[str]) -> tuple[str, dict]:
         summary[task]["steps_to_dpo_final_errors"] = reached
         cells = [f"{m} {np.mean(s):.0f} ({len(s)}/{seeds})" if s else f"{m} never" for m, s in reached.items()]
         lines.append("Steps to reach DPO's final error rate (mean over the seeds that reach it): " + "; ".join(cells))
-        if "grpo sparse" in methods:
-            for method, base in RL_COMPARISONS:
-                d, se, _ = paired(mine, task, method, base, "exact")
-                lines.append(f"RL: {method} vs {base}: Δ exact {d:+.3f} ± {se:.3f}")
+        dense_rl = [m for m in methods if m.split(" ")[0] in RL_ALGORITHMS and not m.endswith(" sparse")]
+        for method in dense_rl:
+            d, se, _ = paired(mine, task, method, rl_baseline(method), "exact")
+            summary[task][method]["delta_exact_vs_sparse_rl"] = (d, se)
+            lines.append(f"RL: {method} vs {rl_baseline(method)}: Δ exact {d:+.3f} ± {se:.3f}")
+        grpo = [m for m in dense_rl if m.startswith("grpo ")]
+        if grpo:
+            rl_audits = [float(np.mean([w["audit"][m.split(" ")[1]] for w in mine])) for m in grpo]
+            rl_gains = [summary[task][m]["delta_exact_vs_sparse_rl"][0] for m in grpo]
+            rho_rl = spearman(rl_audits, rl_gains)
+            summary[task]["spearman_audit_vs_rl_gain"] = rho_rl
+            lines.append(
+                f"Rank correlation (Spearman) of audit score and GRPO's gain over sparse GRPO, {len(grpo)} sources: "
+                f"{rho_rl:+.2f}"
+            )
     return "\n".join(lines), summary
 
 
@@ -405,16 +442,16 @@ def _se(values: list[float]) -> float:
 
 
 def figure(worlds: list[dict], summary: dict, tasks: list[str]):
-    fig, axes = new_figure(2 * len(tasks), (7.5 * len(tasks), 4.4))
-    for col, task in enumerate(tasks):
-        left, right = axes[2 * col], axes[2 * col + 1]
+    matplotlib.use("Agg")
+    fig, grid = plt.subplots(len(tasks), 3, figsize=(19, 4.6 * len(tasks)), squeeze=False)
+    for (left, middle, right), task in zip(grid, tasks):
         points = {
             method.removeprefix("dpo+treg:"): (row["audit"], *row["delta_exact_vs_dpo"])
             for method, row in summary[task].items()
             if method.startswith("dpo+treg:") and "@" not in method and "[" not in method
         }
         # The inverted oracle's loss dwarfs every other gain: it is drawn at the bottom edge, its value written.
-        floor = min(d - se for name, (_, d, se) in points.items() if name != "inverted") - 0.02
+        floor = min(d - np.nan_to_num(se) for name, (_, d, se) in points.items() if name != "inverted") - 0.02
         for i, (name, (audit, d, se)) in enumerate(sorted(points.items(), key=lambda p: p[1][1])):
             shown = max(d, floor)
             left.errorbar(audit, shown, yerr=se if d > floor else None, fmt="o" if d > floor else "v", capsize=3)
@@ -428,6 +465,21 @@ def figure(worlds: list[dict], summary: dict, tasks: list[str]):
         left.set_ylabel("Δ exact-answer prob vs DPO")
         left.set_title(f"{task}: gain vs audit score")
         left.legend(loc="upper left", fontsize=7)
+        for algorithm, marker in (("grpo", "o"), ("rloo_token", "s"), ("ppo", "^")):
+            runs = [
+                (row["audit"], *row["delta_exact_vs_sparse_rl"], method.split(" ")[1])
+                for method, row in summary[task].items()
+                if method.startswith(f"{algorithm} ") and "delta_exact_vs_sparse_rl" in row
+            ]
+            for audit, d, se, source in runs:
+                middle.errorbar(audit, d, yerr=se, fmt=marker, capsize=3, color=f"C{RL_ALGORITHMS.index(algorithm)}")
+                middle.annotate(source, (audit, d), fontsize=6.5, xytext=(4, 2), textcoords="offset points")
+            middle.plot([], [], marker, color=f"C{RL_ALGORITHMS.index(algorithm)}", label=f"{algorithm} vs sparse")
+        middle.axhline(0, color="black", lw=0.8)
+        middle.set_xlabel("audit: paired within-slot score")
+        middle.set_ylabel("Δ exact-answer prob vs sparse RL")
+        middle.set_title(f"{task}: online RL, dense credit vs sparse")
+        middle.legend(loc="upper left", fontsize=7)
         for method in ("dpo", "dpo+nll", *(f"dpo+treg:{s}" for s in CURVES)):
             curves = [
                 w["results"][method]["curve"] for w in worlds if w["task"] == task and w["results"][method]["curve"]

@@ -159,18 +159,24 @@ def _unused_token_sources(cfg: PipelineConfig) -> set[str]:
 
 
 def _rl_inputs(cfg: PipelineConfig) -> dict[str, Any]:
-    """The reference, and the source file of each user reward function (an edit to it changes the rewards)."""
-    functions = {}
-    for i, spec in enumerate(cfg.rl.reward_functions):
-        module = spec.function.partition(":")[0]
-        try:
-            found = importlib.util.find_spec(module)
-        except (ImportError, ValueError):
-            found = None
-        if found is None or not found.origin or not Path(found.origin).is_file():
-            raise ValueError(f"rl.reward_functions[{i}] {spec.function!r}: no installed module {module!r}")
-        functions[spec.function] = sha256_file(found.origin)
+    """The reference, and the source file of each user reward or credit function (an edit to it changes the
+    rewards)."""
+    specs = {f"rl.reward_functions[{i}]": spec.function for i, spec in enumerate(cfg.rl.reward_functions)}
+    if cfg.rl.credit_function:
+        specs["rl.credit_function"] = cfg.rl.credit_function
+    functions = {spec: _module_source_digest(key, spec) for key, spec in specs.items()}
     return {**_reference_inputs(cfg), **({"reward_functions": functions} if functions else {})}
+
+
+def _module_source_digest(key: str, spec: str) -> str:
+    module = spec.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.origin or not Path(found.origin).is_file():
+        raise ValueError(f"{key} {spec!r}: no installed module {module!r}")
+    return sha256_file(found.origin)
 
 
 def _token_rewards_inputs(cfg: PipelineConfig) -> dict[str, Any]:

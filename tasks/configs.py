@@ -358,11 +358,17 @@ class RLConfig(TrainingConfig):
         "leave-one-out on returns-to-go, which keeps dense token credit; grpo: group-normalized sequence advantages "
         "plus the group-normalized token credit of the reward source (credit_weight).",
     )
-    reward_source: Literal["sparse", "abc", "contrastive", "abc+contrastive", "dpo_implicit"] = Field(
+    reward_source: Literal["sparse", "abc", "contrastive", "abc+contrastive", "dpo_implicit", "function"] = Field(
         "abc",
         description="sparse: RM score on the last token; abc: spread by the RM's attention (official form); "
         "contrastive: sparse + contrastive_scale * r_hat from the reference model; abc+contrastive: both; "
-        "dpo_implicit: sparse + implicit_beta * log(pi_dpo / pi_ref) per token from the policy stage (RTO).",
+        "dpo_implicit: sparse + implicit_beta * log(pi_dpo / pi_ref) per token from the policy stage (RTO); "
+        "function: sparse + the per-token credit of credit_function.",
+    )
+    credit_function: str | None = Field(
+        None,
+        description="reward_source function: 'package.module:function(rollouts) -> per-token credit', one sequence "
+        "of floats per rollout, as long as its completion_ids (a checker of each step, a process reward).",
     )
     reward_model_weight: float = Field(
         1.0, ge=0, allow_inf_nan=False, description="Weight of the RM score; 0: reward_functions replace the RM."
@@ -434,6 +440,11 @@ class RLConfig(TrainingConfig):
     sampling: RolloutSampling = Field(default_factory=RolloutSampling)
     gold_scorer: str | None = Field("vader", description="Logged on every iteration's rollouts (reward curves).")
 
+    @field_validator("credit_function")
+    @classmethod
+    def _credit_spec(cls, value: str | None) -> str | None:
+        return value if value is None else RewardFunction(function=value).function
+
     @field_validator("reward_functions", mode="before")
     @classmethod
     def _function_specs(cls, value):
@@ -448,6 +459,8 @@ class RLConfig(TrainingConfig):
             raise ValueError(f"rl.algorithm {self.algorithm!r} needs samples_per_prompt >= 2 ({baseline})")
         if self.reward_model_weight == 0 and not self.reward_functions:
             raise ValueError("rl: reward_model_weight 0 needs reward_functions (otherwise there is no reward)")
+        if (self.reward_source == "function") != (self.credit_function is not None):
+            raise ValueError("rl.reward_source 'function' and rl.credit_function go together")
         if self.reward_model_weight == 0 and "abc" in self.reward_source:
             raise ValueError(f"rl.reward_source {self.reward_source!r} spreads the RM's score: reward_model_weight > 0")
         rollouts = self.batch_size * self.samples_per_prompt

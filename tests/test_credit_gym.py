@@ -8,6 +8,7 @@ import torch
 
 from creditflow.tasks.configs import PolicyConfig
 from creditflow.tasks.credit import gym
+from creditflow.tasks.credit.rl_rewards import Rollout
 from creditflow.tasks.models.loading import load_reference_model, load_tokenizer
 from creditflow.tasks.models.tiny import build_tiny_causal_lm
 from creditflow.tasks.recipes.policy import PolicyTrainer
@@ -95,6 +96,23 @@ def test_token_truth_lands_on_the_tokens_of_each_term(world):
     wrong = [t for t, (s, e) in enumerate(zip(response.char_start, response.char_end)) if s < 3 and e > 2]  # "u"
     assert wrong and all(truth[t] == -1.0 for t in wrong)
     assert truth[(truth != 0)].tolist().count(-1.0) == len(wrong)
+
+
+def test_the_rl_credit_functions_are_the_oracle_on_each_rollouts_tokens(world):
+    responses = [r for pair in world["pairs"][:4] for r in pair]
+    rollouts = [
+        Rollout(gym.messages(r.prompt), r.prompt_ids, r.ids, r.text, r.char_start, r.char_end, not r.stopped)
+        for r in responses
+    ]
+    oracle, inverted = gym.oracle_credit(rollouts), gym.inverted_credit(rollouts)
+    signs, again = gym.random_sign_credit(rollouts), gym.random_sign_credit(rollouts)
+    for response, o, i, s, a in zip(responses, oracle, inverted, signs, again):
+        np.testing.assert_array_equal(o, gym.ORACLE_SCALE * response.truth)
+        np.testing.assert_array_equal(i, -o)
+        np.testing.assert_array_equal(np.abs(s), np.abs(o))  # the oracle's positions ...
+        np.testing.assert_array_equal(s, a)  # ... with signs fixed by the rollout itself
+    flipped = np.concatenate([np.sign(s) != np.sign(o) for s, o in zip(signs, oracle)])
+    assert 0 < flipped.mean() < 1  # some signs kept, some flipped: no information
 
 
 def _sources(world):

@@ -4,6 +4,7 @@ for every algorithm and reward source."""
 
 import logging
 import math
+import re
 import shutil
 
 import numpy as np
@@ -50,6 +51,24 @@ def _prompt(i: int) -> S.Messages:
 def good_word_reward(prompts: list[S.Messages], completions: list[str]) -> list[float]:
     """A verifiable reward (``rl.reward_functions``): how many GOOD words the completion has."""
     return [float(sum(text.count(w) for w in GOOD)) for text in completions]
+
+
+def good_token_credit(rollouts) -> list[np.ndarray]:
+    """An ``rl.credit_function``: +1 on each token inside a GOOD word, -1 inside a BAD word."""
+    out = []
+    for r in rollouts:
+        credit = np.zeros(len(r.completion_ids), np.float32)
+        for words, sign in ((GOOD, 1.0), (BAD, -1.0)):
+            for word in words:
+                for found in re.finditer(word, r.text):
+                    inside = [s < found.end() and e > found.start() for s, e in zip(r.char_start, r.char_end)]
+                    credit[np.array(inside, dtype=bool)] = sign
+        out.append(credit)
+    return out
+
+
+def short_credit(rollouts):
+    return [[0.0] for _ in rollouts]
 
 
 def failing_reward(prompts, completions):
@@ -426,6 +445,25 @@ def test_reward_functions_join_or_replace_the_reward_model(model_dir, reward_dir
     assert trainer.rewards.rm is None  # not even loaded
     history = trainer.train()
     assert "reward/reward_model" not in history[0] and "reward/test_rl:good_word_reward" in history[0]
+
+
+def test_a_credit_function_adds_its_per_token_credit_to_the_sparse_reward(model_dir, reward_dir):
+    config = _config(reward_source="function", credit_function="test_rl:good_token_credit", max_steps=1)
+    trainer = RLTrainer(model_dir, reward_dir, PROMPTS, config, progress=False)
+    rollouts = trainer._rollouts(0)
+    rewards, _ = _scored(trainer, trainer.rewards, rollouts)
+    for i, expected in enumerate(good_token_credit(rollouts)):
+        np.testing.assert_array_equal(rewards.credit[i], expected)
+        token_rewards = rewards.token_rewards(i)
+        np.testing.assert_allclose(token_rewards[:-1], expected[:-1])
+        assert token_rewards[-1] == pytest.approx(expected[-1] + rewards.scores[i], abs=1e-6)  # the outcome goes last
+    broken = _config(reward_source="function", credit_function="test_rl:short_credit", max_steps=1)
+    with pytest.raises(ValueError, match=r"rl.credit_function 'test_rl:short_credit': rollout 0 .* has \d+ tokens"):
+        _train(model_dir, reward_dir, broken)
+    with pytest.raises(ValueError, match="'function' and rl.credit_function go together"):
+        RLConfig(reward_source="function")
+    with pytest.raises(ValueError, match="'function' and rl.credit_function go together"):
+        RLConfig(reward_source="sparse", credit_function="test_rl:good_token_credit")
 
 
 @pytest.mark.parametrize(

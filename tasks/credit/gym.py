@@ -39,7 +39,7 @@ from creditflow.tasks.credit.attention_credit import (
     score_abc,
 )
 from creditflow.tasks.credit.contrastive import ContrastiveItem, contrastive_messages, score_contrastive
-from creditflow.tasks.credit.rl_rewards import assistant, token_spans
+from creditflow.tasks.credit.rl_rewards import Rollout, assistant, token_spans
 from creditflow.tasks.data.schema import Messages
 from creditflow.tasks.infer.generation import sample_token_ids, stop_token_ids
 from creditflow.tasks.models.loading import load_abc_model, load_reference_model, load_tokenizer
@@ -193,6 +193,29 @@ def token_truth(judgement: Judgement, char_start: list[int], char_end: list[int]
 def exact_match_reward(prompts: list[Messages], completions: list[str]) -> list[float]:
     """A verifiable reward for ``rl.reward_functions``: 1 for a right answer, else 0 (prompts are plain turns)."""
     return [float(judge(p[-1]["content"], text).errors == 0) for p, text in zip(prompts, completions)]
+
+
+def oracle_credit(rollouts: list[Rollout]) -> list[np.ndarray]:
+    """An ``rl.credit_function``: the truth of every rollout token (``token_truth``), at the offline oracle's
+    scale; the last token is the stop token unless the rollout was truncated."""
+    return [
+        ORACLE_SCALE * token_truth(judge(r.prompt[-1]["content"], r.text), r.char_start, r.char_end, not r.truncated)
+        for r in rollouts
+    ]
+
+
+def inverted_credit(rollouts: list[Rollout]) -> list[np.ndarray]:
+    """An ``rl.credit_function``: the oracle with its sign flipped (a wrong credit)."""
+    return [-credit for credit in oracle_credit(rollouts)]
+
+
+def random_sign_credit(rollouts: list[Rollout]) -> list[np.ndarray]:
+    """An ``rl.credit_function``: the oracle's positions with signs that carry no information, drawn from the
+    rollout's own ids so the same rollout always gets the same signs."""
+    return [
+        np.abs(credit) * np.random.default_rng(r.completion_ids).choice([-1.0, 1.0], len(credit)).astype(np.float32)
+        for r, credit in zip(rollouts, oracle_credit(rollouts))
+    ]
 
 
 def paired_slot_score(right: list[float], wrong: list[float]) -> float:

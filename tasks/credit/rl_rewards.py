@@ -75,9 +75,9 @@ class RolloutRewards:
 
 class TokenRewards:
     """Rewards of rollouts for ``rl.reward_source``: the reward model (unless its weight is 0), the user's reward
-    functions, and the dense credit: ABC from the reward model, contrastive r_hat from pi_ref, or the DPO-implicit
+    functions, and the dense credit: ABC from the reward model, contrastive r_hat from pi_ref, the DPO-implicit
     reward of a trained policy (``implicit_model_dir``; RTO, Zhong et al. 2024, "DPO Meets PPO: Reinforced Token
-    Optimization for RLHF")."""
+    Optimization for RLHF"), or the user's ``credit_function``."""
 
     def __init__(
         self,
@@ -101,6 +101,9 @@ class TokenRewards:
             (f"rl.reward_functions[{i}] {f.function!r}", import_function(f.function, f"rl.reward_functions[{i}]"), f)
             for i, f in enumerate(config.reward_functions)
         ]
+        self.credit_function = (
+            import_function(config.credit_function, "rl.credit_function") if config.credit_function else None
+        )
         self.implicit = None
         if config.reward_source == "dpo_implicit":
             if implicit_model_dir is None:
@@ -134,6 +137,9 @@ class TokenRewards:
             ]
             for i, result in enumerate(score_contrastive(reference, items, 16, pad_token_id(tokenizer))):
                 out.credit[i] = out.credit[i] + config.contrastive_scale * result.rewards
+        if self.credit_function is not None:
+            for i, credit in enumerate(_call_credit_function(config.credit_function, self.credit_function, rollouts)):
+                out.credit[i] = out.credit[i] + credit
         if self.implicit is not None:
             ids, mask = padded_batch([r.prompt_ids + r.completion_ids for r in rollouts], pad_token_id(tokenizer))
             lengths = [len(r.prompt_ids) for r in rollouts], [len(r.completion_ids) for r in rollouts]
@@ -191,3 +197,30 @@ def _call_reward_function(name: str, function, rollouts: list[Rollout]) -> list[
                 f"{name} returned {value!r} for completion {i} ({rollouts[i].text[:60]!r}): expected a finite number"
             )
     return [float(v) for v in values]
+
+
+def _call_credit_function(spec: str, function, rollouts: list[Rollout]) -> list[np.ndarray]:
+    """``function(rollouts)``, checked: per rollout, one finite number per completion token; failures name it."""
+    name = f"rl.credit_function {spec!r}"
+    try:
+        values = list(function(rollouts))
+    except Exception as exc:
+        raise RuntimeError(f"{name} raised {type(exc).__name__}: {exc}") from exc
+    if len(values) != len(rollouts):
+        raise ValueError(f"{name} returned {len(values)} credit rows for {len(rollouts)} rollouts")
+    out = []
+    for i, (row, rollout) in enumerate(zip(values, rollouts)):
+        try:
+            credit = np.asarray(row, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name}: rollout {i}'s credit is not a sequence of numbers ({exc})") from None
+        if credit.shape != (len(rollout.completion_ids),):
+            raise ValueError(
+                f"{name}: rollout {i} ({rollout.text[:60]!r}) has {len(rollout.completion_ids)} tokens, its credit "
+                f"has shape {credit.shape}"
+            )
+        if not np.isfinite(credit).all():
+            first = int(np.argmin(np.isfinite(credit)))
+            raise ValueError(f"{name}: rollout {i}'s credit is {credit[first]} at token {first}: expected finite")
+        out.append(credit)
+    return out

@@ -20,7 +20,10 @@ answers) times its weight. ``reward_source`` says how r and any dense credit rea
     abc+contrastive  abc + contrastive_scale * r_hat_t;
     dpo_implicit     sparse + implicit_beta * (log pi_dpo(y_t) - log pi_ref(y_t)), pi_dpo the policy stage's DPO
                      policy: RTO's reward (Zhong et al. 2024, "DPO Meets PPO: Reinforced Token Optimization for
-                     RLHF"; implicit_beta defaults to that policy's loss.beta).
+                     RLHF"; implicit_beta defaults to that policy's loss.beta);
+    function         sparse + the per-token credit of the user's ``credit_function(rollouts)`` (each rollout's
+                     prompt, text, completion_ids, char_start/char_end spans and truncated flag): a step checker,
+                     a process reward, or the credit gym's oracle (tasks/credit/gym.py).
 A user function's part of r always goes on the last token (ABC spreads only the reward model's score).
 
 PPO: a value head (one linear layer on the policy's last hidden state, zero-initialized, trained with weight
