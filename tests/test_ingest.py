@@ -665,13 +665,146 @@ def test_deeply_nested_json_in_a_csv_cell_names_the_row_and_field(tmp_path):
         curate_strict(path)
 
 
-def test_compressed_bytes_in_a_jsonl_file_are_named(tmp_path):
+def _compress(kind: str, data: bytes) -> bytes:
+    import bz2
     import gzip
+    import lzma
 
-    path = tmp_path / "data.jsonl"
-    path.write_bytes(gzip.compress(b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n'))
-    with pytest.raises(MalformedInputError, match=r"data.jsonl: the file is gzip-compressed; decompress it first"):
-        read_rows(SourceConfig(path=str(path)))
+    import zstandard
+
+    return {
+        "gzip": gzip.compress,
+        "bzip2": bz2.compress,
+        "xz": lzma.compress,
+        "zstd": zstandard.ZstdCompressor().compress,
+    }[kind](data)
+
+
+@pytest.mark.parametrize("kind,suffix", [("gzip", ".gz"), ("bzip2", ".bz2"), ("xz", ".xz"), ("zstd", ".zst")])
+def test_compressed_jsonl_json_and_csv_are_read_by_their_magic_bytes(tmp_path, kind, suffix):
+    jsonl = "".join(json.dumps(row) + "\n" for row in EXPLICIT_ROWS).encode()
+    as_csv = b"prompt,chosen,rejected\n" + b"".join(
+        f"{r['prompt']},{r['chosen']},{r['rejected']}\n".encode() for r in EXPLICIT_ROWS
+    )
+    files = {
+        f"data.jsonl{suffix}": jsonl,
+        f"data.json{suffix}": json.dumps(EXPLICIT_ROWS).encode(),
+        f"data.csv{suffix}": as_csv,
+        "misnamed.jsonl": jsonl,  # compressed although its name says plain: the bytes decide
+    }
+    for name, data in files.items():
+        path = tmp_path / name
+        path.write_bytes(_compress(kind, data))
+        loaded = load(SourceConfig(path=str(path)))
+        assert [row[1:4] for row in loaded] == EXPLICIT_EXPECTED, name
+        assert loaded[0][0] in ("line 1", "row 1"), name
+
+
+def test_a_truncated_compressed_file_is_named_with_the_line_it_broke_at(tmp_path):
+    path = tmp_path / "data.jsonl.gz"
+    rows = "".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(2000))
+    path.write_bytes(_compress("gzip", rows.encode())[:-200])
+    with pytest.raises(MalformedInputError, match=r"data.jsonl.gz: line \d+: damaged gzip data"):
+        list(read_rows(SourceConfig(path=str(path)))[1])
+    archive = tmp_path / "data.jsonl"
+    archive.write_bytes(b"PK\x03\x04" + b"\0" * 20)
+    with pytest.raises(MalformedInputError, match=r"data.jsonl: the file is a zip archive; extract it first"):
+        read_rows(SourceConfig(path=str(archive)))
+
+
+def test_hh_rlhf_in_its_own_layout_gzipped_jsonl(tmp_path):
+    """Anthropic's files: harmless-base/test.jsonl.gz, transcripts in chosen/rejected; a row whose last assistant
+    turn is empty is quarantined with its line."""
+    rows = [
+        {
+            "chosen": f"\n\nHuman: How do I bake bread {i}?\n\nAssistant: Knead, rise, bake.",
+            "rejected": f"\n\nHuman: How do I bake bread {i}?\n\nAssistant: Buy it.",
+        }
+        for i in range(5)
+    ]
+    rows[3]["chosen"] = "\n\nHuman: How do I bake bread 3?\n\nAssistant:"
+    folder = tmp_path / "harmless-base"
+    folder.mkdir()
+    path = folder / "test.jsonl.gz"
+    path.write_bytes(_compress("gzip", "".join(json.dumps(r) + "\n" for r in rows).encode()))
+    result = curate(CurateConfig(sources=[SourceConfig(path=str(path))], eval_fraction=0.0), progress=False)
+    assert result.pairs.num_rows == 4
+    quarantined = result.quarantine.to_pylist()
+    assert [(q["rule"], q["source_row"], q["field"]) for q in quarantined] == [("empty", "line 4", "chosen")]
+    assert result.pairs.column("prompt").to_pylist()[0] == [U("How do I bake bread 0?")]
+
+
+def _ultrafeedback_rows(split: str, shard: int, n: int) -> list[dict]:
+    return [
+        {
+            "prompt": f"{split} question {shard}-{i}",
+            "chosen": [U(f"{split} question {shard}-{i}"), A("good")],
+            "rejected": [U(f"{split} question {shard}-{i}"), A("bad")],
+            "score_chosen": 8.0,
+            "score_rejected": 3.0,
+        }
+        for i in range(n)
+    ]
+
+
+def test_ultrafeedback_binarized_parquet_shards_read_as_one_source_naming_each_shard(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, shards in (("train_prefs", 2), ("test_prefs", 1)):
+        for shard in range(shards):
+            name = f"{split}-{shard:05d}-of-{shards:05d}.parquet"
+            pq.write_table(pa.Table.from_pylist(_ultrafeedback_rows(split, shard, 3)), data / name)
+    (data / "README.md").write_text("not data")
+    train = SourceConfig(path=str(data / "train_prefs-*.parquet"))
+    loaded = load(train)
+    assert [row[0] for row in loaded] == [
+        *(f"train_prefs-00000-of-00002.parquet row {i}" for i in (1, 2, 3)),
+        *(f"train_prefs-00001-of-00002.parquet row {i}" for i in (1, 2, 3)),
+    ]
+    assert loaded[4][1:] == ([U("train_prefs question 1-1")], [A("good")], [A("bad")], 8.0, 3.0)
+    assert len(load(SourceConfig(path=str(data)))) == 9  # the folder: every data file in it, README aside
+    assert len(load(SourceConfig(path=str(data / "train_prefs-*.parquet"), limit=4))) == 4
+    result = curate(CurateConfig(sources=[train]), progress=False)
+    assert result.pairs.num_rows == 6
+    assert set(result.pairs.column("source_row").to_pylist()) == {row[0] for row in loaded}
+
+    first = source_digest(train)
+    pq.write_table(pa.Table.from_pylist(_ultrafeedback_rows("train_prefs", 2, 1)), data / "train_prefs-00002.parquet")
+    assert source_digest(train) != first  # a new shard is new content
+
+    with pytest.raises(MalformedInputError, match=r"the pattern matches no file"):
+        read_rows(SourceConfig(path=str(data / "valid_prefs-*.parquet")))
+    pq.write_table(pa.table({"prompt": ["q"], "chosen": ["a"], "rejected": ["b"]}), data / "train_prefs-00003.parquet")
+    with pytest.raises(MalformedInputError, match=r"train_prefs-00003.parquet: columns \['chosen', 'prompt'"):
+        list(read_rows(train)[1])
+
+
+def test_jsonl_shards_name_their_file_and_line(tmp_path):
+    part = tmp_path / "part"
+    part.mkdir()
+    for shard in range(2):
+        write_jsonl(part / f"{shard}.jsonl", EXPLICIT_ROWS)
+    assert [row[0] for row in load(SourceConfig(path=str(part)))] == [
+        "0.jsonl line 1",
+        "0.jsonl line 2",
+        "1.jsonl line 1",
+        "1.jsonl line 2",
+    ]
+    (part / "2.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": \n')
+    with pytest.raises(MalformedInputError, match=r"part: 2.jsonl line 2: invalid JSON"):
+        list(read_rows(SourceConfig(path=str(part)))[1])
+
+
+def test_csv_cells_are_text_except_the_scores(tmp_path):
+    path = tmp_path / "numbers.csv"
+    path.write_text("prompt,chosen,rejected,score_chosen,score_rejected\n2+2?,4,5,1,0\n007?,0070,7, 2.5 ,\n")
+    columns, rows = read_rows(SourceConfig(path=str(path)))
+    assert [row for _, row in rows] == [
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5", "score_chosen": 1.0, "score_rejected": 0.0},
+        {"prompt": "007?", "chosen": "0070", "rejected": "7", "score_chosen": 2.5, "score_rejected": None},
+    ]
+    result = curate(CurateConfig(sources=[SourceConfig(path=str(path), format="explicit")]), progress=False)
+    assert result.pairs.column("chosen").to_pylist() == [[A("4")], [A("0070")]]
 
 
 def test_deeply_nested_json_is_a_named_error(tmp_path):
@@ -691,4 +824,8 @@ def test_row_total_counts_what_read_rows_yields(tmp_path):
     table = tmp_path / "d.parquet"
     pq.write_table(pa.table({"prompt": ["p"] * 5, "chosen": ["a"] * 5, "rejected": ["b"] * 5}), table)
     assert row_total(SourceConfig(path=str(table))) == 5
-    assert row_total(SourceConfig(path=str(tmp_path / "rows.csv"))) is None  # unknown without reading it
+    (tmp_path / "rows.csv").write_text("prompt,chosen,rejected\np,a,b\n")
+    assert row_total(SourceConfig(path=str(tmp_path / "rows.csv"))) is None  # unknown without parsing it
+    gzipped = tmp_path / "d.jsonl.gz"
+    gzipped.write_bytes(_compress("gzip", path.read_bytes()))
+    assert row_total(SourceConfig(path=str(gzipped))) is None  # unknown without decompressing it

@@ -1,48 +1,132 @@
 """Read preference data from files (JSONL, JSON, Parquet, CSV) or Hugging Face datasets, row by row, with the file
 and line/row of each; tasks/data/formats.py turns each row into canonical messages.
 
-File-level damage (unparseable JSON, a missing column, an unreadable file) raises :class:`MalformedInputError`
-naming the file and line/row.
+JSONL, JSON and CSV files may be compressed (gzip, bzip2, xz, zstd), recognised by their magic bytes whatever their
+name says (``train.jsonl.gz`` is JSONL). A ``path`` may name a folder of data files or a glob of shards
+(``data/train_prefs-*.parquet``): its files are read in sorted order as one source, and each row's location names
+its shard, ``train_prefs-00001-of-00002.parquet row 17``. A folder written by ``datasets.save_to_disk`` is read
+as a dataset. Rows stream: tables in record batches, text files line by line.
+
+File-level damage (unparseable JSON, a missing column, an unreadable or truncated file) raises
+:class:`MalformedInputError` naming the file and line/row.
 """
 
 from __future__ import annotations
 
+import bz2
+import csv
+import glob
+import gzip
 import importlib.resources
+import io
 import json
+import lzma
+import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+import zstandard
 
-from creditflow.storage.hashing import sha256_file
+from creditflow.storage.hashing import sha256_file, sha256_text
 from creditflow.tasks.configs import SourceConfig
 from creditflow.tasks.data.formats import MalformedInputError
 from creditflow.tasks.models.hub import hub_snapshot, is_hub_id
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zstd")
+SCORE_COLUMNS = ("score_chosen", "score_rejected")  # the only CSV cells read as numbers
 BUILTIN = {"sample": "sample_preferences.jsonl"}
+TABLE_BATCH_ROWS = 4096
 
-_COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"PK\x03\x04": "zip"}
+_MAGIC = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"PK\x03\x04": "zip",
+}
+_SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+_DAMAGED = (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError)  # what a truncated or corrupt stream raises
 
 
 def source_path(source: SourceConfig) -> Path | None:
-    """The local file or folder of a source (the bundled file for ``builtin``); None for hub datasets."""
+    """The local file, folder or glob of a source (the bundled file for ``builtin``); None for hub datasets."""
     if source.builtin:
         return Path(str(importlib.resources.files("creditflow.data") / BUILTIN[source.builtin]))
     return Path(source.path).expanduser().resolve() if source.path else None
 
 
+def source_files(source: SourceConfig) -> list[Path] | None:
+    """The data files a source reads, in order: its one file, a folder's data files (recursively) or a glob's
+    matches, sorted; None for a dataset (hub id, ``datasets`` builder or a ``save_to_disk`` folder)."""
+    path = source_path(source)
+    if path is None:
+        return None
+    if source.path and glob.has_magic(source.path):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            raise MalformedInputError(source.label, None, None, "the pattern matches no file")
+        return files
+    if path.is_dir():
+        if any((path / name).exists() for name in _SAVED_DATASET_FILES):
+            return None
+        files = sorted(p for p in path.rglob("*") if p.is_file() and data_suffix(p) in FILE_SUFFIXES)
+        if not files:
+            raise MalformedInputError(
+                source.label, None, None, f"the folder holds no data files ({', '.join(FILE_SUFFIXES)}, or compressed)"
+            )
+        return files
+    if not path.exists():
+        raise MalformedInputError(source.label, None, None, "file does not exist")
+    return [path]
+
+
+def data_suffix(path: Path) -> str:
+    """The data format's suffix, compression suffixes aside: '.jsonl' for ``train.jsonl.gz``."""
+    suffixes = [s.lower() for s in path.suffixes]
+    while suffixes and suffixes[-1] in COMPRESSION_SUFFIXES:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else path.suffix.lower()
+
+
+def compression(path: Path, label: str) -> str | None:
+    """The file's compression by its magic bytes (None: plain); a zip archive is refused."""
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    kind = next((kind for prefix, kind in _MAGIC.items() if magic.startswith(prefix)), None)
+    if kind == "zip":
+        raise MalformedInputError(label, None, None, "the file is a zip archive; extract it first")
+    return kind
+
+
+def open_binary(path: Path, kind: str | None) -> IO[bytes]:
+    """The file's bytes, decompressed as ``kind`` says."""
+    if kind == "gzip":
+        return gzip.open(path, "rb")
+    if kind == "bzip2":
+        return bz2.open(path, "rb")
+    if kind == "xz":
+        return lzma.open(path, "rb")
+    if kind == "zstd":
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Reading rows
+# What a source is
 
 
 def source_digest(source: SourceConfig) -> str:
-    """Content digest of the source, so editing a file changes the curation fingerprint."""
-    path = source_path(source)
-    if path is not None and path.is_file():
-        return sha256_file(path)
+    """Content digest of the source, so editing a file (or adding a shard) changes the curation fingerprint."""
+    files = source_files(source)
+    if files is not None:
+        if len(files) == 1 and not _is_sharded(source):
+            return sha256_file(files[0])
+        root = _shard_root(source, files)
+        return sha256_text("\n".join(f"{f.relative_to(root).as_posix()}:{sha256_file(f)}" for f in files))
     snapshot = hub_dataset_snapshot(source)
     if snapshot is not None:  # a hub repo: its commit names its content
         return f"hub:{source.hf}@{snapshot.name}"
@@ -62,46 +146,107 @@ def hub_dataset_snapshot(source: SourceConfig) -> Path | None:
         raise MalformedInputError(source.label, None, None, str(exc)) from None
 
 
+def has_columns(source: SourceConfig) -> bool:
+    """Tables (Parquet, CSV, datasets) have columns to check up front. JSON rows only have keys (the "columns" are
+    the first row's): :func:`convert_row` checks those row by row, so a bad first row is named by its line and can
+    be quarantined like any other."""
+    files = source_files(source)
+    return files is None or data_suffix(files[0]) not in (".jsonl", ".json")
+
+
 def row_total(source: SourceConfig) -> int | None:
     """How many rows ``read_rows`` will yield, when that is cheap to know (for progress bars); else None."""
+    files = source_files(source)
+    if files is None:
+        return None
+    total = 0
+    for path in files:
+        count = _file_row_total(path)
+        if count is None:
+            return None
+        total += count
+    return min(total, source.limit) if source.limit is not None else total
+
+
+def _file_row_total(path: Path) -> int | None:
+    suffix = data_suffix(path)
+    if suffix == ".parquet":
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except (pa.ArrowInvalid, OSError):
+            return None
+    if suffix == ".jsonl" and compression(path, str(path)) is None:
+        with open(path, "rb") as handle:
+            return sum(1 for line in handle if line.strip())
+    return None  # compressed text and CSV: unknown without decompressing or parsing it all
+
+
+def _is_sharded(source: SourceConfig) -> bool:
+    return bool(source.path) and (glob.has_magic(source.path) or Path(source.path).expanduser().is_dir())
+
+
+def _shard_root(source: SourceConfig, files: list[Path]) -> Path:
     path = source_path(source)
-    total = None
-    if path is not None and path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            with open(path, "rb") as handle:
-                total = sum(1 for line in handle if line.strip())
-        elif suffix == ".parquet":
-            try:
-                total = pq.ParquetFile(path).metadata.num_rows
-            except (pa.ArrowInvalid, OSError):
-                return None
-    return min(total, source.limit) if total is not None and source.limit is not None else total
+    if path is not None and path.is_dir():
+        return path
+    return Path(os.path.commonpath([f.parent for f in files]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading rows
 
 
 def read_rows(source: SourceConfig) -> tuple[list[str], Iterator[tuple[str, dict[str, Any]]]]:
-    """Column names and an iterator of (location, row). Locations are ``line N`` or ``row N`` (both 1-based)."""
-    path = source_path(source)
-    if path is None or path.is_dir():
+    """Column names and an iterator of (location, row). Locations are ``line N`` or ``row N`` (both 1-based),
+    after the shard's name for a folder or glob."""
+    files = source_files(source)
+    if files is None:
         return _hf_rows(source)
-    if not path.exists():
-        raise MalformedInputError(source.label, None, None, "file does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = _jsonl_rows(path, source.label)
-    elif suffix == ".json":
-        rows = _json_rows(path, source.label)
-    elif suffix == ".parquet":
-        return _table_rows(_read_parquet(path, source.label), source)
-    elif suffix == ".csv":
-        return _table_rows(_read_csv(path, source.label), source, json_cells=True)
+    if _is_sharded(source):
+        root = _shard_root(source, files)
+        shards = [(f, f"{f.relative_to(root).as_posix()} ") for f in files]
     else:
-        raise MalformedInputError(source.label, None, None, f"unsupported file type {suffix!r} (use {FILE_SUFFIXES})")
-    rows = _limited(rows, source.limit)
-    first = next(rows, None)
+        shards = [(files[0], "")]
+    columns, first_rows = _file_rows(*shards[0], source.label)
+
+    def chained() -> Iterator[tuple[str, dict[str, Any]]]:
+        yield from first_rows
+        for path, prefix in shards[1:]:
+            shard_columns, rows = _file_rows(path, prefix, source.label)
+            if columns is not None and shard_columns is not None and set(shard_columns) != set(columns):
+                raise MalformedInputError(
+                    source.label,
+                    prefix.strip(),
+                    None,
+                    f"columns {sorted(shard_columns)} differ from the first shard's {sorted(columns)}",
+                )
+            yield from rows
+
+    rows = _limited(chained(), source.limit)
+    if columns is not None:
+        return columns, rows
+    first = next(rows, None)  # JSON: the first row's keys stand for the columns
     if first is None:
         return [], iter(())
     return list(first[1]), _chain(first, rows)
+
+
+def _file_rows(path: Path, prefix: str, label: str) -> tuple[list[str] | None, Iterator[tuple[str, dict[str, Any]]]]:
+    """(columns or None for JSON, rows) of one data file."""
+    suffix, kind = data_suffix(path), compression(path, label)
+    if suffix == ".jsonl":
+        return None, _jsonl_rows(path, kind, label, prefix)
+    if suffix == ".json":
+        return None, _json_rows(path, kind, label, prefix)
+    if suffix == ".parquet":
+        if kind is not None:
+            raise MalformedInputError(label, prefix.strip() or None, None, f"{kind}-compressed Parquet: decompress it")
+        return _parquet_rows(path, label, prefix)
+    if suffix == ".csv":
+        return _csv_rows(path, kind, label, prefix)
+    raise MalformedInputError(
+        label, prefix.strip() or None, None, f"unsupported file type {suffix!r} (use {FILE_SUFFIXES}, or compressed)"
+    )
 
 
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
@@ -114,14 +259,6 @@ def _limited(rows: Iterator[Any], limit: int | None) -> Iterator[Any]:
         if limit is not None and i >= limit:
             return
         yield row
-
-
-def _check_not_compressed(path: Path, label: str) -> None:
-    with open(path, "rb") as handle:
-        magic = handle.read(4)
-    for prefix, kind in _COMPRESSED_MAGIC.items():
-        if magic.startswith(prefix):
-            raise MalformedInputError(label, None, None, f"the file is {kind}-compressed; decompress it first")
 
 
 def _decode_line(raw: bytes, label: str, location: str) -> str:
@@ -143,29 +280,41 @@ def _parse_json(text: str, label: str, location: str | None) -> Any:
         raise MalformedInputError(label, location, None, "JSON nested too deeply to be a preference row") from None
 
 
-def _jsonl_rows(path: Path, label: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    _check_not_compressed(path, label)
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            line = _decode_line(raw, label, f"line {number}")
+def _jsonl_rows(path: Path, kind: str | None, label: str, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    number = 0
+    with open_binary(path, kind) as handle:
+        lines = iter(handle)
+        while True:
+            try:
+                raw = next(lines, None)
+            except _DAMAGED as exc:
+                location = f"{prefix}line {number + 1}"
+                raise MalformedInputError(label, location, None, f"damaged {kind} data ({exc})") from None
+            if raw is None:
+                return
+            number += 1
+            location = f"{prefix}line {number}"
+            line = _decode_line(raw, label, location)
             if not line.strip():
                 continue
-            row = _parse_json(line, label, f"line {number}")
+            row = _parse_json(line, label, location)
             if not isinstance(row, dict):
-                raise MalformedInputError(
-                    label, f"line {number}", None, f"expected a JSON object, got {type(row).__name__}"
-                )
-            yield f"line {number}", row
+                raise MalformedInputError(label, location, None, f"expected a JSON object, got {type(row).__name__}")
+            yield location, row
 
 
-def _json_rows(path: Path, label: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    _check_not_compressed(path, label)
-    raw = path.read_bytes()
+def _json_rows(path: Path, kind: str | None, label: str, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        with open_binary(path, kind) as handle:
+            raw = handle.read()
+    except _DAMAGED as exc:
+        raise MalformedInputError(label, prefix.strip() or None, None, f"damaged {kind} data ({exc})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise MalformedInputError(label, f"line {line}", None, f"not UTF-8 text (byte {raw[exc.start]:#04x})") from None
+        problem = f"not UTF-8 text (byte {raw[exc.start]:#04x})"
+        raise MalformedInputError(label, f"{prefix}line {line}", None, problem) from None
     data = _parse_json(text, label, None)
     if not isinstance(data, list):
         raise MalformedInputError(
@@ -173,49 +322,83 @@ def _json_rows(path: Path, label: str) -> Iterator[tuple[str, dict[str, Any]]]:
         )
     for number, row in enumerate(data, start=1):
         if not isinstance(row, dict):
-            raise MalformedInputError(label, f"row {number}", None, f"expected an object, got {type(row).__name__}")
-        yield f"row {number}", row
+            problem = f"expected an object, got {type(row).__name__}"
+            raise MalformedInputError(label, f"{prefix}row {number}", None, problem)
+        yield f"{prefix}row {number}", row
 
 
-def _read_parquet(path: Path, label: str) -> pa.Table:
+def _parquet_rows(path: Path, label: str, prefix: str):
     try:
-        return pq.read_table(path)
+        handle = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise MalformedInputError(label, None, None, f"not a readable Parquet file ({exc})") from None
+        raise MalformedInputError(label, prefix.strip() or None, None, f"not a readable Parquet file ({exc})") from None
+    return handle.schema_arrow.names, _batch_rows(handle.iter_batches(batch_size=TABLE_BATCH_ROWS), label, prefix)
 
 
-def _read_csv(path: Path, label: str) -> pa.Table:
+def _csv_rows(path: Path, kind: str | None, label: str, prefix: str):
+    """Every cell as text (bytes here, decoded per cell so a bad byte is named by row and field), except the score
+    columns, which are numbers: type inference would read an answer "4" as an int."""
+    where = prefix.strip() or None
     try:
-        return pacsv.read_csv(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise MalformedInputError(label, None, None, f"not a readable CSV file ({exc})") from None
+        with io.TextIOWrapper(open_binary(path, kind), encoding="utf-8", errors="replace", newline="") as text:
+            header = next(csv.reader(text), None)
+    except _DAMAGED as exc:
+        raise MalformedInputError(label, where, None, f"damaged {kind} data ({exc})") from None
+    if not header:
+        raise MalformedInputError(label, where, None, "the CSV file is empty (no header row)")
+    handle = open_binary(path, kind)
+    try:
+        reader = pacsv.open_csv(
+            handle,
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(column_types={name: pa.binary() for name in header}),
+        )
+    except (pa.ArrowInvalid, *_DAMAGED) as exc:
+        handle.close()
+        raise MalformedInputError(label, where, None, f"not a readable CSV file ({exc})") from None
+    return reader.schema.names, _batch_rows(reader, label, prefix, csv_cells=True, close=handle)
 
 
-def _table_rows(table: pa.Table, source: SourceConfig, json_cells: bool = False):
-    if source.limit is not None:
-        table = table.slice(0, source.limit)
-
-    def rows() -> Iterator[tuple[str, dict[str, Any]]]:
-        number = 0
-        for batch in table.to_batches(max_chunksize=4096):
+def _batch_rows(
+    batches: Iterable[pa.RecordBatch], label: str, prefix: str, csv_cells: bool = False, close: IO | None = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    number = 0
+    try:
+        batches = iter(batches)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowInvalid, *_DAMAGED) as exc:
+                raise MalformedInputError(label, f"{prefix}after row {number}", None, f"unreadable ({exc})") from None
+            if batch is None:
+                return
             for row in batch.to_pylist():
                 number += 1
-                location = f"row {number}"
-                if json_cells:
-                    row = {k: _csv_cell(v, source.label, location, k) for k, v in row.items()}
+                location = f"{prefix}row {number}"
+                if csv_cells:
+                    row = {k: _csv_cell(v, label, location, k) for k, v in row.items()}
                 yield location, row
-
-    return table.column_names, rows()
+    finally:
+        if close is not None:
+            close.close()
 
 
 def _csv_cell(value: Any, label: str, location: str, field: str) -> Any:
-    """One CSV cell as text; CSV cannot hold lists, so a cell that is a JSON list of messages is decoded."""
-    if isinstance(value, bytes):  # Arrow types a whole column as binary when any of its cells is not UTF-8
+    """One CSV cell as text, a score as a number; CSV cannot hold lists, so a cell that is a JSON list of messages
+    is decoded."""
+    if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError as exc:
             problem = f"not UTF-8 text (byte {value[exc.start]:#04x} at position {exc.start + 1} of the cell)"
             raise MalformedInputError(label, location, field, problem) from None
+    if field in SCORE_COLUMNS and isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            return value  # not a number: the format's score check names it
     if isinstance(value, str) and value.lstrip().startswith("[{"):
         try:
             return json.loads(value)
@@ -248,12 +431,5 @@ def _load_hf(source: SourceConfig):
 
 
 def _hf_rows(source: SourceConfig):
-    return _table_rows(_load_hf(source).with_format("arrow")[:], source)
-
-
-def has_columns(source: SourceConfig) -> bool:
-    """Tables (Parquet, CSV, datasets) have columns to check up front. JSON rows only have keys (the "columns" are
-    the first row's): :func:`convert_row` checks those row by row, so a bad first row is named by its line and can
-    be quarantined like any other."""
-    path = source_path(source)
-    return path is None or path.is_dir() or path.suffix.lower() not in (".jsonl", ".json")
+    table = _load_hf(source).with_format("arrow")[:]  # memory-mapped: batches are views of the cached files
+    return table.column_names, _limited(_batch_rows(table.to_batches(TABLE_BATCH_ROWS), source.label, ""), source.limit)
