@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from creditflow.flows.config import PipelineConfig, validate
 from creditflow.storage.hashing import reached_modules, sha256_file, table_modules
-from creditflow.tasks.configs import TINY_BACKBONE
+from creditflow.tasks.configs import TINY_BACKBONE, SourceConfig
 from creditflow.tasks.data.ingest import hub_dataset_snapshot, source_digest
 from creditflow.tasks.models.hub import is_hub_id
 from creditflow.tasks.models.resolve import model_fingerprint, resolve_model, tokenizer_files_digest
@@ -131,6 +131,8 @@ def _curate_inputs(cfg: PipelineConfig) -> dict[str, Any]:
         except ValueError as exc:
             raise ValueError(f"curate.sources[{i}]: {exc}") from None
     inputs: dict[str, Any] = {"sources": digests}
+    if cfg.curate.decontaminate:
+        inputs["benchmarks"] = [source_digest(SourceConfig(path=path)) for path in cfg.curate.decontaminate]
     if cfg.curate.tokenizer:
         inputs["tokenizer"] = tokenizer_files_digest(_resolve("curate.tokenizer", cfg.curate.tokenizer))
     return inputs

@@ -86,6 +86,12 @@ class ArtifactWriter:
             self.volatile.add(path.name)
         return path
 
+    def adopt_table(self, name: str) -> Path:
+        """Register ``<name>.parquet``, written into :attr:`dir` by the stage itself (streamed in batches)."""
+        path = self.dir / f"{name}.parquet"
+        self.row_counts[name] = pq.ParquetFile(path).metadata.num_rows
+        return path
+
     def write_json(self, name: str, obj: Any) -> Path:
         path = self.dir / name
         path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))

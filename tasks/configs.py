@@ -95,6 +95,12 @@ class CurateRules(StrictConfig):
     max_prompt_tokens: int | None = Field(None, ge=1, description="Chat-templated prompt with generation prompt.")
     max_response_tokens: int | None = Field(None, ge=1, description="Each of chosen/rejected, EOS included.")
     max_length: int | None = Field(None, ge=1, description="Prompt + the longer response.")
+    near_duplicates: bool = Field(
+        False, description="Quarantine rows whose prompt near-duplicates an earlier row's (MinHash-LSH), naming it."
+    )
+    near_duplicate_threshold: float = Field(
+        0.8, gt=0, le=1, description="Jaccard similarity of word 3-grams that makes prompts near-duplicates."
+    )
 
 
 class CurateConfig(StrictConfig):
@@ -106,7 +112,15 @@ class CurateConfig(StrictConfig):
     tokenizer: str | None = Field(
         None, description="Folder, hub id (org/name[@revision]) or named model; required by the token-length rules."
     )
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of prompts held out (by prompt id).")
+    decontaminate: list[str] = Field(
+        default_factory=list,
+        description="Benchmark prompt files (AlpacaEval, Arena-Hard, MT-Bench; any readable format): rows whose prompt "
+        "shares an n-gram with one are quarantined, naming the benchmark item.",
+    )
+    decontaminate_ngram: int = Field(13, ge=1, description="Words per n-gram of the contamination check.")
+    eval_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of prompt groups held out (near-duplicate prompts stay together)."
+    )
     split_seed: int = Field(0, description="Seeds which prompts are held out.")
 
     @model_validator(mode="after")

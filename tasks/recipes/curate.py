@@ -1,26 +1,41 @@
-"""Preference-data curation: ingest, validate, dedupe, filter and split by prompt.
+"""Preference-data curation: ingest, validate, dedupe, filter and split by prompt, streaming in bounded memory.
 
 Every row either lands in ``pairs`` or in ``quarantine`` with the rule that rejected it and why; the counts per
 rule are stage metrics. Rules run in a fixed order and a row is charged to the first rule it fails:
 
-    schema -> score -> empty -> identical -> duplicate -> tie -> margin -> length
+    schema -> score -> empty -> contaminated -> identical -> duplicate -> tie -> margin -> length -> near_duplicate
 
 ``score`` quarantines NaN and infinite scores (a margin computed from them would be meaningless); ``empty`` counts
-a turn that shows nothing (whitespace, zero-width and other invisible characters) as empty.
+a turn that shows nothing (whitespace, zero-width and other invisible characters) as empty; ``contaminated``
+(``decontaminate`` files) quarantines a prompt that shares a word n-gram with a benchmark prompt, naming the
+benchmark item; ``near_duplicate`` (``rules.near_duplicates``) quarantines a row whose prompt near-duplicates an
+earlier kept row's, naming that row (tasks/data/similarity.py has the MinHash-LSH test).
 
-The train/eval split is by prompt id, so no prompt appears in both. A prompt goes to eval when a seeded hash of
-its id falls below ``eval_fraction``: adding data never moves an existing prompt to the other side.
+The train/eval split is by group of near-duplicate prompts (the same test, whether or not the rule quarantines),
+so neither a prompt nor a near-duplicate of it appears on both sides. A group goes to eval when a seeded hash of
+the id of its first-seen prompt falls below ``eval_fraction``: adding data moves no prompt to the other side unless
+the new data joins it to an earlier one's group.
+
+Streaming: rows are read, checked and written in batches of ``BATCH_ROWS``. What stays in memory per row is compact:
+a 10-byte key and the first location of each pair (exact dedupe), and per distinct prompt its index and LSH band
+keys. Passing pairs are staged on disk; a second pass over them writes the split.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import tempfile
+from array import array
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from creditflow.storage.hashing import sha256_text
@@ -29,14 +44,28 @@ from creditflow.tasks.data import schema as S
 from creditflow.tasks.data.formats import MalformedInputError, RowProblem, check_columns, convert_row, detect_format
 from creditflow.tasks.data.ingest import has_columns, read_rows, row_total
 from creditflow.tasks.data.schema import completion_text
+from creditflow.tasks.data.similarity import Contamination, NearDuplicateIndex, PromptSketch, prompt_text
 from creditflow.tasks.models.loading import load_tokenizer
 from creditflow.tasks.models.resolve import resolve_model
 from creditflow.tasks.models.tokenization import encode_completions, encode_prompts
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.stage import StageContext
 
-RULES = ("schema", "score", "empty", "identical", "duplicate", "tie", "margin", "length")
+RULES = (
+    "schema",
+    "score",
+    "empty",
+    "contaminated",
+    "identical",
+    "duplicate",
+    "tie",
+    "margin",
+    "length",
+    "near_duplicate",
+)
+BATCH_ROWS = 2048
 _RAW_MAX_CHARS = 20_000
+_STAGED = pa.schema([*S.PAIRS_SCHEMA, ("prompt_index", pa.int64()), ("raw", pa.string())])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -44,228 +73,355 @@ _RAW_MAX_CHARS = 20_000
 
 
 def compute_curate(ctx: StageContext) -> dict[str, float]:
-    """Stage entry point: curate, write ``pairs`` and ``quarantine``, log rule counts and plots to MLflow."""
+    """Stage entry point: curate into ``pairs`` and ``quarantine``, log rule counts and plots to MLflow."""
     trust = ctx.remote_code_allowed(ctx.config.tokenizer) if ctx.config.tokenizer else False  # the one model it loads
-    result = curate(ctx.config, progress=ctx.progress, trust_remote_code=trust)
-    ctx.writer.write_table("pairs", result.pairs)
-    ctx.writer.write_table("quarantine", result.quarantine)
-    ctx.run.log_figure(_summary_figure(result), "curate/summary.png")
-    if result.quarantine.num_rows:
-        sample = result.quarantine.slice(0, 200).drop_columns(["raw"]).to_pylist()
-        ctx.run.log_rows(sample, "curate/quarantine_sample.json")
-    return result.metrics
+    summary = curate_to(ctx.config, ctx.writer.dir, progress=ctx.progress, trust_remote_code=trust)
+    ctx.writer.adopt_table("pairs")
+    ctx.writer.adopt_table("quarantine")
+    ctx.run.log_figure(_summary_figure(summary), "curate/summary.png")
+    if summary.rule_counts and sum(summary.rule_counts.values()):
+        first = next(pq.ParquetFile(ctx.writer.dir / "quarantine.parquet").iter_batches(batch_size=200))
+        ctx.run.log_rows(first.drop_columns(["raw"]).to_pylist(), "curate/quarantine_sample.json")
+    return summary.metrics
+
+
+@dataclass
+class CurationSummary:
+    metrics: dict[str, float]
+    rule_counts: dict[str, int]
+    chosen_lengths: array = field(default_factory=lambda: array("i"))  # tokens, or characters without a tokenizer
+    rejected_lengths: array = field(default_factory=lambda: array("i"))
+    length_unit: str = "characters"
 
 
 @dataclass
 class CurationResult:
+    """Curation's outputs in memory (:func:`curate`): for tests and small data; the stage streams to disk."""
+
     pairs: pa.Table
     quarantine: pa.Table
     metrics: dict[str, float]
     rule_counts: dict[str, int]
 
 
+def curate(config: CurateConfig, progress: bool = True, trust_remote_code: bool = False) -> CurationResult:
+    with tempfile.TemporaryDirectory(prefix="creditflow-curate-") as tmp:
+        summary = curate_to(config, Path(tmp), progress, trust_remote_code)
+        pairs, quarantine = pq.read_table(Path(tmp) / "pairs.parquet"), pq.read_table(Path(tmp) / "quarantine.parquet")
+    return CurationResult(pairs, quarantine, summary.metrics, summary.rule_counts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rows, one source at a time: the row-local rules
+
+
+@dataclass
+class Rejection:
+    rule: str
+    reason: str
+    field: str | None = None
+
+
+@dataclass
+class Checked:
+    """One row after the row-local rules: rejected before dedupe (``record`` None), or a pair record with the
+    rule it fails after dedupe (tie, margin, length), if any."""
+
+    location: str
+    raw: Any
+    record: dict[str, Any] | None
+    rejection: Rejection | None = None
+    pair_id: str | None = None  # known from the identical rule on
+    signature: np.ndarray | None = None  # the prompt's MinHash signature, for a pair that passes
+
+
+class RowChecker:
+    """Every rule that looks at one row, on batches of one source's rows."""
+
+    def __init__(self, config: CurateConfig, fmt: str, label: str, tokenizer, contamination, sketch: PromptSketch):
+        self.rules, self.fmt, self.label = config.rules, fmt, label
+        self.tokenizer, self.contamination, self.sketch = tokenizer, contamination, sketch
+
+    def check_batch(self, rows: list[tuple[str, dict[str, Any]]]) -> list[Checked]:
+        checked = [self._check(location, row) for location, row in rows]
+        passing = [c for c in checked if c.record is not None and c.rejection is None]
+        if self.tokenizer is not None and passing:
+            self._apply_length_rules(passing)
+        signatures: dict[str, np.ndarray] = {}
+        for c in passing:
+            if c.rejection is None:
+                assert c.record is not None
+                prompt = c.record["prompt_id"]
+                if prompt not in signatures:
+                    signatures[prompt] = self.sketch.signature(prompt_text(c.record["prompt"]))
+                c.signature = signatures[prompt]
+        return checked
+
+    def _check(self, location: str, row: dict[str, Any]) -> Checked:
+        """One function on purpose: the rules run in the documented order and a row is charged to the first it
+        fails, which reads best top to bottom."""
+        rules = self.rules
+        try:
+            prompt, chosen, rejected, score_c, score_r = convert_row(self.fmt, row)
+        except RowProblem as problem:
+            if rules.strict_schema:
+                raise MalformedInputError(
+                    self.label,
+                    location,
+                    problem.field,
+                    f"{problem} (set curate.rules.strict_schema: false to quarantine such rows)",
+                ) from None
+            return Checked(location, row, None, Rejection("schema", str(problem), problem.field))
+
+        for name, score in (("score_chosen", score_c), ("score_rejected", score_r)):
+            if score is not None and not math.isfinite(score):
+                return Checked(location, row, None, Rejection("score", f"{name} is {score}", name))
+
+        if rules.drop_empty:
+            for name, messages in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+                blank = next((i for i, m in enumerate(messages) if S.is_blank(m["content"])), None)
+                if blank is not None:
+                    reason = (
+                        f"{name} turn {blank} ({messages[blank]['role']}) is empty, whitespace or invisible characters"
+                    )
+                    return Checked(location, row, None, Rejection("empty", reason, name))
+
+        if self.contamination is not None:
+            item = self.contamination.match(prompt_text(prompt))
+            if item is not None:
+                reason = (
+                    f"prompt shares a {self.contamination.n}-word n-gram with benchmark {item.file} {item.location}: "
+                    f"{item.text[:80]!r}"
+                )
+                return Checked(location, row, None, Rejection("contaminated", reason, "prompt"))
+
+        pid = S.pair_id(prompt, chosen, rejected)
+        if rules.drop_identical and S.messages_key(chosen) == S.messages_key(rejected):
+            reason = "chosen and rejected are identical after whitespace normalization"
+            return Checked(location, row, None, Rejection("identical", reason), pid)
+
+        margin = score_c - score_r if score_c is not None and score_r is not None else None
+        record = {
+            "pair_id": pid,
+            "prompt_id": S.prompt_id(prompt),
+            "prompt": prompt,
+            "chosen": chosen,
+            "rejected": rejected,
+            "score_chosen": score_c,
+            "score_rejected": score_r,
+            "margin": margin,
+            "prompt_tokens": None,
+            "chosen_tokens": None,
+            "rejected_tokens": None,
+            "source": self.label,
+            "source_row": location,
+            "split": None,
+        }
+        late = None
+        if margin is not None:
+            if rules.drop_ties and margin == 0:
+                late = Rejection("tie", f"score_chosen == score_rejected == {score_c}")
+            elif rules.min_margin is not None and margin < rules.min_margin:
+                late = Rejection("margin", f"margin {margin:.4g} < min_margin {rules.min_margin}")
+        return Checked(location, row, record, late)
+
+    def _apply_length_rules(self, passing: list[Checked]) -> None:
+        records = [c.record for c in passing]
+        prompt_ids = encode_prompts(self.tokenizer, [r["prompt"] for r in records])
+        chosen_ids = encode_completions(self.tokenizer, [r["chosen"] for r in records])
+        rejected_ids = encode_completions(self.tokenizer, [r["rejected"] for r in records])
+        for c, p, ch, rj in zip(passing, prompt_ids, chosen_ids, rejected_ids, strict=True):
+            c.record.update(prompt_tokens=len(p), chosen_tokens=len(ch), rejected_tokens=len(rj))
+            violation = _length_violation(len(p), len(ch), len(rj), self.rules)
+            if violation:
+                c.rejection = Rejection("length", violation[1], violation[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run: stream every source through the checker, dedupe, stage; then split
+
+
 class _Quarantine:
-    def __init__(self) -> None:
+    """The quarantine table, written as it grows."""
+
+    def __init__(self, path: Path):
+        self.writer = pq.ParquetWriter(path, S.QUARANTINE_SCHEMA, compression="zstd")
         self.rows: list[dict[str, Any]] = []
         self.counts: Counter[str] = Counter()
 
-    def add(
-        self,
-        rule: str,
-        reason: str,
-        source: str,
-        location: str,
-        raw: Any,
-        field: str | None = None,
-        pair_id: str | None = None,
-    ) -> None:
-        self.counts[rule] += 1
-        text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
-        # Keep rows whose text cannot be stored as UTF-8 (lone surrogates), escaped, rather than fail the stage.
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    def add(self, source: str, location: str, rejection: Rejection, raw: Any, pair_id: str | None = None) -> None:
+        self.counts[rejection.rule] += 1
+        text = raw if isinstance(raw, str) else _raw_text(raw)
         self.rows.append(
             {
                 "source": source,
                 "source_row": location,
-                "rule": rule,
-                "field": field,
-                "reason": reason,
+                "rule": rejection.rule,
+                "field": rejection.field,
+                "reason": rejection.reason,
                 "pair_id": pair_id,
-                "raw": text[:_RAW_MAX_CHARS],
+                "raw": text,
             }
         )
+        if len(self.rows) >= BATCH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.writer.write_table(S.rows_to_table(self.rows, S.QUARANTINE_SCHEMA))
+            self.rows = []
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
 
 
-def curate(config: CurateConfig, progress: bool = True, trust_remote_code: bool = False) -> CurationResult:
-    quarantine = _Quarantine()
-    candidates: list[dict[str, Any]] = []
-    raw_by_key: dict[int, Any] = {}
-    seen: dict[str, str] = {}
-    rows_in = 0
-    for source in config.sources:
-        columns, rows = read_rows(source)
-        fmt = (
-            source.format
-            if source.format != "auto"
-            else (detect_format(columns, source.label) if columns else "explicit")
-        )
-        if has_columns(source):
-            check_columns(fmt, columns, source.label)
-        bar = tqdm(rows, desc=f"curate {source.label}", total=row_total(source), unit=" rows", disable=not progress)
-        for location, row in bar:
-            rows_in += 1
-            record = _validate(fmt, row, source, location, config.rules, quarantine, seen)
-            if record is not None:
-                raw_by_key[len(candidates)] = row
-                candidates.append(record)
+def _raw_text(raw: Any) -> str:
+    text = json.dumps(raw, ensure_ascii=False, default=str)
+    # Keep rows whose text cannot be stored as UTF-8 (lone surrogates), escaped, rather than fail the stage.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:_RAW_MAX_CHARS]
 
-    if config.tokenizer and candidates:
-        _apply_length_rules(candidates, raw_by_key, config, quarantine, trust_remote_code)
-    pairs = [c for c in candidates if not c.pop("_rejected", False)]
-    _assign_splits(pairs, config.eval_fraction, config.split_seed)
 
-    rule_counts = {rule: quarantine.counts.get(rule, 0) for rule in RULES}
-    split_counts = Counter(p["split"] for p in pairs)
-    metrics: dict[str, float] = {
-        "rows_in": rows_in,
-        "pairs_out": len(pairs),
-        "quarantined": sum(rule_counts.values()),
-        "train_pairs": split_counts.get("train", 0),
-        "eval_pairs": split_counts.get("eval", 0),
-        "train_prompts": len({p["prompt_id"] for p in pairs if p["split"] == "train"}),
-        "eval_prompts": len({p["prompt_id"] for p in pairs if p["split"] == "eval"}),
-        **{f"quarantined.{rule}": n for rule, n in rule_counts.items()},
-    }
-    return CurationResult(
-        pairs=S.rows_to_table(pairs, S.PAIRS_SCHEMA),
-        quarantine=S.rows_to_table(quarantine.rows, S.QUARANTINE_SCHEMA),
-        metrics=metrics,
-        rule_counts=rule_counts,
+def curate_to(
+    config: CurateConfig, folder: Path, progress: bool = True, trust_remote_code: bool = False
+) -> CurationSummary:
+    """Curate ``config``'s sources into ``folder``: pairs.parquet and quarantine.parquet."""
+    tokenizer = load_tokenizer(str(resolve_model(config.tokenizer)), trust_remote_code) if config.tokenizer else None
+    contamination = Contamination(config.decontaminate, config.decontaminate_ngram) if config.decontaminate else None
+    sketch = PromptSketch(config.rules.near_duplicate_threshold)
+    quarantine = _Quarantine(folder / "quarantine.parquet")
+    with tempfile.TemporaryDirectory(prefix="curate-stage-", dir=folder) as tmp:
+        staged_path = Path(tmp) / "staged.parquet"
+        prompts = NearDuplicateIndex(sketch, Path(tmp) / "signatures.bin")
+        staged = pq.ParquetWriter(staged_path, _STAGED, compression="zstd")
+        seen: dict[bytes, str] = {}  # pair key -> where it was first seen (exact dedupe)
+        rows_in = 0
+        for source in config.sources:
+            for checked in _checked_rows(source, config, tokenizer, contamination, sketch, progress):
+                rows_in += len(checked)
+                records = _dedupe(checked, source.label, config.rules, seen, quarantine)
+                for record, signature in records:
+                    record["prompt_index"] = prompts.add(record["prompt_id"], signature)
+                if records:
+                    staged.write_table(pa.Table.from_pylist([r for r, _ in records], schema=_STAGED))
+        staged.close()
+        summary = _split_and_write(staged_path, prompts, config, folder, quarantine)
+    quarantine.close()
+    summary.metrics["rows_in"] = rows_in
+    summary.length_unit = "tokens" if tokenizer is not None else "characters"
+    return summary
+
+
+def _checked_rows(
+    source: SourceConfig, config: CurateConfig, tokenizer, contamination, sketch, progress: bool
+) -> Iterator[list[Checked]]:
+    columns, rows = read_rows(source)
+    fmt = (
+        source.format if source.format != "auto" else (detect_format(columns, source.label) if columns else "explicit")
     )
+    if has_columns(source):
+        check_columns(fmt, columns, source.label)
+    checker = RowChecker(config, fmt, source.label, tokenizer, contamination, sketch)
+    bar = tqdm(desc=f"curate {source.label}", total=row_total(source), unit=" rows", disable=not progress)
+    with bar:
+        while batch := list(islice(rows, BATCH_ROWS)):
+            yield checker.check_batch(batch)
+            bar.update(len(batch))
 
 
-def _validate(
-    fmt: str,
-    row: dict[str, Any],
-    source: SourceConfig,
-    location: str,
-    rules: CurateRules,
-    quarantine: _Quarantine,
-    seen: dict[str, str],
-) -> dict[str, Any] | None:
-    """Canonical record for a row that passes the row-local rules, else None (and the row is quarantined).
-
-    One function on purpose: the rules run in the documented order and a row is charged to the first it fails,
-    which reads best top to bottom."""
-    label = source.label
-    try:
-        prompt, chosen, rejected, score_c, score_r = convert_row(fmt, row)
-    except RowProblem as problem:
-        if rules.strict_schema:
-            raise MalformedInputError(
-                label,
-                location,
-                problem.field,
-                f"{problem} (set curate.rules.strict_schema: false to quarantine such rows)",
-            ) from None
-        quarantine.add("schema", str(problem), label, location, row, field=problem.field)
-        return None
-
-    for name, score in (("score_chosen", score_c), ("score_rejected", score_r)):
-        if score is not None and not math.isfinite(score):
-            quarantine.add("score", f"{name} is {score}", label, location, row, field=name)
-            return None
-
-    if rules.drop_empty:
-        for name, messages in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-            blank = next((i for i, m in enumerate(messages) if S.is_blank(m["content"])), None)
-            if blank is not None:
+def _dedupe(
+    checked: list[Checked], label: str, rules: CurateRules, seen: dict[bytes, str], quarantine: _Quarantine
+) -> list[tuple[dict[str, Any], np.ndarray]]:
+    """The batch's pairs that pass every rule so far (records and prompt signatures); the rest quarantined, in the
+    documented order: a duplicate is charged as one before its own tie, margin or length problem."""
+    passed = []
+    for c in checked:
+        record = c.record
+        if record is None:
+            assert c.rejection is not None
+            quarantine.add(label, c.location, c.rejection, c.raw, c.pair_id)
+            continue
+        if rules.dedupe:
+            key = bytes.fromhex(record["pair_id"])
+            first = seen.get(key)
+            if first is not None:
                 quarantine.add(
-                    "empty",
-                    f"{name} turn {blank} ({messages[blank]['role']}) is empty, whitespace or invisible characters",
-                    label,
-                    location,
-                    row,
-                    field=name,
+                    label, c.location, Rejection("duplicate", f"duplicate of {first}"), c.raw, record["pair_id"]
                 )
-                return None
+                continue
+            seen[key] = f"{label} {c.location}"
+        if c.rejection is not None:
+            quarantine.add(label, c.location, c.rejection, c.raw, record["pair_id"])
+            continue
+        record["raw"] = _raw_text(c.raw) if rules.near_duplicates else None  # quarantined later only under that rule
+        passed.append((record, c.signature))
+    return passed
 
-    pid = S.pair_id(prompt, chosen, rejected)
-    if rules.drop_identical and S.messages_key(chosen) == S.messages_key(rejected):
-        quarantine.add(
-            "identical",
-            "chosen and rejected are identical after whitespace normalization",
-            label,
-            location,
-            row,
-            pair_id=pid,
-        )
-        return None
-    if rules.dedupe:
-        if pid in seen:
-            quarantine.add("duplicate", f"duplicate of {seen[pid]}", label, location, row, pair_id=pid)
-            return None
-        seen[pid] = f"{label} {location}"
 
-    margin = score_c - score_r if score_c is not None and score_r is not None else None
-    if margin is not None:
-        if rules.drop_ties and margin == 0:
-            quarantine.add("tie", f"score_chosen == score_rejected == {score_c}", label, location, row, pair_id=pid)
-            return None
-        if rules.min_margin is not None and margin < rules.min_margin:
-            quarantine.add(
-                "margin", f"margin {margin:.4g} < min_margin {rules.min_margin}", label, location, row, pair_id=pid
-            )
-            return None
-
-    return {
-        "pair_id": pid,
-        "prompt_id": S.prompt_id(prompt),
-        "prompt": prompt,
-        "chosen": chosen,
-        "rejected": rejected,
-        "score_chosen": score_c,
-        "score_rejected": score_r,
-        "margin": margin,
-        "prompt_tokens": None,
-        "chosen_tokens": None,
-        "rejected_tokens": None,
-        "source": label,
-        "source_row": location,
-        "split": None,
+def _split_and_write(
+    staged_path: Path, prompts: NearDuplicateIndex, config: CurateConfig, folder: Path, quarantine: _Quarantine
+) -> CurationSummary:
+    """Second pass: each prompt's group decides its split; under ``near_duplicates`` a row whose prompt is not its
+    group's first is quarantined, naming the row that kept the group's first prompt."""
+    group = prompts.groups()
+    n = len(group)
+    units = np.array([split_unit(key.hex(), config.split_seed) for key in prompts.index], dtype=np.float64)
+    eval_group = np.zeros(n, dtype=bool)
+    firsts = np.unique(group)
+    eval_group[firsts] = units[firsts] < config.eval_fraction
+    if config.eval_fraction > 0 and not eval_group.any() and len(firsts) >= 2:
+        eval_group[firsts[np.argmin(units[firsts])]] = True  # tiny sets: still hold out one group
+    in_split = {"train": np.zeros(n, dtype=bool), "eval": np.zeros(n, dtype=bool)}
+    counts: Counter[str] = Counter()
+    summary = CurationSummary({}, {})
+    kept_at: dict[int, str] = {}  # group's first prompt -> the row that kept it (named by near_duplicate)
+    columns = [f.name for f in S.PAIRS_SCHEMA]
+    with pq.ParquetWriter(folder / "pairs.parquet", S.PAIRS_SCHEMA, compression="zstd") as out:
+        for batch in pq.ParquetFile(staged_path).iter_batches(batch_size=BATCH_ROWS):
+            rows = batch.to_pylist()
+            keep = []
+            for row in rows:
+                index = row["prompt_index"]
+                first = int(group[index])
+                if index == first:
+                    kept_at.setdefault(first, f"{row['source']} {row['source_row']}")
+                elif config.rules.near_duplicates:
+                    reason = f"prompt is a near-duplicate of the prompt of {kept_at[first]}"
+                    quarantine.add(
+                        row["source"],
+                        row["source_row"],
+                        Rejection("near_duplicate", reason, "prompt"),
+                        row["raw"],
+                        row["pair_id"],
+                    )
+                    continue
+                row["split"] = "eval" if eval_group[first] else "train"
+                in_split[row["split"]][index] = True
+                counts[row["split"]] += 1
+                keep.append({k: row[k] for k in columns})
+                summary.chosen_lengths.append(
+                    row["chosen_tokens"] if row["chosen_tokens"] is not None else len(completion_text(row["chosen"]))
+                )
+                summary.rejected_lengths.append(
+                    row["rejected_tokens"]
+                    if row["rejected_tokens"] is not None
+                    else len(completion_text(row["rejected"]))
+                )
+            if keep:
+                out.write_table(pa.Table.from_pylist(keep, schema=S.PAIRS_SCHEMA))
+    rule_counts = {rule: quarantine.counts.get(rule, 0) for rule in RULES}
+    summary.rule_counts = rule_counts
+    summary.metrics = {
+        "pairs_out": counts["train"] + counts["eval"],
+        "quarantined": sum(rule_counts.values()),
+        "train_pairs": counts["train"],
+        "eval_pairs": counts["eval"],
+        "train_prompts": int(in_split["train"].sum()),
+        "eval_prompts": int(in_split["eval"].sum()),
+        "near_duplicate_groups": int(np.sum(np.bincount(group, minlength=n) > 1)) if n else 0,
+        **{f"quarantined.{rule}": count for rule, count in rule_counts.items()},
     }
-
-
-def _apply_length_rules(
-    candidates: list[dict[str, Any]],
-    raw_by_key: dict[int, Any],
-    config: CurateConfig,
-    quarantine: _Quarantine,
-    trust_remote_code: bool = False,
-) -> None:
-    tokenizer = load_tokenizer(str(resolve_model(config.tokenizer)), trust_remote_code)
-    rules = config.rules
-    batch = 1024
-    for start in range(0, len(candidates), batch):
-        chunk = candidates[start : start + batch]
-        prompt_ids = encode_prompts(tokenizer, [c["prompt"] for c in chunk])
-        chosen_ids = encode_completions(tokenizer, [c["chosen"] for c in chunk])
-        rejected_ids = encode_completions(tokenizer, [c["rejected"] for c in chunk])
-        for offset, (record, p, c, r) in enumerate(zip(chunk, prompt_ids, chosen_ids, rejected_ids, strict=True)):
-            record.update(prompt_tokens=len(p), chosen_tokens=len(c), rejected_tokens=len(r))
-            reason = _length_violation(len(p), len(c), len(r), rules)
-            if reason:
-                field_name, text = reason
-                quarantine.add(
-                    "length",
-                    text,
-                    record["source"],
-                    record["source_row"],
-                    raw_by_key[start + offset],
-                    field=field_name,
-                    pair_id=record["pair_id"],
-                )
-                record["_rejected"] = True
+    return summary
 
 
 def _length_violation(prompt: int, chosen: int, rejected: int, rules: CurateRules) -> tuple[str, str] | None:
@@ -285,33 +441,18 @@ def split_unit(prompt_id: str, seed: int) -> float:
     return int(sha256_text(f"{seed}:{prompt_id}")[:15], 16) / 16**15
 
 
-def _assign_splits(pairs: list[dict[str, Any]], eval_fraction: float, seed: int) -> None:
-    units = {p["prompt_id"]: split_unit(p["prompt_id"], seed) for p in pairs}
-    eval_ids = {pid for pid, u in units.items() if u < eval_fraction}
-    if eval_fraction > 0 and not eval_ids and len(units) >= 2:
-        eval_ids = {min(units, key=units.get)}  # tiny sets: still hold out one prompt
-    for p in pairs:
-        p["split"] = "eval" if p["prompt_id"] in eval_ids else "train"
-
-
-def _summary_figure(result: CurationResult):
+def _summary_figure(summary: CurationSummary):
     fig, (left, right) = new_figure(2, (10, 3.5))
-    rules, counts = zip(*result.rule_counts.items())
+    rules, counts = zip(*summary.rule_counts.items())
     left.barh(rules, counts, color="#c0504d")
-    left.set_title(f"quarantined rows by rule ({sum(counts)} of {int(result.metrics['rows_in'])})")
+    left.set_title(f"quarantined rows by rule ({sum(counts)} of {int(summary.metrics['rows_in'])})")
     left.invert_yaxis()
-    pairs = result.pairs
-    if pairs.num_rows and pairs.column("chosen_tokens").null_count == 0:
-        chosen, rejected, unit = (
-            pairs.column("chosen_tokens").to_pylist(),
-            pairs.column("rejected_tokens").to_pylist(),
-            "tokens",
-        )
-    else:
-        chosen = [len(completion_text(m)) for m in pairs.column("chosen").to_pylist()]
-        rejected = [len(completion_text(m)) for m in pairs.column("rejected").to_pylist()]
-        unit = "characters"
-    right.hist([chosen, rejected], bins=30, label=["chosen", "rejected"], color=["#4f81bd", "#f79646"])
-    right.set_title(f"response length ({unit})")
+    right.hist(
+        [summary.chosen_lengths, summary.rejected_lengths],
+        bins=30,
+        label=["chosen", "rejected"],
+        color=["#4f81bd", "#f79646"],
+    )
+    right.set_title(f"response length ({summary.length_unit})")
     right.legend(loc="upper right")
     return finish(fig)
