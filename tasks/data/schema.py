@@ -82,6 +82,12 @@ def pair_id(prompt: Messages, chosen: Messages, rejected: Messages) -> str:
     return sha256_json([messages_key(prompt), messages_key(chosen), messages_key(rejected)])[:ID_CHARS]
 
 
+def pair_keys(prompt: Messages, chosen: Messages, rejected: Messages) -> tuple[str, str, bool]:
+    """(pair id, prompt id, whether chosen == rejected after whitespace normalization): each side normalized once."""
+    p, c, r = messages_key(prompt), messages_key(chosen), messages_key(rejected)
+    return sha256_json([p, c, r])[:ID_CHARS], sha256_json(p)[:ID_CHARS], c == r
+
+
 def completion_text(messages: Messages) -> str:
     return "\n".join(m["content"] for m in messages)
 

@@ -1,7 +1,7 @@
 """Near-duplicate prompts and benchmark contamination, the two text-similarity checks of curation.
 
-Near-duplicates: MinHash signatures (datasketch) of each distinct prompt's word 3-gram shingles (lowercased,
-punctuation dropped), cut into LSH bands with datasketch's optimal (bands, rows) for the Jaccard ``threshold``.
+Near-duplicates: MinHash signatures of each distinct prompt's word 3-gram shingles (lowercased, punctuation
+dropped), cut into LSH bands with datasketch's optimal (bands, rows) for the Jaccard ``threshold``.
 Prompts that share a band key are candidates; a candidate pair whose signatures agree on at least ``threshold`` of
 their positions (the MinHash estimate of the Jaccard similarity) is a near-duplicate pair, and the connected
 components of those pairs are the near-duplicate groups. In memory stay only the band keys (8 bytes per band per
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import xxhash
-from datasketch import MinHash, MinHashLSH
+from datasketch import MinHashLSH
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -30,7 +30,8 @@ from creditflow.tasks.data.ingest import read_rows
 from creditflow.tasks.data.schema import Messages
 
 NUM_PERM = 128
-SCHEME = "affine32"  # datasketch 2's: 32-bit hash values
+_PERM_CHUNK = 16
+_MIX = tuple(np.uint64(m) for m in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9))  # odd 64-bit mixers
 SHINGLE_WORDS = 3
 _WORD = re.compile(r"\w+")
 
@@ -45,31 +46,50 @@ def prompt_text(prompt: Messages) -> str:
 
 
 class PromptSketch:
-    """MinHash signatures and LSH band keys of prompts; deterministic across processes (xxhash, fixed seed)."""
+    """MinHash signatures and LSH band keys of prompts, a batch at a time in numpy.
+
+    A shingle's hash combines its three words' xxh32 hashes; permutation i maps a hash x to the high 32 bits of
+    a_i * x + b_i (mod 2^64), multiply-shift hashing (Dietzfelbinger et al. 1997), with (a_i, b_i) drawn from a
+    fixed seed. The (bands, rows) split is datasketch's ``MinHashLSH`` optimum for ``threshold``."""
 
     def __init__(self, threshold: float):
         self.threshold = threshold
         lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
         self.bands, self.rows = lsh.b, lsh.r
-        self._permutations = MinHash(num_perm=NUM_PERM, seed=1, scheme=SCHEME).permutations
+        rng = np.random.default_rng(1)
+        self._a = (rng.integers(0, 2**63, NUM_PERM, dtype=np.uint64) * 2 + 1)[:, None]  # odd multipliers
+        self._b = rng.integers(0, 2**63, NUM_PERM, dtype=np.uint64)[:, None]
+        self._band_mix = rng.integers(0, 2**63, self.rows, dtype=np.uint64) * 2 + 1
 
-    def signature(self, text: str) -> np.ndarray:
-        tokens = words(text)
-        shingles = [" ".join(tokens[i : i + SHINGLE_WORDS]) for i in range(max(len(tokens) - SHINGLE_WORDS + 1, 1))]
-        sketch = MinHash(
-            num_perm=NUM_PERM, hashfunc=xxhash.xxh32_intdigest, permutations=self._permutations, scheme=SCHEME
-        )
-        sketch.update_batch([s.encode() for s in shingles])
-        return np.asarray(sketch.hashvalues, dtype=np.uint32)
+    def signatures(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), NUM_PERM) uint32: each text's MinHash signature over its word 3-gram shingles."""
+        tokens, counts = [], []
+        for text in texts:  # a text under 3 words is padded with empty words: one shingle of all it has
+            found = words(text)
+            found += [""] * (SHINGLE_WORDS - len(found))
+            tokens += found
+            counts.append(len(found))
+        vocabulary, inverse = np.unique(np.array(tokens), return_inverse=True)  # hash each distinct word once
+        word_hash = np.fromiter((xxhash.xxh32_intdigest(w.encode()) for w in vocabulary), np.uint64, len(vocabulary))
+        h = word_hash[inverse]
+        shingles = np.asarray(counts) - (SHINGLE_WORDS - 1)
+        starts = np.cumsum(shingles) - shingles  # each text's first shingle
+        # shingle j of text i starts at word j + (words before text i) = j-th shingle overall + 2 * i
+        position = np.arange(shingles.sum()) + (SHINGLE_WORDS - 1) * np.repeat(np.arange(len(texts)), shingles)
+        out = np.empty((len(texts), NUM_PERM), dtype=np.uint32)
+        with np.errstate(over="ignore"):  # arithmetic mod 2^64 is the point
+            values = (h[position] * _MIX[0] + h[position + 1] * _MIX[1] + h[position + 2] * _MIX[2]) >> np.uint64(16)
+            for lo in range(0, NUM_PERM, _PERM_CHUNK):  # a few permutations at a time: the temporaries stay small
+                a, b = self._a[lo : lo + _PERM_CHUNK], self._b[lo : lo + _PERM_CHUNK]
+                permuted = (a * values[None, :] + b) >> np.uint64(32)
+                out[:, lo : lo + _PERM_CHUNK] = np.minimum.reduceat(permuted, starts, axis=1).T
+        return out
 
-    def band_keys(self, signature: np.ndarray) -> np.ndarray:
-        return np.array(
-            [
-                xxhash.xxh64_intdigest(signature[b * self.rows : (b + 1) * self.rows].tobytes())
-                for b in range(self.bands)
-            ],
-            dtype=np.uint64,
-        )
+    def band_keys(self, signatures: np.ndarray) -> np.ndarray:
+        """(n, bands) uint64: a 64-bit key of each band of each signature (its rows' values, mixed)."""
+        bands = signatures[:, : self.bands * self.rows].reshape(len(signatures), self.bands, self.rows)
+        with np.errstate(over="ignore"):
+            return (bands.astype(np.uint64) * self._band_mix).sum(axis=2, dtype=np.uint64)
 
 
 class NearDuplicateIndex:
@@ -82,16 +102,20 @@ class NearDuplicateIndex:
         self._path = signatures_path
         self._file = open(signatures_path, "wb")
 
-    def add(self, prompt_id: str, signature: np.ndarray) -> int:
-        """The prompt's index; a new prompt's signature is kept (the same prompt id always has the same one)."""
-        key = bytes.fromhex(prompt_id)
-        found = self.index.get(key)
-        if found is not None:
-            return found
-        self.index[key] = len(self.index)
-        self._keys.append(self.sketch.band_keys(signature))
-        self._file.write(signature.tobytes())
-        return self.index[key]
+    def add(self, prompt_ids: list[str], signatures: np.ndarray) -> list[int]:
+        """Each prompt's index; new prompts' signatures are kept (a prompt id always has the same signature)."""
+        indices, new = [], []
+        for row, prompt_id in enumerate(prompt_ids):
+            key = bytes.fromhex(prompt_id)
+            index = self.index.get(key)
+            if index is None:
+                index = self.index[key] = len(self.index)
+                new.append(row)
+            indices.append(index)
+        if new:
+            self._keys.append(self.sketch.band_keys(signatures[new]))
+            self._file.write(np.ascontiguousarray(signatures[new]).tobytes())
+        return indices
 
     def groups(self) -> np.ndarray:
         """Each prompt's group: the index of the first-seen prompt of its near-duplicate component."""
@@ -99,7 +123,7 @@ class NearDuplicateIndex:
         n = len(self.index)
         if n == 0:
             return np.zeros(0, dtype=np.int64)
-        keys = np.stack(self._keys)
+        keys = np.concatenate(self._keys)
         signatures = np.memmap(self._path, dtype=np.uint32, mode="r", shape=(n, NUM_PERM))
         left, right = [], []
         for band in range(keys.shape[1]):

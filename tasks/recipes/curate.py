@@ -35,6 +35,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -43,7 +44,6 @@ from creditflow.tasks.configs import CurateConfig, CurateRules, SourceConfig
 from creditflow.tasks.data import schema as S
 from creditflow.tasks.data.formats import MalformedInputError, RowProblem, check_columns, convert_row, detect_format
 from creditflow.tasks.data.ingest import has_columns, read_rows, row_total
-from creditflow.tasks.data.schema import completion_text
 from creditflow.tasks.data.similarity import Contamination, NearDuplicateIndex, PromptSketch, prompt_text
 from creditflow.tasks.models.loading import load_tokenizer
 from creditflow.tasks.models.resolve import resolve_model
@@ -147,14 +147,11 @@ class RowChecker:
         passing = [c for c in checked if c.record is not None and c.rejection is None]
         if self.tokenizer is not None and passing:
             self._apply_length_rules(passing)
-        signatures: dict[str, np.ndarray] = {}
-        for c in passing:
-            if c.rejection is None:
-                assert c.record is not None
-                prompt = c.record["prompt_id"]
-                if prompt not in signatures:
-                    signatures[prompt] = self.sketch.signature(prompt_text(c.record["prompt"]))
-                c.signature = signatures[prompt]
+        kept = [c for c in passing if c.rejection is None]
+        prompts = {c.record["prompt_id"]: c.record["prompt"] for c in kept}
+        signatures = dict(zip(prompts, self.sketch.signatures([prompt_text(p) for p in prompts.values()])))
+        for c in kept:
+            c.signature = signatures[c.record["prompt_id"]]
         return checked
 
     def _check(self, location: str, row: dict[str, Any]) -> Checked:
@@ -195,15 +192,15 @@ class RowChecker:
                 )
                 return Checked(location, row, None, Rejection("contaminated", reason, "prompt"))
 
-        pid = S.pair_id(prompt, chosen, rejected)
-        if rules.drop_identical and S.messages_key(chosen) == S.messages_key(rejected):
+        pid, prompt_key, identical = S.pair_keys(prompt, chosen, rejected)
+        if rules.drop_identical and identical:
             reason = "chosen and rejected are identical after whitespace normalization"
             return Checked(location, row, None, Rejection("identical", reason), pid)
 
         margin = score_c - score_r if score_c is not None and score_r is not None else None
         record = {
             "pair_id": pid,
-            "prompt_id": S.prompt_id(prompt),
+            "prompt_id": prompt_key,
             "prompt": prompt,
             "chosen": chosen,
             "rejected": rejected,
@@ -293,17 +290,19 @@ def curate_to(
     with tempfile.TemporaryDirectory(prefix="curate-stage-", dir=folder) as tmp:
         staged_path = Path(tmp) / "staged.parquet"
         prompts = NearDuplicateIndex(sketch, Path(tmp) / "signatures.bin")
-        staged = pq.ParquetWriter(staged_path, _STAGED, compression="zstd")
+        staged = pq.ParquetWriter(staged_path, _STAGED, compression="lz4")  # a scratch file: fast, not small
         seen: dict[bytes, str] = {}  # pair key -> where it was first seen (exact dedupe)
         rows_in = 0
         for source in config.sources:
             for checked in _checked_rows(source, config, tokenizer, contamination, sketch, progress):
                 rows_in += len(checked)
                 records = _dedupe(checked, source.label, config.rules, seen, quarantine)
-                for record, signature in records:
-                    record["prompt_index"] = prompts.add(record["prompt_id"], signature)
                 if records:
-                    staged.write_table(pa.Table.from_pylist([r for r, _ in records], schema=_STAGED))
+                    signatures = np.stack([signature for _, signature in records])
+                    indices = prompts.add([record["prompt_id"] for record, _ in records], signatures)
+                    for (record, _), index in zip(records, indices):
+                        record["prompt_index"] = index
+                    staged.write_table(pa.Table.from_pylist([record for record, _ in records], schema=_STAGED))
         staged.close()
         summary = _split_and_write(staged_path, prompts, config, folder, quarantine)
     quarantine.close()
@@ -371,54 +370,49 @@ def _split_and_write(
     eval_group[firsts] = units[firsts] < config.eval_fraction
     if config.eval_fraction > 0 and not eval_group.any() and len(firsts) >= 2:
         eval_group[firsts[np.argmin(units[firsts])]] = True  # tiny sets: still hold out one group
-    in_split = {"train": np.zeros(n, dtype=bool), "eval": np.zeros(n, dtype=bool)}
-    counts: Counter[str] = Counter()
+    sizes = np.bincount(group, minlength=n) if n else np.zeros(0, dtype=np.int64)
+    kept_prompts = np.zeros(n, dtype=bool)
     summary = CurationSummary({}, {})
-    kept_at: dict[int, str] = {}  # group's first prompt -> the row that kept it (named by near_duplicate)
-    columns = [f.name for f in S.PAIRS_SCHEMA]
+    kept_at: dict[int, str] = {}  # first prompt of a group of several -> the row that kept it (near_duplicate names it)
+    columns = [name for name in S.PAIRS_SCHEMA.names if name != "split"]
     with pq.ParquetWriter(folder / "pairs.parquet", S.PAIRS_SCHEMA, compression="zstd") as out:
         for batch in pq.ParquetFile(staged_path).iter_batches(batch_size=BATCH_ROWS):
-            rows = batch.to_pylist()
-            keep = []
-            for row in rows:
-                index = row["prompt_index"]
-                first = int(group[index])
-                if index == first:
-                    kept_at.setdefault(first, f"{row['source']} {row['source_row']}")
-                elif config.rules.near_duplicates:
-                    reason = f"prompt is a near-duplicate of the prompt of {kept_at[first]}"
+            index = batch.column("prompt_index").to_numpy()
+            first = group[index]
+            for row in np.flatnonzero((index == first) & (sizes[first] > 1)):
+                kept_at.setdefault(int(first[row]), _where(batch, row))
+            keep = np.ones(len(index), dtype=bool)
+            if config.rules.near_duplicates:
+                keep = index == first
+                for row in np.flatnonzero(~keep):
+                    reason = f"prompt is a near-duplicate of the prompt of {kept_at[int(first[row])]}"
+                    where = batch.column("source_row")[row].as_py()
                     quarantine.add(
-                        row["source"],
-                        row["source_row"],
+                        batch.column("source")[row].as_py(),
+                        where,
                         Rejection("near_duplicate", reason, "prompt"),
-                        row["raw"],
-                        row["pair_id"],
+                        batch.column("raw")[row].as_py(),
+                        batch.column("pair_id")[row].as_py(),
                     )
-                    continue
-                row["split"] = "eval" if eval_group[first] else "train"
-                in_split[row["split"]][index] = True
-                counts[row["split"]] += 1
-                keep.append({k: row[k] for k in columns})
-                summary.chosen_lengths.append(
-                    row["chosen_tokens"] if row["chosen_tokens"] is not None else len(completion_text(row["chosen"]))
-                )
-                summary.rejected_lengths.append(
-                    row["rejected_tokens"]
-                    if row["rejected_tokens"] is not None
-                    else len(completion_text(row["rejected"]))
-                )
-            if keep:
-                out.write_table(pa.Table.from_pylist(keep, schema=S.PAIRS_SCHEMA))
+            split = pa.array(np.where(eval_group[first], "eval", "train"))
+            table = pa.Table.from_batches([batch]).select(columns).append_column("split", split).filter(keep)
+            out.write_table(table.cast(S.PAIRS_SCHEMA))
+            kept_prompts[index[keep]] = True
+            for side, lengths in (("chosen", summary.chosen_lengths), ("rejected", summary.rejected_lengths)):
+                lengths.frombytes(_lengths(table, side).tobytes())
+    pairs = pq.ParquetFile(folder / "pairs.parquet").read(columns=["split"]).column("split")
+    eval_pairs = pc.sum(pc.equal(pairs, "eval")).as_py() or 0
+    eval_prompts = int(np.sum(kept_prompts & eval_group[group])) if n else 0
     rule_counts = {rule: quarantine.counts.get(rule, 0) for rule in RULES}
     summary.rule_counts = rule_counts
     summary.metrics = {
-        "pairs_out": counts["train"] + counts["eval"],
+        "pairs_out": len(pairs),
         "quarantined": sum(rule_counts.values()),
-        "train_pairs": counts["train"],
-        "eval_pairs": counts["eval"],
-        "train_prompts": int(in_split["train"].sum()),
-        "eval_prompts": int(in_split["eval"].sum()),
-        "near_duplicate_groups": int(np.sum(np.bincount(group, minlength=n) > 1)) if n else 0,
+        "train_pairs": len(pairs) - eval_pairs,
+        "eval_pairs": eval_pairs,
+        "train_prompts": int(kept_prompts.sum()) - eval_prompts,
+        "eval_prompts": eval_prompts,
+        "near_duplicate_groups": int(np.sum(sizes > 1)),
         **{f"quarantined.{rule}": count for rule, count in rule_counts.items()},
     }
     return summary
@@ -439,6 +433,22 @@ def _length_violation(prompt: int, chosen: int, rejected: int, rules: CurateRule
 def split_unit(prompt_id: str, seed: int) -> float:
     """Deterministic uniform number in [0, 1) for a prompt id."""
     return int(sha256_text(f"{seed}:{prompt_id}")[:15], 16) / 16**15
+
+
+def _where(batch: pa.RecordBatch, row: int) -> str:
+    return f"{batch.column('source')[row].as_py()} {batch.column('source_row')[row].as_py()}"
+
+
+def _lengths(pairs: pa.Table, side: str) -> np.ndarray:
+    """Each pair's ``side`` length: its token count, or its characters without a tokenizer."""
+    tokens = pairs.column(f"{side}_tokens")
+    if tokens.null_count == 0:
+        return tokens.to_numpy().astype(np.int32)
+    messages = pairs.column(side).combine_chunks()
+    chars = pc.utf8_length(pc.struct_field(pc.list_flatten(messages), "content")).to_numpy()
+    per_pair = np.bincount(pc.list_parent_indices(messages).to_numpy(), weights=chars, minlength=len(messages))
+    turns = pc.list_value_length(messages).to_numpy()
+    return (per_pair + np.maximum(turns - 1, 0)).astype(np.int32)  # completion_text joins turns with newlines
 
 
 def _summary_figure(summary: CurationSummary):
