@@ -63,6 +63,8 @@ class PromptSketch:
 
     def signatures(self, texts: list[str]) -> np.ndarray:
         """(len(texts), NUM_PERM) uint32: each text's MinHash signature over its word 3-gram shingles."""
+        if not texts:
+            return np.zeros((0, NUM_PERM), dtype=np.uint32)
         tokens, counts = [], []
         for text in texts:  # a text under 3 words is padded with empty words: one shingle of all it has
             found = words(text)
