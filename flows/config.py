@@ -193,8 +193,10 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
     curate = data.get("curate")
     sources = curate.get("sources") if isinstance(curate, dict) else None
     files = [(s, "path") for s in (sources if isinstance(sources, list) else []) if isinstance(s, dict)]
+    benchmarks = curate.get("decontaminate") if isinstance(curate, dict) else None
+    files += [(benchmarks, i) for i in range(len(benchmarks))] if isinstance(benchmarks, list) else []
     for holder, key in [*files, (data.get("audit"), "probe")]:
-        path = holder.get(key) if isinstance(holder, dict) else None
+        path = holder[key] if isinstance(holder, list) else holder.get(key) if isinstance(holder, dict) else None
         if isinstance(path, str) and not Path(path).expanduser().is_absolute():
             holder[key] = str((base / path).resolve())
     # A model key also takes hub ids (org/name) and named models: only ./ or ../ marks a relative folder.

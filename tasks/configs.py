@@ -99,7 +99,7 @@ class CurateRules(StrictConfig):
         False, description="Quarantine rows whose prompt near-duplicates an earlier row's (MinHash-LSH), naming it."
     )
     near_duplicate_threshold: float = Field(
-        0.8, gt=0, le=1, description="Jaccard similarity of word 3-grams that makes prompts near-duplicates."
+        0.8, ge=0.5, le=0.95, description="Jaccard similarity of word 3-grams that makes prompts near-duplicates."
     )
 
 

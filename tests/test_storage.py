@@ -180,6 +180,8 @@ def test_fingerprint_covers_every_row_affecting_knob(tmp_path):
     tok_b = tmp_path / "tok_b"
     build_tiny_tokenizer(tok_a, ["hello world"] * 5, vocab_size=300)
     build_tiny_tokenizer(tok_b, ["another corpus entirely"] * 5, vocab_size=300)
+    benchmark = tmp_path / "alpaca_eval.jsonl"
+    benchmark.write_text(json.dumps({"instruction": "a benchmark prompt"}) + "\n")
 
     def fingerprint(**curate):
         cfg = load_config(
@@ -197,8 +199,14 @@ def test_fingerprint_covers_every_row_affecting_knob(tmp_path):
         fingerprint(tokenizer=str(tok_a), rules={"max_length": 64}),
         fingerprint(tokenizer=str(tok_b), rules={"max_length": 64}),
         fingerprint(tokenizer=str(tok_a), rules={"max_length": 65}),
+        fingerprint(rules={"near_duplicates": True}),
+        fingerprint(rules={"near_duplicate_threshold": 0.7}),
+        fingerprint(decontaminate=[str(benchmark)]),
+        fingerprint(decontaminate=[str(benchmark)], decontaminate_ngram=8),
     ]
     assert len({base, *variants}) == len(variants) + 1
+    benchmark.write_text(json.dumps({"instruction": "another benchmark prompt"}) + "\n")
+    assert fingerprint(decontaminate=[str(benchmark)]) != variants[-2]  # the benchmark's content counts
     data.write_text(data.read_text() + json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
     assert fingerprint() != base
     # Not row-affecting: experiment name and workspace.
@@ -209,9 +217,13 @@ def test_fingerprint_covers_every_row_affecting_knob(tmp_path):
 def test_config_errors_name_the_key_and_paths_resolve_against_the_file(tmp_path):
     (tmp_path / "sub").mkdir()
     config = tmp_path / "sub" / "c.yaml"
-    config.write_text("curate:\n  sources:\n    - path: ../data.jsonl\n  rules:\n    dedupe: false\n")
+    config.write_text(
+        "curate:\n  sources:\n    - path: ../data.jsonl\n  decontaminate: [mt_bench.jsonl]\n"
+        "  rules:\n    dedupe: false\n"
+    )
     cfg = load_config(config)
     assert cfg.curate.sources[0].path == str(tmp_path / "data.jsonl")
+    assert cfg.curate.decontaminate == [str(tmp_path / "sub" / "mt_bench.jsonl")]
     assert cfg.curate.rules.dedupe is False and cfg.curate.rules.drop_ties is True
     assert isinstance(load_config(None), PipelineConfig)
 

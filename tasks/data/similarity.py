@@ -153,7 +153,7 @@ class BenchmarkItem:
 
 class Contamination:
     """The n-grams of benchmark prompt files (any file curation reads; the prompt is the first field of
-    ``prompt``, ``instruction``, ``question`` or ``turns`` a row has)."""
+    ``prompt``, ``instruction``, ``question`` or ``turns`` a row has, the first turn of ``turns``)."""
 
     FIELDS = ("prompt", "instruction", "question", "turns")
 
@@ -193,8 +193,9 @@ def _benchmark_text(row: dict[str, Any], file: str, location: str) -> str:
         value = row.get(field)
         if isinstance(value, str):
             return value
-        if isinstance(value, list) and value:  # MT-Bench's turns (strings), Arena-Hard's ({content})
-            return "\n".join(v["content"] if isinstance(v, dict) else str(v) for v in value)
+        if isinstance(value, list) and value:  # MT-Bench's turns (strings), Arena-Hard's ({content}): the first
+            first = value[0]  # a later turn follows up on the first, it is not a prompt of its own
+            return first["content"] if isinstance(first, dict) else str(first)
     raise MalformedInputError(
         file, location, None, f"no benchmark prompt: expected one of {list(Contamination.FIELDS)}"
     )
