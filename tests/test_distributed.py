@@ -6,6 +6,7 @@ The local path runs on one CPU thread, as each actor does (Ray sets an actor's t
 different thread count can split a reduction differently (MKL also picks its threads by load) and move the last
 bit of a float, which would make "the same bits" a coin toss."""
 
+import json
 import os
 import shutil
 import sys
@@ -19,12 +20,13 @@ from creditflow.storage.token_cache import TokenCache, row_key
 from creditflow.storage.tracking import Run
 from creditflow.storage.workspace import Workspace
 from creditflow.tasks.config_base import ComputeConfig, SamplingConfig
-from creditflow.tasks.configs import EvaluateConfig, OnPolicyConfig, TokenRewardsConfig
+from creditflow.tasks.configs import CurateConfig, EvaluateConfig, OnPolicyConfig, SourceConfig, TokenRewardsConfig
 from creditflow.tasks.data import schema as S
 from creditflow.tasks.infer.distributed import resumable_map
 from creditflow.tasks.infer.generation import Sampler, generate
 from creditflow.tasks.infer.reward_scoring import score_rewards
 from creditflow.tasks.models.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
+from creditflow.tasks.recipes.curate import curate
 from creditflow.tasks.recipes.evaluate import compute_evaluate
 from creditflow.tasks.recipes.onpolicy import compute_onpolicy
 from creditflow.tasks.recipes.token_rewards import build_source, compute_missing, compute_token_rewards, side_requests
@@ -231,3 +233,31 @@ def test_the_evaluate_stage_on_ray_writes_the_local_generations(models, tmp_path
     assert ray_metrics == local_metrics and local_metrics["prompts"] == 3
     generations = [pq.read_table(folder / "generations.parquet") for folder in (local, distributed)]
     assert generations[0].num_rows == 6 and generations[1] == generations[0]
+
+
+@pytest.mark.usefixtures("cluster")
+def test_curation_on_ray_checks_each_shard_on_a_worker_and_writes_the_local_output(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(3):  # duplicates across shards, so the in-order merge matters
+        rows = [
+            {"prompt": f"prompt {j}", "chosen": f"good {j}", "rejected": f"bad {j}"} for j in range(i * 4, i * 4 + 6)
+        ]
+        rows.append({"prompt": f"prompt {i}", "chosen": "same", "rejected": "same"})
+        (shards / f"part-{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = CurateConfig(sources=[SourceConfig(path=str(shards)), SourceConfig(builtin="sample")], eval_fraction=0.3)
+    before = workers_started()
+    local = curate(config, progress=False)
+    assert workers_started() == before
+    distributed = curate(config, progress=False, compute=RAY)
+    assert len(workers_started() - before) == 3  # the folder's three files on two workers, the sample's on one
+    assert distributed.pairs.equals(local.pairs) and distributed.quarantine.equals(local.quarantine)
+    assert distributed.metrics == local.metrics
+    duplicates = [q for q in local.quarantine.to_pylist() if q["rule"] == "duplicate" and q["source"] == str(shards)]
+    assert [q["source_row"] for q in duplicates] == [
+        "part-1.jsonl line 1",
+        "part-1.jsonl line 2",
+        "part-2.jsonl line 1",
+        "part-2.jsonl line 2",
+    ]
+    assert local.pairs.column("source_row").to_pylist()[:2] == ["part-0.jsonl line 1", "part-0.jsonl line 2"]

@@ -196,31 +196,30 @@ def _shard_root(source: SourceConfig, files: list[Path]) -> Path:
 # Reading rows
 
 
+def source_shards(source: SourceConfig) -> list[tuple[Path, str]] | None:
+    """(file, location prefix) of each file a source reads, in order; None for a dataset. The prefix is empty for a
+    single file and names the shard (``train-00001.parquet ``) in a folder or glob."""
+    files = source_files(source)
+    if files is None:
+        return None
+    if not _is_sharded(source):
+        return [(files[0], "")]
+    root = _shard_root(source, files)
+    return [(f, f"{f.relative_to(root).as_posix()} ") for f in files]
+
+
 def read_rows(source: SourceConfig) -> tuple[list[str], Iterator[tuple[str, dict[str, Any]]]]:
     """Column names and an iterator of (location, row). Locations are ``line N`` or ``row N`` (both 1-based),
     after the shard's name for a folder or glob."""
-    files = source_files(source)
-    if files is None:
+    shards = source_shards(source)
+    if shards is None:
         return _hf_rows(source)
-    if _is_sharded(source):
-        root = _shard_root(source, files)
-        shards = [(f, f"{f.relative_to(root).as_posix()} ") for f in files]
-    else:
-        shards = [(files[0], "")]
-    columns, first_rows = _file_rows(*shards[0], source.label)
+    columns, first_rows = shard_rows(*shards[0], source.label)
 
     def chained() -> Iterator[tuple[str, dict[str, Any]]]:
         yield from first_rows
         for path, prefix in shards[1:]:
-            shard_columns, rows = _file_rows(path, prefix, source.label)
-            if columns is not None and shard_columns is not None and set(shard_columns) != set(columns):
-                raise MalformedInputError(
-                    source.label,
-                    prefix.strip(),
-                    None,
-                    f"columns {sorted(shard_columns)} differ from the first shard's {sorted(columns)}",
-                )
-            yield from rows
+            yield from shard_rows(path, prefix, source.label, columns)[1]
 
     rows = _limited(chained(), source.limit)
     if columns is not None:
@@ -231,22 +230,30 @@ def read_rows(source: SourceConfig) -> tuple[list[str], Iterator[tuple[str, dict
     return list(first[1]), _chain(first, rows)
 
 
-def _file_rows(path: Path, prefix: str, label: str) -> tuple[list[str] | None, Iterator[tuple[str, dict[str, Any]]]]:
-    """(columns or None for JSON, rows) of one data file."""
-    suffix, kind = data_suffix(path), compression(path, label)
+def shard_rows(
+    path: Path, prefix: str, label: str, first_columns: list[str] | None = None
+) -> tuple[list[str] | None, Iterator[tuple[str, dict[str, Any]]]]:
+    """(columns or None for JSON, rows) of one data file; a table whose columns differ from ``first_columns`` (the
+    first shard's) is refused."""
+    suffix, kind, where = data_suffix(path), compression(path, label), prefix.strip() or None
     if suffix == ".jsonl":
         return None, _jsonl_rows(path, kind, label, prefix)
     if suffix == ".json":
         return None, _json_rows(path, kind, label, prefix)
     if suffix == ".parquet":
         if kind is not None:
-            raise MalformedInputError(label, prefix.strip() or None, None, f"{kind}-compressed Parquet: decompress it")
-        return _parquet_rows(path, label, prefix)
-    if suffix == ".csv":
-        return _csv_rows(path, kind, label, prefix)
-    raise MalformedInputError(
-        label, prefix.strip() or None, None, f"unsupported file type {suffix!r} (use {FILE_SUFFIXES}, or compressed)"
-    )
+            raise MalformedInputError(label, where, None, f"{kind}-compressed Parquet: decompress it")
+        columns, rows = _parquet_rows(path, label, prefix)
+    elif suffix == ".csv":
+        columns, rows = _csv_rows(path, kind, label, prefix)
+    else:
+        raise MalformedInputError(
+            label, where, None, f"unsupported file type {suffix!r} (use {FILE_SUFFIXES}, or compressed)"
+        )
+    if first_columns is not None and set(columns) != set(first_columns):
+        problem = f"columns {sorted(columns)} differ from the first shard's {sorted(first_columns)}"
+        raise MalformedInputError(label, where, None, problem)
+    return columns, rows
 
 
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:

@@ -29,9 +29,10 @@ import tempfile
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -43,8 +44,9 @@ from creditflow.storage.hashing import sha256_text
 from creditflow.tasks.configs import CurateConfig, CurateRules, SourceConfig
 from creditflow.tasks.data import schema as S
 from creditflow.tasks.data.formats import MalformedInputError, RowProblem, check_columns, convert_row, detect_format
-from creditflow.tasks.data.ingest import has_columns, read_rows, row_total
+from creditflow.tasks.data.ingest import has_columns, read_rows, row_total, shard_rows, source_shards
 from creditflow.tasks.data.similarity import Contamination, NearDuplicateIndex, PromptSketch, prompt_text
+from creditflow.tasks.infer.distributed import map_shards, uses_ray
 from creditflow.tasks.models.loading import load_tokenizer
 from creditflow.tasks.models.resolve import resolve_model
 from creditflow.tasks.models.tokenization import encode_completions, encode_prompts
@@ -75,7 +77,7 @@ _STAGED = pa.schema([*S.PAIRS_SCHEMA, ("prompt_index", pa.int64()), ("raw", pa.s
 def compute_curate(ctx: StageContext) -> dict[str, float]:
     """Stage entry point: curate into ``pairs`` and ``quarantine``, log rule counts and plots to MLflow."""
     trust = ctx.remote_code_allowed(ctx.config.tokenizer) if ctx.config.tokenizer else False  # the one model it loads
-    summary = curate_to(ctx.config, ctx.writer.dir, progress=ctx.progress, trust_remote_code=trust)
+    summary = curate_to(ctx.config, ctx.writer.dir, ctx.progress, trust, ctx.compute)
     ctx.writer.adopt_table("pairs")
     ctx.writer.adopt_table("quarantine")
     ctx.run.log_figure(_summary_figure(summary), "curate/summary.png")
@@ -104,9 +106,11 @@ class CurationResult:
     rule_counts: dict[str, int]
 
 
-def curate(config: CurateConfig, progress: bool = True, trust_remote_code: bool = False) -> CurationResult:
+def curate(
+    config: CurateConfig, progress: bool = True, trust_remote_code: bool = False, compute=None
+) -> CurationResult:
     with tempfile.TemporaryDirectory(prefix="creditflow-curate-") as tmp:
-        summary = curate_to(config, Path(tmp), progress, trust_remote_code)
+        summary = curate_to(config, Path(tmp), progress, trust_remote_code, compute)
         pairs, quarantine = pq.read_table(Path(tmp) / "pairs.parquet"), pq.read_table(Path(tmp) / "quarantine.parquet")
     return CurationResult(pairs, quarantine, summary.metrics, summary.rule_counts)
 
@@ -135,12 +139,33 @@ class Checked:
     signature: np.ndarray | None = None  # the prompt's MinHash signature, for a pair that passes
 
 
+@dataclass
+class _Tools:
+    """What the row rules need besides the rows: the tokenizer (length rules), the benchmark n-grams and the
+    prompt sketcher."""
+
+    tokenizer: Any
+    contamination: Contamination | None
+    sketch: PromptSketch
+    trust_remote_code: bool = False
+
+    @classmethod
+    def build(cls, config: CurateConfig, trust_remote_code: bool) -> "_Tools":
+        tokenizer = (
+            load_tokenizer(str(resolve_model(config.tokenizer)), trust_remote_code) if config.tokenizer else None
+        )
+        contamination = (
+            Contamination(config.decontaminate, config.decontaminate_ngram) if config.decontaminate else None
+        )
+        return cls(tokenizer, contamination, PromptSketch(config.rules.near_duplicate_threshold), trust_remote_code)
+
+
 class RowChecker:
     """Every rule that looks at one row, on batches of one source's rows."""
 
-    def __init__(self, config: CurateConfig, fmt: str, label: str, tokenizer, contamination, sketch: PromptSketch):
+    def __init__(self, config: CurateConfig, fmt: str, label: str, tools: _Tools):
         self.rules, self.fmt, self.label = config.rules, fmt, label
-        self.tokenizer, self.contamination, self.sketch = tokenizer, contamination, sketch
+        self.tokenizer, self.contamination, self.sketch = tools.tokenizer, tools.contamination, tools.sketch
 
     def check_batch(self, rows: list[tuple[str, dict[str, Any]]]) -> list[Checked]:
         checked = [self._check(location, row) for location, row in rows]
@@ -280,52 +305,90 @@ def _raw_text(raw: Any) -> str:
 
 
 def curate_to(
-    config: CurateConfig, folder: Path, progress: bool = True, trust_remote_code: bool = False
+    config: CurateConfig, folder: Path, progress: bool = True, trust_remote_code: bool = False, compute=None
 ) -> CurationSummary:
     """Curate ``config``'s sources into ``folder``: pairs.parquet and quarantine.parquet."""
-    tokenizer = load_tokenizer(str(resolve_model(config.tokenizer)), trust_remote_code) if config.tokenizer else None
-    contamination = Contamination(config.decontaminate, config.decontaminate_ngram) if config.decontaminate else None
-    sketch = PromptSketch(config.rules.near_duplicate_threshold)
+    tools = _Tools.build(config, trust_remote_code)
     quarantine = _Quarantine(folder / "quarantine.parquet")
     with tempfile.TemporaryDirectory(prefix="curate-stage-", dir=folder) as tmp:
         staged_path = Path(tmp) / "staged.parquet"
-        prompts = NearDuplicateIndex(sketch, Path(tmp) / "signatures.bin")
+        prompts = NearDuplicateIndex(tools.sketch, Path(tmp) / "signatures.bin")
         staged = pq.ParquetWriter(staged_path, _STAGED, compression="lz4")  # a scratch file: fast, not small
         seen: dict[bytes, str] = {}  # pair key -> where it was first seen (exact dedupe)
         rows_in = 0
         for source in config.sources:
-            for checked in _checked_rows(source, config, tokenizer, contamination, sketch, progress):
+
+            def consume(checked: list[Checked], label: str = source.label) -> None:
+                nonlocal rows_in
                 rows_in += len(checked)
-                records = _dedupe(checked, source.label, config.rules, seen, quarantine)
+                records = _dedupe(checked, label, config.rules, seen, quarantine)
                 if records:
                     signatures = np.stack([signature for _, signature in records])
                     indices = prompts.add([record["prompt_id"] for record, _ in records], signatures)
                     for (record, _), index in zip(records, indices):
                         record["prompt_index"] = index
                     staged.write_table(pa.Table.from_pylist([record for record, _ in records], schema=_STAGED))
+
+            _check_source(source, config, tools, progress, compute, consume)
         staged.close()
         summary = _split_and_write(staged_path, prompts, config, folder, quarantine)
     quarantine.close()
     summary.metrics["rows_in"] = rows_in
-    summary.length_unit = "tokens" if tokenizer is not None else "characters"
+    summary.length_unit = "tokens" if tools.tokenizer is not None else "characters"
     return summary
 
 
-def _checked_rows(
-    source: SourceConfig, config: CurateConfig, tokenizer, contamination, sketch, progress: bool
-) -> Iterator[list[Checked]]:
+def _check_source(
+    source: SourceConfig, config: CurateConfig, tools: _Tools, progress: bool, compute, consume: Callable
+) -> None:
+    """Run every row of ``source`` through the row-local rules and hand each checked batch to ``consume``, in input
+    order. On Ray (``compute.backend: ray``), each file of the source is read and checked on a worker; results
+    come back as workers finish and are consumed in file order, so the output is the local run's."""
     columns, rows = read_rows(source)
     fmt = (
         source.format if source.format != "auto" else (detect_format(columns, source.label) if columns else "explicit")
     )
-    if has_columns(source):
-        check_columns(fmt, columns, source.label)
-    checker = RowChecker(config, fmt, source.label, tokenizer, contamination, sketch)
+    table_columns = columns if has_columns(source) else None
+    if table_columns is not None:
+        check_columns(fmt, table_columns, source.label)
+    shards = source_shards(source)
     bar = tqdm(desc=f"curate {source.label}", total=row_total(source), unit=" rows", disable=not progress)
     with bar:
+        if uses_ray(compute) and shards is not None and source.limit is None:
+            finished: dict[int, list[Checked]] = {}
+            following = 0
+
+            def write(index: int, checked: list[Checked]) -> None:
+                nonlocal following
+                finished[index] = checked
+                bar.update(len(checked))
+                while following in finished:
+                    consume(finished.pop(following))
+                    following += 1
+
+            build = partial(ShardChecker, config, fmt, source.label, table_columns, tools.trust_remote_code)
+            map_shards([(str(path), prefix) for path, prefix in shards], build, compute, write)
+            return
+        checker = RowChecker(config, fmt, source.label, tools)
         while batch := list(islice(rows, BATCH_ROWS)):
-            yield checker.check_batch(batch)
+            consume(checker.check_batch(batch))
             bar.update(len(batch))
+
+
+class ShardChecker:
+    """A Ray worker's checker: reads one file of a source and checks all its rows (built on the worker)."""
+
+    def __init__(self, config: CurateConfig, fmt: str, label: str, columns, trust_remote_code: bool):
+        self.label, self.columns = label, columns
+        self.checker = RowChecker(config, fmt, label, _Tools.build(config, trust_remote_code))
+
+    def __call__(self, shard: tuple[str, str]) -> list[Checked]:
+        path, prefix = shard
+        rows = shard_rows(Path(path), prefix, self.label, self.columns)[1]
+        checked: list[Checked] = []
+        while batch := list(islice(rows, BATCH_ROWS)):
+            checked += self.checker.check_batch(batch)
+        return checked
 
 
 def _dedupe(
