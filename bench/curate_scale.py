@@ -7,7 +7,7 @@ is its own and its rows/s is one core's; the "floor" row is a process that only 
 what every run pays before the first row). Ratios are ours / baseline at the same size and format, measured in
 this invocation.
 
-    .venv/bin/python bench/curate_scale.py [--sizes 10000 100000 1000000] [--formats jsonl jsonl.gz parquet csv]
+    .venv/bin/python bench/curate_scale.py [--sizes 10000 100000 1000000] [--formats ...] [--large-formats ...]
 """
 
 from __future__ import annotations
@@ -29,20 +29,25 @@ import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 FORMATS = ("jsonl", "jsonl.gz", "parquet", "parquet-shards", "csv")
-WORDS = (
-    "the a of to and in is it you that he was for on are with as his they be at one have this from or had by not "
-    "but what some we can out other were all there when up use your how said an each she which do their time if "
-    "will way about many then them write would like so these her long make thing see him two has look more day"
-).split()
+TOKENIZER = "smollm2"  # the length rules' tokenizer, and where the synthetic text's words come from
+
+
+def english_words(limit: int = 20_000) -> list[str]:
+    """Whole-word tokens of SmolLM2's vocabulary (space-prefixed, alphabetic): text that tokenizes like English."""
+    from creditflow.tasks.models.loading import load_tokenizer
+    from creditflow.tasks.models.resolve import resolve_model
+
+    vocabulary = load_tokenizer(str(resolve_model(TOKENIZER))).get_vocab()
+    words = sorted(t[1:] for t in vocabulary if t.startswith("Ġ") and t[1:].isalpha() and 3 <= len(t) <= 10)
+    return words[:limit]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Data: HH-style rows (a human turn, two assistant answers), about 1.1 kB each, with 1% exact duplicates
 
 
-def synthetic_rows(n: int, seed: int = 0):
+def synthetic_rows(n: int, vocabulary: list[str], seed: int = 0):
     rng = random.Random(seed)
-    vocabulary = WORDS + [f"w{i}" for i in range(20_000)]
     previous = []
     for _ in range(n):
         if previous and rng.random() < 0.01:
@@ -59,12 +64,12 @@ def synthetic_rows(n: int, seed: int = 0):
         yield row
 
 
-def write_data(folder: Path, fmt: str, n: int) -> Path:
+def write_data(folder: Path, fmt: str, n: int, vocabulary: list[str]) -> Path:
     if fmt in ("jsonl", "jsonl.gz"):
         path = folder / f"rows-{n}.{fmt}"
         opener = gzip.open if fmt.endswith(".gz") else open
         with opener(path, "wt", encoding="utf-8") as handle:
-            for row in synthetic_rows(n):
+            for row in synthetic_rows(n, vocabulary):
                 handle.write(json.dumps(row) + "\n")
         return path
     if fmt == "csv":
@@ -74,13 +79,13 @@ def write_data(folder: Path, fmt: str, n: int) -> Path:
         with open(path, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, ["prompt", "chosen", "rejected"])
             writer.writeheader()
-            writer.writerows(synthetic_rows(n))
+            writer.writerows(synthetic_rows(n, vocabulary))
         return path
     shards = 8 if fmt == "parquet-shards" else 1
     out = folder / f"rows-{n}-{fmt}"
     out.mkdir()
     per_shard = -(-n // shards)
-    rows = synthetic_rows(n)
+    rows = synthetic_rows(n, vocabulary)
     for shard in range(shards):
         chunk = [row for _, row in zip(range(per_shard), rows)]
         pq.write_table(pa.Table.from_pylist(chunk), out / f"train-{shard:05d}-of-{shards:05d}.parquet")
@@ -93,7 +98,8 @@ def write_data(folder: Path, fmt: str, n: int) -> Path:
 
 def child(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(REPO / "bench" / "baselines"))
-    from creditflow.tasks.configs import ComputeConfig, CurateConfig, CurateRules, SourceConfig
+    from creditflow.tasks.config_base import ComputeConfig
+    from creditflow.tasks.configs import CurateConfig, CurateRules, SourceConfig
     from creditflow.tasks.recipes.curate import curate_to
 
     if args.path is None:  # the floor: imports only
@@ -137,6 +143,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
     parser.add_argument("--baseline-up-to", type=int, default=1_000_000, help="Largest size the baseline runs at.")
+    parser.add_argument(
+        "--large-formats", nargs="+", default=["jsonl", "parquet-shards"], help="The formats run at 1M rows and up."
+    )
     parser.add_argument("--length-rules-size", type=int, default=100_000, help="Rows for the token-length run.")
     parser.add_argument("--ray-size", type=int, default=100_000, help="Rows for the Ray run (Parquet shards).")
     parser.add_argument("--child", choices=["ours", "baseline", "ray", "floor"], help=argparse.SUPPRESS)
@@ -154,11 +163,14 @@ def main() -> None:
     print(f"import floor: peak RSS {floor:.0f} MB", flush=True)
     print("| format | rows | ours rows/s | ours peak RSS MB | baseline rows/s | baseline peak RSS MB | speed | RSS |")
     print("|---|---|---|---|---|---|---|---|")
+    vocabulary = english_words()
     with tempfile.TemporaryDirectory(prefix="curate-scale-") as tmp:
         folder = Path(tmp)
         for n in args.sizes:
             for fmt in args.formats:
-                path = write_data(folder, fmt, n)
+                if n >= 1_000_000 and fmt not in args.large_formats:
+                    continue
+                path = write_data(folder, fmt, n, vocabulary)
                 ours = measure("ours", path)
                 base = measure("baseline", path) if n <= args.baseline_up_to and fmt != "parquet-shards" else None
                 cells = [fmt, f"{n:,}", f"{ours['rows_per_s']:,.0f}", f"{ours['peak_rss_mb']:,.0f}"]
@@ -174,32 +186,37 @@ def main() -> None:
                 print("| " + " | ".join(cells) + " |", flush=True)
                 _remove(path)
 
-        # Token-length rules: the tokenizer is the cost (a tiny BPE trained on the synthetic words)
-        from creditflow.tasks.models.tiny import build_tiny_tokenizer
+        if args.length_rules_size:
+            length_rules(folder, args.length_rules_size, vocabulary)
+        if args.ray_size:
+            on_ray(folder, args.ray_size, vocabulary)
 
-        tokenizer = folder / "tokenizer"
-        build_tiny_tokenizer(tokenizer, [" ".join(WORDS)] * 50, vocab_size=2000)
-        path = write_data(folder, "jsonl", args.length_rules_size)
-        ours = measure("ours", path, str(tokenizer), 512)
-        base = measure("baseline", path, str(tokenizer), 512)
-        print(
-            f"\nwith token-length rules (max_length 512), {args.length_rules_size:,} JSONL rows: ours "
-            f"{ours['rows_per_s']:,.0f} rows/s, peak {ours['peak_rss_mb']:,.0f} MB; baseline {base['rows_per_s']:,.0f} "
-            f"rows/s, peak {base['peak_rss_mb']:,.0f} MB; speed ratio {ours['rows_per_s'] / base['rows_per_s']:.2f}",
-            flush=True,
-        )
-        _remove(path)
 
-        # Ray: the same rows on a local 2-worker cluster (started in the child), against ours on one core
-        path = write_data(folder, "parquet-shards", args.ray_size)
-        local, on_ray = measure("ours", path), measure("ray", path)
-        assert on_ray["pairs"] == local["pairs"], (on_ray, local)
-        print(
-            f"Ray, 2 workers, {args.ray_size:,} rows in 8 Parquet shards: {on_ray['rows_per_s']:,.0f} rows/s (cluster "
-            f"start included) against {local['rows_per_s']:,.0f} on one core locally: ratio "
-            f"{on_ray['rows_per_s'] / local['rows_per_s']:.2f}; driver peak RSS {on_ray['peak_rss_mb']:,.0f} MB",
-            flush=True,
-        )
+def length_rules(folder: Path, n: int, vocabulary: list[str]) -> None:
+    """The token-length rules: the tokenizer is the cost (SmolLM2's, on the chat-templated prompt and each answer)."""
+    path = write_data(folder, "jsonl", n, vocabulary)
+    ours, base = measure("ours", path, TOKENIZER, 512), measure("baseline", path, TOKENIZER, 512)
+    print(
+        f"\nwith token-length rules ({TOKENIZER}, max_length 512), {n:,} JSONL rows: ours {ours['rows_per_s']:,.0f} "
+        f"rows/s, peak {ours['peak_rss_mb']:,.0f} MB; baseline {base['rows_per_s']:,.0f} rows/s, peak "
+        f"{base['peak_rss_mb']:,.0f} MB; speed ratio {ours['rows_per_s'] / base['rows_per_s']:.2f}",
+        flush=True,
+    )
+    _remove(path)
+
+
+def on_ray(folder: Path, n: int, vocabulary: list[str]) -> None:
+    """The same rows on a local 2-worker Ray cluster (started in the child), against ours on one core."""
+    path = write_data(folder, "parquet-shards", n, vocabulary)
+    local, distributed = measure("ours", path), measure("ray", path)
+    assert distributed["pairs"] == local["pairs"], (distributed, local)
+    print(
+        f"Ray, 2 workers, {n:,} rows in 8 Parquet shards: {distributed['rows_per_s']:,.0f} rows/s (cluster start "
+        f"included) against {local['rows_per_s']:,.0f} on one core locally: ratio "
+        f"{distributed['rows_per_s'] / local['rows_per_s']:.2f}; driver peak RSS {distributed['peak_rss_mb']:,.0f} MB",
+        flush=True,
+    )
+    _remove(path)
 
 
 def _remove(path: Path) -> None:
