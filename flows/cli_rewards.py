@@ -27,7 +27,8 @@ def rewards_audit(
     workspace: Optional[str] = WorkspaceOpt,
     experiment: str = typer.Option("creditflow-audit", help="MLflow experiment of the audit run."),
 ) -> None:
-    """Do token rewards point the right way? AUC of bad vs other tokens on a probe with known errors."""
+    """Do token rewards point the right way? The paired score of planted errors (wrong token vs right token at the
+    same place), and the pooled AUC of bad vs other tokens, on a probe with known errors."""
     from creditflow.tasks.configs import TEMPLATE_PRESETS
     from creditflow.tasks.credit.audit_probes import build_probe
     from creditflow.tasks.models.resolve import resolve_model
