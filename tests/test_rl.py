@@ -383,14 +383,15 @@ def test_lora_reads_the_reference_through_disabled_adapters(model_dir, reward_di
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-5) and history[-1]["kl"] != 0.0
 
 
-SOURCES = ["sparse", "abc", "contrastive", "abc+contrastive", "dpo_implicit"]
+SOURCES = ["sparse", "abc", "contrastive", "abc+contrastive", "dpo_implicit", "function"]
 
 
 @pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
 @pytest.mark.parametrize("source", SOURCES)
 def test_each_reward_source_trains_every_parameter_with_its_credit(model_dir, reward_dir, dpo_dir, source, algorithm):
     implicit = {"implicit_model_dir": dpo_dir, "implicit_beta": 0.5} if source == "dpo_implicit" else {}
-    config = _config(reward_source=source, algorithm=algorithm, max_steps=1)
+    function = {"credit_function": "test_rl:good_token_credit"} if source == "function" else {}
+    config = _config(reward_source=source, algorithm=algorithm, max_steps=1, **function)
     trainer = RLTrainer(model_dir, reward_dir, PROMPTS, config, progress=False, **implicit)
     before = {n: p.detach().clone() for n, p in trainer.trainable.items()}
     first = trainer.train()[0]
@@ -560,7 +561,7 @@ def test_abc_refuses_a_reward_model_whose_template_rewrites_the_response(model_d
         _scored(trainer, rewards, [rollout])
 
 
-@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "rloo_token", "grpo"])
 def test_a_learnable_reward_rises(model_dir, reward_dir, algorithm):
     config = _config(
         algorithm=algorithm, samples_per_prompt=4, epochs=8, max_steps=16, learning_rate=1e-2, reward_source="sparse"
@@ -572,7 +573,9 @@ def test_a_learnable_reward_rises(model_dir, reward_dir, algorithm):
 
 
 @pytest.mark.parametrize(
-    "kl_target,algorithm", [(None, "ppo"), (0.5, "ppo"), (0.5, "grpo")], ids=["fixed-kl", "adaptive-kl", "grpo"]
+    "kl_target,algorithm",
+    [(None, "ppo"), (0.5, "ppo"), (0.5, "rloo"), (0.5, "rloo_token"), (0.5, "grpo")],
+    ids=["fixed-kl", "adaptive-kl", "rloo", "rloo_token", "grpo"],
 )
 def test_an_interrupted_run_resumes_exactly(model_dir, reward_dir, tmp_path, kl_target, algorithm):
     # horizon 100: the adaptive coefficient moves ~3% per iteration, so a coefficient not restored shows

@@ -17,8 +17,8 @@ the id of its first-seen prompt falls below ``eval_fraction``: adding data moves
 the new data joins it to an earlier one's group.
 
 Streaming: rows are read, checked and written in batches of ``BATCH_ROWS``. What stays in memory per row is compact:
-a 10-byte key and the first location of each pair (exact dedupe), and per distinct prompt its index and LSH band
-keys. Passing pairs are staged on disk; a second pass over them writes the split.
+a 10-byte key and an int locating the first row of each pair (exact dedupe), and per distinct prompt its index and
+LSH band keys. Passing pairs are staged on disk; a second pass over them writes the split.
 """
 
 from __future__ import annotations
@@ -314,7 +314,7 @@ def curate_to(
         staged_path = Path(tmp) / "staged.parquet"
         prompts = NearDuplicateIndex(tools.sketch, Path(tmp) / "signatures.bin")
         staged = pq.ParquetWriter(staged_path, _STAGED, compression="lz4")  # a scratch file: fast, not small
-        seen: dict[bytes, str] = {}  # pair key -> where it was first seen (exact dedupe)
+        seen = _FirstSeen()  # exact dedupe
         rows_in = 0
         for source in config.sources:
 
@@ -391,8 +391,32 @@ class ShardChecker:
         return checked
 
 
+class _FirstSeen:
+    """Where each pair was first seen, compactly: a 10-byte key to one int packing an interned location prefix
+    (source and shard) and the line or row number, instead of a location string per pair."""
+
+    def __init__(self) -> None:
+        self.codes: dict[bytes, int] = {}
+        self.prefixes: list[str] = []
+        self._prefix_ids: dict[str, int] = {}
+
+    def check(self, pair_id: str, label: str, location: str) -> str | None:
+        """Where ``pair_id`` was first seen, or None (and it is recorded as seen here)."""
+        key = bytes.fromhex(pair_id)
+        code = self.codes.get(key)
+        if code is not None:
+            return f"{self.prefixes[code >> 40]}{code & (2**40 - 1)}"
+        head, _, number = location.rpartition(" ")  # "[shard ]line 17", "row 17"
+        prefix = f"{label} {head} "
+        prefix_id = self._prefix_ids.setdefault(prefix, len(self.prefixes))
+        if prefix_id == len(self.prefixes):
+            self.prefixes.append(prefix)
+        self.codes[key] = prefix_id << 40 | int(number)
+        return None
+
+
 def _dedupe(
-    checked: list[Checked], label: str, rules: CurateRules, seen: dict[bytes, str], quarantine: _Quarantine
+    checked: list[Checked], label: str, rules: CurateRules, seen: _FirstSeen, quarantine: _Quarantine
 ) -> list[tuple[dict[str, Any], np.ndarray]]:
     """The batch's pairs that pass every rule so far (records and prompt signatures); the rest quarantined, in the
     documented order: a duplicate is charged as one before its own tie, margin or length problem."""
@@ -404,14 +428,12 @@ def _dedupe(
             quarantine.add(label, c.location, c.rejection, c.raw, c.pair_id)
             continue
         if rules.dedupe:
-            key = bytes.fromhex(record["pair_id"])
-            first = seen.get(key)
+            first = seen.check(record["pair_id"], label, c.location)
             if first is not None:
                 quarantine.add(
                     label, c.location, Rejection("duplicate", f"duplicate of {first}"), c.raw, record["pair_id"]
                 )
                 continue
-            seen[key] = f"{label} {c.location}"
         if c.rejection is not None:
             quarantine.add(label, c.location, c.rejection, c.raw, record["pair_id"])
             continue
@@ -439,7 +461,9 @@ def _split_and_write(
     kept_at: dict[int, str] = {}  # first prompt of a group of several -> the row that kept it (near_duplicate names it)
     columns = [name for name in S.PAIRS_SCHEMA.names if name != "split"]
     with pq.ParquetWriter(folder / "pairs.parquet", S.PAIRS_SCHEMA, compression="zstd") as out:
-        for batch in pq.ParquetFile(staged_path).iter_batches(batch_size=BATCH_ROWS):
+        staged = pq.ParquetFile(staged_path)
+        for group_index in range(staged.num_row_groups):  # one row group (one pass-1 batch) in memory at a time
+            batch = staged.read_row_group(group_index).combine_chunks().to_batches()[0]
             index = batch.column("prompt_index").to_numpy()
             first = group[index]
             for row in np.flatnonzero((index == first) & (sizes[first] > 1)):
