@@ -219,7 +219,8 @@ def on_ray(folder: Path, n: int, vocabulary: list[str]) -> None:
         f"Ray, 2 workers, {n:,} rows in 8 Parquet shards with the token-length rules: "
         f"{distributed['rows_per_s']:,.0f} rows/s (cluster start included); locally {one_core['rows_per_s']:,.0f} "
         f"on one core, {both_cores['rows_per_s']:,.0f} on two (the tokenizer's threads); ratio to one core "
-        f"{distributed['rows_per_s'] / one_core['rows_per_s']:.2f}; driver peak RSS {distributed['peak_rss_mb']:,.0f} MB",
+        f"{distributed['rows_per_s'] / one_core['rows_per_s']:.2f}; driver peak RSS "
+        f"{distributed['peak_rss_mb']:,.0f} MB",
         flush=True,
     )
     _remove(path)
