@@ -336,10 +336,12 @@ def _json_rows(path: Path, kind: str | None, label: str, prefix: str) -> Iterato
 
 def _parquet_rows(path: Path, label: str, prefix: str):
     try:
-        handle = pq.ParquetFile(path)
+        # buffered column reads: a row group (the whole file, for many writers) is not decoded into memory at once
+        handle = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
     except (pa.ArrowInvalid, OSError) as exc:
         raise MalformedInputError(label, prefix.strip() or None, None, f"not a readable Parquet file ({exc})") from None
-    return handle.schema_arrow.names, _batch_rows(handle.iter_batches(batch_size=TABLE_BATCH_ROWS), label, prefix)
+    batches = handle.iter_batches(batch_size=TABLE_BATCH_ROWS, use_threads=False)
+    return handle.schema_arrow.names, _batch_rows(batches, label, prefix)
 
 
 def _csv_rows(path: Path, kind: str | None, label: str, prefix: str):

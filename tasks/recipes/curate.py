@@ -457,6 +457,7 @@ def _split_and_write(
         eval_group[firsts[np.argmin(units[firsts])]] = True  # tiny sets: still hold out one group
     sizes = np.bincount(group, minlength=n) if n else np.zeros(0, dtype=np.int64)
     kept_prompts = np.zeros(n, dtype=bool)
+    pairs_out = eval_pairs = 0
     summary = CurationSummary({}, {})
     kept_at: dict[int, str] = {}  # first prompt of a group of several -> the row that kept it (near_duplicate names it)
     columns = [name for name in S.PAIRS_SCHEMA.names if name != "split"]
@@ -485,17 +486,17 @@ def _split_and_write(
             table = pa.Table.from_batches([batch]).select(columns).append_column("split", split).filter(keep)
             out.write_table(table.cast(S.PAIRS_SCHEMA))
             kept_prompts[index[keep]] = True
+            pairs_out += int(keep.sum())
+            eval_pairs += int(eval_group[first][keep].sum())
             for side, lengths in (("chosen", summary.chosen_lengths), ("rejected", summary.rejected_lengths)):
                 lengths.frombytes(_lengths(table, side).tobytes())
-    pairs = pq.ParquetFile(folder / "pairs.parquet").read(columns=["split"]).column("split")
-    eval_pairs = pc.sum(pc.equal(pairs, "eval")).as_py() or 0
     eval_prompts = int(np.sum(kept_prompts & eval_group[group])) if n else 0
     rule_counts = {rule: quarantine.counts.get(rule, 0) for rule in RULES}
     summary.rule_counts = rule_counts
     summary.metrics = {
-        "pairs_out": len(pairs),
+        "pairs_out": pairs_out,
         "quarantined": sum(rule_counts.values()),
-        "train_pairs": len(pairs) - eval_pairs,
+        "train_pairs": pairs_out - eval_pairs,
         "eval_pairs": eval_pairs,
         "train_prompts": int(kept_prompts.sum()) - eval_prompts,
         "eval_prompts": eval_prompts,
