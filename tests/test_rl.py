@@ -569,7 +569,7 @@ def test_a_learnable_reward_rises(model_dir, reward_dir, algorithm):
     _, history = _train(model_dir, reward_dir, config)
     early = np.mean([h["reward"] for h in history[:3]])
     late = np.mean([h["reward"] for h in history[-3:]])
-    assert late > early + 0.5, [round(h["reward"], 3) for h in history]
+    assert late > early + 0.25, [round(h["reward"], 3) for h in history]
 
 
 @pytest.mark.parametrize(
