@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import subprocess
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
@@ -44,13 +45,23 @@ def sha256_tree(root: str | Path) -> str:
     return sha256_json(entries)
 
 
+# CPython 3.11.7's ast.parse keeps its recursion-depth count per process, not per thread, so two threads parsing
+# at once can fail with "AST constructor recursion depth mismatch" (gh-106905); Prefect runs tasks in threads.
+_PARSE_LOCK = threading.Lock()
+
+
+def _parse(source: str) -> ast.Module:
+    with _PARSE_LOCK:
+        return ast.parse(source)
+
+
 @lru_cache(maxsize=None)
 def imported_modules(module: str) -> frozenset[str]:
     """The ``creditflow`` modules ``module``'s source imports, at top level or inside functions (parsed, not
     imported; once per process, like the source itself). ``from package import name`` counts ``package.name`` when
     that is a module, else ``package``."""
     found = set()
-    for node in ast.walk(ast.parse(module_source(module))):
+    for node in ast.walk(_parse(module_source(module))):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "creditflow"}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "creditflow":
@@ -85,7 +96,7 @@ def table_modules(module: str, table: str) -> dict[str, str]:
     ``RECIPES = {"curate": curate.compute_curate}`` with ``from creditflow.tasks.recipes import curate`` gives
     ``{"curate": "creditflow.tasks.recipes.curate"}``. So planning can hash the code a table reaches without
     importing torch, while the table itself holds the functions (an editor finds every caller)."""
-    tree = ast.parse(module_source(module))
+    tree = _parse(module_source(module))
     names = {}  # local name -> the module it is, or the module it comes from
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "creditflow":
@@ -137,7 +148,7 @@ def module_source(module: str) -> str:
 
 def code_text(source: str) -> str:
     """``source`` printed back from its syntax tree, docstrings dropped: what runs, not how it is written."""
-    tree = ast.parse(source)
+    tree = _parse(source)
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body

@@ -27,10 +27,10 @@ from scipy.sparse.csgraph import connected_components
 from creditflow.tasks.configs import SourceConfig
 from creditflow.tasks.data.formats import MalformedInputError
 from creditflow.tasks.data.ingest import read_rows
-from creditflow.tasks.data.schema import Messages
 
 NUM_PERM = 128
 _PERM_CHUNK = 16
+_PAIR_CHUNK = 4096
 _MIX = tuple(np.uint64(m) for m in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9))  # odd 64-bit mixers
 SHINGLE_WORDS = 3
 _WORD = re.compile(r"\w+")
@@ -39,10 +39,6 @@ _WORD = re.compile(r"\w+")
 def words(text: str) -> list[str]:
     """Lowercased words, punctuation and whitespace dropped: what both checks compare."""
     return _WORD.findall(text.lower())
-
-
-def prompt_text(prompt: Messages) -> str:
-    return "\n".join(m["content"] for m in prompt)
 
 
 class PromptSketch:
@@ -135,7 +131,12 @@ class NearDuplicateIndex:
             right.append(order[1:][same])
         a, b = np.concatenate(left), np.concatenate(right)
         if len(a):
-            agree = np.array([np.mean(signatures[i] == signatures[j]) for i, j in zip(a, b)])
+            agree = np.concatenate(  # a chunk of candidate pairs' signatures in memory at a time
+                [
+                    np.mean(signatures[a[i : i + _PAIR_CHUNK]] == signatures[b[i : i + _PAIR_CHUNK]], axis=1)
+                    for i in range(0, len(a), _PAIR_CHUNK)
+                ]
+            )
             a, b = a[agree >= self.sketch.threshold], b[agree >= self.sketch.threshold]
         graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
         _, labels = connected_components(graph, directed=False)

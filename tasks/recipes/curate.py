@@ -45,7 +45,7 @@ from creditflow.tasks.configs import CurateConfig, CurateRules, SourceConfig
 from creditflow.tasks.data import schema as S
 from creditflow.tasks.data.formats import MalformedInputError, RowProblem, check_columns, convert_row, detect_format
 from creditflow.tasks.data.ingest import has_columns, read_rows, row_total, shard_rows, source_shards
-from creditflow.tasks.data.similarity import Contamination, NearDuplicateIndex, PromptSketch, prompt_text
+from creditflow.tasks.data.similarity import Contamination, NearDuplicateIndex, PromptSketch
 from creditflow.tasks.infer.distributed import map_shards, uses_ray
 from creditflow.tasks.models.loading import load_tokenizer
 from creditflow.tasks.models.resolve import resolve_model
@@ -174,7 +174,7 @@ class RowChecker:
             self._apply_length_rules(passing)
         kept = [c for c in passing if c.rejection is None]
         prompts = {c.record["prompt_id"]: c.record["prompt"] for c in kept}
-        signatures = dict(zip(prompts, self.sketch.signatures([prompt_text(p) for p in prompts.values()])))
+        signatures = dict(zip(prompts, self.sketch.signatures([S.completion_text(p) for p in prompts.values()])))
         for c in kept:
             c.signature = signatures[c.record["prompt_id"]]
         return checked
@@ -209,7 +209,7 @@ class RowChecker:
                     return Checked(location, row, None, Rejection("empty", reason, name))
 
         if self.contamination is not None:
-            item = self.contamination.match(prompt_text(prompt))
+            item = self.contamination.match(S.completion_text(prompt))
             if item is not None:
                 reason = (
                     f"prompt shares a {self.contamination.n}-word n-gram with benchmark {item.file} {item.location}: "
