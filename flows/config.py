@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from creditflow.storage.names import check_name
-from creditflow.tasks.config_base import ComputeConfig, StrictConfig
+from creditflow.tasks.config_base import ComputeConfig, StrictConfig, precision_mode
 from creditflow.tasks.configs import (
     AuditConfig,
     CurateConfig,
@@ -72,6 +72,18 @@ class PipelineConfig(StrictConfig):
     @classmethod
     def _experiment_name(cls, value: str) -> str:
         return check_name(value, "experiment")
+
+    @model_validator(mode="after")
+    def _reference_precision_follows_policy(self) -> "PipelineConfig":
+        """token_rewards.dtype: auto scores the reference at the policy's precision (tasks/models/precision.py)."""
+        mode, scoring = precision_mode(self.policy), self.token_rewards
+        if "policy_precision" in scoring.model_fields_set and scoring.policy_precision != mode:
+            raise ValueError(
+                f"token_rewards.policy_precision is {scoring.policy_precision!r} but the policy section computes with "
+                f"{mode!r}; leave it unset (it follows the policy section)"
+            )
+        self.token_rewards = scoring.model_copy(update={"policy_precision": mode})
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -13,6 +13,20 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# How a trainer computes on a GPU: float32 (bf16: false); bf16-autocast (fp32 master weights under bf16 autocast:
+# full fine-tuning with DDP); bf16-params (bf16 weights under autocast: LoRA's frozen bf16 base, FSDP2's bf16
+# compute parameters). The last two differ: fp32 weights keep the residual stream in fp32, bf16 ones round it at
+# every layer, so a reference scored one way is not the policy at step 0 the other way.
+PRECISION_MODES = ("float32", "bf16-autocast", "bf16-params")
+
+
+def precision_mode(config: "TrainingConfig") -> str:
+    """One of PRECISION_MODES: what a trainer with this config computes with on a GPU."""
+    if not config.bf16:
+        return "float32"
+    bf16_params = getattr(config, "lora", None) is not None or getattr(config, "strategy", "ddp") == "fsdp"
+    return "bf16-params" if bf16_params else "bf16-autocast"
+
 
 class StrictConfig(BaseModel):
     """Base of every config section: unknown keys and wrong types are errors."""

@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from creditflow.tasks.config_base import (
+    PRECISION_MODES,
     DistributedTrainingConfig,
     SamplingConfig,
     StrictConfig,
@@ -194,8 +195,14 @@ class TokenRewardsConfig(StrictConfig):
     abc_max_length: int | None = Field(None, ge=2, description="RM tokens; null: the RM's training max_length.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="auto: the policy's precision (fp32 weights, bf16 autocast on CUDA; fp32 on CPU), so DPO's margin "
-        "starts at 0; bfloat16: pure bf16 weights (faster, approximate reference log-probs).",
+        description="auto: the policy stage's precision (policy_precision on CUDA; fp32 on CPU), so DPO's margin "
+        "starts at 0; float32 / bfloat16: plain weights of that dtype (bfloat16: faster, approximate).",
+    )
+    policy_precision: Literal[PRECISION_MODES] = Field(  # type: ignore[valid-type]
+        "bf16-autocast",
+        description="What dtype: auto matches on a GPU, derived from the policy section (set it only when the policy "
+        "is trained elsewhere): float32, bf16-autocast (fp32 weights under bf16 autocast) or bf16-params (bf16 "
+        "weights: a LoRA policy's base, FSDP2's compute parameters).",
     )
     device: str = Field("auto", description="auto (cuda if available) | cpu | cuda | cuda:N.")
     heatmap_pairs: int = Field(3, ge=0, description="Sample pairs logged as HTML/PNG heat maps.")
@@ -307,6 +314,17 @@ class PolicyConfig(DistributedTrainingConfig):
     length_grouped: bool = Field(True, description="Batch pairs of similar length together to cut padding.")
     chunk_size: int = Field(1024, ge=1, description="Completion positions per LM-head chunk.")
     lora: LoraConfig | None = None
+    packing: bool = Field(
+        False,
+        description="Pack each micro-batch's sequences into rows without padding; attention stays inside each "
+        "sequence (flex_attention, or flash-attn's varlen kernel when installed; SDPA with a block mask on CPU).",
+    )
+    packing_tokens: int | None = Field(
+        None, ge=16, description="packing: tokens per packed row; null: the whole micro-batch in one row."
+    )
+    compile: bool = Field(
+        False, description="torch.compile the decoder; batch widths are bucketed (multiples of 64) to bound recompiles."
+    )
 
     @model_validator(mode="after")
     def _regularizer_needs_rewards(self) -> "PolicyConfig":

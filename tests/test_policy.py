@@ -6,6 +6,7 @@ The token-reward table is built here with the reference model (``logprobs.comple
 """
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -28,13 +29,15 @@ from creditflow.tasks.data import schema as S
 from creditflow.tasks.models.causal_lm import trained_model_folder
 from creditflow.tasks.models.loading import disable_dropout, load_policy_model, load_tokenizer
 from creditflow.tasks.models.logprobs import completion_logprobs, training_logprobs
+from creditflow.tasks.models.packing import pack_layout
+from creditflow.tasks.models.precision import REFERENCE_PRECISION_FILE
 from creditflow.tasks.models.tiny import build_tiny_causal_lm
 from creditflow.tasks.models.tokenization import completion_offsets, encode_pair
 from creditflow.tasks.recipes.policy import PolicyTrainer, compute_policy, launch_distributed
 from creditflow.tasks.recipes.token_rewards import OUTPUT_SCHEMA
 from creditflow.tasks.stage import StageContext
 from creditflow.tasks.train.optim import cosine_schedule
-from creditflow.tasks.train.preference_batches import build_examples, collate, epoch_batches
+from creditflow.tasks.train.preference_batches import SHAPE_BUCKET, build_examples, collate, epoch_batches
 
 GOOD = ["great", "wonderful", "lovely", "happy", "excellent", "bright"]
 BAD = ["awful", "terrible", "sad", "horrible", "boring", "grim"]
@@ -148,7 +151,7 @@ def _margins(model, examples, beta: float = 0.1) -> torch.Tensor:
     batch = collate(examples, 0, CPU)
     with torch.no_grad():
         flat = training_logprobs(model, batch.input_ids, batch.attention_mask, batch.rows, batch.cols)
-    logp = flat.new_zeros(batch.mask.shape).index_put((batch.rows, batch.index), flat)
+    logp = flat.new_zeros(batch.mask.shape).index_put((batch.sides, batch.index), flat)
     ratio = ((logp - batch.ref_logps) * batch.mask).sum(-1)
     return beta * (ratio[: len(examples)] - ratio[len(examples) :])
 
@@ -321,6 +324,80 @@ def test_simpo_with_treg_runs_and_separates_pairs(model_dir, examples):
     assert history[0]["rewards_margin"] < history[-1]["rewards_margin"]
     assert history[-1]["rewards_accuracy"] > 0.9
     assert all(math.isfinite(h["loss"]) and h["regularizer"] != 0 for h in history)
+
+
+def test_pack_layout_fills_rows_first_fit_decreasing():
+    lengths = [5, 9, 3, 7, 2]
+    one_row = pack_layout(lengths, multiple=8)
+    assert one_row.n_rows == 1 and one_row.width == 32  # 26 tokens, rounded up to 8
+    assert sorted(zip(one_row.starts, lengths)) == [(0, 9), (9, 7), (16, 5), (21, 3), (24, 2)]  # longest first
+    budget = pack_layout(lengths, budget=10)
+    assert budget.n_rows == 3 and budget.width == 10  # [9] [7 3] [5 2]
+    for row in range(budget.n_rows):
+        spans = sorted((s, s + n) for s, n, r in zip(budget.starts, lengths, budget.rows) if r == row)
+        assert spans[-1][1] <= 10 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no overlap
+    assert pack_layout([12, 3], budget=10).rows == [0, 1]  # too long for the budget: a row of its own
+
+
+@pytest.mark.parametrize("budget", [None, 64], ids=["one-row", "budget-64"])
+def test_packed_logprobs_equal_padded_in_value_and_gradient(model_dir, examples, budget):
+    """Per-sequence log-probs of packed rows (SDPA's block mask from the position ids) equal the padded path's."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    results = []
+    for packing in (False, True):
+        batch = collate(examples[:6], 0, CPU, packing=packing, packing_tokens=budget)
+        model.zero_grad()
+        flat = training_logprobs(
+            model, batch.input_ids, batch.attention_mask, batch.rows, batch.cols, 16, batch.position_ids
+        )
+        logp = flat.new_zeros(batch.mask.shape).index_put((batch.sides, batch.index), flat)
+        (logp * batch.mask).sum().backward()
+        results.append((batch, logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (padded, padded_logp, padded_grads), (packed, packed_logp, packed_grads) = results
+    assert packed.attention_mask is None and packed.tokens == padded.tokens == int(padded.attention_mask.sum())
+    if budget:
+        assert packed.input_ids.shape[0] > 1 and packed.input_ids.shape[1] <= budget
+    else:
+        assert packed.input_ids.numel() == packed.tokens  # one row, not one pad token
+    assert torch.allclose(packed_logp, padded_logp, atol=1e-5, rtol=0)
+    for name, grad in padded_grads.items():
+        assert torch.allclose(packed_grads[name], grad, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.slow
+def test_flex_attention_block_mask_keeps_packed_sequences_apart(model_dir, examples):
+    """The GPU kernel's path: transformers turns the position ids into a flex_attention BlockMask. CPUs run its
+    forward only (no backward), unfused."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="flex_attention").eval()
+    padded, packed = (collate(examples[:4], 0, CPU, packing=packing) for packing in (False, True))
+    with torch.no_grad():
+        values = [
+            training_logprobs(model, b.input_ids, b.attention_mask, b.rows, b.cols, 16, b.position_ids)
+            for b in (padded, packed)
+        ]
+    assert torch.allclose(values[0], values[1], atol=1e-5, rtol=0)
+
+
+def test_packed_training_follows_the_padded_loss_curve_treg_included(model_dir, examples):
+    _, padded = _train(model_dir, examples, _config(max_steps=3))
+    trainer, packed = _train(model_dir, examples, _config(max_steps=3, packing=True, packing_tokens=64))
+    assert packed[0]["regularizer"] != 0  # T-REG's term is in the loss
+    for name in ("loss", "sequence_loss", "regularizer", "token_reward_corr"):
+        first = 1 if name == "token_reward_corr" else 0  # at step 0 the implicit rewards are 0 up to rounding
+        assert [h[name] for h in packed[first:]] == pytest.approx(
+            [h[name] for h in padded[first:]], rel=1e-4, abs=1e-5
+        ), name
+    assert [h["step0_logp_gap"] for h in (packed[0], padded[0])] == pytest.approx([0, 0], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_the_eager_loss_curve(model_dir, examples):
+    """compile: true compiles the decoder over widths bucketed to 64 (a handful of shapes): the same losses."""
+    _, eager = _train(model_dir, examples, _config(max_steps=3))
+    trainer, compiled = _train(model_dir, examples, _config(max_steps=3, compile=True))
+    assert trainer.pad_multiple == SHAPE_BUCKET
+    for name in ("loss", "sequence_loss", "regularizer"):
+        assert [h[name] for h in compiled] == pytest.approx([h[name] for h in eager], rel=1e-4, abs=1e-5), name
 
 
 def test_gradient_checkpointing_changes_memory_not_results(model_dir, examples):
@@ -532,19 +609,22 @@ def test_two_nodes_of_one_process_train_as_two_processes_on_one_node(model_dir, 
 # Stage entry point
 
 
-def _run_stage(model_dir, data, workspace_dir, publish, config: PolicyConfig) -> tuple[StageContext, dict]:
-    """compute_policy on published curate and token-reward artifacts: (its context, its metrics)."""
+def _run_stage(
+    model_dir, data, workspace_dir, publish, config: PolicyConfig, scored_at: str = "torch.float32"
+) -> tuple[StageContext, dict]:
+    """compute_policy on published curate and token-reward artifacts (reference log-probs recorded as scored at
+    ``scored_at``): (its context, its metrics)."""
     pairs, table = data
     workspace = Workspace.resolve(workspace_dir)
     split = [_pair(i, "eval") for i in range(100, 103)]  # eval pairs are not trained on
     store = workspace.store
     curate = publish(store, "curate", "c", {"pairs": pa.concat_tables([pairs, S.rows_to_table(split, S.PAIRS_SCHEMA)])})
-    token_rewards = publish(
-        store,
-        "token_rewards",
-        "t",
-        {"token_rewards": table},
-        {"reference_model": str(model_dir), "sources": ["contrastive"], "abc_beta": 0.8, **KNOBS},
+    writer = store.writer("token_rewards", "t")
+    writer.write_table("token_rewards", table)
+    writer.write_json(REFERENCE_PRECISION_FILE, {"reference_logps": scored_at})
+    knobs = {"reference_model": str(model_dir), "sources": ["contrastive"], "abc_beta": 0.8, **KNOBS}
+    token_rewards = store.publish(
+        writer, stage="token_rewards", fingerprint="t", inputs={}, config=knobs, code_version="t"
     )
     ctx = StageContext(
         config=config,
@@ -577,6 +657,15 @@ def test_stage_writes_model_train_log_and_mlflow_artifacts(model_dir, data, tmp_
     location = run.client.get_run(run.run_id).data.tags["creditflow.model_path"]
     assert location == str(store.path("policy", "p1") / "model")  # one copy of the weights: the artifact store's
     assert [m.step for m in run.client.get_metric_history(run.run_id, "loss")] == [1, 2, 3]
+
+
+def test_stage_warns_naming_a_reference_scored_at_another_precision(model_dir, data, tmp_path, publish, caplog):
+    with caplog.at_level(logging.WARNING, logger="creditflow.tasks.recipes.policy"):
+        ctx, _ = _run_stage(model_dir, data, tmp_path / "ws", publish, _config(max_steps=1), "torch.bfloat16")
+    assert "token_rewards artifact t scored the reference log-probs at torch.bfloat16" in caplog.text
+    assert "this policy computes at torch.float32" in caplog.text
+    tags = ctx.run.client.get_run(ctx.run.run_id).data.tags
+    assert tags["creditflow.reference_precision"] == "torch.bfloat16 (policy: torch.float32)"
 
 
 def test_an_adapter_only_lora_run_rebuilds_its_merged_model(model_dir, data, tmp_path, publish, monkeypatch):

@@ -1,5 +1,6 @@
 """T-REG contrastive token rewards, their alignment with the trainer's tokens, and the incremental shard cache."""
 
+import json
 import math
 import shutil
 
@@ -22,6 +23,7 @@ from creditflow.tasks.credit.source import SourceModels
 from creditflow.tasks.data import schema as S
 from creditflow.tasks.models.loading import load_tokenizer
 from creditflow.tasks.models.logprobs import label_logprobs, naive_completion_logprobs
+from creditflow.tasks.models.precision import REFERENCE_PRECISION_FILE
 from creditflow.tasks.models.tiny import build_tiny_causal_lm, build_tiny_reward_backbone, build_tiny_tokenizer
 from creditflow.tasks.models.tokenization import encode_pair, encode_prompts, truncate_pair
 from creditflow.tasks.recipes.token_rewards import OUTPUT_SCHEMA, compute_token_rewards
@@ -201,6 +203,9 @@ def _run_stage(stage_env, reference, pairs, config, name):
         reference_model=str(reference),
     )
     metrics = compute_token_rewards(ctx)
+    if "contrastive" in config.sources:  # what the policy stage checks its own precision against
+        record = json.loads((ctx.writer.dir / REFERENCE_PRECISION_FILE).read_text())
+        assert record == {"reference_logps": "torch.float32"}  # dtype auto on CPU, whatever the policy's mode
     return metrics, pq.read_table(ctx.writer.dir / "token_rewards.parquet")
 
 

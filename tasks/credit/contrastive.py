@@ -33,7 +33,7 @@ from creditflow.tasks.data.schema import Messages, completion_text
 from creditflow.tasks.models import tokenization
 from creditflow.tasks.models.loading import load_reference_model, load_tokenizer
 from creditflow.tasks.models.logprobs import DEFAULT_CHUNK, completion_logprobs
-from creditflow.tasks.models.precision import autocast, reference_precision
+from creditflow.tasks.models.precision import reference_precision
 from creditflow.tasks.models.resolve import model_fingerprint, resolve_model
 from creditflow.tasks.models.tokenization import (
     completion_offsets,
@@ -159,7 +159,7 @@ def contrastive_source(
 ) -> Source:
     """T-REG contrastive prompting on the reference model (whose tokenizer is the policy's)."""
 
-    dtype, bf16_autocast = reference_precision(config.dtype, device)
+    precision = reference_precision(config.dtype, device, config.policy_precision)
     folder = resolve_model(models.reference_model)
     tokenizer = load_tokenizer(str(folder), trust_remote_code)
     knobs = {
@@ -170,7 +170,7 @@ def contrastive_source(
         "max_length": config.max_length,
         "max_prompt_length": config.max_prompt_length,
         "truncation": config.truncation,
-        "dtype": f"{dtype}{'+autocast-bf16' if bf16_autocast else ''}",
+        "dtype": precision.label,  # the policy stage checks it against its own
         "code": code_version(reached_modules([__name__])),  # this module and all it imports
     }
     model = None
@@ -179,8 +179,8 @@ def contrastive_source(
     def score(items: list[ContrastiveItem], progress) -> list[dict[str, Any]]:
         nonlocal model
         if model is None:  # loaded on first use: a fully cached run never loads it
-            model = load_reference_model(folder, device, dtype, trust_remote_code)
-        with autocast(device, bf16_autocast):
+            model = load_reference_model(folder, device, precision.weights, trust_remote_code)
+        with precision.autocast(device):
             results = score_contrastive(model, items, config.batch_size, pad_id, progress)
         return [
             {

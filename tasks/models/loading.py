@@ -30,9 +30,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from creditflow.tasks.config_base import precision_mode
 from creditflow.tasks.configs import LoraConfig
 from creditflow.tasks.models.logprobs import check_lm_head
-from creditflow.tasks.models.precision import inference_dtype, resolve_device
+from creditflow.tasks.models.precision import Precision, compute_precision, inference_dtype, resolve_device
 
 
 def from_pretrained(auto_class, folder: str | Path, trust_remote_code: bool = False, **kwargs):
@@ -65,16 +66,24 @@ class TrainableLMConfig(Protocol):
 
 
 def load_policy_model(
-    model_dir: str | Path, config: TrainableLMConfig, device: torch.device, trust_remote_code: bool = False
+    model_dir: str | Path,
+    config: TrainableLMConfig,
+    device: torch.device,
+    trust_remote_code: bool = False,
+    precision: Precision | None = None,
+    attention: str = "sdpa",
 ):
-    """(trained model, causal LM inside it): the same object, or a PEFT wrapper and the LM it patched."""
+    """(trained model, causal LM inside it): the same object, or a PEFT wrapper and the LM it patched.
+    ``precision``: default, the config's on ``device`` (tasks/models/precision.py); ``attention``: the kernel
+    (packed rows need one that reads sequence boundaries, tasks/models/packing.py)."""
 
     # bf16 on CUDA: autocast over fp32 master weights. Pure bf16 weights would be ~13% faster and ~6 GiB lighter at
     # 0.5B params (docs/gpu_notes.md), but DPO learning rates (1e-7..1e-6) are far below bf16's relative precision
-    # (2^-8), so most updates would round away. Frozen LoRA bases hold no updates and load in bf16.
-    cuda_bf16 = config.bf16 and device.type == "cuda"
-    dtype = torch.bfloat16 if cuda_bf16 and config.lora else torch.float32
-    lm = from_pretrained(AutoModelForCausalLM, model_dir, trust_remote_code, dtype=dtype, attn_implementation="sdpa")
+    # (2^-8), so most updates would round away. Frozen LoRA bases hold no updates and load in bf16; FSDP2 keeps fp32
+    # masters and computes with bf16 copies of them.
+    precision = precision or compute_precision(precision_mode(config), device)
+    dtype = precision.weights if config.lora else torch.float32
+    lm = from_pretrained(AutoModelForCausalLM, model_dir, trust_remote_code, dtype=dtype, attn_implementation=attention)
     lm = lm.to(device)
     check_lm_head(lm)
     lm.config.use_cache = False

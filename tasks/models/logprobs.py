@@ -114,15 +114,19 @@ def training_logprobs(
     rows: torch.Tensor,
     cols: torch.Tensor,
     chunk_size: int = DEFAULT_CHUNK,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """log pi(input_ids[r, c] | input_ids[r, :c]) for every (r, c) in (rows, cols), fp32, differentiable.
+    """log pi(input_ids[r, c] | input_ids[r, :c]) for every (r, c) in (rows, cols), fp32, differentiable. Packed
+    rows (tasks/models/packing.py) come with ``position_ids`` and no attention mask.
 
     The training-time twin of ``logprobs.completion_logprobs``: the decoder runs once, only the hidden states that
     predict completion tokens are kept, and the LM head, gather and logsumexp run per chunk under activation
     checkpointing. Autograd therefore stores [chunk, hidden] states and recomputes each [chunk, vocab] fp32 logits
     block in backward instead of keeping it: peak extra memory is one block in either pass.
     """
-    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = lm.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
     return states_logprobs(lm, hidden[rows, cols - 1], input_ids[rows, cols], chunk_size)
 
 
@@ -153,5 +157,5 @@ class CompletionLogprobs(torch.nn.Module):
         self.lm = lm
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids, attention_mask, rows, cols) -> torch.Tensor:
-        return training_logprobs(self.lm, input_ids, attention_mask, rows, cols, self.chunk_size)
+    def forward(self, input_ids, attention_mask, rows, cols, position_ids=None) -> torch.Tensor:
+        return training_logprobs(self.lm, input_ids, attention_mask, rows, cols, self.chunk_size, position_ids)

@@ -43,7 +43,7 @@ from creditflow.tasks.data.schema import Messages
 from creditflow.tasks.models.causal_lm import trained_model_folder
 from creditflow.tasks.models.loading import load_abc_model, load_reference_model, load_tokenizer
 from creditflow.tasks.models.logprobs import completion_logprobs
-from creditflow.tasks.models.precision import autocast, reference_precision, resolve_device
+from creditflow.tasks.models.precision import Precision, reference_precision, resolve_device
 from creditflow.tasks.models.resolve import resolve_model
 from creditflow.tasks.models.tokenization import pad_token_id, padded_batch
 from creditflow.tasks.plots import finish, new_figure
@@ -263,10 +263,10 @@ class Reference:
     device: object
     max_length: int | None
     batch_size: int
-    bf16_autocast: bool
+    precision: Precision
 
-    def precision(self):
-        return autocast(self.device, self.bf16_autocast)
+    def autocast(self):
+        return self.precision.autocast(self.device)
 
     def encode(self, prompts, texts, config=None):
         config = config or TokenRewardsConfig(max_length=self.max_length)
@@ -285,7 +285,7 @@ def _contrastive_scorers(ref: Reference, better: str, worse: str) -> tuple[Score
         key = (tuple(map(str, prompts)), tuple(texts))
         if key not in seen:
             items = ref.encode(prompts, texts, config)
-            with ref.precision():
+            with ref.autocast():
                 seen[key] = items, contrastive.score_contrastive(ref.model, items, ref.batch_size, ref.pad)
         items, results = seen[key]
         return [
@@ -308,7 +308,7 @@ def _implicit_scorer(ref: Reference, policy: str | Path, beta: float, trust_remo
         for item in ref.encode(prompts, texts):
             ids, mask = padded_batch([item.plain_ids + item.completion_ids], ref.pad)
             args = (ids.to(ref.device), mask.to(ref.device), [len(item.plain_ids)], [len(item.completion_ids)])
-            with ref.precision():
+            with ref.autocast():
                 logp_policy = completion_logprobs(trained, *args)[0].cpu().numpy()
                 logp_ref = completion_logprobs(ref.model, *args)[0].cpu().numpy()
             out.append(TokenScores(beta * (logp_policy - logp_ref), item.char_start, item.char_end))
@@ -362,9 +362,9 @@ def run_audit(
 
     device = resolve_device()
     tokenizer = load_tokenizer(str(reference), trust_remote_code)
-    dtype, bf16_autocast = reference_precision("auto", device)  # what token_rewards.dtype: auto scores with
-    model = load_reference_model(reference, device, dtype, trust_remote_code)
-    ref = Reference(model, tokenizer, pad_token_id(tokenizer), device, max_length, batch_size, bf16_autocast)
+    precision = reference_precision("auto", device)  # what token_rewards.dtype: auto scores with (full fine-tuning)
+    model = load_reference_model(reference, device, precision.weights, trust_remote_code)
+    ref = Reference(model, tokenizer, pad_token_id(tokenizer), device, max_length, batch_size, precision)
     sources: dict[str, Scorer] = {}
     for index, (preset, (better, worse)) in enumerate(presets.items()):
         sources[f"contrastive:{preset}"], logprob = _contrastive_scorers(ref, better, worse)

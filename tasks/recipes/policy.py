@@ -26,6 +26,8 @@ are written atomically every ``save_every`` steps, so a killed run resumes and c
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -36,6 +38,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from creditflow.tasks.config_base import precision_mode
 from creditflow.tasks.configs import PolicyConfig, method_label
 from creditflow.tasks.data.schema import split_rows
 from creditflow.tasks.losses.preference import preference_loss, token_reward_correlation
@@ -43,7 +46,8 @@ from creditflow.tasks.models.causal_lm import save_trained_lm, trained_outputs
 from creditflow.tasks.models.loading import load_policy_model, load_tokenizer
 from creditflow.tasks.models.logprobs import CompletionLogprobs
 from creditflow.tasks.models.model_card import write_trained_cards
-from creditflow.tasks.models.precision import autocast, resolve_device
+from creditflow.tasks.models.packing import packed_attention
+from creditflow.tasks.models.precision import REFERENCE_PRECISION_FILE, Precision, compute_precision, resolve_device
 from creditflow.tasks.models.resolve import resolve_model
 from creditflow.tasks.models.tokenization import pad_token_id
 from creditflow.tasks.plots import finish, new_figure
@@ -53,7 +57,7 @@ from creditflow.tasks.train.launch import launch_folder, launch_torchrun
 from creditflow.tasks.train.metrics import StepCallback, history_table, peak_memory_gb, split_timings
 from creditflow.tasks.train.optim import adamw, cosine_schedule, total_steps, warmup_steps
 from creditflow.tasks.train.preference_batches import (
-    CUDA_PAD_MULTIPLE,
+    SHAPE_BUCKET,
     Batch,
     PolicyExample,
     build_examples,
@@ -65,6 +69,10 @@ from creditflow.tasks.train.trainer import Trainer
 if TYPE_CHECKING:  # importing it pulls in MLflow, which torchrun workers never need
     from creditflow.tasks.stage import StageContext
 
+logger = logging.getLogger(__name__)
+# Step-0 |log π − log π_ref| per completion token (nats) past which the reference is taken to be scored at another
+# precision. Same-precision rescoring on other batch shapes stays far below it (tests/test_precision.py measures).
+REFERENCE_GAP_TOLERANCE = 5e-4
 METRIC_NAMES = {  # LossOutput.metrics() -> our metric names (no "/": they are also train_log columns)
     "loss": "loss",
     "sequence_loss": "sequence_loss",
@@ -101,6 +109,7 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
     if not train.num_rows:
         raise ValueError("policy: the pairs have no train split")
     table = ctx.read_upstream("token_rewards", "token_rewards")
+    _check_reference_precision(ctx, config)
     tokenizer = load_tokenizer(str(model_dir), trust)
     examples = build_examples(tokenizer, train, table, config.token_reward_source, **tokenization)
 
@@ -177,6 +186,26 @@ def compute_policy(ctx: StageContext) -> dict[str, float]:
     return metrics
 
 
+def _check_reference_precision(ctx: StageContext, config: PolicyConfig) -> None:
+    """Warn, naming the artifact, when the token-reward stage scored the reference at another precision than this
+    policy computes with: log π − log π_ref is then not 0 at step 0, and DPO starts from a margin it did not learn."""
+    manifest = ctx.upstream["token_rewards"]
+    if REFERENCE_PRECISION_FILE not in manifest.outputs:  # an older artifact, or one without contrastive rows
+        return
+    record = json.loads(ctx.workspace.store.file(manifest, REFERENCE_PRECISION_FILE).read_text())
+    scored, computes = record["reference_logps"], compute_precision(precision_mode(config), resolve_device()).label
+    if scored != computes:
+        logger.warning(
+            "policy: token_rewards artifact %s scored the reference log-probs at %s, but this policy computes at %s, "
+            "so the DPO margin does not start at 0; recompute token_rewards with dtype: auto (it follows the policy "
+            "section)",
+            manifest.fingerprint,
+            scored,
+            computes,
+        )
+        ctx.run.set_tags({"creditflow.reference_precision": f"{scored} (policy: {computes})"})
+
+
 def launch_distributed(
     model_dir: str | Path,
     examples: list[PolicyExample],
@@ -236,7 +265,10 @@ class PolicyTrainer(Trainer):
         on_step: StepCallback | None = None,
         progress: bool = True,
         trust_remote_code: bool = False,
+        precision: Precision | None = None,
     ):
+        """``precision``: default, the config's on this device (``config_base.precision_mode``); tests pass bf16
+        ones on CPU."""
         if not examples:
             raise ValueError("policy: no training pairs")
         if config.loss.alpha > 0 and examples[0].chosen.rewards is None:
@@ -245,17 +277,23 @@ class PolicyTrainer(Trainer):
         self.on_step, self.progress, self.trust_remote_code = on_step, progress, trust_remote_code
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.device = resolve_device()
-        self.pad_multiple = CUDA_PAD_MULTIPLE if self.device.type == "cuda" else 1
+        self.precision = precision or compute_precision(precision_mode(config), self.device)
+        self.pad_multiple = SHAPE_BUCKET if self.device.type == "cuda" or config.compile else 1
 
         self.fsdp = config.strategy == "fsdp"
         if self.fsdp and not dist.is_initialized():
             raise ValueError("policy.strategy 'fsdp' runs under torchrun (compute_policy launches it)")
         torch.manual_seed(config.seed)  # LoRA initialization: the same on every rank (DDP also broadcasts it)
-        self.model, self.lm = load_policy_model(model_dir, config, self.device, trust_remote_code)
+        attention = packed_attention(self.device) if config.packing else "sdpa"
+        self.model, self.lm = load_policy_model(
+            model_dir, config, self.device, trust_remote_code, self.precision, attention
+        )
         self.pad_id = pad_token_id(load_tokenizer(str(model_dir), trust_remote_code))
         module = CompletionLogprobs(self.lm, config.chunk_size)
         if self.fsdp:  # before the optimizer is built: it must hold the sharded parameters
             fsdp.shard(module, self.lm, self.device, config.bf16, config.fsdp_cpu_offload)
+        if config.compile:  # the decoder, in place (its state dict keeps its names); the LM-head chunks stay eager
+            self.lm.base_model.compile()
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = adamw(self.trainable, config.learning_rate, config.weight_decay, self.device)
         self.lengths = [e.length for e in examples]
@@ -289,6 +327,7 @@ class PolicyTrainer(Trainer):
             leave=False,
         )
         start_epoch, start_batch = self.position
+        step0 = self.reference_gap() if self.step == 0 else {}
         for epoch in range(start_epoch, config.epochs):
             batches = epoch_batches(
                 self.lengths, config.batch_size, config.seed, epoch, config.length_grouped, self.world
@@ -296,7 +335,8 @@ class PolicyTrainer(Trainer):
             for first in range(start_batch if epoch == start_epoch else 0, len(batches), self.per_step):
                 if self.step >= self.total_steps:
                     break
-                metrics = self._train_step(batches[first : first + self.per_step])
+                metrics = {**self._train_step(batches[first : first + self.per_step]), **step0}
+                step0 = {}
                 self.step += 1
                 self.position = (epoch, first + self.per_step)
                 metrics["epoch"] = epoch + min(first + self.per_step, len(batches)) / len(batches)
@@ -318,20 +358,18 @@ class PolicyTrainer(Trainer):
         logps, refs, targets = [], [], []
         lr = self.scheduler.get_last_lr()[0]
         for i, rows in enumerate(mine):
-            batch = collate([self.examples[j] for j in rows], self.pad_id, self.device, self.pad_multiple)
+            batch = self._collate(rows)
             last = i == len(mine) - 1
             if self.fsdp:  # reduce-scatter gradients only after the step's last micro-batch
                 self.module.set_requires_gradient_sync(last)
             with nullcontext() if last or self.world == 1 or self.fsdp else self.module.no_sync():
-                with autocast(self.device, self.config.bf16):
-                    flat = self.module(batch.input_ids, batch.attention_mask, batch.rows, batch.cols)
-                logp = flat.new_zeros(batch.mask.shape).index_put((batch.rows, batch.index), flat)
+                logp = self._logps(batch)
                 out = self._loss(batch, logp)
                 # Scaled so that the gradient (averaged over processes by DDP) is the mean over the step's pairs.
                 (out.loss * len(rows) * self.world / n_pairs).backward()
             values = out.metrics()
             sums[:-1] += torch.tensor([values[k] for k in METRIC_NAMES], dtype=torch.float64) * len(rows)
-            sums[-1] += batch.attention_mask.sum().item()
+            sums[-1] += batch.tokens
             if batch.rewards is not None:
                 keep = batch.mask.bool()
                 logps.append(logp.detach()[keep].cpu())
@@ -363,6 +401,46 @@ class PolicyTrainer(Trainer):
             peak_memory_gb=peak.item(),
         )
         return metrics
+
+    def _collate(self, rows: list[int]) -> Batch:
+        examples = [self.examples[j] for j in rows]
+        config = self.config
+        return collate(examples, self.pad_id, self.device, self.pad_multiple, config.packing, config.packing_tokens)
+
+    def _logps(self, batch: Batch) -> torch.Tensor:
+        """[2B, T] log-probs of every completion token (0 past each completion's end)."""
+        with self.precision.autocast(self.device):
+            flat = self.module(batch.input_ids, batch.attention_mask, batch.rows, batch.cols, batch.position_ids)
+        return flat.new_zeros(batch.mask.shape).index_put((batch.sides, batch.index), flat)
+
+    @torch.no_grad()
+    def reference_gap(self) -> dict[str, float]:
+        """At step 0 the policy is the reference, so DPO's z = β[(log π − log π_ref)(y_w) − (log π − log π_ref)(y_l)]
+        starts at 0 when the stored reference log-probs were scored at this trainer's precision: kernels on other
+        batch shapes only round differently. Measured on this process's first micro-batch with dropout off (LoRA's
+        adapter dropout would differ from the reference by design); a gap past REFERENCE_GAP_TOLERANCE warns."""
+        first = epoch_batches(self.lengths, self.config.batch_size, self.config.seed, 0, self.config.length_grouped)
+        batch = self._collate(first[self.rank % len(first)])
+        self.model.eval()
+        logp = self._logps(batch)
+        self.model.train()
+        gap = (logp - batch.ref_logps) * batch.mask
+        per_side, b = gap.sum(-1), batch.pairs
+        report = {
+            "step0_logp_gap": (gap.abs().sum() / batch.mask.sum()).item(),
+            "step0_max_abs_z": (self.config.loss.beta * (per_side[:b] - per_side[b:])).abs().max().item(),
+        }
+        if report["step0_logp_gap"] > REFERENCE_GAP_TOLERANCE and self.rank == 0:
+            logger.warning(
+                "policy: at step 0 log π differs from the stored log π_ref by %.2g nats per token (tolerance %.0e; "
+                "max |z| %.3g): the reference log-probs were not scored at this policy's precision (%s). "
+                "token_rewards.dtype: auto scores them at it",
+                report["step0_logp_gap"],
+                REFERENCE_GAP_TOLERANCE,
+                report["step0_max_abs_z"],
+                self.precision.label,
+            )
+        return report
 
     def _loss(self, batch: Batch, logp: torch.Tensor):
         b = batch.pairs

@@ -40,7 +40,7 @@ from creditflow.tasks.credit.source import Source, SourceModels
 from creditflow.tasks.credit.token_view import heatmap_figure, heatmap_html
 from creditflow.tasks.data.schema import SIDES, Messages
 from creditflow.tasks.infer.distributed import map_shards, uses_ray
-from creditflow.tasks.models.precision import resolve_device
+from creditflow.tasks.models.precision import REFERENCE_PRECISION_FILE, resolve_device
 
 if TYPE_CHECKING:  # importing it imports MLflow, which Ray workers building a source never need
     from creditflow.tasks.stage import StageContext
@@ -105,6 +105,9 @@ def compute_token_rewards(ctx: StageContext) -> dict[str, float]:
 
     table = assemble(cache, pair_ids, sides, [s.name for s in sources], keys)
     ctx.writer.write_table("token_rewards", table)
+    for source in sources:
+        if source.name == "contrastive":  # the policy stage warns when it computes at another precision
+            ctx.writer.write_json(REFERENCE_PRECISION_FILE, {"reference_logps": source.knobs["dtype"]})
     metrics["rows"] = table.num_rows
     metrics.update(reward_summary(table))
     _log_heatmaps(ctx, table, sources, config.heatmap_pairs)

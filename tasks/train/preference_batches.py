@@ -1,5 +1,5 @@
 """Preference pairs as the policy trainer consumes them: per-side token ids with the cached reference log-probs
-and token rewards (checked token by token against the ids the trainer derives), right-padded batches, and the
+and token rewards (checked token by token against the ids the trainer derives), right-padded or packed batches, and the
 seeded, length-grouped micro-batch order of each epoch.
 """
 
@@ -15,11 +15,12 @@ import torch
 
 from creditflow.tasks.credit.attention_credit import regularizer_rewards
 from creditflow.tasks.data.schema import SIDES, Messages
+from creditflow.tasks.models.packing import pack_layout, packed_tensors
 from creditflow.tasks.models.tokenization import encode_pair, padded_batch
 
-# cuDNN's SDPA pays 0.1-2 s per new padded shape; rounding widths to 64 keeps the shape count small
-# (docs/gpu_notes.md: TRL 33k -> 56k tok/s). CPU kernels have no per-shape cost.
-CUDA_PAD_MULTIPLE = 64
+# cuDNN's SDPA pays 0.1-2 s per new padded shape and torch.compile a recompile; rounding widths to 64 keeps the shape
+# count small (docs/gpu_notes.md: TRL 33k -> 56k tok/s). Eager CPU kernels have no per-shape cost.
+SHAPE_BUCKET = 64
 MEGABATCH = 50  # micro-batches sorted by length together (as transformers' LengthGroupedSampler)
 
 
@@ -142,49 +143,72 @@ def _side_tokens(
 
 @dataclass
 class Batch:
-    """2B right-padded rows ``[prompt | completion | pad]``: the B chosen sides, then the B rejected ones."""
+    """The B chosen sides, then the B rejected ones: right-padded rows ``[prompt | completion | pad]``, or packed
+    rows (``position_ids`` restarting per sequence, no attention mask; tasks/models/packing.py)."""
 
-    input_ids: torch.Tensor  # [2B, S]
-    attention_mask: torch.Tensor  # [2B, S]
-    rows: torch.Tensor  # [N] row of every completion token
+    input_ids: torch.Tensor  # [2B, S] padded, [R, S] packed
+    attention_mask: torch.Tensor | None  # [2B, S]; None when packed
+    position_ids: torch.Tensor | None  # [R, S] when packed
+    rows: torch.Tensor  # [N] input row of every completion token
     cols: torch.Tensor  # [N] its column (predicted from column - 1)
+    sides: torch.Tensor  # [N] its side (row of mask / ref_logps / rewards)
     index: torch.Tensor  # [N] its position inside the completion
     mask: torch.Tensor  # [2B, T] completion mask, float
     ref_logps: torch.Tensor  # [2B, T]
     rewards: torch.Tensor | None  # [2B, T]
+    tokens: int  # real (not pad) tokens in the batch
 
     @property
     def pairs(self) -> int:
-        return self.input_ids.shape[0] // 2
+        return self.mask.shape[0] // 2
 
 
-def collate(examples: list[PolicyExample], pad_id: int, device: torch.device, pad_multiple: int = 1) -> Batch:
+def collate(
+    examples: list[PolicyExample],
+    pad_id: int,
+    device: torch.device,
+    pad_multiple: int = 1,
+    packing: bool = False,
+    packing_tokens: int | None = None,
+) -> Batch:
     sides = [e.chosen for e in examples] + [e.rejected for e in examples]
-    input_ids, attention_mask = padded_batch([s.prompt_ids + s.completion_ids for s in sides], pad_id, pad_multiple)
+    sequences = [s.prompt_ids + s.completion_ids for s in sides]
+    position_ids = attention_mask = None
+    if packing:
+        layout = pack_layout([len(ids) for ids in sequences], packing_tokens, pad_multiple)
+        input_ids, position_ids = packed_tensors(sequences, layout, pad_id)
+        where = list(zip(layout.rows, layout.starts))
+    else:
+        input_ids, attention_mask = padded_batch(sequences, pad_id, pad_multiple)
+        where = [(r, 0) for r in range(len(sides))]
     longest = max(len(s.completion_ids) for s in sides)
     mask = torch.zeros((len(sides), longest))
     ref = torch.zeros((len(sides), longest))
     rewards = torch.zeros((len(sides), longest)) if sides[0].rewards is not None else None
-    rows, cols, index = [], [], []
-    for r, side in enumerate(sides):
+    rows, cols, side_of, index = [], [], [], []
+    for r, (side, (row, start)) in enumerate(zip(sides, where)):
         p, c = len(side.prompt_ids), len(side.completion_ids)
         mask[r, :c] = 1
         ref[r, :c] = torch.tensor(side.ref_logps)
         if rewards is not None:
             rewards[r, :c] = torch.tensor(side.rewards)
-        rows += [r] * c
-        cols += range(p, p + c)
+        rows += [row] * c
+        cols += range(start + p, start + p + c)
+        side_of += [r] * c
         index += range(c)
     to = partial(torch.tensor, dtype=torch.long, device=device)
     return Batch(
         input_ids.to(device),
-        attention_mask.to(device),
+        attention_mask.to(device) if attention_mask is not None else None,
+        position_ids.to(device) if position_ids is not None else None,
         to(rows),
         to(cols),
+        to(side_of),
         to(index),
         mask.to(device),
         ref.to(device),
         rewards.to(device) if rewards is not None else None,
+        sum(map(len, sequences)),
     )
 
 
