@@ -73,6 +73,15 @@ class DistributedTrainingConfig(TrainingConfig):
         "(rendezvous at $CREDITFLOW_RDZV_ENDPOINT, a workspace shared by all).",
     )
 
+    packing: bool = Field(
+        False,
+        description="Pack each micro-batch's sequences into rows without padding; attention stays inside each "
+        "sequence (flex_attention, or flash-attn's varlen kernel when installed; SDPA with a block mask on CPU).",
+    )
+    packing_tokens: int | None = Field(
+        None, ge=16, description="packing: tokens per packed row; null: the whole micro-batch in one row."
+    )
+
     @model_validator(mode="after")
     def _offload_needs_fsdp(self) -> "DistributedTrainingConfig":
         if self.fsdp_cpu_offload and self.strategy != "fsdp":

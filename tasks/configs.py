@@ -314,14 +314,6 @@ class PolicyConfig(DistributedTrainingConfig):
     length_grouped: bool = Field(True, description="Batch pairs of similar length together to cut padding.")
     chunk_size: int = Field(1024, ge=1, description="Completion positions per LM-head chunk.")
     lora: LoraConfig | None = None
-    packing: bool = Field(
-        False,
-        description="Pack each micro-batch's sequences into rows without padding; attention stays inside each "
-        "sequence (flex_attention, or flash-attn's varlen kernel when installed; SDPA with a block mask on CPU).",
-    )
-    packing_tokens: int | None = Field(
-        None, ge=16, description="packing: tokens per packed row; null: the whole micro-batch in one row."
-    )
     compile: bool = Field(
         False, description="torch.compile the decoder; batch widths are bucketed (multiples of 64) to bound recompiles."
     )

@@ -81,6 +81,32 @@ def test_training_changes_every_parameter_and_separates_the_eval_set(backbone):
     assert len(train_losses) == 24 and sum(train_losses[-4:]) < sum(train_losses[:4])
 
 
+def test_packed_training_takes_the_padded_steps(backbone):
+    """packing: chosen and rejected rows in packed rows, the score head on each sequence's last token: the same
+    rewards, losses and weights as the padded sequence classifier, within rounding."""
+    runs = {}
+    for packing in (False, True):
+        config = RewardModelConfig(
+            learning_rate=3e-3, max_steps=3, batch_size=8, warmup_ratio=0.0, save_every=1000, packing=packing
+        )
+        steps = []
+        _, model, history = train_reward_model(
+            backbone, _separable(24), _separable(8, 1000), config, on_step=lambda s, m: steps.append(m), progress=False
+        )
+        runs[packing] = ([m["train.loss"] for m in steps if "train.loss" in m], model.state_dict(), history)
+    (padded_losses, padded_weights, padded_eval), (packed_losses, packed_weights, packed_eval) = runs.values()
+    assert packed_losses == pytest.approx(padded_losses, rel=1e-4, abs=1e-6)
+    for name, value in padded_weights.items():
+        assert torch.allclose(packed_weights[name], value, atol=1e-5), name
+    assert packed_eval[-1]["eval.accuracy"] == padded_eval[-1]["eval.accuracy"]
+
+
+def test_packing_refuses_an_encoder_reward_model(encoder_backbone):
+    config = RewardModelConfig(max_steps=1, batch_size=4, packing=True)
+    with pytest.raises(ValueError, match="packing needs a decoder reward model"):
+        train_reward_model(encoder_backbone, _separable(8), _separable(4, 1000), config, progress=False)
+
+
 def test_interrupted_training_resumes_to_the_same_weights(backbone, tmp_path):
     config = RewardModelConfig(
         learning_rate=1e-3, epochs=2, batch_size=4, grad_accum=2, save_every=2, warmup_ratio=0.25

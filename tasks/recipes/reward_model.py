@@ -34,6 +34,7 @@ from creditflow.tasks.data.schema import SIDES, Messages, split_rows
 from creditflow.tasks.infer.reward_scoring import encode_for_reward, reward_batch, score_pairs
 from creditflow.tasks.models.loading import disable_dropout, load_reward_model
 from creditflow.tasks.models.model_card import stage_config, stage_datasets, write_card
+from creditflow.tasks.models.packing import pack_layout, packed_attention, packed_tensors
 from creditflow.tasks.models.precision import autocast, resolve_device
 from creditflow.tasks.models.resolve import resolve_model
 from creditflow.tasks.models.tiny import build_tiny_reward_backbone
@@ -243,7 +244,8 @@ class RewardModelTrainer(Trainer):
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.sharded = config.strategy == "fsdp"
         torch.manual_seed(config.seed)  # the fresh reward head's initialization, the same on every process
-        self.tokenizer, self.model = load_reward_model(model_dir, self.device, trust_remote_code)
+        attention = {"attn_implementation": packed_attention(self.device)} if config.packing else {}
+        self.tokenizer, self.model = load_reward_model(model_dir, self.device, trust_remote_code, **attention)
         if config.disable_dropout:
             disable_dropout(self.model)
         if config.gradient_checkpointing:
@@ -252,10 +254,10 @@ class RewardModelTrainer(Trainer):
         if self.sharded:  # before the optimizer is built: it must hold the sharded parameters
             fsdp.shard(self.model, self.model, self.device, config.bf16, config.fsdp_cpu_offload)
             self.sharded_model = self.model
-        self.module = self.model
+        self.module = PackedRewards(self.model) if config.packing else self.model
         if self.world > 1 and not self.sharded:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.module = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+            self.module = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=device_ids)
         self.encoded = {
             side: encode_for_reward(self.tokenizer, train.prompts, getattr(train, side), config.max_length)
             for side in SIDES
@@ -351,10 +353,16 @@ class RewardModelTrainer(Trainer):
         FSDP average gradients over the processes); returns (loss sum, wins, margin sum)."""
         pad_id, device = self.tokenizer.pad_token_id, self.device
         with autocast(device, self.config.bf16):
-            r_c, r_r = (
-                self.module(**reward_batch(self.encoded[side], rows, pad_id, device)).logits[:, 0].float()
-                for side in SIDES
-            )
+            if self.config.packing:  # chosen and rejected rows of the micro-batch in one packed forward
+                sequences = [self.encoded[side]["input_ids"][i] for side in SIDES for i in rows]
+                r_c, r_r = self.module(*packed_inputs(sequences, pad_id, self.config.packing_tokens, device)).split(
+                    len(rows)
+                )
+            else:
+                r_c, r_r = (
+                    self.module(**reward_batch(self.encoded[side], rows, pad_id, device)).logits[:, 0].float()
+                    for side in SIDES
+                )
         margin = torch.tensor([self.pairs.margins[i] for i in rows], device=device) if self.config.use_margin else None
         loss = bradley_terry_loss(r_c, r_r, margin, self.config.center_rewards_coefficient)
         (loss * len(rows) * self.world / n_pairs).backward()
@@ -374,6 +382,32 @@ class RewardModelTrainer(Trainer):
             self.tokenizer.save_pretrained(str(out_dir))
         if dist.is_initialized():
             dist.barrier()
+
+
+class PackedRewards(torch.nn.Module):
+    """A decoder reward model over packed rows (tasks/models/packing.py): its score head on the hidden state of each
+    sequence's last token, where the padded sequence classifier reads it. What DDP wraps when packing."""
+
+    def __init__(self, model):
+        super().__init__()
+        if not hasattr(model, "score"):  # decoder classifiers' head; encoders (BERT, DeBERTa) have a `classifier`
+            raise ValueError(
+                f"reward_model.packing needs a decoder reward model with a score head; {type(model).__name__} is not "
+                "one (an encoder attends both ways, so position ids cannot mark where its sequences end)"
+            )
+        self.model = model
+
+    def forward(self, input_ids, position_ids, rows, cols) -> torch.Tensor:
+        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        return self.model.score(hidden.last_hidden_state[rows, cols])[:, 0].float()
+
+
+def packed_inputs(sequences: list[list[int]], pad_id: int, budget: int | None, device) -> tuple[torch.Tensor, ...]:
+    """(input_ids, position_ids, row, column of each sequence's last token) for :class:`PackedRewards`."""
+    layout = pack_layout([len(ids) for ids in sequences], budget)
+    input_ids, position_ids = packed_tensors(sequences, layout, pad_id)
+    last = [start + len(ids) - 1 for ids, start in zip(sequences, layout.starts)]
+    return tuple(t.to(device) for t in (input_ids, position_ids, torch.tensor(layout.rows), torch.tensor(last)))
 
 
 def launch_distributed(
