@@ -4,6 +4,10 @@
     ours-dpo             PolicyTrainer, plain DPO (alpha 0, no token rewards), length-grouped batches
     ours-dpo-ungrouped   the same in random order: what length grouping is worth on its own
     ours-fsdp            PolicyTrainer, DPO + T-REG, strategy fsdp (FSDP2) in a 1-process group
+    ours-treg-packed     ours-treg with packing: true (each micro-batch in one padding-free row; flex_attention or
+                         flash-attn varlen on CUDA, SDPA with a block mask on CPU)
+    ours-treg-compiled   ours-treg with compile: true (torch.compile of the decoder, widths bucketed to 64)
+    ours-treg-packed-compiled   both
     trl-dpo              trl.DPOTrainer, loss "sigmoid", precompute_ref_log_probs=True, gradient checkpointing off
                          (TRL defaults it on; ours is off), fed the exact same token ids (its tokenization skipped)
 
@@ -39,7 +43,16 @@ from creditflow.flows.env import apply_defaults
 
 apply_defaults()
 
-VARIANTS = ("ours-treg", "ours-dpo", "ours-dpo-ungrouped", "ours-fsdp", "trl-dpo")
+VARIANTS = (
+    "ours-treg",
+    "ours-dpo",
+    "ours-dpo-ungrouped",
+    "ours-fsdp",
+    "ours-treg-packed",
+    "ours-treg-compiled",
+    "ours-treg-packed-compiled",
+    "trl-dpo",
+)
 LEARNING_RATE = 1e-5
 BETA = 0.1
 
@@ -117,7 +130,7 @@ def setup_ours(args, examples: list[dict], device):
     from creditflow.tasks.recipes.policy import PolicyTrainer
     from creditflow.tasks.train.preference_batches import PolicyExample, epoch_batches
 
-    treg = args.variant in ("ours-treg", "ours-fsdp")
+    treg = args.variant.startswith("ours-treg") or args.variant == "ours-fsdp"
     if not treg:
         for example in examples:
             example["chosen"]["rewards"] = example["rejected"]["rewards"] = None
@@ -132,6 +145,8 @@ def setup_ours(args, examples: list[dict], device):
         length_grouped=args.variant != "ours-dpo-ungrouped",
         save_every=10**9,
         strategy="fsdp" if args.variant == "ours-fsdp" else "ddp",
+        packing="packed" in args.variant,
+        compile="compiled" in args.variant,
     )
     if config.strategy == "fsdp":  # FSDP needs a process group, even of one
         import os

@@ -216,37 +216,45 @@ class TokenRewardsConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _templates(self) -> "TokenRewardsConfig":
-        custom = self.better_template is not None or self.worse_template is not None
-        if self.template != "custom":
-            if custom:
-                raise ValueError("token_rewards: better_template / worse_template need template: custom")
-            return self
-        if self.better_template is None or self.worse_template is None:
-            raise ValueError("token_rewards: template custom needs both better_template and worse_template")
-        uses_response = {}
-        for name in ("better_template", "worse_template"):
-            fields = _placeholders(getattr(self, name), f"token_rewards.{name}")
-            if "instruction" not in fields or not fields <= {"instruction", "response"}:
-                raise ValueError(
-                    f"token_rewards.{name}: placeholders are {{instruction}} (required) and {{response}}, "
-                    f"got {sorted(fields)}"
-                )
-            uses_response[name] = "response" in fields
-        if len(set(uses_response.values())) > 1:
-            # One prompt with the response in context and one without compares copying, not quality.
-            raise ValueError("token_rewards: both templates embed {response}, or neither does")
+        check_templates(self.template, self.better_template, self.worse_template, "token_rewards.")
         return self
 
     def templates(self) -> tuple[str, str]:
         """(better, worse) prompt templates: the preset's, or the custom strings."""
-        if self.template == "custom":
-            return self.better_template, self.worse_template
-        return TEMPLATE_PRESETS[self.template]
+        return resolve_templates(self.template, self.better_template, self.worse_template)
 
     def cache_fields(self) -> dict[str, str]:
         """The exact template texts: part of the stage fingerprint, so editing a preset's wording is a miss."""
         better, worse = self.templates()
         return {"better_text": better, "worse_text": worse}
+
+
+def check_templates(template: str, better: str | None, worse: str | None, prefix: str) -> None:
+    """A preset takes no custom strings; ``custom`` takes both, each with {instruction} and, in both or neither,
+    {response}. ``prefix``: where the keys live (``token_rewards.``, ``rl.contrastive_``)."""
+    better_key, worse_key = f"{prefix}better_template", f"{prefix}worse_template"
+    if template != "custom":
+        if better is not None or worse is not None:
+            raise ValueError(f"{better_key} / {worse_key} need {prefix}template: custom")
+        return
+    if better is None or worse is None:
+        raise ValueError(f"{prefix}template custom needs both {better_key} and {worse_key}")
+    uses_response = {}
+    for key, text in ((better_key, better), (worse_key, worse)):
+        fields = _placeholders(text, key)
+        if "instruction" not in fields or not fields <= {"instruction", "response"}:
+            raise ValueError(
+                f"{key}: placeholders are {{instruction}} (required) and {{response}}, got {sorted(fields)}"
+            )
+        uses_response[key] = "response" in fields
+    if len(set(uses_response.values())) > 1:
+        # One prompt with the response in context and one without compares copying, not quality.
+        raise ValueError(f"{better_key} / {worse_key}: both templates embed {{response}}, or neither does")
+
+
+def resolve_templates(template: str, better: str | None, worse: str | None) -> tuple[str, str]:
+    """(better, worse) prompt templates: the preset's, or the custom strings."""
+    return (better, worse) if template == "custom" else TEMPLATE_PRESETS[template]
 
 
 def _placeholders(template: str, where: str) -> set[str]:
@@ -447,9 +455,13 @@ class RLConfig(TrainingConfig):
     kl_horizon: int = Field(10000, ge=1, description="Adaptive KL controller horizon, in samples.")
     abc_beta: float = Field(0.8, ge=0, le=1, description="ABC: share of r spread by attention (the paper: 0.8).")
     contrastive_scale: float = Field(1.0, ge=0, allow_inf_nan=False, description="Weight of r_hat_t per token.")
-    contrastive_template: PresetName = Field(
-        DEFAULT_TEMPLATE, description="T-REG prompt preset for the contrastive reward."
+    contrastive_template: Literal[(*TEMPLATE_PRESETS, "custom")] = Field(  # type: ignore[valid-type]
+        DEFAULT_TEMPLATE, description="T-REG prompt preset for the contrastive reward; 'custom': the two below."
     )
+    contrastive_better_template: str | None = Field(
+        None, description="contrastive_template custom: str.format with {instruction} [{response}]."
+    )
+    contrastive_worse_template: str | None = Field(None, description="contrastive_template custom: its contrast.")
     implicit_beta: float | None = Field(
         None, gt=0, allow_inf_nan=False, description="dpo_implicit: beta_1; null: the policy stage's loss.beta."
     )
@@ -483,6 +495,12 @@ class RLConfig(TrainingConfig):
             raise ValueError(f"rl.algorithm {self.algorithm!r} needs samples_per_prompt >= 2 ({baseline})")
         if self.reward_model_weight == 0 and not self.reward_functions:
             raise ValueError("rl: reward_model_weight 0 needs reward_functions (otherwise there is no reward)")
+        check_templates(
+            self.contrastive_template,
+            self.contrastive_better_template,
+            self.contrastive_worse_template,
+            "rl.contrastive_",
+        )
         if (self.reward_source == "function") != (self.credit_function is not None):
             raise ValueError("rl.reward_source 'function' and rl.credit_function go together")
         if self.reward_model_weight == 0 and "abc" in self.reward_source:
@@ -498,8 +516,13 @@ class RLConfig(TrainingConfig):
     def cache_fields(self) -> dict[str, str]:
         if "contrastive" not in self.reward_source:
             return {}
-        better, worse = TEMPLATE_PRESETS[self.contrastive_template]
+        better, worse = self.contrastive_templates()
         return {"better_template_text": better, "worse_template_text": worse}
+
+    def contrastive_templates(self) -> tuple[str, str]:
+        return resolve_templates(
+            self.contrastive_template, self.contrastive_better_template, self.contrastive_worse_template
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -89,9 +89,14 @@ def test_packed_training_takes_the_padded_steps(backbone):
         config = RewardModelConfig(
             learning_rate=3e-3, max_steps=3, batch_size=8, warmup_ratio=0.0, save_every=1000, packing=packing
         )
-        steps = []
+        steps: list[dict] = []
         _, model, history = train_reward_model(
-            backbone, _separable(24), _separable(8, 1000), config, on_step=lambda s, m: steps.append(m), progress=False
+            backbone,
+            _separable(24),
+            _separable(8, 1000),
+            config,
+            on_step=lambda _, m, steps=steps: steps.append(m),
+            progress=False,
         )
         runs[packing] = ([m["train.loss"] for m in steps if "train.loss" in m], model.state_dict(), history)
     (padded_losses, padded_weights, padded_eval), (packed_losses, packed_weights, packed_eval) = runs.values()

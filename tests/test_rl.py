@@ -13,7 +13,7 @@ import torch
 from conftest import Interrupt, stop_at, train_reward_model
 from transformers import AutoModelForCausalLM
 
-from creditflow.tasks.configs import LoraConfig, RewardModelConfig, RLConfig
+from creditflow.tasks.configs import TEMPLATE_PRESETS, LoraConfig, RewardModelConfig, RLConfig
 from creditflow.tasks.credit.attention_credit import abc_token_rewards, official_policy_rewards
 from creditflow.tasks.credit.rl_rewards import Rollout, TokenRewards, token_spans
 from creditflow.tasks.data import schema as S
@@ -402,6 +402,38 @@ def test_each_reward_source_trains_every_parameter_with_its_credit(model_dir, re
         assert first["token_credit_sum"] == pytest.approx(first["reward"], abs=1e-4)
     else:  # r_hat or the implicit reward add their own per-token signal
         assert first["token_credit_sum"] != pytest.approx(first["reward"], abs=1e-6)
+
+
+def test_custom_contrastive_templates_score_with_their_own_text(model_dir, reward_dir):
+    """rl.contrastive_template custom: the preset's own text scores as the preset does, and swapping the two
+    templates negates r_hat (sigma(-x) - 0.5 = -(sigma(x) - 0.5))."""
+    better, worse = TEMPLATE_PRESETS["guideline"]
+    credits = {}
+    for name, templates in (
+        ("preset", {"contrastive_template": "guideline"}),
+        ("same", {"contrastive_better_template": better, "contrastive_worse_template": worse}),
+        ("swapped", {"contrastive_better_template": worse, "contrastive_worse_template": better}),
+    ):
+        custom = {"contrastive_template": "custom"} if name != "preset" else {}
+        config = _config(reward_source="contrastive", max_steps=1, **templates, **custom)
+        trainer = RLTrainer(model_dir, reward_dir, PROMPTS, config, progress=False)
+        rewards, _ = _scored(trainer, trainer.rewards, trainer._rollouts(0))
+        credits[name] = np.concatenate(rewards.credit)
+    assert np.abs(credits["preset"]).max() > 0
+    np.testing.assert_array_equal(credits["same"], credits["preset"])
+    np.testing.assert_allclose(credits["swapped"], -credits["preset"], atol=1e-6)
+    assert _config(
+        **{
+            "contrastive_template": "custom",
+            "contrastive_better_template": better,
+            "contrastive_worse_template": worse,
+            "reward_source": "contrastive",
+        }
+    ).cache_fields() == {"better_template_text": better, "worse_template_text": worse}
+    with pytest.raises(ValueError, match="rl.contrastive_template custom needs both"):
+        _config(contrastive_template="custom", contrastive_better_template=better)
+    with pytest.raises(ValueError, match="need rl.contrastive_template: custom"):
+        _config(contrastive_better_template=better, contrastive_worse_template=worse)
 
 
 def _scored(trainer, rewards: TokenRewards, rollouts):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from creditflow.tasks.configs import TEMPLATE_PRESETS, RLConfig
+from creditflow.tasks.configs import RLConfig
 from creditflow.tasks.credit.attention_credit import (
     NoResponseTokens,
     encode_for_abc,
@@ -123,7 +123,7 @@ class TokenRewards:
             out.scores = [s + spec.weight * v for s, v in zip(out.scores, values)]
         config = self.config
         if "contrastive" in config.reward_source:
-            better, worse = TEMPLATE_PRESETS[config.contrastive_template]
+            better, worse = config.contrastive_templates()
             items = [
                 ContrastiveItem(
                     r.completion_ids,
