@@ -105,7 +105,9 @@ RL_CREDIT_WEIGHT = 0.25  # GRPO's weight on the group-normalized credit: at 1 th
 @dataclass(frozen=True)
 class RLRun:
     algorithm: str
-    source: str  # sparse, dpo_implicit, or a gym credit function's source (oracle_dense, random_signs, inverted)
+    # sparse, rm_sparse, dpo_implicit, contrastive:control, abc, or a gym credit function's source (oracle_dense,
+    # random_signs, inverted)
+    source: str
     credit_weight: float = RL_CREDIT_WEIGHT
 
     @property
@@ -118,8 +120,14 @@ RL_CREDIT_FUNCTIONS = {  # gym source -> its rl.credit_function
     "random_signs": "creditflow.tasks.credit.gym:random_sign_credit",
     "inverted": "creditflow.tasks.credit.gym:inverted_credit",
 }
+# The reward model's runs (ABC's own setting): r = exact match + RM_WEIGHT x the gym's reward model's score, on the
+# last token (rm_sparse) or with ABC's attention credit (abc), so abc's baseline is rm_sparse, not sparse.
+RM_WEIGHT = 1.0
+RL_BASELINE_SOURCE = {"abc": "rm_sparse"}  # a dense source -> its sparse run's source (default: sparse)
 RL_RUNS = [
-    *(RLRun("grpo", source) for source in ("sparse", *RL_CREDIT_FUNCTIONS, "dpo_implicit")),
+    *(RLRun("grpo", s) for s in ("sparse", *RL_CREDIT_FUNCTIONS, "dpo_implicit", "contrastive:control")),
+    RLRun("grpo", "rm_sparse"),
+    RLRun("grpo", "abc"),
     *(RLRun(algorithm, source) for algorithm in ("rloo_token", "ppo") for source in ("oracle_dense", "dpo_implicit")),
     RLRun("rloo", "sparse"),
     RLRun("ppo", "sparse"),
@@ -127,9 +135,14 @@ RL_RUNS = [
 
 
 def rl_baseline(method: str) -> str:
-    """The sparse run a dense RL run is compared with (rloo_token's is sequence-level RLOO, TRL's)."""
-    algorithm = method.split(" ")[0]
-    return f"{'rloo' if algorithm == 'rloo_token' else algorithm} sparse"
+    """The sparse run a dense RL run is compared with (rloo_token's is sequence-level RLOO, TRL's; ABC's is the same
+    reward model's score on the last token)."""
+    algorithm, source = method.split(" ")
+    return f"{'rloo' if algorithm == 'rloo_token' else algorithm} {RL_BASELINE_SOURCE.get(source, 'sparse')}"
+
+
+def is_sparse_rl(method: str) -> bool:
+    return method.split(" ")[0] in RL_ALGORITHMS and method.split(" ")[1] in ("sparse", "rm_sparse")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,7 +216,8 @@ def run_world(task_name: str, seed: int, args, folder: Path) -> dict:
         results[method.name] = {**evaluate(trainer.lm), "curve": evaluate.curve}
     if args.rl:
         for run in RL_RUNS:
-            results[run.name] = {**evaluate(_train_rl(args, seed, sft_dir, folder, train, run).lm), "curve": []}
+            trainer = _train_rl(args, seed, sft_dir, reward_model_dir, folder, train, run)
+            results[run.name] = {**evaluate(trainer.lm), "curve": []}
     stats = {
         "pairs": len(pairs["random"]),
         "pairs_bvw": len(pairs["bvw"]),
@@ -271,15 +285,26 @@ def _train_reward_model(corpus, pairs, eval_pairs, seed: int, folder: Path) -> P
     return folder / "rm"
 
 
-def _train_rl(args, seed, sft_dir, folder, train, run: RLRun) -> RLTrainer:
+def _train_rl(args, seed, sft_dir, reward_model_dir, folder, train, run: RLRun) -> RLTrainer:
     function = RL_CREDIT_FUNCTIONS.get(run.source)
+    source = {"rm_sparse": "sparse", "contrastive:control": "contrastive"}.get(run.source, run.source)
+    control = (  # the instructions the SFT model was trained under, as the offline contrastive:control source
+        {
+            "contrastive_template": "custom",
+            "contrastive_better_template": gym.CONTROLS["better"],
+            "contrastive_worse_template": gym.CONTROLS["worse"],
+        }
+        if run.source == "contrastive:control"
+        else {}
+    )
     config = RLConfig.model_validate(
         {
             "algorithm": run.algorithm,
-            "reward_source": "function" if function else run.source,
+            "reward_source": "function" if function else source,
             "credit_function": function,
             "credit_weight": run.credit_weight,
-            "reward_model_weight": 0.0,
+            "reward_model_weight": RM_WEIGHT if run.source in ("rm_sparse", "abc") else 0.0,
+            **control,
             "reward_functions": ["creditflow.tasks.credit.gym:exact_match_reward"],
             "samples_per_prompt": 4,
             "batch_size": 16,
@@ -295,7 +320,8 @@ def _train_rl(args, seed, sft_dir, folder, train, run: RLRun) -> RLTrainer:
     implicit = (
         {"implicit_model_dir": folder / "dpo_implicit", "implicit_beta": 0.1} if run.source == "dpo_implicit" else {}
     )
-    trainer = RLTrainer(sft_dir, sft_dir, [gym.messages(p) for p in train], config, progress=False, **implicit)
+    prompts = [gym.messages(p) for p in train]
+    trainer = RLTrainer(sft_dir, reward_model_dir, prompts, config, progress=False, **implicit)
     trainer.train()
     trainer.lm.eval()
     return trainer
@@ -415,7 +441,7 @@ def summarize(worlds: list[dict], tasks: list[str]) -> tuple[str, dict]:
         summary[task]["steps_to_dpo_final_errors"] = reached
         cells = [f"{m} {np.mean(s):.0f} ({len(s)}/{seeds})" if s else f"{m} never" for m, s in reached.items()]
         lines.append("Steps to reach DPO's final error rate (mean over the seeds that reach it): " + "; ".join(cells))
-        dense_rl = [m for m in methods if m.split(" ")[0] in RL_ALGORITHMS and not m.endswith(" sparse")]
+        dense_rl = [m for m in methods if m.split(" ")[0] in RL_ALGORITHMS and not is_sparse_rl(m)]
         for method in dense_rl:
             d, se, _ = paired(mine, task, method, rl_baseline(method), "exact")
             summary[task][method]["delta_exact_vs_sparse_rl"] = (d, se)
