@@ -69,6 +69,7 @@ def rewards_show(
     from creditflow.tasks.credit.token_view import render_pair
     from creditflow.tasks.models.loading import load_tokenizer
     from creditflow.tasks.models.resolve import resolve_model
+    from creditflow.tasks.stage import reward_model_location
 
     store = Workspace.resolve(workspace).store
     for manifest in sorted(store.manifests("token_rewards"), key=lambda m: m.created_at, reverse=True):
@@ -78,7 +79,7 @@ def rewards_show(
             tokenizers = {"contrastive": load_tokenizer(str(resolve_model(manifest.config["reference_model"])))}
             if any(r["source"] == "abc" for r in rows):
                 rm = store.load("reward_model", _upstream_fingerprint(store, "reward_model", manifest))
-                tokenizers["abc"] = load_tokenizer(str(store.path(rm.stage, rm.fingerprint) / "model"))
+                tokenizers["abc"] = load_tokenizer(str(reward_model_location(store, rm)))
             console.print(render_pair(pair_id, rows, tokenizers))
             return
     with user_errors():

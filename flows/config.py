@@ -212,7 +212,13 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
         if isinstance(path, str) and not Path(path).expanduser().is_absolute():
             holder[key] = str((base / path).resolve())
     # A model key also takes hub ids (org/name) and named models: only ./ or ../ marks a relative folder.
-    for holder, key in [(data, "reference_model"), (curate, "tokenizer"), (data.get("reward_model"), "base_model")]:
+    reward_model = data.get("reward_model")
+    for holder, key in [
+        (data, "reference_model"),
+        (curate, "tokenizer"),
+        (reward_model, "base_model"),
+        (reward_model, "pretrained"),
+    ]:
         spec = holder.get(key) if isinstance(holder, dict) else None
         if isinstance(spec, str) and spec.startswith("."):
             holder[key] = str((base / spec).resolve())

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -30,6 +31,11 @@ def export_model(ws: Workspace, stage: str, out: str | Path, run_id: str | None 
         raise ValueError(f"export: the {stage} artifacts of {which} were garbage-collected; rerun the stage")
 
     artifact = ws.store.path(stage, present[0])
+    if (artifact / "pretrained.json").is_file():
+        raise ValueError(
+            f"export: the {stage} artifact {present[0]} evaluated a pretrained reward model "
+            f"({json.loads((artifact / 'pretrained.json').read_text())['pretrained']}); nothing was trained to export"
+        )
     if adapter and not (artifact / ADAPTER).is_dir():
         raise ValueError(
             f"export: the {stage} artifact {present[0]} has no {ADAPTER}/ folder (a LoRA run with "

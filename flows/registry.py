@@ -89,7 +89,7 @@ def _model_digest(key: str, spec: str) -> dict[str, str]:
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # The config keys that name a model or tokenizer (a hub dataset's pin is its source's `revision`).
-MODEL_KEYS = ("reference_model", "reward_model.base_model", "curate.tokenizer")
+MODEL_KEYS = ("reference_model", "reward_model.base_model", "reward_model.pretrained", "curate.tokenizer")
 
 
 def pin_hub_revisions(config: dict[str, Any] | None) -> tuple[dict[str, Any], PipelineConfig]:
@@ -139,6 +139,8 @@ def _curate_inputs(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def _reward_model_inputs(cfg: PipelineConfig) -> dict[str, Any]:
+    if cfg.reward_model.pretrained is not None:  # the resolved snapshot is the reward model
+        return {"pretrained": _model_digest("reward_model.pretrained", cfg.reward_model.pretrained)}
     base = cfg.reward_model.base_model
     if base == TINY_BACKBONE:
         return {"base_model": {"tiny": "built from the upstream data"}}
@@ -198,9 +200,10 @@ STAGES: dict[str, Stage] = {
     ),
     "reward_model": Stage(
         name="reward_model",
-        description="Train a Bradley-Terry reward model on the curated pairs; evaluate on the eval split.",
+        description="Train a Bradley-Terry reward model on the curated pairs (or use a pretrained one); evaluate on "
+        "the eval split.",
         upstream=("curate",),
-        outputs=("eval_scores", "model/"),
+        outputs=("eval_scores", ("model/", "pretrained.json")),  # trained, or reward_model.pretrained's record
         input_digests=_reward_model_inputs,
     ),
     "onpolicy": Stage(

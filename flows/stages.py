@@ -117,7 +117,10 @@ def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 
 def _output_path(output: str) -> str:
-    return output.removesuffix("/") if output.endswith("/") else f"{output}.parquet"
+    """A declared output: ``name/`` a folder, ``name.ext`` a file, ``name`` a Parquet table."""
+    if output.endswith("/"):
+        return output.removesuffix("/")
+    return output if "." in output else f"{output}.parquet"
 
 
 def missing_outputs(stage: Stage, folder: Path) -> list[str | tuple[str, ...]]:

@@ -146,6 +146,13 @@ class RewardModelConfig(DistributedTrainingConfig):
     base_model: str = Field(
         TINY_BACKBONE, description="Local folder, hub id (org/name[@revision]), a named model ('minilm'), or 'tiny'."
     )
+    pretrained: str | None = Field(
+        None,
+        description="An existing reward model used as it is, not trained: a hub id (org/name[@revision]) or a folder. "
+        "A sequence classifier, or custom code (trust_remote_code) whose output carries a `score` (ArmoRM); it keeps "
+        "its own tokenizer and chat template. Evaluated on the eval split like a trained one; the training keys are "
+        "unused.",
+    )
     max_length: int = Field(256, ge=2, description="Tokens of prompt + response; long prompts lose their start.")
     use_margin: bool = Field(False, description="Subtract the curated score margin inside the sigmoid.")
     center_rewards_coefficient: float | None = Field(
@@ -156,6 +163,12 @@ class RewardModelConfig(DistributedTrainingConfig):
     disable_dropout: bool = Field(
         True, description="Train without dropout (TRL's RewardConfig default); false keeps the backbone's dropout."
     )
+
+    @model_validator(mode="after")
+    def _pretrained_or_trained(self) -> "RewardModelConfig":
+        if self.pretrained is not None and self.base_model != TINY_BACKBONE:
+            raise ValueError("reward_model: pretrained (use a reward model) and base_model (train one) are exclusive")
+        return self
 
 
 class OnPolicyConfig(SamplingConfig):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -71,3 +73,28 @@ class StageContext:
         """Folder of an upstream artifact, for outputs that are not tables (model checkpoints)."""
         manifest = self.upstream[stage]
         return self.workspace.store.path(manifest.stage, manifest.fingerprint)
+
+    def reward_model_folder(self) -> Path:
+        """The reward model the reward-model stage published (:func:`reward_model_location`)."""
+        if "reward_model" not in self.upstream:
+            raise ValueError(f"{self.stage}: needs the reward_model stage upstream")
+        return reward_model_location(self.workspace.store, self.upstream["reward_model"])
+
+
+PRETRAINED_RECORD = "pretrained.json"  # the reward-model artifact of reward_model.pretrained: where the model is
+
+
+def reward_model_location(store, manifest: Manifest) -> Path:
+    """The reward model of a reward-model artifact: its trained ``model/``, or the pretrained model it evaluated
+    (``reward_model.pretrained``: the artifact records the resolved snapshot's folder, whose digest is in its
+    fingerprint)."""
+    if PRETRAINED_RECORD not in manifest.outputs:
+        return store.path(manifest.stage, manifest.fingerprint) / "model"
+    record = json.loads(store.file(manifest, PRETRAINED_RECORD).read_text())
+    folder = Path(record["folder"])
+    if not folder.is_dir():
+        raise ValueError(
+            f"reward_model artifact {manifest.fingerprint}: the pretrained reward model {record['pretrained']!r} is "
+            f"no longer at {folder}; rerun the reward_model stage"
+        )
+    return folder

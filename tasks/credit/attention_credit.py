@@ -34,7 +34,7 @@ from creditflow.storage.hashing import code_version, reached_modules
 from creditflow.tasks.configs import TokenRewardsConfig
 from creditflow.tasks.credit.source import Source, SourceModels
 from creditflow.tasks.data.schema import Messages
-from creditflow.tasks.infer.reward_scoring import encode_for_reward, render_conversations
+from creditflow.tasks.infer.reward_scoring import encode_for_reward, render_conversations, reward_values
 from creditflow.tasks.models import tokenization
 from creditflow.tasks.models.loading import load_abc_model
 from creditflow.tasks.models.precision import inference_dtype
@@ -173,7 +173,7 @@ def score_abc(model, items: list[AbcItem], beta: float, batch_size: int, pad_id:
             else:  # the model's own rule: the rightmost token that is not the pad id
                 non_pad = (inputs["input_ids"] != model.config.pad_token_id).long()
                 captured["read"] = (torch.arange(width, device=device) * non_pad).argmax(-1)
-            scores = model(**inputs).logits[:, 0].float().cpu()
+            scores = reward_values(model(**inputs)).cpu()
             attention = captured["attention"].cpu()
             for r, (i, item) in enumerate(zip(order[start : start + batch_size], batch)):
                 row = attention[r, item.response_positions]

@@ -66,6 +66,14 @@ def encode_for_reward(
     )
 
 
+def reward_values(output) -> torch.Tensor:
+    """[B] fp32 rewards from a reward model's output: the ``score`` a custom-code reward model returns (ArmoRM's
+    preference score) when it has one, else a sequence classifier's first logit."""
+    score = getattr(output, "score", None)
+    values = score if isinstance(score, torch.Tensor) else output.logits
+    return values.reshape(values.shape[0], -1)[:, 0].float()
+
+
 def reward_batch(encoded, rows: list[int], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Right-padded model inputs for ``rows`` of an encoding (token_type_ids too when the tokenizer makes them)."""
     batch = {}
@@ -86,7 +94,7 @@ def score_pairs(model, tokenizer, prompts, completions, max_length: int, batch_s
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         with autocast(device, bf16=True):
-            rewards = model(**reward_batch(encoded, rows, tokenizer.pad_token_id, device)).logits[:, 0].float()
+            rewards = reward_values(model(**reward_batch(encoded, rows, tokenizer.pad_token_id, device)))
         for i, reward in zip(rows, rewards.tolist()):
             scores[i] = reward
     return scores

@@ -24,6 +24,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -159,10 +160,15 @@ def ensure_pad(tokenizer, model) -> None:
 def load_reward_model(
     folder: str | Path, device: torch.device | None = None, trust_remote_code: bool = False, **kwargs
 ):
-    """(tokenizer, 1-logit sequence classifier) in eval mode; ``kwargs`` go to ``from_pretrained``."""
+    """(tokenizer, sequence classifier) in eval mode; ``kwargs`` go to ``from_pretrained``. A backbone gets a fresh
+    1-logit head; a reward model (a sequence classifier already, or custom code such as ArmoRM's) keeps its own."""
 
     tokenizer = from_pretrained(AutoTokenizer, folder, trust_remote_code)
-    model = from_pretrained(AutoModelForSequenceClassification, folder, trust_remote_code, num_labels=1, **kwargs)
+    config = from_pretrained(AutoConfig, folder, trust_remote_code)
+    classifier = any(name.endswith("ForSequenceClassification") for name in config.architectures or [])
+    custom = "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {})
+    head = {} if classifier or custom else {"num_labels": 1}
+    model = from_pretrained(AutoModelForSequenceClassification, folder, trust_remote_code, **head, **kwargs)
     ensure_pad(tokenizer, model)
     return tokenizer, model.to(device or resolve_device()).eval()
 

@@ -67,7 +67,7 @@ def compute_audit(ctx) -> dict[str, float]:
     config = ctx.config
     probe = build_probe(config.per_kind, config.sentiment, config.seed, config.probe)
     reference = resolve_model(ctx.reference_model)
-    reward_model, policy_artifact = ctx.upstream_dir("reward_model") / "model", ctx.upstream_dir("policy")
+    reward_model, policy_artifact = ctx.reward_model_folder(), ctx.upstream_dir("policy")
     trust = ctx.remote_code_allowed(reference, reward_model, policy_artifact)
     policy = trained_model_folder(policy_artifact, trust)
     rows = run_audit(

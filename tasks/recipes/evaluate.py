@@ -41,7 +41,7 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
     trained = ["policy", *(["rl"] if "rl" in ctx.upstream else [])]  # the RL policy when that stage is enabled
     # The model the policies started from: the token-reward stage's reference (its log-probs trained the policy).
     reference = resolve_model(ctx.upstream["token_rewards"].config["reference_model"])
-    reward_model = ctx.upstream_dir("reward_model") / "model"
+    reward_model = ctx.reward_model_folder()
     artifacts = [ctx.upstream_dir(name) for name in trained]
     trust = ctx.remote_code_allowed(*artifacts, reference, reward_model)  # trained models keep their base's code
     systems = {name: trained_model_folder(folder, trust) for name, folder in zip(trained, artifacts)}

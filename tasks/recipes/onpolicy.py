@@ -31,7 +31,7 @@ def compute_onpolicy(ctx: StageContext) -> dict[str, float]:
     prompts = S.unique_prompts(S.split_rows(ctx.read_upstream("curate", "pairs"), "train"), config.max_prompts)
     prompt_messages = prompts.column("prompt").to_pylist()
     k = config.samples_per_prompt
-    reference, reward_model = resolve_model(ctx.reference_model), ctx.upstream_dir("reward_model") / "model"
+    reference, reward_model = resolve_model(ctx.reference_model), ctx.reward_model_folder()
     trust = ctx.remote_code_allowed(reference, reward_model)
     with ray_session(ctx.compute):  # local, or one Ray session for both jobs
         samples = generate(

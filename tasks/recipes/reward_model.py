@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from creditflow.tasks.configs import TINY_BACKBONE, RewardModelConfig
 from creditflow.tasks.data.schema import SIDES, Messages, split_rows
-from creditflow.tasks.infer.reward_scoring import encode_for_reward, reward_batch, score_pairs
+from creditflow.tasks.infer.reward_scoring import encode_for_reward, reward_batch, reward_values, score_pairs
 from creditflow.tasks.models.loading import disable_dropout, load_reward_model
 from creditflow.tasks.models.model_card import stage_config, stage_datasets, write_card
 from creditflow.tasks.models.packing import pack_layout, packed_attention, packed_tensors
@@ -39,7 +39,7 @@ from creditflow.tasks.models.precision import autocast, resolve_device
 from creditflow.tasks.models.resolve import resolve_model
 from creditflow.tasks.models.tiny import build_tiny_reward_backbone
 from creditflow.tasks.plots import finish, new_figure
-from creditflow.tasks.stage import StageContext
+from creditflow.tasks.stage import PRETRAINED_RECORD, StageContext
 from creditflow.tasks.train import fsdp
 from creditflow.tasks.train.checkpoint import Checkpoint
 from creditflow.tasks.train.launch import launch_folder, launch_torchrun
@@ -59,6 +59,8 @@ def compute_reward_model(ctx: StageContext) -> dict[str, float]:
     train = PairData.from_table(split_rows(pairs, "train"))
     evaluation_table = split_rows(pairs, "eval")
     evaluation = PairData.from_table(evaluation_table)
+    if config.pretrained is not None:
+        return _use_pretrained(ctx, config, evaluation, evaluation_table)
     if not len(train):
         raise ValueError("reward_model: the curated data has no train pairs")
 
@@ -103,18 +105,7 @@ def compute_reward_model(ctx: StageContext) -> dict[str, float]:
         shutil.rmtree(ctx.writer.dir / "base")
 
     final = evaluate(model, tokenizer, evaluation, config)
-    ctx.writer.write_table(
-        "eval_scores",
-        pa.table(
-            {
-                "pair_id": evaluation_table.column("pair_id"),
-                "reward_chosen": pa.array(final.rewards_chosen, pa.float32()),
-                "reward_rejected": pa.array(final.rewards_rejected, pa.float32()),
-            }
-        ),
-    )
-    fig = _reward_figure(final)
-    ctx.run.log_figure(fig, "reward_model/eval_rewards.png")
+    _publish_evaluation(ctx, final, evaluation_table)
     ctx.run.log_dict(history, "reward_model/eval_history.json")
     ctx.log_model_location("model")
     Checkpoint(ctx.checkpoint_dir).remove()  # the published artifact supersedes it
@@ -138,6 +129,32 @@ def compute_reward_model(ctx: StageContext) -> dict[str, float]:
         pipeline_tag="text-classification",
     )
     return metrics
+
+
+def _use_pretrained(ctx: StageContext, config: RewardModelConfig, evaluation: PairData, table: pa.Table) -> dict:
+    """``reward_model.pretrained``: no training. The model is evaluated on the eval split like a trained one, and
+    the artifact records where it is (``PRETRAINED_RECORD``) instead of holding a copy of its weights; the
+    fingerprint covers the resolved snapshot's weights and tokenizer (flows/registry.py)."""
+    folder = resolve_model(config.pretrained)
+    tokenizer, model = load_reward_model(folder, trust_remote_code=ctx.remote_code_allowed(folder))
+    final = evaluate(model, tokenizer, evaluation, config)
+    _publish_evaluation(ctx, final, table)
+    ctx.writer.write_json(PRETRAINED_RECORD, {"pretrained": config.pretrained, "folder": str(folder.resolve())})
+    ctx.run.set_tags({"creditflow.model_path": str(folder), "creditflow.pretrained_reward_model": config.pretrained})
+    return {
+        **final.metrics(),
+        "train_pairs": 0,
+        "eval_pairs": len(evaluation),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _publish_evaluation(ctx: StageContext, final: EvalResult, table: pa.Table) -> None:
+    """The eval split's rewards (``eval_scores``) and their histogram, for a trained or a pretrained model."""
+    chosen, rejected = (pa.array(values, pa.float32()) for values in (final.rewards_chosen, final.rewards_rejected))
+    columns = {"pair_id": table.column("pair_id"), "reward_chosen": chosen, "reward_rejected": rejected}
+    ctx.writer.write_table("eval_scores", pa.table(columns))
+    ctx.run.log_figure(_reward_figure(final), "reward_model/eval_rewards.png")
 
 
 def bradley_terry_loss(
@@ -360,7 +377,7 @@ class RewardModelTrainer(Trainer):
                 )
             else:
                 r_c, r_r = (
-                    self.module(**reward_batch(self.encoded[side], rows, pad_id, device)).logits[:, 0].float()
+                    reward_values(self.module(**reward_batch(self.encoded[side], rows, pad_id, device)))
                     for side in SIDES
                 )
         margin = torch.tensor([self.pairs.margins[i] for i in rows], device=device) if self.config.use_margin else None

@@ -149,7 +149,7 @@ def compute_rl(ctx: StageContext) -> dict[str, float]:
     if not prompts.num_rows:
         raise ValueError("rl: the curated pairs have no train-split prompts")
     reward_model = ctx.upstream["reward_model"]
-    reference, reward_dir = resolve_model(ctx.reference_model), ctx.upstream_dir("reward_model") / "model"
+    reference, reward_dir = resolve_model(ctx.reference_model), ctx.reward_model_folder()
     implicit = {}
     if config.reward_source == "dpo_implicit":  # RTO: the policy stage's DPO policy gives the token rewards
         if "policy" not in ctx.upstream:

@@ -214,16 +214,13 @@ def side_requests(pairs: pa.Table) -> tuple[list[str], list[str], list[Messages]
 
 
 def _reward_model_folder(ctx: StageContext) -> tuple[Path, int]:
-    """The reward-model stage's ``model/`` folder (every file checked against its manifest) and its max_length."""
-    if "reward_model" not in ctx.upstream:
-        raise ValueError("token_rewards.sources includes 'abc', which needs the reward_model stage upstream")
+    """The reward model (a trained ``model/``, every file checked against its manifest, or the pretrained one) and
+    its max_length."""
+    folder = ctx.reward_model_folder()
     manifest = ctx.upstream["reward_model"]
-    model_files = [name for name in manifest.outputs if name.startswith("model/")]
-    if not model_files:
-        raise ValueError(f"reward_model artifact {manifest.fingerprint} has no model/ folder")
-    for name in model_files:
+    for name in (name for name in manifest.outputs if name.startswith("model/")):
         ctx.workspace.store.file(manifest, name)  # raises on a missing or edited file
-    return ctx.upstream_dir("reward_model") / "model", int(manifest.config["max_length"])
+    return folder, int(manifest.config["max_length"])
 
 
 def assemble(
