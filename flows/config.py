@@ -218,6 +218,7 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
         (curate, "tokenizer"),
         (reward_model, "base_model"),
         (reward_model, "pretrained"),
+        (data.get("evaluate"), "judge"),
     ]:
         spec = holder.get(key) if isinstance(holder, dict) else None
         if isinstance(spec, str) and spec.startswith("."):

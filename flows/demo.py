@@ -106,7 +106,9 @@ def comparison_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "gold": metrics.get("gold_score.policy"),
                 "rm": metrics["rm_score.policy"],
                 "win_gold": metrics.get("win_rate_gold"),
+                "lc_win_gold": metrics.get("lc_win_rate_gold"),
                 "win_rm": metrics["win_rate_rm"],
+                "lc_win_rm": metrics.get("lc_win_rate_rm"),
                 "token_corr": metrics.get("token_reward_correlation"),
                 "prompts": metrics["prompts"],
             }
@@ -119,11 +121,16 @@ def comparison_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "gold": metrics.get("gold_score.reference"),
         "rm": metrics["rm_score.reference"],
         "win_gold": None,  # the baseline the win rates are measured against
+        "lc_win_gold": None,
         "win_rm": None,
+        "lc_win_rm": None,
         "token_corr": None,
         "prompts": metrics["prompts"],
     }
     return [reference, *rows]
+
+
+WIN_RATES = ("win_gold", "lc_win_gold", "win_rm", "lc_win_rm")
 
 
 def summary_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -135,7 +142,7 @@ def summary_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     summary = []
     for method, group in by_method.items():
         entry = {"method": method, "seeds": len(group) if group[0]["seed"] is not None else None}
-        for key in ("gold", "rm", "win_gold", "win_rm", "token_corr"):
+        for key in ("gold", "rm", *WIN_RATES, "token_corr"):
             values = [r[key] for r in group if r[key] is not None]
             entry[key] = (
                 (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else None

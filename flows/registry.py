@@ -89,7 +89,13 @@ def _model_digest(key: str, spec: str) -> dict[str, str]:
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # The config keys that name a model or tokenizer (a hub dataset's pin is its source's `revision`).
-MODEL_KEYS = ("reference_model", "reward_model.base_model", "reward_model.pretrained", "curate.tokenizer")
+MODEL_KEYS = (
+    "reference_model",
+    "reward_model.base_model",
+    "reward_model.pretrained",
+    "curate.tokenizer",
+    "evaluate.judge",
+)
 
 
 def pin_hub_revisions(config: dict[str, Any] | None) -> tuple[dict[str, Any], PipelineConfig]:
@@ -188,6 +194,10 @@ def _token_rewards_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     return _reference_inputs(cfg) if "contrastive" in cfg.token_rewards.sources else {}
 
 
+def _evaluate_inputs(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"judge": _model_digest("evaluate.judge", cfg.evaluate.judge)} if cfg.evaluate.judge else {}
+
+
 TRAINED_LM = ("model/", "adapter/")  # merged weights and/or the LoRA adapter (lora.save_merged: false)
 
 STAGES: dict[str, Stage] = {
@@ -244,9 +254,11 @@ STAGES: dict[str, Stage] = {
     ),
     "evaluate": Stage(
         name="evaluate",
-        description="Policy vs reference on held-out prompts: reward-model and gold scores, win rates, comparisons.",
+        description="Policy vs reference on held-out prompts: reward-model and gold scores, an LLM judge, raw and "
+        "length-controlled win rates, comparisons.",
         upstream=("curate", "reward_model", "token_rewards", "policy", "rl"),
         outputs=("generations",),
+        input_digests=_evaluate_inputs,
     ),
     "audit": Stage(
         name="audit",

@@ -61,44 +61,64 @@ def print_where_to_look(workspace: str) -> None:
     say(f"           or: duckdb {ws / 'catalog.duckdb'}")
 
 
+# The demo's tables: a label split at its parts, two-line headers, so they read whole in an 80-column terminal.
+RESULT_COLUMNS = (
+    ("gold", "gold\nscore", ".3f"),
+    ("rm", "RM\nscore", ".3f"),
+    ("win_gold", "win\ngold", ".2f"),
+    ("lc_win_gold", "LC\ngold", ".2f"),
+    ("win_rm", "win\nRM", ".2f"),
+    ("lc_win_rm", "LC\nRM", ".2f"),
+    ("token_corr", "token\ncorr", ".3f"),
+)
+RESULTS_NOTE = (
+    "gold = vaderSentiment compound score of the answer (the sample task's judge); RM = the reward model; win: share "
+    "of prompts where the policy's answer beats the reference's (ties half); LC: the win rate with the answers' "
+    "length difference controlled for (AlpacaEval 2's GLM); token corr: token rewards vs the policy's implicit token "
+    "rewards at the last training step."
+)
+
+
+def _results_table(title: str, methods: list[str], seed_column: bool) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    longest = max(len(line) for method in methods for line in method_cell(method).splitlines())
+    table.add_column("method", overflow="fold", min_width=min(longest, 24))
+    if seed_column:
+        table.add_column("seed", justify="right", no_wrap=True)
+    for _, header, _ in RESULT_COLUMNS:
+        table.add_column(header, justify="right", no_wrap=True)
+    return table
+
+
+def method_cell(label: str) -> str:
+    """ "dpo + T-REG (contrastive, α=0.25)" on three short lines: dpo / + T-REG / (contrastive, α=0.25)."""
+    return label.replace(" + ", "\n+ ").replace(" (", "\n(")
+
+
 def print_comparison(rows: list[dict[str, Any]]) -> None:
-    def fmt(value: Any, spec: str = ".3f") -> str:
+    def fmt(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    table = Table(title=f"policy vs reference on {rows[0]['prompts']} held-out prompts (same sampling seed)")
-    for column in ("method", "seed", "gold score", "RM score", "win rate (gold)", "win rate (RM)", "token corr"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+    title = f"policy vs reference on {rows[0]['prompts']} held-out prompts (same sampling seed)"
+    table = _results_table(title, [row["method"] for row in rows], seed_column=True)
     for row in rows:
-        table.add_row(
-            row["method"],
-            fmt(row["seed"], "d"),
-            fmt(row["gold"]),
-            fmt(row["rm"]),
-            fmt(row["win_gold"], ".2f"),
-            fmt(row["win_rm"], ".2f"),
-            fmt(row["token_corr"]),
-        )
+        cells = [fmt(row.get(key), spec) for key, _, spec in RESULT_COLUMNS]
+        table.add_row(method_cell(row["method"]), fmt(row["seed"], "d"), *cells, end_section=True)
     console.print(table)
-    console.print(
-        "gold = vaderSentiment compound score of the answer (the sample task's judge); RM = the trained reward model;"
-        " win rate: share of prompts where the policy's answer beats the reference's (ties half);"
-        " token corr: token rewards vs the policy's implicit token rewards at the last training step."
-    )
+    console.print(RESULTS_NOTE)
 
 
 def print_summary(summary: list[dict[str, Any]]) -> None:
     """Mean ± standard deviation over seeds, per method."""
 
-    def fmt(value, spec: str = ".3f") -> str:
-        return "-" if value is None else f"{value[0]:{spec}} ± {value[1]:{spec}}"
+    def fmt(value, spec: str) -> str:
+        return "-" if value is None else f"{value[0]:{spec}}\n±{value[1]:{spec}}"
 
-    table = Table(title="mean ± std over seeds")
-    for column in ("method", "seeds", "gold score", "RM score", "win rate (gold)", "win rate (RM)", "token corr"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+    table = _results_table("mean ± std over seeds", [row["method"] for row in summary], seed_column=False)
     for row in summary:
-        seeds = "-" if row["seeds"] is None else str(row["seeds"])
-        cells = [fmt(row[k]) for k in ("gold", "rm")] + [fmt(row[k], ".2f") for k in ("win_gold", "win_rm")]
-        table.add_row(row["method"], seeds, *cells, fmt(row["token_corr"]))
+        seeds = "" if row["seeds"] is None else f"\n{row['seeds']} seeds"
+        cells = [fmt(row.get(key), spec) for key, _, spec in RESULT_COLUMNS]
+        table.add_row(method_cell(row["method"]) + seeds, *cells, end_section=True)
     console.print(table)
 
 

@@ -547,6 +547,12 @@ class EvaluateConfig(SamplingConfig):
     temperature: float = Field(0.7, ge=0, allow_inf_nan=False, description="0 decodes greedily.")
     batch_size: int = Field(16, ge=1, description="Prompts per generate() call.")
     gold_scorer: str | None = Field("vader", description="'vader', 'package.module:function', or null.")
+    judge: str | None = Field(
+        None,
+        description="A local chat model (folder or hub id) judging each policy's answer against the reference's, "
+        "in both orders (tasks/infer/judging.py); null: no judge.",
+    )
+    judge_batch_size: int = Field(8, ge=1, description="Judge prompts per forward.")
 
 
 class AuditConfig(StrictConfig):

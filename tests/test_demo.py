@@ -77,7 +77,7 @@ def test_evaluation_reproduces_its_metrics_from_the_generations_it_stored(demo_r
     from mlflow.tracking import MlflowClient
 
     from creditflow.tasks.infer.gold import vader_scorer
-    from creditflow.tasks.recipes.evaluate import win_rate
+    from creditflow.tasks.infer.judging import win_rate
 
     workspace, results = demo_results
     with duckdb.connect(str(workspace / "catalog.duckdb"), read_only=True) as con:

@@ -1,12 +1,14 @@
 """Evaluation helpers: win rates, gold scorers (built-in and plugin), method labels, comparison rows."""
 
+import numpy as np
 import pytest
 from conftest import publish_artifact
 
 from creditflow.storage.artifacts import ArtifactStore
 from creditflow.tasks.configs import method_label
 from creditflow.tasks.infer.gold import load_gold_scorer
-from creditflow.tasks.recipes.evaluate import comparison_figure, comparison_rows, win_rate
+from creditflow.tasks.infer.judging import LC_RIDGE, length_controlled_win_rate, win_rate
+from creditflow.tasks.recipes.evaluate import comparison_figure, comparison_rows
 
 
 def length_scorer(prompts, completions):
@@ -98,3 +100,103 @@ def test_demo_variants_and_the_summary_over_seeds():
     reference, dpo = summary_table(rows)
     assert reference["seeds"] is None and reference["gold"] == (0.5, 0.0)
     assert dpo["seeds"] == 2 and dpo["gold"] == pytest.approx((0.7, 0.1414213), abs=1e-6) and dpo["token_corr"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Length-controlled win rate and the pairwise judge
+
+
+def _penalized_glm(results, delta) -> float:
+    """The same GLM fitted by scipy's general-purpose optimizer: σ(θ) of the penalized cross-entropy minimum."""
+    from scipy.optimize import minimize
+
+    y, x = np.asarray(results), np.tanh(np.asarray(delta) / np.std(delta))
+
+    def loss(w):
+        z = w[0] + w[1] * x
+        return np.sum(np.logaddexp(0, z) - y * z) + LC_RIDGE / 2 * np.sum(w**2)
+
+    theta = minimize(loss, np.zeros(2), method="BFGS", options={"gtol": 1e-10}).x[0]
+    return 1 / (1 + np.exp(-theta))
+
+
+def test_length_controlled_win_rate_removes_what_length_explains():
+    rng = np.random.default_rng(0)
+    n = 400
+    delta = rng.normal(60, 100, n)  # the policy writes longer on ~73% of prompts
+    reference = rng.integers(100, 400, n)
+    policy = reference + delta.round().astype(int)
+    by_length = [1.0 if d > 0 else 0.0 for d in policy - reference]  # it wins exactly when it is longer
+    lc = length_controlled_win_rate(by_length, policy.tolist(), reference.tolist())
+    assert np.mean(by_length) > 0.7 and abs(lc - 0.5) < 0.1
+    by_quality = rng.choice([1.0, 0.5, 0.0], size=n, p=[0.65, 0.1, 0.25]).tolist()  # independent of length
+    lc = length_controlled_win_rate(by_quality, policy.tolist(), reference.tolist())
+    assert lc == pytest.approx(np.mean(by_quality), abs=0.03)
+    assert lc == pytest.approx(_penalized_glm(by_quality, policy - reference), abs=1e-6)
+    same = length_controlled_win_rate([1.0, 1.0, 0.0, 0.5], [10] * 4, [10] * 4)  # no length to control for
+    assert same == pytest.approx(0.625, abs=0.01)
+    assert 0.5 < length_controlled_win_rate([1.0] * 5, [1, 2, 3, 4, 5], [3] * 5) < 1  # finite when it always wins
+
+
+@pytest.fixture(scope="module")
+def judges(tmp_path_factory, tiny_lm_dir):
+    """Two tiny chat models fine-tuned on judge prompts: one answers with the letter of the response that says
+    "good", one always answers "A" (a judge that follows the position)."""
+    import shutil
+
+    from creditflow.tasks.credit.gym import train_sft
+    from creditflow.tasks.infer.judging import JUDGE_PROMPT
+
+    def prompt(a: str, b: str) -> list[dict]:
+        return [{"role": "user", "content": JUDGE_PROMPT.format(instruction="Say how it was.", a=a, b=b)}]
+
+    good, bad = "It was good.", "It was bad."
+    examples = {"content": [(prompt(good, bad), "A"), (prompt(bad, good), "B")], "position": []}
+    examples["position"] = [(prompt(good, bad), "A"), (prompt(bad, good), "A")]
+    folders = {}
+    for name, data in examples.items():
+        folders[name] = tmp_path_factory.mktemp(f"judge-{name}") / "model"
+        shutil.copytree(tiny_lm_dir, folders[name])
+        train_sft(folders[name], data * 8, steps=150, seed=0, lr=3e-3, batch_size=8)  # content needs ~150
+    return folders
+
+
+def _judge(folder):
+    from creditflow.tasks.infer.judging import PairwiseJudge
+    from creditflow.tasks.models.loading import load_generation_model
+
+    tokenizer, model = load_generation_model(folder, "cpu")
+    return PairwiseJudge(model, tokenizer, batch_size=2)
+
+
+def test_the_judge_compares_in_both_orders_and_calls_a_split_verdict_a_tie(judges):
+    instructions = ["Say how it was."] * 3
+    good, bad = ["It was good."] * 3, ["It was bad."] * 3
+    content = _judge(judges["content"])
+    assert content.compare(instructions, good, bad) == [1.0] * 3
+    assert content.compare(instructions, bad, good) == [0.0] * 3
+    position = _judge(judges["position"])
+    assert min(position.prefers_first(instructions, good, bad) + position.prefers_first(instructions, bad, good)) > 0.5
+    assert position.compare(instructions, good, bad) == position.compare(instructions, bad, good) == [0.5] * 3
+
+
+def test_the_results_tables_read_whole_in_80_columns(monkeypatch):
+    """The demo's end-of-run tables, every column and every method label whole, in an 80-column terminal."""
+    from rich.console import Console
+
+    from creditflow.flows import render
+    from creditflow.flows.demo import summary_table
+
+    monkeypatch.setattr(render, "console", Console(width=80, record=True))
+    values = dict(gold=0.716, rm=-1.105, win_gold=0.59, lc_win_gold=0.61, win_rm=0.59, lc_win_rm=0.55, token_corr=0.2)
+    rows = [
+        {"method": "reference (no training)", "seed": None, **dict.fromkeys(values), "gold": 0.5, "rm": 1.0},
+        *({"method": "dpo + T-REG (contrastive, α=0.25)", "seed": s, **values} for s in (0, 1)),
+        {"method": "simpo + T-REG (abc, α=0.25)", "seed": 0, **values},
+    ]
+    render.print_comparison([{**row, "prompts": 64} for row in rows])
+    render.print_summary(summary_table(rows))
+    text = render.console.export_text()
+    assert max(map(len, text.splitlines())) <= 80 and "…" not in text
+    for words in ("(contrastive, α=0.25)", "+ T-REG", "(no training)", "LC", "corr", "0.61", "±0.000", "2 seeds"):
+        assert words in text, words

@@ -3,9 +3,11 @@
 Both policies answer the held-out prompts (the curated eval split, which on-policy sampling never touches) with the
 same seeded sampling settings. Every answer is scored by the trained reward model and, when configured, by a gold
 scorer: a plugin ``module:function`` taking ``(prompts, completions)`` and returning one float per completion;
-``vader`` is built in (vaderSentiment's compound score, the sample task's ground truth). Reported: win rate against
-the reference (ties count half), mean reward, mean gold score, mean length; the comparison across every evaluation
-in the workspace (e.g. DPO vs DPO+T-REG) is drawn as a PNG.
+``vader`` is built in (vaderSentiment's compound score, the sample task's ground truth), and, with
+``evaluate.judge``, by a local chat model comparing each pair of answers in both orders (tasks/infer/judging.py).
+Reported: win rate against the reference (ties count half) and its length-controlled form (AlpacaEval 2's GLM) per
+judge, mean reward, mean gold score, mean length; the comparison across every evaluation in the workspace (e.g. DPO
+vs DPO+T-REG) is drawn as a PNG.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from creditflow.tasks.data import schema as S
 from creditflow.tasks.infer.distributed import ray_session
 from creditflow.tasks.infer.generation import generate
 from creditflow.tasks.infer.gold import load_gold_scorer
+from creditflow.tasks.infer.judging import PairwiseJudge, length_controlled_win_rate, outcomes
 from creditflow.tasks.infer.reward_scoring import score_rewards
 from creditflow.tasks.models.causal_lm import trained_model_folder
+from creditflow.tasks.models.loading import load_generation_model
 from creditflow.tasks.models.resolve import resolve_model
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.stage import StageContext
@@ -43,7 +47,10 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
     reference = resolve_model(ctx.upstream["token_rewards"].config["reference_model"])
     reward_model = ctx.reward_model_folder()
     artifacts = [ctx.upstream_dir(name) for name in trained]
-    trust = ctx.remote_code_allowed(*artifacts, reference, reward_model)  # trained models keep their base's code
+    judge = [resolve_model(config.judge)] if config.judge else []
+    trust = ctx.remote_code_allowed(
+        *artifacts, reference, reward_model, *judge
+    )  # trained models keep their base's code
     systems = {name: trained_model_folder(folder, trust) for name, folder in zip(trained, artifacts)}
     systems["reference"] = reference
     gold = load_gold_scorer(config.gold_scorer) if config.gold_scorer else None
@@ -70,6 +77,7 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
         name: [float(x) for x in gold(messages, texts)] if gold else [None] * len(texts)
         for name, texts in completions.items()
     }
+    judged = _judge(judge[0], config, messages, completions, trained, trust) if judge else {}
 
     rows = [
         {
@@ -80,6 +88,7 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
             "rm_score": rm_scores[name][i],
             "gold_score": gold_scores[name][i],
             "length": len(completions[name][i]),
+            "judge": judged[name][i] if name in judged else None,  # 1 / 0.5 / 0 against the reference
         }
         for name in systems
         for i, (prompt_id, prompt) in enumerate(zip(prompts.column("prompt_id").to_pylist(), messages))
@@ -96,14 +105,21 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
     }
     if gold:
         metrics["gold_score.reference"] = mean(gold_scores["reference"])
+    lengths = {name: [len(t) for t in texts] for name, texts in completions.items()}
     for name in trained:  # the DPO policy's win rates keep their unsuffixed names
         suffix = "" if name == "policy" else f".{name}"
-        metrics[f"win_rate_rm{suffix}"] = win_rate(rm_scores[name], rm_scores["reference"])
-        metrics[f"rm_score.{name}"] = mean(rm_scores[name])
-        metrics[f"length.{name}"] = mean([len(t) for t in completions[name]])
+        verdicts = {"rm": outcomes(rm_scores[name], rm_scores["reference"])}
         if gold:
-            metrics[f"win_rate_gold{suffix}"] = win_rate(gold_scores[name], gold_scores["reference"])
+            verdicts["gold"] = outcomes(gold_scores[name], gold_scores["reference"])
             metrics[f"gold_score.{name}"] = mean(gold_scores[name])
+        if name in judged:
+            verdicts["judge"] = judged[name]
+        for judge, results in verdicts.items():
+            metrics[f"win_rate_{judge}{suffix}"] = mean(results)
+            lc = length_controlled_win_rate(results, lengths[name], lengths["reference"])
+            metrics[f"lc_win_rate_{judge}{suffix}"] = lc
+        metrics[f"rm_score.{name}"] = mean(rm_scores[name])
+        metrics[f"length.{name}"] = mean(lengths[name])
     policy = ctx.upstream["policy"]
     if "final_token_reward_corr" in policy.metrics:
         metrics["token_reward_correlation"] = policy.metrics["final_token_reward_corr"]
@@ -113,11 +129,12 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
     return metrics
 
 
-def win_rate(policy: list[float], reference: list[float]) -> float:
-    """Share of prompts where the policy's score beats the reference's; a tie counts half."""
-    if not policy:
-        return float("nan")
-    return sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy, reference)) / len(policy)
+def _judge(folder, config: EvaluateConfig, messages, completions: dict[str, list[str]], trained, trust) -> dict:
+    """Each trained policy's verdicts against the reference from ``evaluate.judge`` (1 / 0.5 / 0 per prompt)."""
+    tokenizer, model = load_generation_model(folder, trust_remote_code=trust)
+    judge = PairwiseJudge(model, tokenizer, batch_size=config.judge_batch_size)
+    instructions = [m[-1]["content"] for m in messages]
+    return {name: judge.compare(instructions, completions[name], completions["reference"]) for name in trained}
 
 
 def comparison_rows(store: ArtifactStore) -> list[dict]:
