@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from creditflow.flows.cli_common import WorkspaceOpt, user_errors
-from creditflow.flows.render import console, print_audit
+from creditflow.flows.render import console, print_audit, print_reward_bench
 
 rewards_app = typer.Typer(help="Token-level rewards.", no_args_is_help=True)
 
@@ -88,3 +88,46 @@ def rewards_show(
 
 def _upstream_fingerprint(store, stage: str, manifest) -> str:
     return store.find_by_digest(stage, manifest.inputs["upstream"][stage]).fingerprint
+
+
+@rewards_app.command("bench")
+def rewards_bench(
+    file: str = typer.Argument(
+        ..., help="RewardBench-style rows: prompt, chosen, rejected[, subset]; a path or hub id."
+    ),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="A reward model: a folder or hub id. Default: the workspace's newest reward_model stage."
+    ),
+    max_length: int = typer.Option(512, help="Prompt + response tokens."),
+    batch_size: int = typer.Option(16, help="Rows per forward."),
+    trust_remote_code: bool = typer.Option(False, help="Let a custom-code reward model (ArmoRM) run its own code."),
+    workspace: Optional[str] = WorkspaceOpt,
+    experiment: str = typer.Option("creditflow-rewardbench", help="MLflow experiment of the run."),
+) -> None:
+    """Reward-model accuracy per subset on a RewardBench-style file (chosen scored above rejected; ties half)."""
+    from creditflow.storage.tracking import Run
+    from creditflow.storage.workspace import Workspace
+    from creditflow.tasks.configs import SourceConfig
+    from creditflow.tasks.infer.reward_bench import reward_bench
+    from creditflow.tasks.models.resolve import resolve_model
+    from creditflow.tasks.stage import reward_model_location
+
+    ws = Workspace.resolve(workspace)
+    with user_errors():
+        if model is None:
+            found = sorted(ws.store.manifests("reward_model"), key=lambda m: m.created_at)
+            if not found:
+                raise ValueError(f"no reward_model stage in {ws.root}: pass --model")
+            folder, label = reward_model_location(ws.store, found[-1]), f"reward_model/{found[-1].fingerprint}"
+        else:
+            folder, label = resolve_model(model), model
+        path = Path(file).expanduser()
+        source = SourceConfig(path=str(path)) if path.exists() else SourceConfig(hf=file)
+        report = reward_bench(folder, source, max_length, batch_size, trust_remote_code)
+    print_reward_bench(label, report)
+    run = Run.start(ws, experiment, f"rewardbench {label}", tags={"creditflow.kind": "rewardbench"})
+    run.log_params({"model": label, "file": file, "max_length": max_length})
+    run.log_metrics({f"accuracy.{r.subset}": r.accuracy for r in report})
+    run.log_rows([vars(r) for r in report], "rewardbench/subsets.json")
+    run.end()
+    console.print(f"logged to MLflow experiment {experiment!r}, run {run.run_id}")

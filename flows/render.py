@@ -191,6 +191,21 @@ def print_gc(report, ws, dry_run: bool, min_age: float) -> None:
     )
 
 
+def print_reward_bench(model: str, report) -> None:
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"reward-model accuracy: {model}")
+    table.add_column("subset", overflow="fold")
+    for name in ("rows", "accuracy", "mean margin"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for row in report:
+        if row.subset == "overall":
+            table.add_section()
+        table.add_row(row.subset, str(row.rows), f"{row.accuracy:.3f}", f"{row.mean_margin:+.3f}")
+    console.print(table)
+    console.print(
+        "accuracy: the share of rows whose chosen answer the reward model scores above the rejected one (ties half)"
+    )
+
+
 def print_audit(rows) -> None:
     """The token-reward audit table, and a loud warning for every source that points the wrong way."""
     from creditflow.tasks.credit.audit_probes import AUC_WARNING

@@ -200,7 +200,7 @@ def test_a_pipeline_uses_the_pretrained_reward_model_everywhere(offline_hub, tmp
         reward_source="abc",
         sampling={"max_new_tokens": 8},
     )
-    cfg["evaluate"].update(max_prompts=4, max_new_tokens=8)
+    cfg["evaluate"].update(max_prompts=4, max_new_tokens=8, judge="tiny-lm")  # a (random) local chat model judges
     stages = pipeline_flow(config=cfg, workspace=str(tmp_path / "ws"), progress=False)["stages"]
     rm = stages["reward_model"]["manifest"]
     assert PRETRAINED_RECORD in rm["outputs"] and not any(name.startswith("model/") for name in rm["outputs"])
@@ -209,4 +209,60 @@ def test_a_pipeline_uses_the_pretrained_reward_model_everywhere(offline_hub, tmp
     assert stages["onpolicy"]["manifest"]["row_counts"]["pairs"] > 0
     assert stages["token_rewards"]["manifest"]["metrics"]["abc.rows_computed"] > 0
     assert stages["rl"]["manifest"]["metrics"]["iterations"] == 1
-    assert {"win_rate_rm", "win_rate_rm.rl", "rm_score.policy"} <= set(stages["evaluate"]["manifest"]["metrics"])
+    evaluated = stages["evaluate"]["manifest"]
+    assert {"win_rate_rm", "lc_win_rate_rm", "win_rate_judge", "lc_win_rate_judge", "win_rate_judge.rl"} <= set(
+        evaluated["metrics"]
+    )
+    assert set(evaluated["inputs"]["judge"]) == {"weights", "tokenizer"}  # the judge is in the stage's fingerprint
+
+
+def _bench_file(path, rows) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_reward_bench_reports_accuracy_per_subset_for_any_reward_model(offline_hub, tmp_path):
+    from typer.testing import CliRunner
+
+    from creditflow.flows.cli import app
+    from creditflow.tasks.configs import SourceConfig
+    from creditflow.tasks.infer.reward_bench import reward_bench
+    from creditflow.tasks.infer.reward_scoring import RewardScorer
+
+    rows = [
+        {"prompt": f"How was day {i}?", "chosen": f"It was {g}.", "rejected": f"It was {b}.", "subset": s}
+        for i, (g, b, s) in enumerate(
+            [("great", "awful", "chat"), ("lovely", "sad", "chat"), ("fine", "bad", "safety")] * 3
+        )
+    ]
+    rows.append({"prompt": [{"role": "user", "content": "Hi?"}], "chosen": "Hello!", "rejected": "Go away."})
+    _bench_file(tmp_path / "bench.jsonl", rows)
+    source = SourceConfig(path=str(tmp_path / "bench.jsonl"))
+    for model, trust in (("acme/tiny-rm", False), ("acme/tiny-armo", True)):
+        report = {r.subset: r for r in reward_bench(resolve_model(model), source, 64, 4, trust)}
+        assert [(name, r.rows) for name, r in report.items()] == [
+            ("chat", 6),
+            ("safety", 3),
+            ("all", 1),
+            ("overall", 10),
+        ]
+        scorer = RewardScorer(resolve_model(model), 64, 4, trust_remote_code=trust)
+        chat = [r for r in rows if r.get("subset") == "chat"]
+        prompts = [[{"role": "user", "content": r["prompt"]}] for r in chat]
+        answers = {k: [[{"role": "assistant", "content": r[k]}] for r in chat] for k in ("chosen", "rejected")}
+        wins = [
+            c > r for c, r in zip(scorer.score(prompts, answers["chosen"]), scorer.score(prompts, answers["rejected"]))
+        ]
+        assert report["chat"].accuracy == pytest.approx(sum(wins) / len(wins))
+
+    cli = CliRunner()
+    args = ["rewards", "bench", str(tmp_path / "bench.jsonl"), "--model", "acme/tiny-armo", "-w", str(tmp_path / "ws")]
+    result = cli.invoke(app, args + ["--max-length", "64"])
+    assert result.exit_code != 0 and "trust_remote_code" in result.output  # custom code needs the flag
+    result = cli.invoke(app, args + ["--max-length", "64", "--trust-remote-code"])
+    assert result.exit_code == 0, result.output
+    assert "safety" in result.output and "overall" in result.output and "logged to MLflow" in result.output
+
+    _bench_file(tmp_path / "bad.jsonl", [rows[0], {"prompt": "Why?", "chosen": "", "rejected": "No."}])
+    bad = ["rewards", "bench", str(tmp_path / "bad.jsonl"), "--model", "acme/tiny-rm", "-w", str(tmp_path / "ws")]
+    result = cli.invoke(app, bad)
+    assert result.exit_code != 0 and "bad.jsonl line 2, field 'chosen'" in result.output
