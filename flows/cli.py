@@ -352,6 +352,52 @@ def export(
     console.print(f"exported {stage_name} to {folder}; load it with {loader}.from_pretrained({str(folder)!r})")
 
 
+@app.command()
+def generations(
+    prompts: Path = typer.Argument(..., help="AlpacaEval (JSON list) or Arena-Hard (question.jsonl) prompts."),
+    out: Path = typer.Option(..., "--out", help="Writes alpaca_eval/<system>.json and arena_hard/<system>.jsonl."),
+    model: Optional[list[str]] = typer.Option(
+        None,
+        "--model",
+        help="NAME=SPEC (a folder or hub id), repeatable. Default: the newest policy, RL policy and "
+        "their reference in the workspace.",
+    ),
+    max_new_tokens: int = typer.Option(512, help="Tokens per answer."),
+    temperature: float = typer.Option(0.7, help="0 decodes greedily."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    batch_size: int = typer.Option(8, help="Prompts per generate() call."),
+    trust_remote_code: bool = typer.Option(False, help="Let models that ship their own code run it."),
+    workspace: Optional[str] = WorkspaceOpt,
+) -> None:
+    """Each system's answers to a prompt file, in AlpacaEval's and Arena-Hard's input formats (their own judges
+    score them)."""
+    from creditflow.flows.export import newest_systems
+    from creditflow.storage.workspace import Workspace
+    from creditflow.tasks.config_base import SamplingConfig
+    from creditflow.tasks.infer.benchmark_outputs import read_prompt_file, write_outputs
+    from creditflow.tasks.infer.generation import generate
+    from creditflow.tasks.models.resolve import resolve_model
+
+    with user_errors():
+        questions = read_prompt_file(prompts)
+        if model:
+            pairs = [spec.partition("=") for spec in model]
+            if any(not name or not sep or not path for name, sep, path in pairs):
+                raise ValueError("--model expects NAME=SPEC, e.g. --model dpo=./my-policy")
+            systems = {name: resolve_model(path) for name, _, path in pairs}
+        else:
+            systems = newest_systems(Workspace.resolve(workspace), trust_remote_code)
+        sampling = SamplingConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size
+        )
+        messages = [[{"role": "user", "content": q.instruction}] for q in questions]
+        for name, folder in systems.items():
+            console.print(f"{name}: answering {len(questions)} prompts with {folder}")
+            answers = [s[0] for s in generate(folder, messages, 1, sampling, trust_remote_code=trust_remote_code)]
+            for path in write_outputs(out, name, questions, answers):
+                console.print(f"  wrote {path}")
+
+
 @artifacts_app.command("gc")
 def artifacts_gc(
     keep: int = typer.Option(..., "--keep", min=0, help="Keep the artifacts of this many most recent runs."),

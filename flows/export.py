@@ -12,6 +12,7 @@ from pathlib import Path
 from creditflow.storage.catalog import Catalog
 from creditflow.storage.workspace import Workspace
 from creditflow.tasks.models.causal_lm import ADAPTER, trained_model_folder
+from creditflow.tasks.models.resolve import resolve_model
 
 
 def export_model(ws: Workspace, stage: str, out: str | Path, run_id: str | None = None, adapter: bool = False) -> Path:
@@ -55,3 +56,21 @@ def export_model(ws: Workspace, stage: str, out: str | Path, run_id: str | None 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def newest_systems(ws: Workspace, trust_remote_code: bool = False) -> dict[str, Path]:
+    """The workspace's newest trained policy (``policy``), RL policy (``rl``) and the reference they started from
+    (``reference``): what ``creditflow generations`` answers with by default."""
+    systems: dict[str, Path] = {}
+    newest = {}
+    for stage in ("policy", "rl"):
+        found = sorted(ws.store.manifests(stage), key=lambda m: m.created_at)
+        if found:
+            newest[stage] = found[-1]
+            systems[stage] = trained_model_folder(ws.store.path(stage, found[-1].fingerprint), trust_remote_code)
+    if "policy" not in newest:
+        raise ValueError(f"no trained policy in {ws.root}: run the pipeline first, or name models with --model")
+    upstream = newest["policy"].inputs["upstream"]["token_rewards"]
+    token_rewards = ws.store.find_by_digest("token_rewards", upstream)
+    systems["reference"] = resolve_model(token_rewards.config["reference_model"])
+    return systems

@@ -200,3 +200,42 @@ def test_the_results_tables_read_whole_in_80_columns(monkeypatch):
     assert max(map(len, text.splitlines())) <= 80 and "…" not in text
     for words in ("(contrastive, α=0.25)", "+ T-REG", "(no training)", "LC", "corr", "0.61", "±0.000", "2 seeds"):
         assert words in text, words
+
+
+def test_generations_are_written_in_alpaca_eval_and_arena_hard_formats(tiny_lm_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from creditflow.flows.cli import app
+
+    alpaca = [{"instruction": "Name a fox.", "dataset": "helpful_base"}, {"instruction": "Say hi.", "dataset": "oasst"}]
+    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca))
+    arena = [{"question_id": "q1", "category": "arena-hard-v0.1", "turns": [{"content": "Explain dogs."}]}]
+    (tmp_path / "arena.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arena))
+    cli = CliRunner()
+    for name, file in (("alpaca", "alpaca.json"), ("arena", "arena.jsonl")):
+        args = ["generations", str(tmp_path / file), "--out", str(tmp_path / name), "--max-new-tokens", "4"]
+        result = cli.invoke(app, args + ["--model", f"tiny={tiny_lm_dir}", "--model", f"again={tiny_lm_dir}"])
+        assert result.exit_code == 0, result.output
+    outputs = json.loads((tmp_path / "alpaca" / "alpaca_eval" / "tiny.json").read_text())
+    assert [(o["instruction"], o["generator"], o["dataset"]) for o in outputs] == [
+        ("Name a fox.", "tiny", "helpful_base"),
+        ("Say hi.", "tiny", "oasst"),
+    ]
+    assert all(isinstance(o["output"], str) for o in outputs)
+    again = json.loads((tmp_path / "alpaca" / "alpaca_eval" / "again.json").read_text())
+    assert [o["output"] for o in again] == [o["output"] for o in outputs]  # same seed, same answers
+    [answer] = [
+        json.loads(line) for line in (tmp_path / "arena" / "arena_hard" / "tiny.jsonl").read_text().splitlines()
+    ]
+    assert answer["question_id"] == "q1" and answer["model_id"] == "tiny" and answer["answer_id"]
+    assert isinstance(answer["choices"][0]["turns"][0]["content"], str) and answer["tstamp"] > 0
+
+    (tmp_path / "bad.jsonl").write_text('{"question_id": "q1", "turns": []}\n')
+    result = cli.invoke(
+        app, ["generations", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "x"), "--model", "t=tiny-lm"]
+    )
+    assert (
+        result.exit_code != 0 and "bad.jsonl line 1: no 'instruction', 'prompt' or 'turns[0].content'" in result.output
+    )

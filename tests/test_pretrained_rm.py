@@ -215,6 +215,21 @@ def test_a_pipeline_uses_the_pretrained_reward_model_everywhere(offline_hub, tmp
     )
     assert set(evaluated["inputs"]["judge"]) == {"weights", "tokenizer"}  # the judge is in the stage's fingerprint
 
+    # The workspace's policies answer a benchmark's prompts, by default the newest policy, RL policy and reference.
+    from typer.testing import CliRunner
+
+    from creditflow.flows.cli import app
+
+    (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "How was the day?", "dataset": "test"}]))
+    args = ["generations", str(tmp_path / "alpaca.json"), "--out", str(tmp_path / "out"), "--max-new-tokens", "4"]
+    result = CliRunner().invoke(app, [*args, "-w", str(tmp_path / "ws")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out" / "alpaca_eval").iterdir()) == [
+        "policy.json",
+        "reference.json",
+        "rl.json",
+    ]
+
 
 def _bench_file(path, rows) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
