@@ -25,8 +25,8 @@ from creditflow.flows.cli_common import (  # noqa: E402
 )
 from creditflow.flows.cli_rewards import rewards_app  # noqa: E402
 from creditflow.flows.render import (  # noqa: E402
-    UI_URL,
     console,
+    experiment_link,
     print_comparison,
     print_gc,
     print_results,
@@ -87,7 +87,7 @@ def run(
         )
     print_stages(result, title=result["run_name"])
     print_results(result)
-    print_where_to_look(result["workspace"])
+    print_where_to_look(result["workspace"], result["mlflow_run_id"])
 
 
 @app.command()
@@ -119,7 +119,7 @@ def demo(
     print_comparison(rows)
     if len(seed or [0]) > 1:
         print_summary(summary_table(rows))
-    print_where_to_look(results[-1]["workspace"])
+    print_where_to_look(results[-1]["workspace"], results[-1]["mlflow_run_id"])
 
 
 @app.command()
@@ -187,7 +187,7 @@ def ui(
     with user_errors():
         ws = Workspace.resolve(workspace)
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    console.print(f"MLflow UI: {UI_URL.format(port=port)}")
+    console.print(f"MLflow UI: {experiment_link(f'http://127.0.0.1:{port}')}")
     os.execv(
         mlflow,
         [mlflow, "ui", "--backend-store-uri", ws.mlflow_tracking_uri, "--host", "127.0.0.1", "--port", str(port)],

@@ -16,8 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
-# MLflow 3's UI opens in its GenAI mode; this query parameter switches it to the training-runs view.
-UI_URL = "http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning"
+LOCAL_UI = "http://127.0.0.1:5000"  # `creditflow ui`'s default address
 
 
 def print_stages(result: dict[str, Any], title: str = "stages") -> None:
@@ -46,17 +45,31 @@ def print_results(result: dict[str, Any]) -> None:
     console.print(table)
 
 
-def print_where_to_look(workspace: str) -> None:
+def experiment_link(base: str, experiment_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment's runs (or of every experiment), in the model-training view: MLflow 3's UI
+    opens in its GenAI view unless the link says otherwise."""
+    page = f"#/experiments/{experiment_id}/runs" if experiment_id else "#/experiments"
+    return f"{base}/{page}?workflowType=machine_learning"
+
+
+def print_where_to_look(workspace: str, mlflow_run_id: str | None = None) -> None:
+    """Where the run's outputs are; with ``mlflow_run_id``, a link straight to its experiment's runs."""
     ws = Path(workspace)
     say = partial(console.print, soft_wrap=True)  # commands and paths stay whole, to copy and paste
     say(f"\n[bold]workspace[/]  {ws}")
+    experiment_id = None
+    if mlflow_run_id:
+        from creditflow.storage.tracking import client_for
+        from creditflow.storage.workspace import Workspace
+
+        experiment_id = client_for(Workspace.resolve(str(ws))).get_run(mlflow_run_id).info.experiment_id
     server = os.environ.get("MLFLOW_TRACKING_URI", "")
     if server.startswith("http"):
-        say(f"[bold]MLflow[/]     {server}/#/experiments?workflowType=machine_learning")
+        say(f"[bold]MLflow[/]     {experiment_link(server.rstrip('/'), experiment_id)}")
     else:
         store = f"sqlite:///{ws / 'mlflow.db'}"
         say(f"[bold]MLflow[/]     creditflow ui -w {ws}   (or: mlflow ui --backend-store-uri {store})")
-        say(f"           then open {UI_URL.format(port=5000)}")
+        say(f"           then open {experiment_link(LOCAL_UI, experiment_id)}")
     say(f'[bold]DuckDB[/]     creditflow sql -w {ws} "SELECT rule, count(*) FROM curate_quarantine GROUP BY rule"')
     say(f"           or: duckdb {ws / 'catalog.duckdb'}")
 

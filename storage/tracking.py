@@ -34,6 +34,19 @@ def client_for(workspace: Workspace) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow 3's UI opens an experiment in the view its kind names; untagged ones may land on the GenAI traces overview,
+# where training runs do not show. The description is the experiment page's note.
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": (
+        "CreditFlow: one parent run per pipeline run (its headline metrics: reward-model accuracy, policy loss and "
+        "token-reward correlation, evaluation win rates), with a child run per stage: curate, reward_model, "
+        "onpolicy, token_rewards, policy, rl, evaluate, audit. Each child run logs its stage's metrics, figures and "
+        "the artifact it wrote (creditflow.fingerprint)."
+    ),
+}
+
+
 def ensure_experiment(workspace: Workspace, name: str) -> str:
     check_name(name, "experiment")  # every caller, not only configs: the name becomes a folder under mlruns/
     client = client_for(workspace)
@@ -45,7 +58,7 @@ def ensure_experiment(workspace: Workspace, name: str) -> str:
     if workspace.mlflow_tracking_uri.startswith("sqlite:"):
         location = (workspace.mlflow_artifacts_dir / name).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
     except Exception:  # another process created it between our lookup and create
         experiment = client.get_experiment_by_name(name)
         if experiment is None:

@@ -5,6 +5,7 @@ The browser test skips where Chromium is missing, unless CREDITFLOW_REQUIRE_CHRO
 fails instead. Screenshots go to $CREDITFLOW_SCREENSHOT_DIR (.ci/run keeps them as CI artifacts), else tmp_path.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -163,6 +164,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def mlflow_server(demo_results):
     workspace, _ = demo_results
+    with _serve_mlflow(workspace) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _serve_mlflow(workspace: Path):
     port = _free_port()
     argv, env = ops.MLFLOW.command(Workspace.resolve(str(workspace)), port)
     log = workspace / "mlflow-ui-test.log"
@@ -218,6 +225,29 @@ def _render(url: str, screenshot: Path) -> str:
         outputs.append(done.stdout)
     assert screenshot.stat().st_size > 10_000, "the screenshot is (nearly) empty"
     return outputs[0]
+
+
+def test_the_printed_experiment_link_opens_its_runs_with_the_description(tmp_path, monkeypatch):
+    """The link a run prints lands on its experiment's runs in the model-training view (MLflow 3's UI opens in its
+    GenAI view otherwise), and the experiment page carries CreditFlow's description."""
+    from rich.console import Console
+
+    from creditflow.flows import render
+    from creditflow.storage.tracking import EXPERIMENT_TAGS, Run
+
+    _chromium()
+    workspace = tmp_path / "ws"
+    run = Run.start(Workspace.resolve(str(workspace)), "creditflow-link", "a training run")
+    run.log_metrics({"win_rate_rm": 0.6})
+    run.end()
+    monkeypatch.setattr(render, "console", Console(width=300, record=True))
+    render.print_where_to_look(str(workspace), run.run_id)
+    [link] = [word for word in render.console.export_text().split() if word.startswith(render.LOCAL_UI)]
+    with _serve_mlflow(workspace) as url:
+        dom = _render(link.replace(render.LOCAL_UI, url), tmp_path / "printed-link.png")
+    assert "workflowType=machine_learning" in link and "/runs?" in link
+    assert ">a training run<" in dom, "the printed link did not open the experiment's runs"
+    assert EXPERIMENT_TAGS["mlflow.note.content"][:40] in dom
 
 
 def test_mlflow_ui_shows_the_demo_experiment_and_its_stage_runs(demo_results, mlflow_server, tmp_path):

@@ -657,3 +657,16 @@ def test_an_experiment_name_from_any_caller_cannot_leave_the_workspace(tmp_path)
         with pytest.raises(ValueError, match="no '/', no '..'"):
             Run.start(workspace, name, "audit")
     assert not (tmp_path / "escaped").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ws"]
+
+
+def test_experiments_open_in_mlflows_training_view_with_a_description(tmp_path):
+    """MLflow 3's UI picks an experiment's view by its kind: CreditFlow's are model-training experiments."""
+    from creditflow.storage.tracking import EXPERIMENT_TAGS, Run, client_for
+    from creditflow.storage.workspace import Workspace
+
+    workspace = Workspace.resolve(tmp_path / "ws")
+    run = Run.start(workspace, "kinds", "a run")
+    run.end()
+    tags = client_for(workspace).get_experiment_by_name("kinds").tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tags["mlflow.note.content"] == EXPERIMENT_TAGS["mlflow.note.content"]
