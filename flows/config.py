@@ -207,7 +207,7 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
     files = [(s, "path") for s in (sources if isinstance(sources, list) else []) if isinstance(s, dict)]
     benchmarks = curate.get("decontaminate") if isinstance(curate, dict) else None
     files += [(benchmarks, i) for i in range(len(benchmarks))] if isinstance(benchmarks, list) else []
-    for holder, key in [*files, (data.get("audit"), "probe")]:
+    for holder, key in [*files, (data.get("audit"), "probe"), (data.get("evaluate"), "lm_eval_include_path")]:
         path = holder[key] if isinstance(holder, list) else holder.get(key) if isinstance(holder, dict) else None
         if isinstance(path, str) and not Path(path).expanduser().is_absolute():
             holder[key] = str((base / path).resolve())

@@ -33,7 +33,17 @@ HEADLINE_METRICS = {
     "reward_model": ("eval.accuracy",),
     "policy": ("final_loss", "final_rewards_accuracy", "final_token_reward_corr"),
     "rl": ("final_reward", "final_gold", "final_kl"),
-    "evaluate": ("win_rate_rm", "win_rate_gold", "gold_score.policy", "rm_score.policy", "gold_score.rl"),
+    "evaluate": (
+        "win_rate_rm",
+        "lc_win_rate_rm",
+        "win_rate_gold",
+        "lc_win_rate_gold",
+        "win_rate_judge",
+        "lc_win_rate_judge",
+        "gold_score.policy",
+        "rm_score.policy",
+        "gold_score.rl",
+    ),
 }
 
 

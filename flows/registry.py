@@ -7,6 +7,7 @@ digest covers every module that recipe's module reaches through imports (storage
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import importlib.util
 import re
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from creditflow.flows.config import PipelineConfig, validate
-from creditflow.storage.hashing import reached_modules, sha256_file, table_modules
+from creditflow.storage.hashing import reached_modules, sha256_file, sha256_tree, table_modules
 from creditflow.tasks.configs import TINY_BACKBONE, SourceConfig
 from creditflow.tasks.data.ingest import hub_dataset_snapshot, source_digest
 from creditflow.tasks.models.hub import is_hub_id
@@ -195,7 +196,23 @@ def _token_rewards_inputs(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def _evaluate_inputs(cfg: PipelineConfig) -> dict[str, Any]:
-    return {"judge": _model_digest("evaluate.judge", cfg.evaluate.judge)} if cfg.evaluate.judge else {}
+    """The judge model, and for capability checks the harness's version and the user's task files."""
+    inputs: dict[str, Any] = {}
+    if cfg.evaluate.judge:
+        inputs["judge"] = _model_digest("evaluate.judge", cfg.evaluate.judge)
+    if cfg.evaluate.lm_eval_tasks:
+        try:
+            inputs["lm_eval"] = importlib.metadata.version("lm-eval")
+        except importlib.metadata.PackageNotFoundError:
+            raise ValueError(
+                "evaluate.lm_eval_tasks needs lm-evaluation-harness: pip install 'creditflow[eval]'"
+            ) from None
+        folder = cfg.evaluate.lm_eval_include_path
+        if folder is not None:
+            if not Path(folder).is_dir():
+                raise ValueError(f"evaluate.lm_eval_include_path: {folder} is not a folder")
+            inputs["lm_eval_tasks"] = sha256_tree(folder)
+    return inputs
 
 
 TRAINED_LM = ("model/", "adapter/")  # merged weights and/or the LoRA adapter (lora.save_merged: false)

@@ -39,7 +39,8 @@ def print_results(result: dict[str, Any]) -> None:
     table = Table("stage", "metric", "value", title="results")
     for stage, names in HEADLINE_METRICS.items():
         metrics = result["stages"].get(stage, {}).get("manifest", {}).get("metrics", {})
-        for name in names:
+        capabilities = [name for name in metrics if name.startswith("lm_eval.")] if stage == "evaluate" else []
+        for name in [*names, *capabilities]:
             if name in metrics:
                 table.add_row(stage, name, f"{metrics[name]:.4g}")
     console.print(table)

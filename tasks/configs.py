@@ -553,6 +553,16 @@ class EvaluateConfig(SamplingConfig):
         "in both orders (tasks/infer/judging.py); null: no judge.",
     )
     judge_batch_size: int = Field(8, ge=1, description="Judge prompts per forward.")
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks run on the reference and on each policy (the alignment tax); needs "
+        "creditflow[eval]. Empty: none.",
+    )
+    lm_eval_include_path: str | None = Field(
+        None, description="A folder of your own harness task YAMLs (relative to the config file)."
+    )
+    lm_eval_limit: int | None = Field(None, ge=1, description="Documents per task; null: all.")
+    lm_eval_batch_size: int = Field(8, ge=1, description="Harness batch size.")
 
 
 class AuditConfig(StrictConfig):

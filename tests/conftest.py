@@ -131,3 +131,25 @@ def train_reward_model(*args, **kwargs):
     trainer = RewardModelTrainer(*args, **kwargs)
     history = trainer.train()
     return trainer.tokenizer, trainer.model, history
+
+
+@pytest.fixture(scope="session")
+def lm_eval_tasks(tmp_path_factory):
+    """A folder with one tiny lm-evaluation-harness task on a local file (tests/data/lm_eval): two-way cloze on the
+    test corpus, so the harness runs offline."""
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data" / "lm_eval" / "tiny_cloze.jsonl"
+    folder = tmp_path_factory.mktemp("lm_eval_tasks")
+    (folder / "tiny_cloze.yaml").write_text(
+        "task: creditflow_tiny_cloze\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return folder

@@ -239,3 +239,17 @@ def test_generations_are_written_in_alpaca_eval_and_arena_hard_formats(tiny_lm_d
     assert (
         result.exit_code != 0 and "bad.jsonl line 1: no 'instruction', 'prompt' or 'turns[0].content'" in result.output
     )
+
+
+def test_lm_eval_scores_a_model_on_a_local_task_offline(tiny_lm_dir, lm_eval_tasks, monkeypatch):
+    """The harness's own `hf` model on a tiny task of our own (the capability check's engine), no network."""
+    import torch
+
+    from creditflow.tasks.infer.capabilities import run_lm_eval
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    results = run_lm_eval(tiny_lm_dir, ["creditflow_tiny_cloze"], str(lm_eval_tasks), torch.device("cpu"), 4, None)
+    assert set(results) == {"creditflow_tiny_cloze"} and 0.0 <= results["creditflow_tiny_cloze"]["acc"] <= 1.0
+    with pytest.raises(ValueError, match="'creditflow_tiny_cloze' is not a harness task"):
+        run_lm_eval(tiny_lm_dir, ["creditflow_tiny_cloze"], None, torch.device("cpu"), 4, 1)

@@ -179,7 +179,7 @@ def test_the_stage_evaluates_a_pretrained_reward_model_without_training_it(offli
 
 
 @pytest.mark.slow
-def test_a_pipeline_uses_the_pretrained_reward_model_everywhere(offline_hub, tmp_path):
+def test_a_pipeline_uses_the_pretrained_reward_model_everywhere(offline_hub, tmp_path, lm_eval_tasks, monkeypatch):
     """A custom-code reward model with its own tokenizer: on-policy labelling, ABC token rewards (projected onto the
     policy's tokens), the policy's T-REG term, online RL with ABC credit, and evaluation; nothing trains it."""
     from creditflow.flows.config import PipelineConfig
@@ -201,6 +201,8 @@ def test_a_pipeline_uses_the_pretrained_reward_model_everywhere(offline_hub, tmp
         sampling={"max_new_tokens": 8},
     )
     cfg["evaluate"].update(max_prompts=4, max_new_tokens=8, judge="tiny-lm")  # a (random) local chat model judges
+    cfg["evaluate"].update(lm_eval_tasks=["creditflow_tiny_cloze"], lm_eval_include_path=str(lm_eval_tasks))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     stages = pipeline_flow(config=cfg, workspace=str(tmp_path / "ws"), progress=False)["stages"]
     rm = stages["reward_model"]["manifest"]
     assert PRETRAINED_RECORD in rm["outputs"] and not any(name.startswith("model/") for name in rm["outputs"])
@@ -214,6 +216,9 @@ def test_a_pipeline_uses_the_pretrained_reward_model_everywhere(offline_hub, tmp
         evaluated["metrics"]
     )
     assert set(evaluated["inputs"]["judge"]) == {"weights", "tokenizer"}  # the judge is in the stage's fingerprint
+    capability = "lm_eval.creditflow_tiny_cloze.acc"
+    assert {f"{capability}.reference", f"{capability}.policy", f"{capability}.change.rl"} <= set(evaluated["metrics"])
+    assert evaluated["inputs"]["lm_eval"] and evaluated["inputs"]["lm_eval_tasks"]
 
     # The workspace's policies answer a benchmark's prompts, by default the newest policy, RL policy and reference.
     from typer.testing import CliRunner

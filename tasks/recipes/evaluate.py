@@ -20,6 +20,7 @@ import pyarrow as pa
 from creditflow.storage.artifacts import ArtifactStore, Manifest
 from creditflow.tasks.configs import EvaluateConfig, method_label
 from creditflow.tasks.data import schema as S
+from creditflow.tasks.infer.capabilities import run_lm_eval
 from creditflow.tasks.infer.distributed import ray_session
 from creditflow.tasks.infer.generation import generate
 from creditflow.tasks.infer.gold import load_gold_scorer
@@ -27,6 +28,7 @@ from creditflow.tasks.infer.judging import PairwiseJudge, length_controlled_win_
 from creditflow.tasks.infer.reward_scoring import score_rewards
 from creditflow.tasks.models.causal_lm import trained_model_folder
 from creditflow.tasks.models.loading import load_generation_model
+from creditflow.tasks.models.precision import resolve_device
 from creditflow.tasks.models.resolve import resolve_model
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.stage import StageContext
@@ -120,6 +122,8 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
             metrics[f"lc_win_rate_{judge}{suffix}"] = lc
         metrics[f"rm_score.{name}"] = mean(rm_scores[name])
         metrics[f"length.{name}"] = mean(lengths[name])
+    if config.lm_eval_tasks:
+        metrics.update(_capabilities(config, systems, trained, trust))
     policy = ctx.upstream["policy"]
     if "final_token_reward_corr" in policy.metrics:
         metrics["token_reward_correlation"] = policy.metrics["final_token_reward_corr"]
@@ -127,6 +131,32 @@ def compute_evaluate(ctx: StageContext) -> dict[str, float]:
     current = _comparison_rows(policy, ctx.upstream.get("rl"), now, metrics)
     ctx.run.log_figure(comparison_figure([*comparison_rows(ctx.workspace.store), *current]), "evaluate/comparison.png")
     return metrics
+
+
+def _capabilities(config: EvaluateConfig, systems: dict, trained: list[str], trust: bool) -> dict[str, float]:
+    """lm-evaluation-harness scores of every system, ``lm_eval.<task>.<metric>.<system>``, and each policy's change
+    from the reference, ``lm_eval.<task>.<metric>.change.<policy>`` (negative: capability lost)."""
+    device = resolve_device()
+    scores = {
+        name: run_lm_eval(
+            folder,
+            config.lm_eval_tasks,
+            config.lm_eval_include_path,
+            device,
+            config.lm_eval_batch_size,
+            config.lm_eval_limit,
+            trust,
+        )
+        for name, folder in systems.items()
+    }
+    out = {}
+    for task, values in scores["reference"].items():
+        for metric, reference in values.items():
+            out[f"lm_eval.{task}.{metric}.reference"] = reference
+            for name in trained:
+                out[f"lm_eval.{task}.{metric}.{name}"] = scores[name][task][metric]
+                out[f"lm_eval.{task}.{metric}.change.{name}"] = scores[name][task][metric] - reference
+    return out
 
 
 def _judge(folder, config: EvaluateConfig, messages, completions: dict[str, list[str]], trained, trust) -> dict:
