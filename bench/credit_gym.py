@@ -13,8 +13,9 @@ held-out prompts:
 Methods: DPO; DPO + T-REG with each token-reward source (alpha = --alpha); DPO + NLL on the chosen tokens (RPO's
 rpo_alpha = --alpha / 2: the no-label control); SimPO with and without T-REG and NLL; alpha and learning-rate sweeps;
 best-vs-worst pairs; online RL (GRPO, RLOO, PPO) on the exact-match reward, sparse or with dense token credit
-(the oracle and its random-sign and inverted controls through ``rl.credit_function``, and the DPO-implicit
-reward). Sources: the oracle (dense: every token; sparse: only where the two answers differ), its controls (random
+(the oracle and its random-sign and inverted controls through ``rl.credit_function``, the DPO-implicit reward,
+the contrastive control instructions, and ABC on the gym's reward model against that reward model's sparse score).
+Sources: the oracle (dense: every token; sparse: only where the two answers differ), its controls (random
 signs, inverted, a constant +s/-s), contrastive prompting (the gym's control instructions and every T-REG preset),
 ABC from a reward model trained on the pairs, and the DPO-implicit reward of a DPO policy trained on the disjoint
 split. Each source also gets the audit's paired within-slot score on held-out items (right vs one-slip answers).
