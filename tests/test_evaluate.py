@@ -91,14 +91,19 @@ def test_demo_variants_and_the_summary_over_seeds():
             "gold": 0.5,
             "rm": 1.0,
             "win_gold": None,
+            "lc_win_gold": None,
             "win_rm": None,
+            "lc_win_rm": None,
             "token_corr": None,
         },
         {"method": "dpo", "seed": 0, "gold": 0.6, "rm": 1.0, "win_gold": 0.7, "win_rm": 0.6, "token_corr": None},
         {"method": "dpo", "seed": 1, "gold": 0.8, "rm": 2.0, "win_gold": 0.9, "win_rm": 0.8, "token_corr": None},
     ]
+    for row, lc in zip(rows[1:], (0.5, 0.7)):
+        row.update(lc_win_gold=lc, lc_win_rm=lc)
     reference, dpo = summary_table(rows)
-    assert reference["seeds"] is None and reference["gold"] == (0.5, 0.0)
+    assert reference["seeds"] is None and reference["gold"] == (0.5, 0.0) and reference["lc_win_rm"] is None
+    assert dpo["lc_win_gold"] == pytest.approx((0.6, 0.1414213), abs=1e-6)
     assert dpo["seeds"] == 2 and dpo["gold"] == pytest.approx((0.7, 0.1414213), abs=1e-6) and dpo["token_corr"] is None
 
 

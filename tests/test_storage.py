@@ -303,7 +303,7 @@ def test_config_reads_yaml12_floats_and_checks_ranges(tmp_path):
         ("curate.eval_fraction", 1.0, "less than 1"),
         ("token_rewards.abc_beta", 2.0, "less than or equal to 1"),
         ("policy.loss.loss_type", "kto", "'dpo', 'ipo' or 'simpo'"),
-        ("token_rewards.better_template", "{instruction}", "need template: custom"),
+        ("token_rewards.better_template", "{instruction}", "need token_rewards.template: custom"),
     ]:
         with pytest.raises(ConfigError, match=rf"{re.escape(key.rsplit('.', 1)[0])}.*{message}"):
             load_config(None, {key: value})
