@@ -24,7 +24,7 @@ from creditflow.flows.registry import STAGES, pin_hub_revisions
 from creditflow.flows.stages import StageNotReady, execute_stage, hash_sources, plan_stage, record_stage_run
 from creditflow.storage.artifacts import Manifest
 from creditflow.storage.catalog import Catalog
-from creditflow.storage.tracking import Run
+from creditflow.storage.tracking import Run, save_runs_view
 from creditflow.storage.workspace import Workspace
 
 # Shown on the parent run, so runs compare in MLflow's list without opening their children.
@@ -60,6 +60,27 @@ def headline_params(cfg) -> dict[str, Any]:
         "onpolicy": cfg.onpolicy.enabled,
         "rl": f"{cfg.rl.algorithm} ({cfg.rl.reward_source})" if cfg.rl.enabled else "none",
     }
+
+
+# The columns of the experiment's saved runs view (storage/tracking.save_runs_view), which the printed link opens.
+HEADLINE_VIEW = "creditflow-headline"
+HEADLINE_COLUMNS = (
+    ("loss_type", "alpha", "token_reward_source", "seed"),
+    (
+        "reward_model.eval.accuracy",
+        "policy.final_loss",
+        "policy.final_token_reward_corr",
+        "evaluate.win_rate_rm",
+        "evaluate.lc_win_rate_rm",
+        "evaluate.win_rate_gold",
+        "evaluate.lc_win_rate_gold",
+        "evaluate.win_rate_judge",
+    ),
+)
+
+
+def save_headline_view(ws: Workspace, experiment: str) -> None:
+    save_runs_view(ws, experiment, HEADLINE_VIEW, "CreditFlow headline metrics", *HEADLINE_COLUMNS)
 
 
 def headline_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -184,6 +205,7 @@ def pipeline_flow(
         run_name,
         tags={"creditflow.kind": "pipeline", "creditflow.from_stage": from_stage or ""},
     )
+    save_headline_view(ws, cfg.experiment)
     results: dict[str, Any] = {}
     manifests: dict[str, Manifest] = {}
     try:
@@ -296,6 +318,7 @@ def record_cached_run(cfg: PipelineConfig, workspace: str | None, run_name: str 
         tags[f"creditflow.cache_hit.{name}"] = "true"
         tags[f"creditflow.source_run.{name}"] = manifest.mlflow_run_id or ""
     parent = Run.start(ws, cfg.experiment, run_name, tags=tags)
+    save_headline_view(ws, cfg.experiment)
     stages = {
         name: {"stage": name, "cache_hit": True, "mlflow_run_id": m.mlflow_run_id, "manifest": m.to_dict()}
         for name, m in manifests.items()

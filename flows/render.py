@@ -46,11 +46,11 @@ def print_results(result: dict[str, Any]) -> None:
     console.print(table)
 
 
-def experiment_link(base: str, experiment_id: str | None = None) -> str:
-    """The MLflow UI page of an experiment's runs (or of every experiment), in the model-training view: MLflow 3's UI
-    opens in its GenAI view unless the link says otherwise."""
+def experiment_link(base: str, experiment_id: str | None = None, view: str | None = None) -> str:
+    """The MLflow UI page of an experiment's runs (or of every experiment), in the model-training view (MLflow 3's UI
+    opens in its GenAI view unless the link says otherwise); ``view``: a saved runs view to open (its columns)."""
     page = f"#/experiments/{experiment_id}/runs" if experiment_id else "#/experiments"
-    return f"{base}/{page}?workflowType=machine_learning"
+    return f"{base}/{page}?workflowType=machine_learning" + (f"&viewStateShareKey={view}" if view else "")
 
 
 def print_where_to_look(workspace: str, mlflow_run_id: str | None = None) -> None:
@@ -58,19 +58,23 @@ def print_where_to_look(workspace: str, mlflow_run_id: str | None = None) -> Non
     ws = Path(workspace)
     say = partial(console.print, soft_wrap=True)  # commands and paths stay whole, to copy and paste
     say(f"\n[bold]workspace[/]  {ws}")
-    experiment_id = None
-    if mlflow_run_id:
-        from creditflow.storage.tracking import client_for
+    experiment_id = view = None
+    if mlflow_run_id:  # straight to the run's experiment, in its headline view when the pipeline saved one
+        from creditflow.flows.pipeline import HEADLINE_VIEW
+        from creditflow.storage.tracking import SAVED_VIEW_PREFIX, client_for
         from creditflow.storage.workspace import Workspace
 
-        experiment_id = client_for(Workspace.resolve(str(ws))).get_run(mlflow_run_id).info.experiment_id
+        client = client_for(Workspace.resolve(str(ws)))
+        experiment_id = client.get_run(mlflow_run_id).info.experiment_id
+        if SAVED_VIEW_PREFIX + HEADLINE_VIEW in client.get_experiment(experiment_id).tags:
+            view = HEADLINE_VIEW
     server = os.environ.get("MLFLOW_TRACKING_URI", "")
     if server.startswith("http"):
-        say(f"[bold]MLflow[/]     {experiment_link(server.rstrip('/'), experiment_id)}")
+        say(f"[bold]MLflow[/]     {experiment_link(server.rstrip('/'), experiment_id, view)}")
     else:
         store = f"sqlite:///{ws / 'mlflow.db'}"
         say(f"[bold]MLflow[/]     creditflow ui -w {ws}   (or: mlflow ui --backend-store-uri {store})")
-        say(f"           then open {experiment_link(LOCAL_UI, experiment_id)}")
+        say(f"           then open {experiment_link(LOCAL_UI, experiment_id, view)}")
     say(f'[bold]DuckDB[/]     creditflow sql -w {ws} "SELECT rule, count(*) FROM curate_quarantine GROUP BY rule"')
     say(f"           or: duckdb {ws / 'catalog.duckdb'}")
 

@@ -66,6 +66,28 @@ def ensure_experiment(workspace: Workspace, name: str) -> str:
         return experiment.experiment_id
 
 
+# MLflow 3's saved views of an experiment's runs table live in experiment tags under this prefix (the UI's "Views"
+# menu); a link opens one with ?viewStateShareKey=<id>. The state's selectedColumns are the table's columns.
+SAVED_VIEW_PREFIX = "mlflow.sharedViewState."
+
+
+def save_runs_view(workspace: Workspace, experiment: str, view_id: str, name: str, params, metrics) -> None:
+    """A saved view of ``experiment``'s runs table whose columns are ``params`` and ``metrics`` (MLflow hides metric
+    columns until someone picks them). Written once; rewritten only when its columns change."""
+    client = client_for(workspace)
+    experiment_id = ensure_experiment(workspace, experiment)
+    columns = [f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in metrics]
+    state = json.dumps({"selectedColumns": columns})
+    key = SAVED_VIEW_PREFIX + view_id
+    current = client.get_experiment(experiment_id).tags.get(key)
+    if current is not None and json.loads(current).get("state") == state:
+        return
+    now = int(time.time() * 1000)
+    client.set_experiment_tag(
+        experiment_id, key, json.dumps({"name": name, "createdAt": now, "updatedAt": now, "state": state})
+    )
+
+
 def flatten(prefix: str, value: Any) -> dict[str, str]:
     """Nested config -> ``{"rules.max_length": "512"}`` for MLflow params."""
     if isinstance(value, Mapping):

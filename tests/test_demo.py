@@ -20,6 +20,8 @@ from typer.testing import CliRunner
 
 from creditflow.flows import ops
 from creditflow.flows.demo import comparison_table, plan_demo, run_demo
+from creditflow.flows.pipeline import HEADLINE_VIEW
+from creditflow.flows.render import experiment_link
 from creditflow.storage.workspace import Workspace
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
@@ -227,27 +229,32 @@ def _render(url: str, screenshot: Path) -> str:
     return outputs[0]
 
 
-def test_the_printed_experiment_link_opens_its_runs_with_the_description(tmp_path, monkeypatch):
+def test_the_printed_experiment_link_opens_its_runs_with_the_description_and_headline_columns(tmp_path, monkeypatch):
     """The link a run prints lands on its experiment's runs in the model-training view (MLflow 3's UI opens in its
-    GenAI view otherwise), and the experiment page carries CreditFlow's description."""
+    GenAI view otherwise), with the headline metrics as columns (the pipeline's saved view; MLflow hides metric
+    columns by default) and CreditFlow's description of the experiment."""
     from rich.console import Console
 
     from creditflow.flows import render
+    from creditflow.flows.pipeline import HEADLINE_VIEW, save_headline_view
     from creditflow.storage.tracking import EXPERIMENT_TAGS, Run
 
     _chromium()
     workspace = tmp_path / "ws"
     run = Run.start(Workspace.resolve(str(workspace)), "creditflow-link", "a training run")
-    run.log_metrics({"win_rate_rm": 0.6})
+    run.log_metrics({"evaluate.win_rate_rm": 0.625, "evaluate.lc_win_rate_rm": 0.5417, "other": 1.0})
     run.end()
+    save_headline_view(Workspace.resolve(str(workspace)), "creditflow-link")
     monkeypatch.setattr(render, "console", Console(width=300, record=True))
     render.print_where_to_look(str(workspace), run.run_id)
     [link] = [word for word in render.console.export_text().split() if word.startswith(render.LOCAL_UI)]
+    assert "workflowType=machine_learning" in link and f"viewStateShareKey={HEADLINE_VIEW}" in link
     with _serve_mlflow(workspace) as url:
         dom = _render(link.replace(render.LOCAL_UI, url), tmp_path / "printed-link.png")
-    assert "workflowType=machine_learning" in link and "/runs?" in link
     assert ">a training run<" in dom, "the printed link did not open the experiment's runs"
     assert EXPERIMENT_TAGS["mlflow.note.content"][:40] in dom
+    assert "evaluate.win_rate_rm" in dom and "evaluate.lc_win_rate_rm" in dom and "0.5417" in dom  # columns
+    assert ">other<" not in dom  # only the headline metrics
 
 
 def test_mlflow_ui_shows_the_demo_experiment_and_its_stage_runs(demo_results, mlflow_server, tmp_path):
@@ -273,8 +280,11 @@ def test_mlflow_ui_shows_the_demo_experiment_and_its_stage_runs(demo_results, ml
     # The rendered runs table lists both variants; the T-REG variant's run page lists its stage runs.
     base = f"{mlflow_server}/#/experiments/{experiment['experiment_id']}"
     query = "?" + urllib.parse.urlencode({"workflowType": "machine_learning"})
-    dom = _render(f"{base}/runs{query}", shots / "mlflow-ui-runs.png")
+    view = experiment_link(mlflow_server, experiment["experiment_id"], HEADLINE_VIEW)  # the link a run prints
+    dom = _render(view, shots / "mlflow-ui-runs.png")
     assert EXPERIMENT in dom
+    for column in ("evaluate.win_rate_rm", "evaluate.lc_win_rate_rm", "policy.final_loss", "alpha"):
+        assert column in dom, f"headline column {column!r} not in the rendered runs table"
     for name in RUN_NAMES:
         assert f">{name}<" in dom, f"run {name!r} not in the rendered runs table"
     treg_id = results[1]["mlflow_run_id"]
