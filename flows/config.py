@@ -75,14 +75,10 @@ class PipelineConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _reference_precision_follows_policy(self) -> "PipelineConfig":
-        """token_rewards.dtype: auto scores the reference at the policy's precision (tasks/models/precision.py)."""
-        mode, scoring = precision_mode(self.policy), self.token_rewards
-        if "policy_precision" in scoring.model_fields_set and scoring.policy_precision != mode:
-            raise ValueError(
-                f"token_rewards.policy_precision is {scoring.policy_precision!r} but the policy section computes with "
-                f"{mode!r}; leave it unset (it follows the policy section)"
-            )
-        self.token_rewards = scoring.model_copy(update={"policy_precision": mode})
+        """token_rewards.dtype: auto scores the reference at the policy's precision (tasks/models/precision.py): the
+        key is derived here, always, so a config dumped before its policy section changed cannot disagree."""
+        mode = precision_mode(self.policy)
+        self.token_rewards = self.token_rewards.model_copy(update={"policy_precision": mode})
         return self
 
     @model_validator(mode="before")

@@ -213,8 +213,8 @@ class TokenRewardsConfig(StrictConfig):
     )
     policy_precision: Literal[PRECISION_MODES] = Field(  # type: ignore[valid-type]
         "bf16-autocast",
-        description="What dtype: auto matches on a GPU, derived from the policy section (set it only when the policy "
-        "is trained elsewhere): float32, bf16-autocast (fp32 weights under bf16 autocast) or bf16-params (bf16 "
+        description="What dtype: auto matches on a GPU. Derived by the pipeline from the policy section, which "
+        "replaces any value here: float32, bf16-autocast (fp32 weights under bf16 autocast) or bf16-params (bf16 "
         "weights: a LoRA policy's base, FSDP2's compute parameters).",
     )
     device: str = Field("auto", description="auto (cuda if available) | cpu | cuda | cuda:N.")

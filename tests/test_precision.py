@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from creditflow.flows.config import ConfigError, validate
+from creditflow.flows.config import validate
 from creditflow.tasks.config_base import precision_mode
 from creditflow.tasks.configs import LoraConfig, PolicyConfig, PreferenceLossConfig, TokenRewardsConfig
 from creditflow.tasks.credit.contrastive import encode_contrastive, score_contrastive
@@ -45,11 +45,12 @@ def test_auto_scores_the_reference_at_the_policys_precision(policy, expected):
     assert reference_precision("bfloat16", CUDA) == Precision(torch.bfloat16)  # explicit: plain weights
 
 
-def test_a_stated_policy_precision_that_contradicts_the_policy_is_refused():
-    with pytest.raises(ConfigError, match="token_rewards.policy_precision is 'bf16-autocast'.*'bf16-params'"):
-        validate({"policy": {"lora": {}}, "token_rewards": {"policy_precision": "bf16-autocast"}})
-    stated = validate({"policy": {"lora": {}}, "token_rewards": {"policy_precision": "bf16-params"}})
-    assert validate(stated.model_dump(mode="json")) == stated  # a dumped config validates back
+def test_the_reference_precision_follows_the_policy_even_in_a_config_dumped_before_it_changed():
+    """A config dumped with the defaults (bf16-autocast), then given a LoRA policy, scores the reference in bf16."""
+    dumped = validate({}).model_dump(mode="json")
+    assert dumped["token_rewards"]["policy_precision"] == "bf16-autocast"
+    dumped["policy"]["lora"] = {}
+    assert validate(dumped).token_rewards.policy_precision == "bf16-params"
 
 
 @pytest.fixture(scope="module")
