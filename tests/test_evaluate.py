@@ -258,3 +258,15 @@ def test_lm_eval_scores_a_model_on_a_local_task_offline(tiny_lm_dir, lm_eval_tas
     assert set(results) == {"creditflow_tiny_cloze"} and 0.0 <= results["creditflow_tiny_cloze"]["acc"] <= 1.0
     with pytest.raises(ValueError, match="'creditflow_tiny_cloze' is not a harness task"):
         run_lm_eval(tiny_lm_dir, ["creditflow_tiny_cloze"], None, torch.device("cpu"), 4, 1)
+
+
+def test_the_results_table_shows_capability_scores(monkeypatch):
+    from rich.console import Console
+
+    from creditflow.flows import render
+
+    monkeypatch.setattr(render, "console", Console(width=120, record=True))
+    metrics = {"win_rate_rm": 0.6, "lc_win_rate_rm": 0.55, "lm_eval.arc_easy.acc.change.policy": -0.0125}
+    render.print_results({"stages": {"evaluate": {"manifest": {"metrics": metrics}}}})
+    text = render.console.export_text()
+    assert "lc_win_rate_rm" in text and "lm_eval.arc_easy.acc.change.policy" in text and "-0.0125" in text
