@@ -153,3 +153,15 @@ def lm_eval_tasks(tmp_path_factory):
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
     )
     return folder
+
+
+def point_config_at_code(folder, model_type: str, architecture: str, auto_map: dict) -> None:
+    """Rewrite ``folder``'s config.json so transformers loads the modelling code shipped in the folder (``auto_map``),
+    as a hub model with its own architecture does."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    config.update(model_type=model_type, architectures=[architecture], auto_map=auto_map)
+    path.write_text(json.dumps(config))

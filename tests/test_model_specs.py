@@ -8,7 +8,7 @@ import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import CORPUS, pair_row, publish_artifact
+from conftest import CORPUS, pair_row, point_config_at_code, publish_artifact
 
 from creditflow.flows.config import ConfigError, explain, load_config
 from creditflow.tasks.models.model_card import write_card
@@ -205,16 +205,11 @@ def custom_code_lm(tmp_path_factory):
     folder = build_tiny_causal_lm(tmp_path_factory.mktemp("custom") / "custom-lm", CORPUS)
     (folder / "configuration_custom.py").write_text(CUSTOM_CONFIG)
     (folder / "modeling_custom.py").write_text(CUSTOM_MODEL)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(
-        model_type="custom-llama",
-        architectures=["CustomForCausalLM"],
-        auto_map={
-            "AutoConfig": "configuration_custom.CustomConfig",
-            "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM",
-        },
-    )
-    (folder / "config.json").write_text(json.dumps(config))
+    auto_map = {
+        "AutoConfig": "configuration_custom.CustomConfig",
+        "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM",
+    }
+    point_config_at_code(folder, "custom-llama", "CustomForCausalLM", auto_map)
     return folder
 
 

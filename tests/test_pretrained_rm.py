@@ -9,7 +9,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import pair_row, publish_artifact
+from conftest import pair_row, point_config_at_code, publish_artifact
 
 from creditflow.flows.config import validate
 from creditflow.flows.registry import STAGES, pin_hub_revisions
@@ -83,15 +83,11 @@ def build_armo(snapshot) -> None:
     config = json.loads((snapshot / "config.json").read_text())
     torch.manual_seed(3)
     module.TinyArmoRewardModel(module.TinyArmoConfig.from_dict(config)).save_pretrained(snapshot)
-    config.update(
-        model_type="tiny-armo",
-        architectures=["TinyArmoRewardModel"],
-        auto_map={
-            "AutoConfig": "modeling_armo.TinyArmoConfig",
-            "AutoModelForSequenceClassification": "modeling_armo.TinyArmoRewardModel",
-        },
-    )
-    (snapshot / "config.json").write_text(json.dumps(config))
+    auto_map = {
+        "AutoConfig": "modeling_armo.TinyArmoConfig",
+        "AutoModelForSequenceClassification": "modeling_armo.TinyArmoRewardModel",
+    }
+    point_config_at_code(snapshot, "tiny-armo", "TinyArmoRewardModel", auto_map)
 
 
 @pytest.fixture(scope="module")
