@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from timing import trainer_step_times  # bench/timing.py, beside this script
@@ -63,8 +64,18 @@ def run_ours(args) -> list[float]:
         gold_scorer=None,
         sampling={"max_new_tokens": args.max_new_tokens, "batch_size": args.prompts},
     )
-    trainer = RLTrainer(args.policy, args.reward, prompts(args.prompts * args.steps), config, progress=False)
-    return [h["seconds"] for h in trainer.train()]
+    ends = [time.perf_counter()]  # as TRL's: wall time between the ends of consecutive steps
+    trainer = RLTrainer(
+        args.policy,
+        args.reward,
+        prompts(args.prompts * args.steps),
+        config,
+        progress=False,
+        on_step=lambda *_: ends.append(time.perf_counter()),
+    )
+    ends[0] = time.perf_counter()
+    trainer.train()
+    return [b - a for a, b in zip(ends, ends[1:])]
 
 
 def run_trl(args) -> list[float]:
@@ -96,6 +107,7 @@ def run_trl(args) -> list[float]:
         report_to="none",
         disable_tqdm=True,
         bf16=False,
+        gradient_checkpointing=False,  # TRL's default is on; ours is off, so both run the same passes
         seed=0,
     )
     ends: list[float] = []

@@ -6,6 +6,7 @@ import logging
 import math
 import re
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -33,10 +34,11 @@ from creditflow.tasks.losses.rl import (
 )
 from creditflow.tasks.models.loading import load_reference_model, load_tokenizer
 from creditflow.tasks.models.logprobs import completion_logprobs
+from creditflow.tasks.models.shared_prompts import grouped_logprobs
 from creditflow.tasks.models.tiny import build_tiny_causal_lm, build_tiny_reward_backbone
 from creditflow.tasks.models.tokenization import padded_batch
 from creditflow.tasks.recipes.reward_model import PairData
-from creditflow.tasks.recipes.rl import Layout, RLTrainer
+from creditflow.tasks.recipes.rl import RLTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -437,10 +439,8 @@ def test_custom_contrastive_templates_score_with_their_own_text(model_dir, rewar
 
 
 def _scored(trainer, rewards: TokenRewards, rollouts):
-    layout = Layout.of(rollouts, trainer.pad_id, trainer.device)
-    lengths = [len(r.prompt_ids) for r in rollouts], [len(r.completion_ids) for r in rollouts]
     with torch.no_grad(), trainer.reference() as reference:
-        ref = completion_logprobs(reference, layout.input_ids, layout.attention_mask, *lengths)
+        ref = grouped_logprobs(reference, trainer._layout(rollouts))
         return rewards(rollouts, reference, trainer.tokenizer, ref), ref
 
 
@@ -520,13 +520,13 @@ def test_old_logprobs_come_from_the_sampling_mode_and_the_first_ratio_is_one_wit
         with torch.no_grad():  # as after some updates: LoRA's B starts at 0, which hides its dropout
             for param in [p for name, p in trainer.trainable.items() if "lora_B" in name]:
                 param.add_(0.5 * torch.randn_like(param))
-        layout = Layout.of(trainer._rollouts(0), trainer.pad_id, trainer.device)
+        layout = trainer._layout(trainer._rollouts(0))
         with torch.no_grad(), trainer._behaviour_mode():
             old, again = trainer._forward(layout)[0], trainer._forward(layout)[0]
         torch.testing.assert_close(old, again, rtol=0, atol=0)  # eval mode: no dropout noise in pi_old
         assert trainer.model.training  # and back to train mode for the updates
         new = trainer._forward(layout)[0]
-        ratio = torch.exp(new - old)[layout.mask.bool()]
+        ratio = torch.exp(new - old)[layout.completion_mask.bool()]
         if disable:  # the default: no dropout anywhere, so the first minibatch's ratio is exactly 1
             torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-6)
         else:  # LoRA dropout 0.05 on in the update's forward: the ratio moves
@@ -640,3 +640,34 @@ def test_the_saved_policy_loads(model_dir, reward_dir, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     for name, tensor in loaded.state_dict().items():
         torch.testing.assert_close(tensor, trainer.model.state_dict()[name])
+
+
+LORA_DROPOUT = LoraConfig(r=4, alpha=8, dropout=0.05, target_modules=["q_proj", "v_proj"])
+
+
+class _SeparateBehaviourPass(RLTrainer):
+    def _single_step(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo"])
+def test_one_step_per_batch_reuses_the_training_forward_for_old_logprobs(model_dir, reward_dir, algorithm):
+    """One optimizer step per batch: pi_old is the training forward itself, detached (no second pass), and the run
+    is the run a separate behaviour pass gives."""
+    config = _config(algorithm=algorithm, minibatches=1)
+    fused = RLTrainer(model_dir, reward_dir, PROMPTS, config, progress=False)
+    separate = _SeparateBehaviourPass(model_dir, reward_dir, PROMPTS, config, progress=False)
+    assert fused._single_step()
+    for overrides in (
+        {"minibatches": 2},
+        {"ppo_epochs": 2},
+        {"grad_accum": 2},
+        {"disable_dropout": False, "lora": LORA_DROPOUT},
+    ):
+        assert not RLTrainer._single_step(SimpleNamespace(config=_config(algorithm=algorithm, **overrides)))
+    for ours, theirs in zip(fused.train(), separate.train(), strict=True):
+        for key in ("reward", "kl", "entropy", "policy_loss", "clip_fraction", "grad_norm"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
+    for name, param in fused.trainable.items():
+        # rounding only: the two forwards run with and without autograd, and Adam scales near-zero gradients up
+        torch.testing.assert_close(param, separate.trainable[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -24,8 +24,8 @@ from creditflow.tasks.data.schema import Messages
 from creditflow.tasks.infer.gold import import_function
 from creditflow.tasks.infer.reward_scoring import score_pairs
 from creditflow.tasks.models.loading import load_abc_model, load_reference_model, load_reward_model
-from creditflow.tasks.models.logprobs import completion_logprobs
-from creditflow.tasks.models.tokenization import encode_prompts, pad_token_id, padded_batch
+from creditflow.tasks.models.shared_prompts import PromptGroups, grouped_logprobs
+from creditflow.tasks.models.tokenization import encode_prompts, pad_token_id
 
 
 @dataclass
@@ -43,9 +43,10 @@ def token_spans(tokenizer, ids: list[int]) -> tuple[str, list[int], list[int]]:
     """(text, start, end) of each token of ``ids`` in their decoded text, from the lengths of decoded prefixes.
     A byte-level token that completes a character later gets an empty span; special tokens (EOS) are empty."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
+    prefixes = tokenizer.batch_decode([ids[: i + 1] for i in range(len(ids))], skip_special_tokens=True)
     starts, ends, previous = [], [], 0
-    for i in range(len(ids)):
-        end = min(max(len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)), previous), len(text))
+    for prefix in prefixes:
+        end = min(max(len(prefix), previous), len(text))
         starts.append(previous)
         ends.append(end)
         previous = end
@@ -141,9 +142,9 @@ class TokenRewards:
             for i, credit in enumerate(_call_credit_function(config.credit_function, self.credit_function, rollouts)):
                 out.credit[i] = out.credit[i] + credit
         if self.implicit is not None:
-            ids, mask = padded_batch([r.prompt_ids + r.completion_ids for r in rollouts], pad_token_id(tokenizer))
-            lengths = [len(r.prompt_ids) for r in rollouts], [len(r.completion_ids) for r in rollouts]
-            policy_logps = completion_logprobs(self.implicit, ids.to(self.device), mask.to(self.device), *lengths)
+            prompts, completions = [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts]
+            groups = PromptGroups.of(prompts, completions, pad_token_id(tokenizer), self.device)
+            policy_logps = grouped_logprobs(self.implicit, groups)
             for i, (logp, ref) in enumerate(zip(policy_logps, ref_logps)):
                 implicit = self.implicit_beta * (logp.float() - ref.float()).cpu().numpy()
                 out.credit[i] = out.credit[i] + implicit.astype(np.float32)

@@ -22,6 +22,7 @@ from creditflow.tasks.config_base import ComputeConfig, SamplingConfig
 from creditflow.tasks.data.schema import Messages
 from creditflow.tasks.infer.distributed import resumable_map, uses_ray
 from creditflow.tasks.models.loading import load_generation_model, load_tokenizer
+from creditflow.tasks.models.shared_prompts import prefill_prompts
 from creditflow.tasks.models.tokenization import render_prompts
 
 PROMPTS_PER_SHARD = 128  # the unit of seeding, of Ray scheduling and of resumption
@@ -141,10 +142,9 @@ def _sample_shard(model, tokenizer, prompts: list[Messages], k: int, sampling: S
             batch = tokenizer(texts[start : start + step], return_tensors="pt", padding=True, add_special_tokens=False)
             batch = batch.to(device)
             output = model.generate(
-                **batch,
+                **_shared_prompts(model, batch, k),
                 **decoding,
                 max_new_tokens=sampling.max_new_tokens,
-                num_return_sequences=k,
                 pad_token_id=tokenizer.pad_token_id,
                 use_cache=True,
             )
@@ -156,6 +156,16 @@ def _sample_shard(model, tokenizer, prompts: list[Messages], k: int, sampling: S
     finally:
         tokenizer.padding_side = side
     return results
+
+
+def _shared_prompts(model, batch, k: int) -> dict:
+    """generate() inputs for k samples of each prompt in ``batch``: the prompts repeated k times, continuing from one
+    pass over each (tasks/models/shared_prompts.py), not k. The samples are generate()'s own, token for token."""
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    inputs = {"input_ids": input_ids.repeat_interleave(k, 0), "attention_mask": attention_mask.repeat_interleave(k, 0)}
+    if k > 1 and input_ids.shape[1] > 1:
+        inputs["past_key_values"] = prefill_prompts(model, input_ids, attention_mask, k)
+    return inputs
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:

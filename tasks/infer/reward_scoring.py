@@ -13,12 +13,14 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from transformers.modeling_layers import GenericForSequenceClassification
 
 from creditflow.tasks.config_base import ComputeConfig
 from creditflow.tasks.data.schema import Messages, completion_text
 from creditflow.tasks.infer.distributed import resumable_map
 from creditflow.tasks.models.loading import load_reward_model
 from creditflow.tasks.models.precision import autocast, resolve_device
+from creditflow.tasks.models.shared_prompts import PromptGroups, final_states
 from creditflow.tasks.models.tokenization import pad_right
 
 
@@ -89,6 +91,10 @@ def score_pairs(model, tokenizer, prompts, completions, max_length: int, batch_s
     the forward runs, by default the parameters' device (FSDP with CPU offload keeps those on the CPU)."""
     device = device or next(model.parameters()).device
     encoded = encode_for_reward(tokenizer, prompts, completions, max_length)
+    if isinstance(model, GenericForSequenceClassification) and "token_type_ids" not in encoded:
+        scores = _score_shared_prompts(model, prompts, encoded["input_ids"], batch_size, device)
+        if scores is not None:
+            return scores
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded["input_ids"][i]))
     scores = [0.0] * len(prompts)
     for start in range(0, len(order), batch_size):
@@ -98,6 +104,51 @@ def score_pairs(model, tokenizer, prompts, completions, max_length: int, batch_s
         for i, reward in zip(rows, rewards.tolist()):
             scores[i] = reward
     return scores
+
+
+def _score_shared_prompts(
+    model, prompts: list[Messages], rows: list[list[int]], batch_size: int, device
+) -> list[float] | None:
+    """:func:`score_pairs` for a decoder sequence classifier: the rows of one prompt run the tokens they all start
+    with once (tasks/models/shared_prompts.py), in batches of whole prompts; None when no two rows share a prompt.
+    The read-out is the classifier's own, the rightmost token that is not its pad id; tokens after it cannot change
+    it and are dropped."""
+    pad = model.config.get_text_config().pad_token_id
+    rows = [ids[: max((i for i, t in enumerate(ids) if t != pad), default=len(ids) - 1) + 1] for ids in rows]
+    by_prompt: dict[tuple, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_prompt.setdefault(tuple((m["role"], m["content"]) for m in prompt), []).append(i)
+    if max(len(members) for members in by_prompt.values()) < 2:
+        return None
+    shared = [0] * len(rows)
+    for members in by_prompt.values():
+        length = _common_prefix([rows[i] for i in members])
+        for i in members:
+            shared[i] = min(length, len(rows[i]) - 1)  # every row keeps its read-out token
+    if min(shared) == 0:  # a one-token row, or a prompt whose rows share no token
+        return None
+    scores = [0.0] * len(rows)
+    groups = sorted(by_prompt.values(), key=lambda members: -max(len(rows[i]) for i in members))
+    batch: list[int] = []
+    for position, members in enumerate(groups):
+        batch += members
+        if len(batch) < batch_size and position + 1 < len(groups):
+            continue
+        prefixes, rests = [rows[i][: shared[i]] for i in batch], [rows[i][shared[i] :] for i in batch]
+        prompt_groups = PromptGroups.of(prefixes, rests, pad if pad is not None else 0, device)
+        with autocast(device, bf16=True):
+            values = model.score(final_states(model.base_model, prompt_groups))[:, 0].float()
+        for i, value in zip(batch, values.tolist()):
+            scores[i] = value
+        batch = []
+    return scores
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    first, length = rows[0], min(len(r) for r in rows)
+    for row in rows[1:]:
+        length = next((j for j in range(length) if row[j] != first[j]), length)
+    return length
 
 
 ROWS_PER_SHARD = 512  # (prompt, completion) rows per shard of :func:`score_rewards`

@@ -80,7 +80,6 @@ import logging
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -117,11 +116,12 @@ from creditflow.tasks.models.loading import (
     load_policy_model,
     load_reference_model,
 )
-from creditflow.tasks.models.logprobs import completion_logprobs, completion_positions, states_entropy, states_logprobs
+from creditflow.tasks.models.logprobs import states_entropy, states_logprobs
 from creditflow.tasks.models.model_card import write_trained_cards
 from creditflow.tasks.models.precision import autocast, resolve_device
 from creditflow.tasks.models.resolve import resolve_model
-from creditflow.tasks.models.tokenization import pad_token_id, padded_batch
+from creditflow.tasks.models.shared_prompts import PromptGroups, token_states
+from creditflow.tasks.models.tokenization import pad_token_id
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.train.checkpoint import Checkpoint
 from creditflow.tasks.train.metrics import StepCallback, history_table, split_timings
@@ -206,32 +206,6 @@ def compute_rl(ctx: StageContext) -> dict[str, float]:
         metrics=metrics,
     )
     return metrics
-
-
-@dataclass
-class Layout:
-    """Rows ``[prompt | completion | pad]`` and where their completion tokens are."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    rows: torch.Tensor  # (row, column) of every completion token
-    cols: torch.Tensor
-    index: torch.Tensor  # its position within the completion
-    mask: torch.Tensor  # [B, T] 1 on completion tokens
-
-    @classmethod
-    def of(cls, rollouts: list[Rollout], pad_id: int, device: torch.device) -> "Layout":
-        prompt_lengths = [len(r.prompt_ids) for r in rollouts]
-        lengths = [len(r.completion_ids) for r in rollouts]
-        input_ids, attention = padded_batch([r.prompt_ids + r.completion_ids for r in rollouts], pad_id)
-        rows, cols = completion_positions(prompt_lengths, lengths, torch.device("cpu"))
-        index = cols - torch.tensor(prompt_lengths)[rows]
-        mask = torch.zeros(len(rollouts), max(lengths))
-        mask[rows, index] = 1.0
-        return cls(*(t.to(device) for t in (input_ids, attention, rows, cols, index, mask)))
-
-    def scatter(self, flat: torch.Tensor) -> torch.Tensor:
-        return flat.new_zeros(self.mask.shape).index_put((self.rows, self.index), flat)
 
 
 class RLTrainer(Trainer):
@@ -381,15 +355,16 @@ class RLTrainer(Trainer):
                 rollouts.append(Rollout(prompt, row.prompt_ids, ids, *token_spans(self.tokenizer, ids), truncated))
         return rollouts
 
-    def _forward(self, layout: Layout) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def _layout(self, rollouts: list[Rollout]) -> PromptGroups:
+        """The rollouts as prompt groups: each prompt's forward runs once for its k completions."""
+        prompts, completions = [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts]
+        return PromptGroups.of(prompts, completions, self.pad_id, self.device)
+
+    def _forward(self, layout: PromptGroups) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(log-probs [B, T], values [B, T] or None, the hidden states predicting each completion token)."""
         with autocast(self.device, self.config.bf16):
-            hidden = self.lm.base_model(
-                input_ids=layout.input_ids, attention_mask=layout.attention_mask, use_cache=False
-            ).last_hidden_state
-            states = hidden[layout.rows, layout.cols - 1]
-            labels = layout.input_ids[layout.rows, layout.cols]
-            logp = layout.scatter(states_logprobs(self.lm, states, labels, self.config.chunk_size))
+            states = token_states(self.lm.base_model, layout)
+            logp = layout.scatter(states_logprobs(self.lm, states, layout.labels, self.config.chunk_size))
         values = None
         if self.value_head is not None:
             values = layout.scatter(self.value_head(states.float())[:, 0])
@@ -404,20 +379,34 @@ class RLTrainer(Trainer):
         finally:
             self.model.train()
 
+    def _single_step(self) -> bool:
+        """Whether each batch of rollouts gets exactly one optimizer step, in one pass, from a policy without dropout:
+        then the training forward computes the behaviour policy's log-probs too, and no separate pass runs (as TRL
+        does when ``num_iterations`` is 1)."""
+        config = self.config
+        one_step = config.ppo_epochs == config.minibatches == config.grad_accum == 1
+        return one_step and (config.disable_dropout or config.lora is None)  # the base model's dropout is always off
+
     def _iteration(self, iteration: int, samplers: RayWorkers | None = None) -> dict[str, float]:
         config = self.config
         started = time.perf_counter()
         rollouts = self._rollouts(iteration, samplers)
-        layout = Layout.of(rollouts, self.pad_id, self.device)
-        mask = layout.mask
+        layout = self._layout(rollouts)
+        mask = layout.completion_mask.float()
         with torch.no_grad(), self._behaviour_mode():
-            old_logp, old_values, states = self._forward(layout)
-            entropy = masked_mean(layout.scatter(states_entropy(self.lm, states, config.chunk_size)), mask)
             with self.reference() as reference, autocast(self.device, config.bf16):
-                lengths = [len(r.prompt_ids) for r in rollouts], [len(r.completion_ids) for r in rollouts]
-                per_row = completion_logprobs(reference, layout.input_ids, layout.attention_mask, *lengths)
-                ref_logp = layout.scatter(torch.cat(per_row).to(old_logp.dtype))
-                rewards = self.rewards(rollouts, reference, self.tokenizer, per_row)
+                ref_states = token_states(reference.base_model, layout)
+                ref_flat = states_logprobs(reference, ref_states, layout.labels, config.chunk_size)
+                rewards = self.rewards(rollouts, reference, self.tokenizer, list(ref_flat.split(layout.lengths)))
+            ref_logp = layout.scatter(ref_flat)
+            if not self._single_step():
+                old_logp, old_values, states = self._forward(layout)
+        forward = None
+        if self._single_step():
+            forward = self._forward(layout)
+            old_logp, old_values, states = forward[0].detach(), _detach(forward[1]), forward[2].detach()
+        with torch.no_grad():
+            entropy = masked_mean(layout.scatter(states_entropy(self.lm, states, config.chunk_size)), mask)
         truncated = torch.tensor([r.truncated for r in rollouts], device=self.device)
         if config.truncated == "penalize":
             rewards.scores = [s - config.truncation_penalty * t for s, t in zip(rewards.scores, truncated.tolist())]
@@ -429,14 +418,14 @@ class RLTrainer(Trainer):
             advantages = whiten(advantages, mask)
         keep = (~truncated).float() if config.truncated == "mask" else torch.ones(len(rollouts), device=self.device)
         batch = {"old_logp": old_logp, "ref_logp": ref_logp, "values": old_values, "advantages": advantages}
-        batch.update(returns=returns, keep=keep)
+        batch.update(returns=returns, keep=keep, mask=mask)
 
         sums: dict[str, float] = {}
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
         for _ in range(config.ppo_epochs):
             order = torch.randperm(len(rollouts), generator=generator).tolist()
             for minibatch in np.array_split(order, config.minibatches):
-                step = self._optimizer_step(rollouts, minibatch.tolist(), batch)
+                step = self._optimizer_step(rollouts, minibatch.tolist(), batch, forward)
                 for key, value in step.items():
                     sums[key] = sums.get(key, 0.0) + value / (config.ppo_epochs * config.minibatches)
         self.kl.update(float(kl.sum(1).mean()), len(rollouts))
@@ -467,7 +456,7 @@ class RLTrainer(Trainer):
             "samples": float((iteration + 1) * len(rollouts)),
             "lr": self.scheduler.get_last_lr()[0],
             **sums,
-            "tokens_per_s": float(layout.attention_mask.sum()) / seconds,
+            "tokens_per_s": layout.tokens() / seconds,
             "seconds": seconds,
         }
         fallbacks = rewards.fallbacks
@@ -486,10 +475,10 @@ class RLTrainer(Trainer):
         return metrics
 
     def _advantages(
-        self, rewards: RolloutRewards, layout: Layout, kl_in_reward: torch.Tensor, values: torch.Tensor | None
+        self, rewards: RolloutRewards, layout: PromptGroups, kl_in_reward: torch.Tensor, values: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(advantages [B, T], returns for the value loss or None) of the configured algorithm."""
-        config, mask, k = self.config, layout.mask, self.config.samples_per_prompt
+        config, mask, k = self.config, layout.completion_mask.float(), self.config.samples_per_prompt
         if config.algorithm == "grpo":
             outcome = torch.tensor(rewards.scores, device=self.device) - kl_in_reward.sum(1)
             advantages = group_advantages(outcome, k, config.scale_rewards)[:, None] * mask
@@ -503,9 +492,12 @@ class RLTrainer(Trainer):
             return gae(token_rewards, values, mask, config.gamma, config.lam)
         return RLOO_ADVANTAGES[config.algorithm](token_rewards, mask, k), None
 
-    def _optimizer_step(self, rollouts: list[Rollout], rows: list[int], batch: dict) -> dict[str, float]:
+    def _optimizer_step(
+        self, rollouts: list[Rollout], rows: list[int], batch: dict, forward: tuple | None = None
+    ) -> dict[str, float]:
         """One optimizer step over the rollouts ``rows``, in ``grad_accum`` micro-batches, each weighted by its
-        share of the step's loss normalizer (tokens for dapo, rows for grpo and dr_grpo)."""
+        share of the step's loss normalizer (tokens for dapo, rows for grpo and dr_grpo). ``forward``: the
+        iteration's training forward of every rollout (``_single_step``), else each micro-batch runs its own."""
         config = self.config
         keep = batch["keep"]
         total_tokens = max(sum(len(rollouts[i].completion_ids) * float(keep[i]) for i in rows), 1.0)
@@ -517,12 +509,14 @@ class RLTrainer(Trainer):
             sums["kl_loss"] = 0.0
         for micro in np.array_split(np.asarray(rows), config.grad_accum):
             micro = micro.tolist()
-            layout = Layout.of([rollouts[i] for i in micro], self.pad_id, self.device)
-            width = layout.mask.shape[1]
-            mask = layout.mask * keep[micro, None]
+            if forward is None:
+                logp, values, _ = self._forward(self._layout([rollouts[i] for i in micro]))
+            else:
+                logp, values = forward[0][micro], None if forward[1] is None else forward[1][micro]
+            width = logp.shape[1]
+            mask = batch["mask"][micro, :width] * keep[micro, None]
             token_share = float(mask.sum()) / total_tokens
             share = token_share if config.loss_type == "dapo" else len(micro) / len(rows)
-            logp, values, _ = self._forward(layout)
             old, adv = batch["old_logp"][micro, :width], batch["advantages"][micro, :width]
             per_token, clipped = clipped_policy_loss(logp, old, adv, config.clip_range, high)
             if config.kl_penalty == "loss":
@@ -546,6 +540,10 @@ class RLTrainer(Trainer):
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {**sums, "grad_norm": float(norm)}
+
+
+def _detach(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach()
 
 
 class RolloutSampler:
