@@ -4,8 +4,9 @@ on the same tiny models, prompts and settings, in the same run.
 Both sample ``--k`` completions for each of ``--prompts`` prompts per step, score them with the same reward model
 (a sequence classifier), take one optimizer step per generation batch (no reuse of rollouts), with a KL penalty to
 the reference (beta 0.05: in the reward for RLOO, a k3 loss term for GRPO, as TRL does), and run ``--steps``
-steps. Speed is rollouts per second of wall time between steps (median over the steps after ``--warmup``), each
-trainer in its own subprocess. TRL ships no PPOTrainer any more, so PPO has no baseline here.
+steps. Speed is rollouts per second of wall time between the ends of consecutive steps (median over the steps after
+``--warmup``), each trainer in its own subprocess. TRL runs twice: with gradient checkpointing off, as ours (the
+like-for-like ratio), and with its default, on. TRL ships no PPOTrainer any more, so PPO has no baseline here.
 
     .venv/bin/python bench/rl_speed.py [--algorithms rloo grpo] [--steps 8] [--prompts 8] [--k 4] [--max-new-tokens 32]
 """
@@ -107,7 +108,7 @@ def run_trl(args) -> list[float]:
         report_to="none",
         disable_tqdm=True,
         bf16=False,
-        gradient_checkpointing=False,  # TRL's default is on; ours is off, so both run the same passes
+        gradient_checkpointing=args.trl_checkpointing,  # TRL's default is on; ours is off
         seed=0,
     )
     ends: list[float] = []
@@ -134,6 +135,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--trainer", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--trl-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--algorithm", choices=["rloo", "grpo"], help=argparse.SUPPRESS)
     parser.add_argument("--policy", help=argparse.SUPPRESS)
     parser.add_argument("--reward", help=argparse.SUPPRESS)
@@ -153,8 +155,9 @@ def main() -> None:
     )
     for algorithm in args.algorithms:
         results = {}
-        for trainer in ("ours", "trl"):
-            command = [sys.executable, __file__, "--trainer", trainer, "--algorithm", algorithm]
+        runs = (("ours", "ours", []), ("trl", "trl", []), ("trl-gc", "trl", ["--trl-checkpointing"]))
+        for name, trainer, extra in runs:
+            command = [sys.executable, __file__, "--trainer", trainer, "--algorithm", algorithm, *extra]
             command += ["--policy", str(policy), "--reward", str(reward), "--steps", str(args.steps)]
             command += [
                 "--prompts",
@@ -168,11 +171,13 @@ def main() -> None:
             if done.returncode:
                 sys.exit(f"{trainer} {algorithm} failed:\n{done.stderr[-4000:]}")
             seconds = json.loads(done.stdout.strip().splitlines()[-1])["step_seconds"][args.warmup :]
-            results[trainer] = rollouts / statistics.median(seconds)
-        name = "GRPOTrainer" if algorithm == "grpo" else "RLOOTrainer"
+            results[name] = rollouts / statistics.median(seconds)
+        baseline = "GRPOTrainer" if algorithm == "grpo" else "RLOOTrainer"
         print(
-            f"{algorithm:5} ours {results['ours']:7.1f} rollouts/s, TRL {name} {results['trl']:7.1f}: "
-            f"{results['ours'] / results['trl']:.2f}x"
+            f"{algorithm:5} ours {results['ours']:5.1f} rollouts/s; TRL {baseline} {results['trl']:5.1f} with our "
+            f"settings (gradient checkpointing off): {results['ours'] / results['trl']:.2f}x; "
+            f"{results['trl-gc']:5.1f} with its default checkpointing on: {results['ours'] / results['trl-gc']:.2f}x",
+            flush=True,
         )
 
 
