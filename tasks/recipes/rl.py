@@ -39,7 +39,10 @@ masked out of the loss, or penalized (``truncated``).
 
 Old log-probs, values, the KL and the rewards come from the policy in eval mode, the mode it sampled in; with
 ``disable_dropout`` (default) the policy has no dropout at all, LoRA's included, so the first minibatch's ratio is
-exactly 1. Full fine-tuning keeps a frozen copy of the reference; LoRA runs get pi_ref by disabling the adapters.
+exactly 1. With one optimizer step per batch (``ppo_epochs``, ``minibatches`` and ``grad_accum`` all 1) and no
+dropout, the training forward is that pass too: its detached log-probs are pi_old, and no second pass runs. Full
+fine-tuning keeps a frozen copy of the reference; LoRA runs get pi_ref by disabling the adapters. Every pass over
+the rollouts runs each prompt once for its k completions (tasks/models/shared_prompts.py).
 
 Where this differs from the official ABC code (XanderJC/attention-based-credit, abcrl/attention/redistribution.py
 and experiments/scripts/rlhf_*.py, read at commit 0a08591):
