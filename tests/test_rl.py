@@ -525,7 +525,7 @@ def test_old_logprobs_come_from_the_sampling_mode_and_the_first_ratio_is_one_wit
             old, again = trainer._forward(layout)[0], trainer._forward(layout)[0]
         torch.testing.assert_close(old, again, rtol=0, atol=0)  # eval mode: no dropout noise in pi_old
         assert trainer.model.training  # and back to train mode for the updates
-        new = trainer._forward(layout)[0]
+        new = trainer._forward(layout)[0].detach()  # the update's forward, in train mode
         ratio = torch.exp(new - old)[layout.completion_mask.bool()]
         if disable:  # the default: no dropout anywhere, so the first minibatch's ratio is exactly 1
             torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-6)

@@ -396,18 +396,16 @@ class RLTrainer(Trainer):
         rollouts = self._rollouts(iteration, samplers)
         layout = self._layout(rollouts)
         mask = layout.completion_mask.float()
+        single_step = self._single_step()
         with torch.no_grad(), self._behaviour_mode():
             with self.reference() as reference, autocast(self.device, config.bf16):
                 ref_states = token_states(reference.base_model, layout)
                 ref_flat = states_logprobs(reference, ref_states, layout.labels, config.chunk_size)
                 rewards = self.rewards(rollouts, reference, self.tokenizer, list(ref_flat.split(layout.lengths)))
             ref_logp = layout.scatter(ref_flat)
-            if not self._single_step():
-                old_logp, old_values, states = self._forward(layout)
-        forward = None
-        if self._single_step():
-            forward = self._forward(layout)
-            old_logp, old_values, states = forward[0].detach(), _detach(forward[1]), forward[2].detach()
+            behaviour = None if single_step else self._forward(layout)
+        forward = self._forward(layout) if single_step else None  # the optimizer step's own, kept for it
+        old_logp, old_values, states = (None if t is None else t.detach() for t in forward or behaviour)
         with torch.no_grad():
             entropy = masked_mean(layout.scatter(states_entropy(self.lm, states, config.chunk_size)), mask)
         truncated = torch.tensor([r.truncated for r in rollouts], device=self.device)
@@ -543,10 +541,6 @@ class RLTrainer(Trainer):
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {**sums, "grad_norm": float(norm)}
-
-
-def _detach(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.detach()
 
 
 class RolloutSampler:
