@@ -619,3 +619,21 @@ def test_make_sample_regenerates_the_bundled_file():
     generated = make_sample()
     assert len(generated) == len(lines) > 300
     assert generated == lines
+
+
+def test_a_prompts_pairs_share_its_tokenization_and_keep_exact_counts(tmp_path, tiny_tokenizer):
+    """UltraFeedback's all-pairs form: one prompt, 4 answers, 6 pairs. Each distinct text is encoded once, and the
+    counts are those of encoding every row on its own (texts that differ only in spaces are not merged)."""
+    tok_dir, tokenizer = tiny_tokenizer
+    answers = ["Fine, thanks.", "No.", "It was wonderful, friendly and relaxing.", "Bad."]
+    rows = [row("How was it?", answers[i], answers[j], 0.9, 0.1) for i in range(4) for j in range(i + 1, 4)]
+    rows.append(row("How was it?", "Fine,  thanks.", "Bad idea.", 0.9, 0.1))  # an answer but for one space
+    _, result = run(tmp_path, rows, tokenizer=tok_dir, eval_fraction=0.0)
+    kept = result.pairs.to_pylist()
+    pairs = {(p["prompt"][0]["content"], p["chosen"][0]["content"], p["rejected"][0]["content"]): p for p in kept}
+    assert len(pairs) == len(rows)
+    expected = token_lengths(tokenizer, rows)
+    assert expected[0][1] != expected[-1][1]  # the tokenizer sees the extra space
+    for r, counts in zip(rows, expected):
+        p = pairs[(r["prompt"], r["chosen"], r["rejected"])]
+        assert (p["prompt_tokens"], p["chosen_tokens"], p["rejected_tokens"]) == counts

@@ -249,14 +249,25 @@ class RowChecker:
 
     def _apply_length_rules(self, passing: list[Checked]) -> None:
         records = [c.record for c in passing]
-        prompt_ids = encode_prompts(self.tokenizer, [r["prompt"] for r in records])
-        chosen_ids = encode_completions(self.tokenizer, [r["chosen"] for r in records])
-        rejected_ids = encode_completions(self.tokenizer, [r["rejected"] for r in records])
-        for c, p, ch, rj in zip(passing, prompt_ids, chosen_ids, rejected_ids, strict=True):
-            c.record.update(prompt_tokens=len(p), chosen_tokens=len(ch), rejected_tokens=len(rj))
-            violation = _length_violation(len(p), len(ch), len(rj), self.rules)
+        prompts = _token_counts(encode_prompts, self.tokenizer, [r["prompt"] for r in records])
+        answers = _token_counts(
+            encode_completions, self.tokenizer, [r["chosen"] for r in records] + [r["rejected"] for r in records]
+        )
+        for c, p, ch, rj in zip(passing, prompts, answers[: len(records)], answers[len(records) :], strict=True):
+            c.record.update(prompt_tokens=p, chosen_tokens=ch, rejected_tokens=rj)
+            violation = _length_violation(p, ch, rj, self.rules)
             if violation:
                 c.rejection = Rejection("length", violation[1], violation[0])
+
+
+def _token_counts(encode, tokenizer, items: list[S.Messages]) -> list[int]:
+    """Token count of each message list, each distinct one encoded once: a prompt with several pairs repeats itself
+    and its answers (UltraFeedback's all-pairs form has 6 pairs of 4 answers), and the tokenizer is the cost."""
+    distinct: dict[tuple, int] = {}
+    slots = [distinct.setdefault(tuple((m["role"], m["content"]) for m in item), len(distinct)) for item in items]
+    firsts = list({slot: item for slot, item in zip(slots, items)}.values())
+    lengths = [len(ids) for ids in encode(tokenizer, firsts)]
+    return [lengths[slot] for slot in slots]
 
 
 # ---------------------------------------------------------------------------------------------------------
