@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import os
 import random
@@ -62,6 +63,19 @@ def synthetic_rows(n: int, vocabulary: list[str], seed: int = 0):
         if len(previous) < 1000:
             previous.append(row)
         yield row
+
+
+def all_pairs_rows(n: int, vocabulary: list[str], seed: int = 1):
+    """UltraFeedback's all-pairs form: each prompt's 4 answers in all 6 pairs (answers of 20-120 words)."""
+    rng = random.Random(seed)
+    made = 0
+    while made < n:
+        prompt = " ".join(rng.choices(vocabulary, k=rng.randint(10, 60))) + "?"
+        answers = [" ".join(rng.choices(vocabulary, k=rng.randint(20, 120))) + "." for _ in range(4)]
+        for i, j in itertools.combinations(range(4), 2):
+            if made < n:
+                yield {"prompt": prompt, "chosen": answers[i], "rejected": answers[j]}
+                made += 1
 
 
 def write_data(folder: Path, fmt: str, n: int, vocabulary: list[str]) -> Path:
@@ -195,16 +209,21 @@ def main() -> None:
 
 
 def length_rules(folder: Path, n: int, vocabulary: list[str]) -> None:
-    """The token-length rules: the tokenizer is the cost (SmolLM2's, on the chat-templated prompt and each answer)."""
+    """The token-length rules: the tokenizer is the cost (SmolLM2's, on the chat-templated prompt and each answer),
+    on one pair per prompt and on UltraFeedback's all-pairs form (a prompt and its answers repeat over 6 pairs)."""
     path = write_data(folder, "jsonl", n, vocabulary)
-    ours, base = measure("ours", path, TOKENIZER, 512), measure("baseline", path, TOKENIZER, 512)
-    print(
-        f"\nwith token-length rules ({TOKENIZER}, max_length 512), {n:,} JSONL rows: ours {ours['rows_per_s']:,.0f} "
-        f"rows/s, peak {ours['peak_rss_mb']:,.0f} MB; baseline {base['rows_per_s']:,.0f} rows/s, peak "
-        f"{base['peak_rss_mb']:,.0f} MB; speed ratio {ours['rows_per_s'] / base['rows_per_s']:.2f}",
-        flush=True,
-    )
-    _remove(path)
+    all_pairs = folder / f"all-pairs-{n}.jsonl"
+    all_pairs.write_text("".join(json.dumps(row) + "\n" for row in all_pairs_rows(n, vocabulary)), encoding="utf-8")
+    for label, data in (("one pair per prompt", path), ("all pairs of 4 answers per prompt", all_pairs)):
+        ours, base = measure("ours", data, TOKENIZER, 512), measure("baseline", data, TOKENIZER, 512)
+        print(
+            f"\nwith token-length rules ({TOKENIZER}, max_length 512), {n:,} JSONL rows, {label}: ours "
+            f"{ours['rows_per_s']:,.0f} rows/s, peak {ours['peak_rss_mb']:,.0f} MB; baseline "
+            f"{base['rows_per_s']:,.0f} rows/s, peak {base['peak_rss_mb']:,.0f} MB; speed ratio "
+            f"{ours['rows_per_s'] / base['rows_per_s']:.2f}",
+            flush=True,
+        )
+        _remove(data)
 
 
 def on_ray(folder: Path, n: int, vocabulary: list[str]) -> None:
