@@ -70,6 +70,11 @@ def is_blank(text: str) -> bool:
     return all(ch.isspace() or ch in _INVISIBLE or unicodedata.category(ch) in _BLANK_CATEGORIES for ch in text)
 
 
+def exact_key(messages: Messages) -> tuple[tuple[str, str], ...]:
+    """A hashable key of the messages as written (no normalization: texts that tokenize differently stay apart)."""
+    return tuple((m["role"], m["content"]) for m in messages)
+
+
 def messages_key(messages: Messages) -> list[tuple[str, str]]:
     return [(m["role"], normalize_text(m["content"])) for m in messages]
 

@@ -16,7 +16,7 @@ import torch
 from transformers.modeling_layers import GenericForSequenceClassification
 
 from creditflow.tasks.config_base import ComputeConfig
-from creditflow.tasks.data.schema import Messages, completion_text
+from creditflow.tasks.data.schema import Messages, completion_text, exact_key
 from creditflow.tasks.infer.distributed import resumable_map
 from creditflow.tasks.models.loading import load_reward_model
 from creditflow.tasks.models.precision import autocast, resolve_device
@@ -117,7 +117,7 @@ def _score_shared_prompts(
     rows = [ids[: max((i for i, t in enumerate(ids) if t != pad), default=len(ids) - 1) + 1] for ids in rows]
     by_prompt: dict[tuple, list[int]] = {}
     for i, prompt in enumerate(prompts):
-        by_prompt.setdefault(tuple((m["role"], m["content"]) for m in prompt), []).append(i)
+        by_prompt.setdefault(exact_key(prompt), []).append(i)
     if max(len(members) for members in by_prompt.values()) < 2:
         return None
     shared = [0] * len(rows)

@@ -264,7 +264,7 @@ def _token_counts(encode, tokenizer, items: list[S.Messages]) -> list[int]:
     """Token count of each message list, each distinct one encoded once: a prompt with several pairs repeats itself
     and its answers (UltraFeedback's all-pairs form has 6 pairs of 4 answers), and the tokenizer is the cost."""
     distinct: dict[tuple, int] = {}
-    slots = [distinct.setdefault(tuple((m["role"], m["content"]) for m in item), len(distinct)) for item in items]
+    slots = [distinct.setdefault(S.exact_key(item), len(distinct)) for item in items]
     firsts = list({slot: item for slot, item in zip(slots, items)}.values())
     lengths = [len(ids) for ids in encode(tokenizer, firsts)]
     return [lengths[slot] for slot in slots]

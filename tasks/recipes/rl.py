@@ -123,7 +123,7 @@ from creditflow.tasks.models.logprobs import states_entropy, states_logprobs
 from creditflow.tasks.models.model_card import write_trained_cards
 from creditflow.tasks.models.precision import autocast, resolve_device
 from creditflow.tasks.models.resolve import resolve_model
-from creditflow.tasks.models.shared_prompts import PromptGroups, token_states
+from creditflow.tasks.models.shared_prompts import PromptGroups, grouped_logprobs, token_states
 from creditflow.tasks.models.tokenization import pad_token_id
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.train.checkpoint import Checkpoint
@@ -399,10 +399,9 @@ class RLTrainer(Trainer):
         single_step = self._single_step()
         with torch.no_grad(), self._behaviour_mode():
             with self.reference() as reference, autocast(self.device, config.bf16):
-                ref_states = token_states(reference.base_model, layout)
-                ref_flat = states_logprobs(reference, ref_states, layout.labels, config.chunk_size)
-                rewards = self.rewards(rollouts, reference, self.tokenizer, list(ref_flat.split(layout.lengths)))
-            ref_logp = layout.scatter(ref_flat)
+                ref_logps = grouped_logprobs(reference, layout, config.chunk_size)
+                rewards = self.rewards(rollouts, reference, self.tokenizer, ref_logps)
+            ref_logp = layout.scatter(torch.cat(ref_logps))
             behaviour = None if single_step else self._forward(layout)
         forward = self._forward(layout) if single_step else None  # the optimizer step's own, kept for it
         old_logp, old_values, states = (None if t is None else t.detach() for t in forward or behaviour)
