@@ -103,7 +103,9 @@ def test_step0_margin_is_zero_only_when_the_reference_matches_the_policys_bf16(
         assert warned == (scored_at != policy_precision)
     matched, fp32_reference = gaps[policy_precision], gaps[Precision(torch.float32)]
     # Scored at the policy's precision: only other batch shapes separate them (LoRA dropout is off for the check).
-    assert matched["step0_logp_gap"] < REFERENCE_GAP_TOLERANCE / 10 and matched["step0_max_abs_z"] < 1e-3
+    # How far depends on the CPU's bf16 kernels: under 5e-5 nats per token with AVX2, 1.0e-4 to 1.3e-4 with native
+    # AVX-512 BF16, where the fp32 reference's gap is 1.2e-3 to 1.5e-3.
+    assert matched["step0_logp_gap"] < REFERENCE_GAP_TOLERANCE / 3 and matched["step0_max_abs_z"] < 1e-3
     # The fp32 reference the old `auto` stored for these policies: the bug this guards against.
     assert fp32_reference["step0_logp_gap"] > REFERENCE_GAP_TOLERANCE
 

@@ -101,8 +101,11 @@ def test_packed_training_takes_the_padded_steps(backbone):
         runs[packing] = ([m["train.loss"] for m in steps if "train.loss" in m], model.state_dict(), history)
     (padded_losses, padded_weights, padded_eval), (packed_losses, packed_weights, packed_eval) = runs.values()
     assert packed_losses == pytest.approx(padded_losses, rel=1e-4, abs=1e-6)
+    # Adam divides each gradient by its own running scale, so rounding in a near-zero gradient can move a weight by
+    # up to the learning rate a step: allow 1% of the largest movement (measured: 1.3e-5, 0.15% of it, on one CPU).
+    movement = config.learning_rate * config.max_steps
     for name, value in padded_weights.items():
-        assert torch.allclose(packed_weights[name], value, atol=1e-5), name
+        assert torch.allclose(packed_weights[name], value, atol=0.01 * movement), name
     assert packed_eval[-1]["eval.accuracy"] == padded_eval[-1]["eval.accuracy"]
 
 

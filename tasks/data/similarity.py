@@ -4,8 +4,8 @@ Near-duplicates: MinHash signatures of each distinct prompt's word 3-gram shingl
 dropped), cut into LSH bands with datasketch's optimal (bands, rows) for the Jaccard ``threshold``.
 Prompts that share a band key are candidates; a candidate pair whose signatures agree on at least ``threshold`` of
 their positions (the MinHash estimate of the Jaccard similarity) is a near-duplicate pair, and the connected
-components of those pairs are the near-duplicate groups. In memory stay only the band keys (8 bytes per band per
-prompt); the signatures go to a file and are read back for the candidate pairs only.
+components of those pairs are the near-duplicate groups. The signatures and band keys go to files, and the
+signatures are read back for the candidate pairs only.
 
 Contamination: the word n-grams (13 by default, the usual choice since GPT-3) of benchmark prompts; a prompt that
 contains one of them is contaminated. A benchmark item shorter than n words is matched as a whole.
@@ -27,8 +27,11 @@ from scipy.sparse.csgraph import connected_components
 from creditflow.tasks.configs import SourceConfig
 from creditflow.tasks.data.formats import MalformedInputError
 from creditflow.tasks.data.ingest import read_rows
+from creditflow.tasks.data.key_map import CompactKeyMap
+from creditflow.tasks.data.schema import ID_CHARS
 
 NUM_PERM = 128
+PROMPT_KEY_BYTES = ID_CHARS // 2  # a prompt id's bytes
 _PERM_CHUNK = 16
 _PAIR_CHUNK = 4096
 _MIX = tuple(np.uint64(m) for m in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9))  # odd 64-bit mixers
@@ -91,42 +94,65 @@ class PromptSketch:
 
 
 class NearDuplicateIndex:
-    """Distinct prompts in order of first sight; :meth:`groups` links the near-duplicates among them."""
+    """Distinct prompts in order of first sight; :meth:`groups` links the near-duplicates among them. Per prompt it
+    keeps about 18 bytes in memory (tasks/data/key_map.py); its id, signature and band keys go to files beside
+    ``signatures_path``, each band's keys in a file of its own so :meth:`groups` reads one band at a time."""
 
     def __init__(self, sketch: PromptSketch, signatures_path: Path):
         self.sketch = sketch
-        self.index: dict[bytes, int] = {}  # prompt id (10 bytes) -> its index in order of first sight
-        self._keys: list[np.ndarray] = []
+        self.count = 0
+        self._index = CompactKeyMap(PROMPT_KEY_BYTES)  # prompt id -> its index in order of first sight
+        self._folder = signatures_path.parent
         self._path = signatures_path
         self._file = open(signatures_path, "wb")
+        self._ids = open(self._folder / "prompt_ids.bin", "wb")
+        self._bands = [open(self._band_path(band), "wb") for band in range(sketch.bands)]
+
+    def _band_path(self, band: int) -> Path:
+        return self._folder / f"{self._path.stem}.band{band}.bin"
 
     def add(self, prompt_ids: list[str], signatures: np.ndarray) -> list[int]:
         """Each prompt's index; new prompts' signatures are kept (a prompt id always has the same signature)."""
-        indices, new = [], []
-        for row, prompt_id in enumerate(prompt_ids):
-            key = bytes.fromhex(prompt_id)
-            index = self.index.get(key)
+        keys = [bytes.fromhex(prompt_id) for prompt_id in prompt_ids]
+        indices: list[int] = []
+        new_rows: list[int] = []
+        new: dict[bytes, int] = {}
+        for row, (key, index) in enumerate(zip(keys, self._index.get_many(keys))):
             if index is None:
-                index = self.index[key] = len(self.index)
-                new.append(row)
+                index = new.get(key)
+            if index is None:
+                index = new[key] = self.count + len(new)
+                new_rows.append(row)
             indices.append(index)
         if new:
-            self._keys.append(self.sketch.band_keys(signatures[new]))
-            self._file.write(np.ascontiguousarray(signatures[new]).tobytes())
+            self._index.put_many(list(new), list(new.values()))
+            self.count += len(new)
+            kept = signatures[new_rows]
+            self._file.write(np.ascontiguousarray(kept).tobytes())
+            self._ids.write(b"".join(new))
+            for band, keys_of_band in zip(self._bands, self.sketch.band_keys(kept).T):
+                band.write(np.ascontiguousarray(keys_of_band).tobytes())
         return indices
+
+    def prompt_ids(self) -> list[str]:
+        """Every distinct prompt id (hex), in order of first sight (no prompt can be added after this)."""
+        self._ids.close()
+        raw = np.fromfile(self._folder / "prompt_ids.bin", dtype=np.uint8).reshape(-1, PROMPT_KEY_BYTES)
+        return [row.tobytes().hex() for row in raw]
 
     def groups(self) -> np.ndarray:
         """Each prompt's group: the index of the first-seen prompt of its near-duplicate component."""
-        self._file.close()
-        n = len(self.index)
+        for file in (self._file, self._ids, *self._bands):
+            file.close()
+        n = self.count
         if n == 0:
             return np.zeros(0, dtype=np.int64)
-        keys = np.concatenate(self._keys)
         signatures = np.memmap(self._path, dtype=np.uint32, mode="r", shape=(n, NUM_PERM))
         left, right = [], []
-        for band in range(keys.shape[1]):
-            order = np.argsort(keys[:, band], kind="stable")
-            same = keys[order[1:], band] == keys[order[:-1], band]  # neighbours in one bucket: a chain through it
+        for band in range(self.sketch.bands):
+            keys = np.fromfile(self._band_path(band), dtype=np.uint64)
+            order = np.argsort(keys, kind="stable")
+            same = keys[order[1:]] == keys[order[:-1]]  # neighbours in one bucket: a chain through it
             left.append(order[:-1][same])
             right.append(order[1:][same])
         a, b = np.concatenate(left), np.concatenate(right)

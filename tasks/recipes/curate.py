@@ -45,6 +45,7 @@ from creditflow.tasks.configs import CurateConfig, CurateRules, SourceConfig
 from creditflow.tasks.data import schema as S
 from creditflow.tasks.data.formats import MalformedInputError, RowProblem, check_columns, convert_row, detect_format
 from creditflow.tasks.data.ingest import has_columns, read_rows, row_total, shard_rows, source_shards
+from creditflow.tasks.data.key_map import CompactKeyMap
 from creditflow.tasks.data.similarity import Contamination, NearDuplicateIndex, PromptSketch
 from creditflow.tasks.infer.distributed import map_shards, uses_ray
 from creditflow.tasks.models.loading import load_tokenizer
@@ -403,27 +404,37 @@ class ShardChecker:
 
 
 class _FirstSeen:
-    """Where each pair was first seen, compactly: a 10-byte key to one int packing an interned location prefix
-    (source and shard) and the line or row number, instead of a location string per pair."""
+    """Where each pair was first seen, compactly: a pair id's 10 bytes to one int64 packing an interned location
+    prefix (source and shard) and the line or row number (tasks/data/key_map.py), not a location string per pair."""
 
     def __init__(self) -> None:
-        self.codes: dict[bytes, int] = {}
+        self.codes = CompactKeyMap(S.ID_CHARS // 2)
         self.prefixes: list[str] = []
         self._prefix_ids: dict[str, int] = {}
 
-    def check(self, pair_id: str, label: str, location: str) -> str | None:
-        """Where ``pair_id`` was first seen, or None (and it is recorded as seen here)."""
-        key = bytes.fromhex(pair_id)
-        code = self.codes.get(key)
-        if code is not None:
-            return f"{self.prefixes[code >> 40]}{code & (2**40 - 1)}"
+    def check(self, pair_ids: list[str], label: str, locations: list[str]) -> list[str | None]:
+        """Where each pair was first seen, earlier in this batch included, or None: then it is recorded as seen at
+        its location."""
+        keys = [bytes.fromhex(pair_id) for pair_id in pair_ids]
+        new: dict[bytes, int] = {}
+        firsts: list[str | None] = []
+        for key, code, location in zip(keys, self.codes.get_many(keys), locations):
+            code = new.get(key) if code is None else code
+            if code is None:
+                new[key] = self._code(label, location)
+                firsts.append(None)
+            else:
+                firsts.append(f"{self.prefixes[code >> 40]}{code & (2**40 - 1)}")
+        self.codes.put_many(list(new), list(new.values()))
+        return firsts
+
+    def _code(self, label: str, location: str) -> int:
         head, _, number = location.rpartition(" ")  # "[shard ]line 17", "row 17"
         prefix = f"{label} {head} "
         prefix_id = self._prefix_ids.setdefault(prefix, len(self.prefixes))
         if prefix_id == len(self.prefixes):
             self.prefixes.append(prefix)
-        self.codes[key] = prefix_id << 40 | int(number)
-        return None
+        return prefix_id << 40 | int(number)
 
 
 def _dedupe(
@@ -431,6 +442,12 @@ def _dedupe(
 ) -> list[tuple[dict[str, Any], np.ndarray]]:
     """The batch's pairs that pass every rule so far (records and prompt signatures); the rest quarantined, in the
     documented order: a duplicate is charged as one before its own tie, margin or length problem."""
+    valid = [c for c in checked if c.record is not None]
+    firsts = iter(
+        seen.check([c.record["pair_id"] for c in valid], label, [c.location for c in valid])
+        if rules.dedupe
+        else [None] * len(valid)
+    )
     passed = []
     for c in checked:
         record = c.record
@@ -438,13 +455,10 @@ def _dedupe(
             assert c.rejection is not None
             quarantine.add(label, c.location, c.rejection, c.raw, c.pair_id)
             continue
-        if rules.dedupe:
-            first = seen.check(record["pair_id"], label, c.location)
-            if first is not None:
-                quarantine.add(
-                    label, c.location, Rejection("duplicate", f"duplicate of {first}"), c.raw, record["pair_id"]
-                )
-                continue
+        first = next(firsts)
+        if first is not None:
+            quarantine.add(label, c.location, Rejection("duplicate", f"duplicate of {first}"), c.raw, record["pair_id"])
+            continue
         if c.rejection is not None:
             quarantine.add(label, c.location, c.rejection, c.raw, record["pair_id"])
             continue
@@ -460,7 +474,7 @@ def _split_and_write(
     group's first is quarantined, naming the row that kept the group's first prompt."""
     group = prompts.groups()
     n = len(group)
-    units = np.array([split_unit(key.hex(), config.split_seed) for key in prompts.index], dtype=np.float64)
+    units = np.array([split_unit(key, config.split_seed) for key in prompts.prompt_ids()], dtype=np.float64)
     eval_group = np.zeros(n, dtype=bool)
     firsts = np.unique(group)
     eval_group[firsts] = units[firsts] < config.eval_fraction
