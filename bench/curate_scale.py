@@ -2,9 +2,10 @@
 the in-memory path it replaced (bench/baselines/curate_in_memory.py), on synthetic HH-style preference rows in each
 file format, at 10k, 100k and 1M rows; with the token-length rules; and on a local 2-worker Ray cluster.
 
-Each measurement runs in a fresh Python process pinned to one core (``taskset``), so its peak RSS (getrusage)
-is its own and its rows/s is one core's; the "floor" row is a process that only imports curation (its RSS is
-what every run pays before the first row). Ratios are ours / baseline at the same size and format, measured in
+Each measurement runs in a fresh Python process pinned to one core (``taskset``), so its peak RSS (VmHWM;
+getrusage's peak would count the forked copy of this parent before the exec) is its own and its rows/s is one
+core's; the "floor" row is a process that only imports curation (its RSS is what every run pays before the first
+row). Ratios are ours / baseline at the same size and format, measured in
 this invocation.
 
     .venv/bin/python bench/curate_scale.py [--sizes 10000 100000 1000000] [--formats ...] [--large-formats ...]
@@ -18,7 +19,6 @@ import itertools
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from memory import status_mib  # bench/memory.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 FORMATS = ("jsonl", "jsonl.gz", "parquet", "parquet-shards", "csv")
@@ -117,7 +118,7 @@ def child(args: argparse.Namespace) -> None:
     from creditflow.tasks.recipes.curate import curate_to
 
     if args.path is None:  # the floor: imports only
-        print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        print(json.dumps({"peak_rss_mb": status_mib("VmHWM")}))
         return
     rules = CurateRules(max_length=args.max_length) if args.max_length else CurateRules()
     config = CurateConfig(sources=[SourceConfig(path=args.path)], rules=rules, tokenizer=args.tokenizer)
@@ -133,7 +134,7 @@ def child(args: argparse.Namespace) -> None:
             summary = curate_to(config, Path(tmp), progress=False, compute=compute)
         rows, pairs = summary.metrics["rows_in"], summary.metrics["pairs_out"]
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mib("VmHWM")
     print(json.dumps({"rows": rows, "pairs": pairs, "seconds": seconds, "peak_rss_mb": peak}))
 
 

@@ -14,6 +14,7 @@ contains one of them is contaminated. A benchmark item shorter than n words is m
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,11 +135,13 @@ class NearDuplicateIndex:
                 band.write(np.ascontiguousarray(keys_of_band).tobytes())
         return indices
 
-    def prompt_ids(self) -> list[str]:
+    def prompt_ids(self) -> Iterator[str]:
         """Every distinct prompt id (hex), in order of first sight (no prompt can be added after this)."""
         self._ids.close()
-        raw = np.fromfile(self._folder / "prompt_ids.bin", dtype=np.uint8).reshape(-1, PROMPT_KEY_BYTES)
-        return [row.tobytes().hex() for row in raw]
+        if self.count == 0:  # an empty file cannot be mapped
+            return iter(())
+        raw = np.memmap(self._folder / "prompt_ids.bin", dtype=np.uint8, mode="r", shape=(self.count, PROMPT_KEY_BYTES))
+        return (row.tobytes().hex() for row in raw)
 
     def groups(self) -> np.ndarray:
         """Each prompt's group: the index of the first-seen prompt of its near-duplicate component."""

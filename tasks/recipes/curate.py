@@ -474,7 +474,7 @@ def _split_and_write(
     group's first is quarantined, naming the row that kept the group's first prompt."""
     group = prompts.groups()
     n = len(group)
-    units = np.array([split_unit(key, config.split_seed) for key in prompts.prompt_ids()], dtype=np.float64)
+    units = np.fromiter((split_unit(key, config.split_seed) for key in prompts.prompt_ids()), np.float64, count=n)
     eval_group = np.zeros(n, dtype=bool)
     firsts = np.unique(group)
     eval_group[firsts] = units[firsts] < config.eval_fraction
