@@ -147,6 +147,7 @@ class NearDuplicateIndex:
         """Each prompt's group: the index of the first-seen prompt of its near-duplicate component."""
         for file in (self._file, self._ids, *self._bands):
             file.close()
+        del self._index  # no prompt is added after this: the lookups' memory goes to the split pass
         n = self.count
         if n == 0:
             return np.zeros(0, dtype=np.int64)

@@ -343,6 +343,7 @@ def curate_to(
 
             _check_source(source, config, tools, progress, compute, consume)
         staged.close()
+        del seen  # pass 1's dedupe state: free before the split pass's per-prompt arrays
         summary = _split_and_write(staged_path, prompts, config, folder, quarantine)
     quarantine.close()
     summary.metrics["rows_in"] = rows_in
