@@ -93,6 +93,22 @@ def test_streaming_gives_the_same_rows_as_the_in_memory_path(tmp_path, tokenizer
     assert streamed.rule_counts["length"]
 
 
+def test_the_summary_histogram_counts_every_kept_pairs_length(tmp_path, monkeypatch):
+    """The length histogram is built from per-length counts carried across batches, not a list of every length:
+    the same bars as the lengths themselves would give."""
+    monkeypatch.setattr(curate_module, "BATCH_ROWS", 7)
+    summary = curate_module.curate_to(CurateConfig(), tmp_path, progress=False)
+    pairs = pq.read_table(tmp_path / "pairs.parquet")
+    figure = curate_module._summary_figure(summary)
+    lengths = {side: curate_module._lengths(pairs, side) for side in ("chosen", "rejected")}
+    edges = np.histogram_bin_edges(np.concatenate(list(lengths.values())), bins=30)  # both sides share the bins
+    bars = figure.axes[1].containers  # one bar container per side, in the order chosen, rejected
+    for (side, side_lengths), container in zip(lengths.items(), bars, strict=True):
+        assert np.array_equal(summary.length_counts[side], np.bincount(side_lengths))
+        expected, _ = np.histogram(side_lengths, bins=edges)
+        assert [patch.get_height() for patch in container] == expected.tolist()
+
+
 def test_minhash_estimates_the_jaccard_similarity_of_word_shingles():
     sketch = PromptSketch(0.8)
     rng = np.random.default_rng(0)

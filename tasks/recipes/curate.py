@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -92,8 +91,11 @@ def compute_curate(ctx: StageContext) -> dict[str, float]:
 class CurationSummary:
     metrics: dict[str, float]
     rule_counts: dict[str, int]
-    chosen_lengths: array = field(default_factory=lambda: array("i"))  # tokens, or characters without a tokenizer
-    rejected_lengths: array = field(default_factory=lambda: array("i"))
+    # How many kept pairs have each response length (index = length, in tokens, or characters without a
+    # tokenizer): what the summary histogram needs, in memory that grows with the longest response, not the rows.
+    length_counts: dict[str, np.ndarray] = field(
+        default_factory=lambda: {side: np.zeros(0, np.int64) for side in ("chosen", "rejected")}
+    )
     length_unit: str = "characters"
 
 
@@ -325,30 +327,44 @@ def curate_to(
     with tempfile.TemporaryDirectory(prefix="curate-stage-", dir=folder) as tmp:
         staged_path = Path(tmp) / "staged.parquet"
         prompts = NearDuplicateIndex(tools.sketch, Path(tmp) / "signatures.bin")
-        staged = pq.ParquetWriter(staged_path, _STAGED, compression="lz4")  # a scratch file: fast, not small
-        seen = _FirstSeen()  # exact dedupe
-        rows_in = 0
-        for source in config.sources:
-
-            def consume(checked: list[Checked], label: str = source.label) -> None:
-                nonlocal rows_in
-                rows_in += len(checked)
-                records = _dedupe(checked, label, config.rules, seen, quarantine)
-                if records:
-                    signatures = np.stack([signature for _, signature in records])
-                    indices = prompts.add([record["prompt_id"] for record, _ in records], signatures)
-                    for (record, _), index in zip(records, indices):
-                        record["prompt_index"] = index
-                    staged.write_table(pa.Table.from_pylist([record for record, _ in records], schema=_STAGED))
-
-            _check_source(source, config, tools, progress, compute, consume)
-        staged.close()
-        del seen  # pass 1's dedupe state: free before the split pass's per-prompt arrays
+        rows_in = _stage(config, tools, progress, compute, quarantine, prompts, staged_path)
         summary = _split_and_write(staged_path, prompts, config, folder, quarantine)
     quarantine.close()
     summary.metrics["rows_in"] = rows_in
     summary.length_unit = "tokens" if tools.tokenizer is not None else "characters"
     return summary
+
+
+def _stage(
+    config: CurateConfig,
+    tools: _Tools,
+    progress: bool,
+    compute,
+    quarantine: _Quarantine,
+    prompts: NearDuplicateIndex,
+    staged_path: Path,
+) -> int:
+    """Pass 1: every source's rows checked, deduped and staged to ``staged_path``; returns the rows read. The exact
+    dedupe state lives and dies here, before the split pass allocates its per-prompt arrays."""
+    staged = pq.ParquetWriter(staged_path, _STAGED, compression="lz4")  # a scratch file: fast, not small
+    seen = _FirstSeen()
+    rows_in = 0
+    for source in config.sources:
+
+        def consume(checked: list[Checked], label: str = source.label) -> None:
+            nonlocal rows_in
+            rows_in += len(checked)
+            records = _dedupe(checked, label, config.rules, seen, quarantine)
+            if records:
+                signatures = np.stack([signature for _, signature in records])
+                indices = prompts.add([record["prompt_id"] for record, _ in records], signatures)
+                for (record, _), index in zip(records, indices):
+                    record["prompt_index"] = index
+                staged.write_table(pa.Table.from_pylist([record for record, _ in records], schema=_STAGED))
+
+        _check_source(source, config, tools, progress, compute, consume)
+    staged.close()
+    return rows_in
 
 
 def _check_source(
@@ -514,8 +530,8 @@ def _split_and_write(
             kept_prompts[index[keep]] = True
             pairs_out += int(keep.sum())
             eval_pairs += int(eval_group[first][keep].sum())
-            for side, lengths in (("chosen", summary.chosen_lengths), ("rejected", summary.rejected_lengths)):
-                lengths.frombytes(_lengths(table, side).tobytes())
+            for side, counts in summary.length_counts.items():
+                summary.length_counts[side] = _add_counts(counts, _lengths(table, side))
     eval_prompts = int(np.sum(kept_prompts & eval_group[group])) if n else 0
     rule_counts = {rule: quarantine.counts.get(rule, 0) for rule in RULES}
     summary.rule_counts = rule_counts
@@ -565,14 +581,24 @@ def _lengths(pairs: pa.Table, side: str) -> np.ndarray:
     return (per_pair + np.maximum(turns - 1, 0)).astype(np.int32)  # completion_text joins turns with newlines
 
 
+def _add_counts(counts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    more = np.bincount(lengths)
+    if len(more) > len(counts):
+        counts = np.pad(counts, (0, len(more) - len(counts)))
+    counts[: len(more)] += more
+    return counts
+
+
 def _summary_figure(summary: CurationSummary):
     fig, (left, right) = new_figure(2, (10, 3.5))
     rules, counts = zip(*summary.rule_counts.items())
     left.barh(rules, counts, color="#c0504d")
     left.set_title(f"quarantined rows by rule ({sum(counts)} of {int(summary.metrics['rows_in'])})")
     left.invert_yaxis()
-    right.hist(
-        [summary.chosen_lengths, summary.rejected_lengths],
+    sides = summary.length_counts.values()
+    right.hist(  # each distinct length once, weighted by its count: the histogram of every pair's length
+        [np.flatnonzero(counts) for counts in sides],
+        weights=[counts[counts > 0] for counts in sides],
         bins=30,
         label=["chosen", "rejected"],
         color=["#4f81bd", "#f79646"],
