@@ -5,8 +5,7 @@ file format, at 10k, 100k and 1M rows; with the token-length rules; and on a loc
 Each measurement runs in a fresh Python process pinned to one core (``taskset``), so its peak RSS (VmHWM;
 getrusage's peak would count the forked copy of this parent before the exec) is its own and its rows/s is one
 core's; the "floor" row is a process that only imports curation (its RSS is what every run pays before the first
-row). Ratios are ours / baseline at the same size and format, measured in
-this invocation.
+row). Ratios are ours / baseline at the same size and format, measured in this invocation.
 
     .venv/bin/python bench/curate_scale.py [--sizes 10000 100000 1000000] [--formats ...] [--large-formats ...]
 """

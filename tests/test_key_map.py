@@ -24,6 +24,22 @@ def test_the_map_answers_as_a_dict_does_across_merges():
     assert compact.get_many(pool) == [reference.get(key) for key in pool]
 
 
+def test_setdefault_many_adds_each_absent_key_once_in_order():
+    compact = CompactKeyMap(2, merge_every=2)
+    compact.put_many([b"aa", b"bb"], [7, 8])  # merged into the sorted arrays
+    compact.put_many([b"cc"], [9])  # still in the dict
+    made = []
+
+    def make_value(row: int, n: int) -> int:
+        made.append((row, n))
+        return 100 + n
+
+    values, new_rows = compact.setdefault_many([b"dd", b"aa", b"dd", b"cc", b"ee"], make_value)
+    assert values == [100, 7, 100, 9, 101]  # a key repeated in the batch is new once
+    assert new_rows == [0, 4] and made == [(0, 0), (4, 1)]
+    assert compact.get_many([b"dd", b"ee"]) == [100, 101] and len(compact) == 5
+
+
 def test_a_key_of_another_width_is_refused():
     with pytest.raises(ValueError, match="10 bytes"):
         CompactKeyMap(10).put_many([b"short"], [1])

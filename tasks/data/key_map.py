@@ -6,7 +6,7 @@ dict until it is merged in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -43,6 +43,24 @@ class CompactKeyMap:
         self._recent.update(zip(keys, values, strict=True))
         if len(self._recent) >= self.merge_every:
             self._merge()
+
+    def setdefault_many(
+        self, keys: Sequence[bytes], make_value: Callable[[int, int], int]
+    ) -> tuple[list[int], list[int]]:
+        """Each key's value, the absent ones added in order: the n-th new key, at row r of ``keys``, gets
+        ``make_value(r, n)``; a key repeated in ``keys`` is new only at its first row. Returns (the values, the rows
+        whose key was new)."""
+        values: list[int] = []
+        new_rows: list[int] = []
+        new: dict[bytes, int] = {}
+        for row, (key, value) in enumerate(zip(keys, self.get_many(keys))):
+            value = new.get(key) if value is None else value
+            if value is None:
+                value = new[key] = make_value(row, len(new))
+                new_rows.append(row)
+            values.append(value)
+        self.put_many(list(new), list(new.values()))
+        return values, new_rows
 
     def _merge(self) -> None:
         keys = np.array(list(self._recent), dtype=self._keys.dtype)

@@ -13,6 +13,7 @@ from creditflow.storage.hashing import sha256_json
 ROLES = ("system", "user", "assistant", "tool")
 SIDES = ("chosen", "rejected")  # the two completions of a pair
 ID_CHARS = 20  # 80-bit ids: collision-free far beyond any preference set we will see
+ID_BYTES = ID_CHARS // 2  # an id as bytes (bytes.fromhex), as compact state keeps it
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 MESSAGES = pa.list_(MESSAGE)

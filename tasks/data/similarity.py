@@ -29,10 +29,9 @@ from creditflow.tasks.configs import SourceConfig
 from creditflow.tasks.data.formats import MalformedInputError
 from creditflow.tasks.data.ingest import read_rows
 from creditflow.tasks.data.key_map import CompactKeyMap
-from creditflow.tasks.data.schema import ID_CHARS
+from creditflow.tasks.data.schema import ID_BYTES
 
 NUM_PERM = 128
-PROMPT_KEY_BYTES = ID_CHARS // 2  # a prompt id's bytes
 _PERM_CHUNK = 16
 _PAIR_CHUNK = 4096
 _MIX = tuple(np.uint64(m) for m in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9))  # odd 64-bit mixers
@@ -102,7 +101,7 @@ class NearDuplicateIndex:
     def __init__(self, sketch: PromptSketch, signatures_path: Path):
         self.sketch = sketch
         self.count = 0
-        self._index = CompactKeyMap(PROMPT_KEY_BYTES)  # prompt id -> its index in order of first sight
+        self._index = CompactKeyMap(ID_BYTES)  # prompt id -> its index in order of first sight
         self._folder = signatures_path.parent
         self._path = signatures_path
         self._file = open(signatures_path, "wb")
@@ -115,22 +114,12 @@ class NearDuplicateIndex:
     def add(self, prompt_ids: list[str], signatures: np.ndarray) -> list[int]:
         """Each prompt's index; new prompts' signatures are kept (a prompt id always has the same signature)."""
         keys = [bytes.fromhex(prompt_id) for prompt_id in prompt_ids]
-        indices: list[int] = []
-        new_rows: list[int] = []
-        new: dict[bytes, int] = {}
-        for row, (key, index) in enumerate(zip(keys, self._index.get_many(keys))):
-            if index is None:
-                index = new.get(key)
-            if index is None:
-                index = new[key] = self.count + len(new)
-                new_rows.append(row)
-            indices.append(index)
-        if new:
-            self._index.put_many(list(new), list(new.values()))
-            self.count += len(new)
+        indices, new_rows = self._index.setdefault_many(keys, lambda _, n: self.count + n)
+        if new_rows:
+            self.count += len(new_rows)
             kept = signatures[new_rows]
             self._file.write(np.ascontiguousarray(kept).tobytes())
-            self._ids.write(b"".join(new))
+            self._ids.write(b"".join(keys[row] for row in new_rows))
             for band, keys_of_band in zip(self._bands, self.sketch.band_keys(kept).T):
                 band.write(np.ascontiguousarray(keys_of_band).tobytes())
         return indices
@@ -140,7 +129,7 @@ class NearDuplicateIndex:
         self._ids.close()
         if self.count == 0:  # an empty file cannot be mapped
             return iter(())
-        raw = np.memmap(self._folder / "prompt_ids.bin", dtype=np.uint8, mode="r", shape=(self.count, PROMPT_KEY_BYTES))
+        raw = np.memmap(self._folder / "prompt_ids.bin", dtype=np.uint8, mode="r", shape=(self.count, ID_BYTES))
         return (row.tobytes().hex() for row in raw)
 
     def groups(self) -> np.ndarray:

@@ -94,7 +94,7 @@ class CurationSummary:
     # How many kept pairs have each response length (index = length, in tokens, or characters without a
     # tokenizer): what the summary histogram needs, in memory that grows with the longest response, not the rows.
     length_counts: dict[str, np.ndarray] = field(
-        default_factory=lambda: {side: np.zeros(0, np.int64) for side in ("chosen", "rejected")}
+        default_factory=lambda: {side: np.zeros(0, np.int64) for side in S.SIDES}
     )
     length_unit: str = "characters"
 
@@ -425,7 +425,7 @@ class _FirstSeen:
     prefix (source and shard) and the line or row number (tasks/data/key_map.py), not a location string per pair."""
 
     def __init__(self) -> None:
-        self.codes = CompactKeyMap(S.ID_CHARS // 2)
+        self.codes = CompactKeyMap(S.ID_BYTES)
         self.prefixes: list[str] = []
         self._prefix_ids: dict[str, int] = {}
 
@@ -433,17 +433,11 @@ class _FirstSeen:
         """Where each pair was first seen, earlier in this batch included, or None: then it is recorded as seen at
         its location."""
         keys = [bytes.fromhex(pair_id) for pair_id in pair_ids]
-        new: dict[bytes, int] = {}
-        firsts: list[str | None] = []
-        for key, code, location in zip(keys, self.codes.get_many(keys), locations):
-            code = new.get(key) if code is None else code
-            if code is None:
-                new[key] = self._code(label, location)
-                firsts.append(None)
-            else:
-                firsts.append(f"{self.prefixes[code >> 40]}{code & (2**40 - 1)}")
-        self.codes.put_many(list(new), list(new.values()))
-        return firsts
+        codes, new_rows = self.codes.setdefault_many(keys, lambda row, _: self._code(label, locations[row]))
+        new = set(new_rows)
+        return [
+            None if row in new else f"{self.prefixes[code >> 40]}{code & (2**40 - 1)}" for row, code in enumerate(codes)
+        ]
 
     def _code(self, label: str, location: str) -> int:
         head, _, number = location.rpartition(" ")  # "[shard ]line 17", "row 17"
@@ -582,11 +576,9 @@ def _lengths(pairs: pa.Table, side: str) -> np.ndarray:
 
 
 def _add_counts(counts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    more = np.bincount(lengths)
-    if len(more) > len(counts):
-        counts = np.pad(counts, (0, len(more) - len(counts)))
-    counts[: len(more)] += more
-    return counts
+    total = np.bincount(lengths, minlength=len(counts))
+    total[: len(counts)] += counts
+    return total
 
 
 def _summary_figure(summary: CurationSummary):
