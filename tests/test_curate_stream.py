@@ -15,7 +15,8 @@ import pytest
 
 from creditflow.tasks.configs import CurateConfig, CurateRules, SourceConfig
 from creditflow.tasks.data.formats import MalformedInputError
-from creditflow.tasks.data.similarity import PromptSketch, words
+from creditflow.tasks.data.schema import ID_BYTES
+from creditflow.tasks.data.similarity import NearDuplicateIndex, PromptSketch, words
 from creditflow.tasks.models.tiny import build_tiny_tokenizer
 from creditflow.tasks.recipes import curate as curate_module
 from creditflow.tasks.recipes.curate import curate
@@ -153,6 +154,29 @@ def test_near_duplicate_prompts_always_share_a_split(tmp_path):
         sides.add(splits[0])
         assert result.metrics["near_duplicate_groups"] == 1 and result.metrics["pairs_out"] == len(rows)
     assert sides == {"train", "eval"}  # the group itself moves with the seed
+
+
+def test_each_prompts_group_is_the_first_seen_member_of_its_near_duplicate_chain(tmp_path):
+    chain = [  # each shares most 3-word shingles with the next only: one group through the chain
+        "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho",
+        "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi sigma",
+        "beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi sigma",
+    ]
+    pair = [
+        "one two three four five six seven eight nine ten eleven twelve",
+        "one two three four five six seven eight nine ten eleven twelve thirteen",
+    ]
+    alone = [f"unrelated prompt number {i} about {word} and the sea at dawn" for i, word in enumerate("abcd")]
+    # order of first sight: alone0, chain1, alone1, pair0, chain0, alone2, pair1, chain2, alone3
+    prompts = [alone[0], chain[1], alone[1], pair[0], chain[0], alone[2], pair[1], chain[2], alone[3]]
+    sketch = PromptSketch(0.7)
+    index = NearDuplicateIndex(sketch, tmp_path / "signatures.bin")
+    ids = [f"{i:0{2 * ID_BYTES}x}" for i in range(len(prompts))]
+    for start in (0, 4):  # two batches
+        assert index.add(ids[start : start + 5], sketch.signatures(prompts[start : start + 5])) == list(
+            range(start, min(start + 5, len(prompts)))
+        )
+    assert index.groups().tolist() == [0, 1, 2, 3, 1, 5, 3, 1, 8]
 
 
 def test_the_near_duplicate_rule_quarantines_later_copies_naming_the_kept_row(tmp_path):

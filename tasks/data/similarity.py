@@ -157,11 +157,16 @@ class NearDuplicateIndex:
                 ]
             )
             a, b = a[agree >= self.sketch.threshold], b[agree >= self.sketch.threshold]
-        graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
+        group = np.arange(n, dtype=np.int64)  # a prompt with no near-duplicate is its own group
+        # The components of the linked prompts only: a graph over all n would cost several n-sized arrays.
+        linked, ends = np.unique(np.concatenate([a, b]), return_inverse=True)  # linked is sorted
+        m = len(linked)
+        graph = coo_matrix((np.ones(len(a)), (ends[: len(a)], ends[len(a) :])), shape=(m, m))
         _, labels = connected_components(graph, directed=False)
-        first = np.full(labels.max() + 1, n, dtype=np.int64)
-        np.minimum.at(first, labels, np.arange(n))
-        return first[labels]
+        first = np.full(labels.max() + 1 if m else 0, n, dtype=np.int64)
+        np.minimum.at(first, labels, linked)
+        group[linked] = first[labels]
+        return group
 
 
 @dataclass(frozen=True)

@@ -485,13 +485,20 @@ def _split_and_write(
     group's first is quarantined, naming the row that kept the group's first prompt."""
     group = prompts.groups()
     n = len(group)
-    units = np.fromiter((split_unit(key, config.split_seed) for key in prompts.prompt_ids()), np.float64, count=n)
+    # Per prompt, this pass keeps its group and three flags (11 bytes): its peak at tens of millions of rows.
+    is_first = group == np.arange(n)
+    firsts = np.flatnonzero(is_first)
+    ids = prompts.prompt_ids()
+    units = np.fromiter(  # a group's split unit is its first prompt's
+        (split_unit(key, config.split_seed) for key, first in zip(ids, is_first) if first), np.float64, len(firsts)
+    )
     eval_group = np.zeros(n, dtype=bool)
-    firsts = np.unique(group)
-    eval_group[firsts] = units[firsts] < config.eval_fraction
+    eval_group[firsts] = units < config.eval_fraction
     if config.eval_fraction > 0 and not eval_group.any() and len(firsts) >= 2:
-        eval_group[firsts[np.argmin(units[firsts])]] = True  # tiny sets: still hold out one group
-    sizes = np.bincount(group, minlength=n) if n else np.zeros(0, dtype=np.int64)
+        eval_group[firsts[np.argmin(units)]] = True  # tiny sets: still hold out one group
+    shared = np.zeros(n, dtype=bool)  # the first prompt of a group of several
+    shared[group[~is_first]] = True
+    del is_first, units
     kept_prompts = np.zeros(n, dtype=bool)
     pairs_out = eval_pairs = 0
     summary = CurationSummary({}, {})
@@ -503,7 +510,7 @@ def _split_and_write(
             batch = staged.read_row_group(group_index).combine_chunks().to_batches()[0]
             index = batch.column("prompt_index").to_numpy()
             first = group[index]
-            for row in np.flatnonzero((index == first) & (sizes[first] > 1)):
+            for row in np.flatnonzero((index == first) & shared[first]):
                 kept_at.setdefault(int(first[row]), _where(batch, row))
             keep = np.ones(len(index), dtype=bool)
             if config.rules.near_duplicates:
@@ -536,7 +543,7 @@ def _split_and_write(
         "eval_pairs": eval_pairs,
         "train_prompts": int(kept_prompts.sum()) - eval_prompts,
         "eval_prompts": eval_prompts,
-        "near_duplicate_groups": int(np.sum(sizes > 1)),
+        "near_duplicate_groups": int(shared.sum()),
         **{f"quarantined.{rule}": count for rule, count in rule_counts.items()},
     }
     return summary
