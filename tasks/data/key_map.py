@@ -1,7 +1,8 @@
 """A map from fixed-width byte keys to int64 values in about ``width + 8`` bytes an entry, for curation's per-pair
 and per-prompt state (exact dedupe, prompt indices). A Python dict of 10-byte keys takes about 120 bytes an entry,
-which at 10M pairs is gigabytes; here the entries live in two sorted numpy arrays, and the latest ones in a small
-dict until it is merged in.
+which at 10M pairs is gigabytes; here the entries live in sorted numpy arrays, and the latest ones in a small dict
+until it is merged in. The sorted entries are split into runs by their first key byte's high bits, so a merge
+copies one run at a time, not the whole map (a merge into one array held the old and the grown copy at once).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 MERGE_EVERY = 1 << 16  # entries held in the dict before they go into the sorted arrays
+RUN_BITS = 4  # 16 runs: a merge's transient copy is a sixteenth of the map (keys are content digests: uniform)
 
 
 class CompactKeyMap:
@@ -19,21 +21,31 @@ class CompactKeyMap:
 
     def __init__(self, width: int, merge_every: int = MERGE_EVERY):
         self.width, self.merge_every = width, merge_every
-        self._keys = np.zeros(0, dtype=f"S{width}")
-        self._values = np.zeros(0, dtype=np.int64)
+        self._dtype = np.dtype(f"S{width}")
+        self._keys = [np.zeros(0, dtype=self._dtype) for _ in range(1 << RUN_BITS)]
+        self._values = [np.zeros(0, dtype=np.int64) for _ in range(1 << RUN_BITS)]
         self._recent: dict[bytes, int] = {}
 
     def __len__(self) -> int:
-        return len(self._keys) + len(self._recent)
+        return sum(map(len, self._keys)) + len(self._recent)
+
+    def _runs(self, keys: np.ndarray) -> np.ndarray:
+        """Each key's run: its first byte's high bits (``keys`` is an ``S<width>`` array: width bytes apiece)."""
+        return np.frombuffer(keys.tobytes(), dtype=np.uint8)[:: self.width] >> (8 - RUN_BITS)
 
     def get_many(self, keys: Sequence[bytes]) -> list[int | None]:
         """Each key's value, or None where it is absent."""
         found: list[int | None] = [self._recent.get(key) for key in keys]
-        if len(self._keys) and len(keys):
-            probe = np.array(keys, dtype=self._keys.dtype)
-            at = np.minimum(np.searchsorted(self._keys, probe), len(self._keys) - 1)
-            for row in np.flatnonzero(self._keys[at] == probe):
-                found[row] = int(self._values[at[row]])
+        if len(keys) and len(self) > len(self._recent):
+            probe = np.array(keys, dtype=self._dtype)
+            runs = self._runs(probe)
+            for run in np.unique(runs):
+                stored, rows = self._keys[run], np.flatnonzero(runs == run)
+                if not len(stored):
+                    continue
+                at = np.minimum(np.searchsorted(stored, probe[rows]), len(stored) - 1)
+                for hit in np.flatnonzero(stored[at] == probe[rows]):
+                    found[rows[hit]] = int(self._values[run][at[hit]])
         return found
 
     def put_many(self, keys: Sequence[bytes], values: Sequence[int]) -> None:
@@ -63,10 +75,14 @@ class CompactKeyMap:
         return values, new_rows
 
     def _merge(self) -> None:
-        keys = np.array(list(self._recent), dtype=self._keys.dtype)
+        keys = np.array(list(self._recent), dtype=self._dtype)
         values = np.fromiter(self._recent.values(), dtype=np.int64, count=len(self._recent))
         order = np.argsort(keys, kind="stable")
         keys, values = keys[order], values[order]
-        at = np.searchsorted(self._keys, keys)  # one O(n) insert of the whole sorted batch
-        self._keys, self._values = np.insert(self._keys, at, keys), np.insert(self._values, at, values)
+        runs = self._runs(keys)  # sorted keys: each run's new entries are one sorted slice
+        present, starts = np.unique(runs, return_index=True)
+        for run, start, stop in zip(present, starts, [*starts[1:], len(runs)]):
+            at = np.searchsorted(self._keys[run], keys[start:stop])  # one O(run) insert of the run's new entries
+            self._keys[run] = np.insert(self._keys[run], at, keys[start:stop])
+            self._values[run] = np.insert(self._values[run], at, values[start:stop])
         self._recent = {}
