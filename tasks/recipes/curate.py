@@ -346,7 +346,9 @@ def _stage(
 ) -> int:
     """Pass 1: every source's rows checked, deduped and staged to ``staged_path``; returns the rows read. The exact
     dedupe state lives and dies here, before the split pass allocates its per-prompt arrays."""
-    staged = pq.ParquetWriter(staged_path, _STAGED, compression="lz4")  # a scratch file: fast, not small
+    # A scratch file, read back one row group at a time: fast, not small, and no column statistics (their min/max
+    # texts stay in the writer's memory for every row group until it closes).
+    staged = pq.ParquetWriter(staged_path, _STAGED, compression="lz4", write_statistics=False)
     seen = _FirstSeen()
     rows_in = 0
     for source in config.sources:
