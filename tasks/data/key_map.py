@@ -7,6 +7,7 @@ copies one run at a time, not the whole map (a merge into one array held the old
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -86,3 +87,12 @@ class CompactKeyMap:
             self._keys[run] = np.insert(self._keys[run], at, keys[start:stop])
             self._values[run] = np.insert(self._values[run], at, values[start:stop])
         self._recent = {}
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc's ``malloc_trim``; a no-op without it). The map's runs are
+    small enough to live on malloc's heap, and a heap keeps what is freed in its middle: without this, a map that is
+    gone still counts in the process's peak through the next pass."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)

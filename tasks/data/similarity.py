@@ -28,7 +28,7 @@ from scipy.sparse.csgraph import connected_components
 from creditflow.tasks.configs import SourceConfig
 from creditflow.tasks.data.formats import MalformedInputError
 from creditflow.tasks.data.ingest import read_rows
-from creditflow.tasks.data.key_map import CompactKeyMap
+from creditflow.tasks.data.key_map import CompactKeyMap, release_freed_memory
 from creditflow.tasks.data.schema import ID_BYTES
 
 NUM_PERM = 128
@@ -137,6 +137,7 @@ class NearDuplicateIndex:
         for file in (self._file, self._ids, *self._bands):
             file.close()
         del self._index  # no prompt is added after this: the lookups' memory goes to the split pass
+        release_freed_memory()  # and so does exact dedupe's, freed when pass 1 ended
         n = self.count
         if n == 0:
             return np.zeros(0, dtype=np.int64)
