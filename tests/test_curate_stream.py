@@ -176,6 +176,7 @@ def test_each_prompts_group_is_the_first_seen_member_of_its_near_duplicate_chain
         assert index.add(ids[start : start + 5], sketch.signatures(prompts[start : start + 5])) == list(
             range(start, min(start + 5, len(prompts)))
         )
+    index.seal()
     assert index.groups().tolist() == [0, 1, 2, 3, 1, 5, 3, 1, 8]
 
 

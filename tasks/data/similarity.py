@@ -28,7 +28,7 @@ from scipy.sparse.csgraph import connected_components
 from creditflow.tasks.configs import SourceConfig
 from creditflow.tasks.data.formats import MalformedInputError
 from creditflow.tasks.data.ingest import read_rows
-from creditflow.tasks.data.key_map import CompactKeyMap, release_freed_memory
+from creditflow.tasks.data.key_map import CompactKeyMap
 from creditflow.tasks.data.schema import ID_BYTES
 
 NUM_PERM = 128
@@ -124,20 +124,23 @@ class NearDuplicateIndex:
                 band.write(np.ascontiguousarray(keys_of_band).tobytes())
         return indices
 
+    def seal(self) -> None:
+        """No prompt is added after this: the files are complete and the lookups' memory is freed. Call it before
+        :meth:`prompt_ids` and :meth:`groups`."""
+        for file in (self._file, self._ids, *self._bands):
+            file.close()
+        del self._index
+
     def prompt_ids(self) -> Iterator[str]:
-        """Every distinct prompt id (hex), in order of first sight (no prompt can be added after this)."""
-        self._ids.close()
+        """Every distinct prompt id (hex), in order of first sight (after :meth:`seal`)."""
         if self.count == 0:  # an empty file cannot be mapped
             return iter(())
         raw = np.memmap(self._folder / "prompt_ids.bin", dtype=np.uint8, mode="r", shape=(self.count, ID_BYTES))
         return (row.tobytes().hex() for row in raw)
 
     def groups(self) -> np.ndarray:
-        """Each prompt's group: the index of the first-seen prompt of its near-duplicate component."""
-        for file in (self._file, self._ids, *self._bands):
-            file.close()
-        del self._index  # no prompt is added after this: the lookups' memory goes to the split pass
-        release_freed_memory()  # and so does exact dedupe's, freed when pass 1 ended
+        """Each prompt's group: the index of the first-seen prompt of its near-duplicate component (after
+        :meth:`seal`)."""
         n = self.count
         if n == 0:
             return np.zeros(0, dtype=np.int64)

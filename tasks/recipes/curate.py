@@ -44,7 +44,7 @@ from creditflow.tasks.configs import CurateConfig, CurateRules, SourceConfig
 from creditflow.tasks.data import schema as S
 from creditflow.tasks.data.formats import MalformedInputError, RowProblem, check_columns, convert_row, detect_format
 from creditflow.tasks.data.ingest import has_columns, read_rows, row_total, shard_rows, source_shards
-from creditflow.tasks.data.key_map import CompactKeyMap
+from creditflow.tasks.data.key_map import CompactKeyMap, release_freed_memory
 from creditflow.tasks.data.similarity import Contamination, NearDuplicateIndex, PromptSketch
 from creditflow.tasks.infer.distributed import map_shards, uses_ray
 from creditflow.tasks.models.loading import load_tokenizer
@@ -328,6 +328,8 @@ def curate_to(
         staged_path = Path(tmp) / "staged.parquet"
         prompts = NearDuplicateIndex(tools.sketch, Path(tmp) / "signatures.bin")
         rows_in = _stage(config, tools, progress, compute, quarantine, prompts, staged_path)
+        prompts.seal()
+        release_freed_memory()  # both key maps are gone: the split pass gets their memory
         summary = _split_and_write(staged_path, prompts, config, folder, quarantine)
     quarantine.close()
     summary.metrics["rows_in"] = rows_in
