@@ -49,7 +49,7 @@ from creditflow.tasks.data.similarity import Contamination, NearDuplicateIndex, 
 from creditflow.tasks.infer.distributed import map_shards, uses_ray
 from creditflow.tasks.models.loading import load_tokenizer
 from creditflow.tasks.models.resolve import resolve_model
-from creditflow.tasks.models.tokenization import encode_completions, encode_prompts
+from creditflow.tasks.models.token_counts import TokenCounter
 from creditflow.tasks.plots import finish, new_figure
 from creditflow.tasks.stage import StageContext
 
@@ -144,23 +144,25 @@ class Checked:
 
 @dataclass
 class _Tools:
-    """What the row rules need besides the rows: the tokenizer (length rules), the benchmark n-grams and the
+    """What the row rules need besides the rows: the token counter (length rules), the benchmark n-grams and the
     prompt sketcher."""
 
-    tokenizer: Any
+    token_counter: TokenCounter | None
     contamination: Contamination | None
     sketch: PromptSketch
     trust_remote_code: bool = False
 
     @classmethod
     def build(cls, config: CurateConfig, trust_remote_code: bool) -> "_Tools":
-        tokenizer = (
-            load_tokenizer(str(resolve_model(config.tokenizer)), trust_remote_code) if config.tokenizer else None
+        token_counter = (
+            TokenCounter(load_tokenizer(str(resolve_model(config.tokenizer)), trust_remote_code))
+            if config.tokenizer
+            else None
         )
         contamination = (
             Contamination(config.decontaminate, config.decontaminate_ngram) if config.decontaminate else None
         )
-        return cls(tokenizer, contamination, PromptSketch(config.rules.near_duplicate_threshold), trust_remote_code)
+        return cls(token_counter, contamination, PromptSketch(config.rules.near_duplicate_threshold), trust_remote_code)
 
 
 class RowChecker:
@@ -168,13 +170,13 @@ class RowChecker:
 
     def __init__(self, config: CurateConfig, fmt: str, label: str, tools: _Tools):
         self.rules, self.fmt, self.label = config.rules, fmt, label
-        self.tokenizer, self.contamination, self.sketch = tools.tokenizer, tools.contamination, tools.sketch
+        self.token_counter, self.contamination, self.sketch = tools.token_counter, tools.contamination, tools.sketch
 
     def check_batch(self, rows: list[tuple[str, dict[str, Any]]]) -> list[Checked]:
         checked = [self._check(location, row) for location, row in rows]
         passing = [c for c in checked if c.record is not None and c.rejection is None]
-        if self.tokenizer is not None and passing:
-            self._apply_length_rules(passing)
+        if self.token_counter is not None and passing:
+            self._apply_length_rules(self.token_counter, passing)
         kept = [c for c in passing if c.rejection is None]
         prompts = {c.record["prompt_id"]: c.record["prompt"] for c in kept}
         signatures = dict(zip(prompts, self.sketch.signatures([S.completion_text(p) for p in prompts.values()])))
@@ -250,11 +252,11 @@ class RowChecker:
                 late = Rejection("margin", f"margin {margin:.4g} < min_margin {rules.min_margin}")
         return Checked(location, row, record, late)
 
-    def _apply_length_rules(self, passing: list[Checked]) -> None:
+    def _apply_length_rules(self, counter: TokenCounter, passing: list[Checked]) -> None:
         records = [c.record for c in passing]
-        prompts = _token_counts(encode_prompts, self.tokenizer, [r["prompt"] for r in records])
+        prompts = _token_counts(counter.prompt_lengths, [r["prompt"] for r in records])
         answers = _token_counts(
-            encode_completions, self.tokenizer, [r["chosen"] for r in records] + [r["rejected"] for r in records]
+            counter.completion_lengths, [r["chosen"] for r in records] + [r["rejected"] for r in records]
         )
         for c, p, ch, rj in zip(passing, prompts, answers[: len(records)], answers[len(records) :], strict=True):
             c.record.update(prompt_tokens=p, chosen_tokens=ch, rejected_tokens=rj)
@@ -263,13 +265,13 @@ class RowChecker:
                 c.rejection = Rejection("length", violation[1], violation[0])
 
 
-def _token_counts(encode, tokenizer, items: list[S.Messages]) -> list[int]:
-    """Token count of each message list, each distinct one encoded once: a prompt with several pairs repeats itself
+def _token_counts(lengths_of: Callable[[list[S.Messages]], list[int]], items: list[S.Messages]) -> list[int]:
+    """Token count of each message list, each distinct one counted once: a prompt with several pairs repeats itself
     and its answers (UltraFeedback's all-pairs form has 6 pairs of 4 answers), and the tokenizer is the cost."""
     distinct: dict[tuple, int] = {}
     slots = [distinct.setdefault(S.exact_key(item), len(distinct)) for item in items]
     firsts = list({slot: item for slot, item in zip(slots, items)}.values())
-    lengths = [len(ids) for ids in encode(tokenizer, firsts)]
+    lengths = lengths_of(firsts)
     return [lengths[slot] for slot in slots]
 
 
@@ -333,7 +335,7 @@ def curate_to(
         summary = _split_and_write(staged_path, prompts, config, folder, quarantine)
     quarantine.close()
     summary.metrics["rows_in"] = rows_in
-    summary.length_unit = "tokens" if tools.tokenizer is not None else "characters"
+    summary.length_unit = "tokens" if tools.token_counter is not None else "characters"
     return summary
 
 
