@@ -31,6 +31,34 @@ PIECES = [chr(c) for c in range(128)] + [
     "123", "4567", "...", "?!", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_", "fox", " dog", "It's",
 ]  # fmt: skip
 NON_ASCII = ["café", "naïve 😀 emoji", "non\u00a0breaking", "line\u2028separator", "Ünïcödé  ", "数字 123"]
+# Code points whose class (letter, number, space, other) decides pre-token bounds, across scripts and Unicode ages:
+# accents and combining marks, non-ASCII digits and spaces, CJK, emoji, the long s that folds to s, unassigned ones.
+UNICODE = [
+    chr(c)
+    for c in (
+        *range(0xA0, 0x180),
+        *range(0x300, 0x370),
+        0x660,
+        0x6F3,
+        0x966,
+        0x2000,
+        0x2028,
+        0x3000,
+        0xFEFF,
+        0x4E00,
+        0x6570,
+        0xAC00,
+        0x1F600,
+        0x1F44D,
+        0x200D,
+        0x17F,
+        0x212A,
+        0x10FFFD,
+        0xE0001,
+        0x1FAFF,
+        0x2FFFF,
+    )
+]
 
 
 def _train(pre_tokenizer, normalizer=None) -> PreTrainedTokenizerFast:
@@ -63,9 +91,9 @@ def tokenizers(tmp_path_factory):
     }
 
 
-def random_texts(n: int, seed: int = 0) -> list[str]:
+def random_texts(n: int, seed: int = 0, alphabet: list[str] = PIECES) -> list[str]:
     rng = random.Random(seed)
-    return ["".join(rng.choices(PIECES, k=rng.randint(0, 40))) for _ in range(n)]
+    return ["".join(rng.choices(alphabet, k=rng.randint(0, 40))) for _ in range(n)]
 
 
 def reference(tokenizer, texts: list[str]) -> list[int]:
@@ -73,13 +101,16 @@ def reference(tokenizer, texts: list[str]) -> list[int]:
 
 
 @pytest.mark.parametrize("kind", ["gpt2-style", "llama3-style"])
-def test_byte_level_bpe_counts_equal_the_tokenizers_and_skip_it_for_ascii(tokenizers, kind):
+def test_byte_level_bpe_counts_equal_the_tokenizers(tokenizers, kind):
     tokenizer = tokenizers[kind]
     counter = TokenCounter(tokenizer)
     assert counter.fast
-    texts = random_texts(3000) + CORPUS[:3] + NON_ASCII
-    assert counter.count(texts) == reference(tokenizer, texts)
-    assert counter.texts_counted_fast == len(texts) - len(NON_ASCII)  # the fast path ran, except off ASCII
+    ascii_texts = random_texts(3000) + CORPUS[:3]
+    other = NON_ASCII + random_texts(1000, seed=3, alphabet=PIECES + UNICODE)
+    other = [t for t in other if not t.isascii()]
+    assert counter.count(ascii_texts + other) == reference(tokenizer, ascii_texts + other)
+    # ASCII text went through the pattern, the rest through the tokenizer's pre-tokenizer.
+    assert (counter.texts_by_pattern, counter.texts_by_pre_tokenizer) == (len(ascii_texts), len(other))
 
 
 @pytest.mark.parametrize("kind", ["prefix-space", "normalizer"])
@@ -89,7 +120,7 @@ def test_other_tokenizers_are_counted_by_the_tokenizer_itself(tokenizers, kind):
     assert not counter.fast
     texts = random_texts(300) + NON_ASCII
     assert counter.count(texts) == reference(tokenizer, texts)
-    assert counter.texts_counted_fast == 0
+    assert counter.texts_by_pattern == counter.texts_by_pre_tokenizer == 0
 
 
 def test_prompt_and_completion_lengths_are_those_of_the_shared_tokenization(tokenizers):
@@ -100,7 +131,7 @@ def test_prompt_and_completion_lengths_are_those_of_the_shared_tokenization(toke
     counter = TokenCounter(tokenizer)
     assert counter.prompt_lengths(prompts) == [len(ids) for ids in encode_prompts(tokenizer, prompts)]
     assert counter.completion_lengths(completions) == [len(ids) for ids in encode_completions(tokenizer, completions)]
-    assert all(completion_text(c).isascii() for c in completions) and counter.texts_counted_fast == 400
+    assert all(completion_text(c).isascii() for c in completions) and counter.texts_by_pattern == 400
 
 
 def test_a_full_cache_starts_over_and_stays_exact(tokenizers, monkeypatch):
@@ -109,4 +140,8 @@ def test_a_full_cache_starts_over_and_stays_exact(tokenizers, monkeypatch):
     counter = TokenCounter(tokenizer)
     texts = random_texts(500, seed=2)
     assert counter.count(texts) == reference(tokenizer, texts)
-    assert len(counter._cache) <= 20 + 40  # cleared before a text, which adds at most its own pieces
+    assert len(counter._by_piece) > 20 + 10 * 40  # one batch may overfill it
+    for start in range(0, len(texts), 10):  # the cache is checked before each batch
+        batch = texts[start : start + 10]
+        assert counter.count(batch) == reference(tokenizer, batch)
+    assert len(counter._by_piece) <= 20 + 10 * 40  # cleared before a batch, which adds at most its own pieces

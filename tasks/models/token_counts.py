@@ -7,9 +7,10 @@ distinct pre-token once, with the tokenizer's own BPE model on the piece's bytes
 skips what ``encode()`` spends most of its time on here (offsets, alignments, an ``Encoding`` per text): 3-4x the
 texts per second on one core on English-like text, and still faster when every word is new (docs/benchmarks.md).
 
-Only ASCII text takes that path: Python's ``regex`` and the tokenizer's Oniguruma agree on what ``\\p{L}`` or ``\\s``
-match there, while their Unicode tables may differ elsewhere. Every other text, and every tokenizer of another
-kind (a normalizer, a prefix space, SentencePiece, a slow tokenizer), is counted by the tokenizer itself.
+ASCII text is split with the pattern in Python (``regex``), which agrees with the tokenizer's Oniguruma there; other
+text is split by the tokenizer's own pre-tokenizer, since the two engines' Unicode tables (what ``\\p{L}`` or ``\\s``
+match) may differ, and each distinct piece is again run through BPE once. Tokenizers of another kind (a normalizer, a
+prefix space, SentencePiece, a slow tokenizer) count every text themselves.
 """
 
 from __future__ import annotations
@@ -34,31 +35,29 @@ BYTE_LEVEL_ASCII = {
 CACHE_LIMIT = 200_000  # distinct pre-tokens kept (a few tens of MB); the cache starts over past it
 
 
-class _NotExact(Exception):
-    """The pattern leaves text between its matches, which the tokenizer keeps as pieces: it counts that text."""
-
-
 class TokenCounter:
     """``len(tokenizer(text, add_special_tokens=False).input_ids)`` for each text, the same numbers faster."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
-        self._backend = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
-        plan = _byte_level_plan(json.loads(self._backend.to_str())) if self._backend is not None else None
+        backend = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
+        plan = _byte_level_plan(json.loads(backend.to_str())) if backend is not None else None
         self.fast = plan is not None
         self._pattern, self._special, self._normalized = plan or (None, None, None)
-        self._cache: dict[str, int] = {}
-        self.texts_counted_fast = 0  # how many texts skipped the tokenizer (tests check the path is taken)
+        self._pre_tokenize = backend.pre_tokenizer.pre_tokenize_str if backend is not None else None
+        self._bpe = backend.model.tokenize if backend is not None else None
+        # Token counts by ASCII pre-token, and by pre-token as the tokenizer's pre-tokenizer gives it (mapped bytes).
+        self._by_piece: dict[str, int] = {}
+        self._by_mapped_piece: dict[str, int] = {}
+        self.texts_by_pattern = self.texts_by_pre_tokenizer = 0  # which path counted how many (tests check both)
 
     def count(self, texts: list[str]) -> list[int]:
-        counts: list[int | None] = [self._count_fast(text) for text in texts]
-        rest = [i for i, n in enumerate(counts) if n is None]
-        if rest:
-            encoded = self.tokenizer([texts[i] for i in rest], add_special_tokens=False)["input_ids"]
-            for i, ids in zip(rest, encoded, strict=True):
-                counts[i] = len(ids)
-        self.texts_counted_fast += len(texts) - len(rest)
-        return counts  # pyright: ignore[reportReturnType]  (every None was filled above)
+        if not self.fast:
+            return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        if len(self._by_piece) + len(self._by_mapped_piece) > CACHE_LIMIT:
+            self._by_piece.clear()
+            self._by_mapped_piece.clear()
+        return [self._count(text) for text in texts]
 
     def prompt_lengths(self, prompts: list[Messages]) -> list[int]:
         """Token counts of ``encode_prompts``: the chat-templated prompt with its generation prompt."""
@@ -70,34 +69,46 @@ class TokenCounter:
             raise ValueError("the tokenizer has no EOS token; completions must end with one")
         return [n + 1 for n in self.count([completion_text(c) for c in completions])]
 
-    def _count_fast(self, text: str) -> int | None:
-        if not self.fast or not text.isascii():
-            return None
-        if len(self._cache) > CACHE_LIMIT:
-            self._cache.clear()
-        try:
-            # Added tokens are matched first, special (unnormalized) ones before the others, as the tokenizer does.
-            return sum(self._after_special(part) if kind else 1 for kind, part in _split(self._special, text))
-        except _NotExact:
-            return None
+    def _count(self, text: str) -> int:
+        if text.isascii():
+            self.texts_by_pattern += 1
+            count_gap = self._ascii_gap
+        else:
+            self.texts_by_pre_tokenizer += 1
+            count_gap = self._pre_tokenized_gap
+        # Added tokens are matched first, special (unnormalized) ones before the others, as the tokenizer does.
+        total = 0
+        for is_gap, part in _split(self._special, text):
+            if not is_gap:
+                total += 1
+                continue
+            total += sum(count_gap(gap) if inner else 1 for inner, gap in _split(self._normalized, part))
+        return total
 
-    def _after_special(self, text: str) -> int:
-        return sum(self._plain(part) if kind else 1 for kind, part in _split(self._normalized, text))
-
-    def _plain(self, text: str) -> int:
-        pieces = self._pattern.findall(text)
+    def _ascii_gap(self, text: str) -> int:
+        pieces = self._pattern.findall(text)  # pyright: ignore[reportOptionalMemberAccess]
         if sum(map(len, pieces)) != len(text):
-            raise _NotExact  # the pattern leaves gaps: the tokenizer's own split decides
+            return self._pre_tokenized_gap(text)  # the pattern leaves gaps: the tokenizer's own split decides
         try:
-            return sum(map(self._cache.__getitem__, pieces))
+            return sum(map(self._by_piece.__getitem__, pieces))
         except KeyError:
-            return sum(map(self._piece, pieces))
+            return sum(map(self._ascii_piece, pieces))
 
-    def _piece(self, piece: str) -> int:
-        count = self._cache.get(piece)
+    def _ascii_piece(self, piece: str) -> int:
+        count = self._by_piece.get(piece)
         if count is None:  # BPE on the piece's bytes, in the byte-level alphabet, as the tokenizer runs it
-            count = self._cache[piece] = len(self._backend.model.tokenize(piece.translate(BYTE_LEVEL_ASCII)))  # pyright: ignore[reportOptionalMemberAccess]
+            count = self._by_piece[piece] = len(self._bpe(piece.translate(BYTE_LEVEL_ASCII)))  # pyright: ignore[reportOptionalCall]
         return count
+
+    def _pre_tokenized_gap(self, text: str) -> int:
+        """Any text: the tokenizer's own pre-tokenizer splits it, and each distinct piece is run through BPE once."""
+        total = 0
+        for piece, _ in self._pre_tokenize(text):  # pyright: ignore[reportOptionalCall]
+            count = self._by_mapped_piece.get(piece)
+            if count is None:
+                count = self._by_mapped_piece[piece] = len(self._bpe(piece))  # pyright: ignore[reportOptionalCall]
+            total += count
+        return total
 
 
 def _split(added: regex.Pattern | None, text: str):
