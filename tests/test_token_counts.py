@@ -61,7 +61,7 @@ UNICODE = [
 ]
 
 
-def _train(pre_tokenizer, normalizer=None) -> PreTrainedTokenizerFast:
+def _train(pre_tokenizer, normalizer=None, **options) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizer
@@ -71,7 +71,11 @@ def _train(pre_tokenizer, normalizer=None) -> PreTrainedTokenizerFast:
     )
     tok.train_from_iterator(CORPUS, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", chat_template=CHATML_TEMPLATE
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        chat_template=CHATML_TEMPLATE,
+        **options,
     )
 
 
@@ -88,6 +92,7 @@ def tokenizers(tmp_path_factory):
         "llama3-style": _train(llama3_style),
         "prefix-space": _train(pre_tokenizers.ByteLevel(add_prefix_space=True)),
         "normalizer": _train(pre_tokenizers.ByteLevel(add_prefix_space=False), normalizers.Lowercase()),
+        "split-special": _train(pre_tokenizers.ByteLevel(add_prefix_space=False), split_special_tokens=True),
     }
 
 
@@ -113,7 +118,7 @@ def test_byte_level_bpe_counts_equal_the_tokenizers(tokenizers, kind):
     assert (counter.texts_by_pattern, counter.texts_by_pre_tokenizer) == (len(ascii_texts), len(other))
 
 
-@pytest.mark.parametrize("kind", ["prefix-space", "normalizer"])
+@pytest.mark.parametrize("kind", ["prefix-space", "normalizer", "split-special"])
 def test_other_tokenizers_are_counted_by_the_tokenizer_itself(tokenizers, kind):
     tokenizer = tokenizers[kind]
     counter = TokenCounter(tokenizer)

@@ -41,7 +41,9 @@ class TokenCounter:
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
         backend = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
-        plan = _byte_level_plan(json.loads(backend.to_str())) if backend is not None else None
+        # split_special_tokens: special tokens in the text are encoded as text, not matched (transformers' option)
+        matches_special = backend is not None and not getattr(tokenizer, "split_special_tokens", False)
+        plan = _byte_level_plan(json.loads(backend.to_str())) if matches_special else None
         self.fast = plan is not None
         self._pattern, self._special, self._normalized = plan or (None, None, None)
         self._pre_tokenize = backend.pre_tokenizer.pre_tokenize_str if backend is not None else None
