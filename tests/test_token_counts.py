@@ -93,6 +93,7 @@ def tokenizers(tmp_path_factory):
         "prefix-space": _train(pre_tokenizers.ByteLevel(add_prefix_space=True)),
         "normalizer": _train(pre_tokenizers.ByteLevel(add_prefix_space=False), normalizers.Lowercase()),
         "split-special": _train(pre_tokenizers.ByteLevel(add_prefix_space=False), split_special_tokens=True),
+        "no-pre-tokenizer": _train(None),
     }
 
 
@@ -118,7 +119,7 @@ def test_byte_level_bpe_counts_equal_the_tokenizers(tokenizers, kind):
     assert (counter.texts_by_pattern, counter.texts_by_pre_tokenizer) == (len(ascii_texts), len(other))
 
 
-@pytest.mark.parametrize("kind", ["prefix-space", "normalizer", "split-special"])
+@pytest.mark.parametrize("kind", ["prefix-space", "normalizer", "split-special", "no-pre-tokenizer"])
 def test_other_tokenizers_are_counted_by_the_tokenizer_itself(tokenizers, kind):
     tokenizer = tokenizers[kind]
     counter = TokenCounter(tokenizer)

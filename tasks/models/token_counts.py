@@ -46,8 +46,9 @@ class TokenCounter:
         plan = _byte_level_plan(json.loads(backend.to_str())) if matches_special else None
         self.fast = plan is not None
         self._pattern, self._special, self._normalized = plan or (None, None, None)
-        self._pre_tokenize = backend.pre_tokenizer.pre_tokenize_str if backend is not None else None
-        self._bpe = backend.model.tokenize if backend is not None else None
+        self._pre_tokenize = self._bpe = None
+        if plan is not None and backend is not None:
+            self._pre_tokenize, self._bpe = backend.pre_tokenizer.pre_tokenize_str, backend.model.tokenize
         # Token counts by ASCII pre-token, and by pre-token as the tokenizer's pre-tokenizer gives it (mapped bytes).
         self._by_piece: dict[str, int] = {}
         self._by_mapped_piece: dict[str, int] = {}
