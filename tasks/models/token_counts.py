@@ -22,16 +22,14 @@ import regex
 from tokenizers import pre_tokenizers
 from transformers import PreTrainedTokenizerBase
 
-from creditflow.tasks.data.schema import Messages, completion_text
-from creditflow.tasks.models.tokenization import render_prompts
+from creditflow.tasks.data.schema import Messages
+from creditflow.tasks.models.tokenization import completion_texts, render_prompts
 
 # The pattern of the ByteLevel pre-tokenizer with ``use_regex``: GPT-2's (tokenizers' byte_level.rs).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # The byte-level alphabet's character for each ASCII byte (GPT-2's bytes_to_unicode), from the tokenizers library.
-BYTE_LEVEL_ASCII = {
-    byte: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(chr(byte))[0][0]
-    for byte in range(128)
-}
+_BYTE_LEVEL = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+BYTE_LEVEL_ASCII = {byte: _BYTE_LEVEL.pre_tokenize_str(chr(byte))[0][0] for byte in range(128)}
 CACHE_LIMIT = 200_000  # distinct pre-tokens kept (a few tens of MB); the cache starts over past it
 
 
@@ -44,7 +42,6 @@ class TokenCounter:
         # split_special_tokens: special tokens in the text are encoded as text, not matched (transformers' option)
         matches_special = backend is not None and not getattr(tokenizer, "split_special_tokens", False)
         plan = _byte_level_plan(json.loads(backend.to_str())) if matches_special else None
-        self.fast = plan is not None
         self._pattern, self._special, self._normalized = plan or (None, None, None)
         self._pre_tokenize = self._bpe = None
         if plan is not None and backend is not None:
@@ -53,6 +50,11 @@ class TokenCounter:
         self._by_piece: dict[str, int] = {}
         self._by_mapped_piece: dict[str, int] = {}
         self.texts_by_pattern = self.texts_by_pre_tokenizer = 0  # which path counted how many (tests check both)
+
+    @property
+    def fast(self) -> bool:
+        """Whether texts are counted from their pre-tokens (a byte-level BPE tokenizer), not by the tokenizer."""
+        return self._pattern is not None
 
     def count(self, texts: list[str]) -> list[int]:
         if not self.fast:
@@ -68,9 +70,7 @@ class TokenCounter:
 
     def completion_lengths(self, completions: list[Messages]) -> list[int]:
         """Token counts of ``encode_completions``: the completion text, then EOS."""
-        if self.tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token; completions must end with one")
-        return [n + 1 for n in self.count([completion_text(c) for c in completions])]
+        return [n + 1 for n in self.count(completion_texts(self.tokenizer, completions))]
 
     def _count(self, text: str) -> int:
         if text.isascii():

@@ -41,10 +41,15 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Messages]) 
     return tokenizer(render_prompts(tokenizer, prompts), add_special_tokens=False)["input_ids"]
 
 
-def encode_completions(tokenizer: PreTrainedTokenizerBase, completions: list[Messages]) -> list[list[int]]:
+def completion_texts(tokenizer: PreTrainedTokenizerBase, completions: list[Messages]) -> list[str]:
+    """The text each completion's ids encode, before the EOS that :func:`encode_completions` appends."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; completions must end with one")
-    texts = [completion_text(c) for c in completions]
+    return [completion_text(c) for c in completions]
+
+
+def encode_completions(tokenizer: PreTrainedTokenizerBase, completions: list[Messages]) -> list[list[int]]:
+    texts = completion_texts(tokenizer, completions)
     return [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
