@@ -8,6 +8,11 @@ steps. Speed is rollouts per second of wall time between the ends of consecutive
 ``--warmup``), each trainer in its own subprocess. TRL runs twice: with gradient checkpointing off, as ours (the
 like-for-like ratio), and with its default, on. TRL ships no PPOTrainer any more, so PPO has no baseline here.
 
+One more step after the timed ones runs under torch's FlopCounterMode and gives each trainer's matmul work per step
+(sampling, the frozen models' passes, forward and backward; attention scores, about 1% here, have no CPU formula and
+are left out). Its ratio, TRL's FLOPs over ours, is about the speed ratio that exact computation reaches when both run
+their FLOPs equally fast: past it, a trainer must run its matmuls faster per FLOP, not do fewer.
+
     .venv/bin/python bench/rl_speed.py [--algorithms rloo grpo] [--steps 8] [--prompts 8] [--k 4] [--max-new-tokens 32]
 """
 
@@ -23,6 +28,7 @@ import time
 from pathlib import Path
 
 from timing import trainer_step_times  # bench/timing.py, beside this script
+from torch.utils.flop_counter import FlopCounterMode
 
 from creditflow.flows.env import apply_defaults
 
@@ -60,30 +66,39 @@ def run_ours(args) -> list[float]:
         minibatches=1,
         kl_coef=0.05,
         learning_rate=1e-5,
-        epochs=args.steps,
-        max_steps=args.steps,
+        epochs=args.steps + 1,
+        max_steps=args.steps + 1,  # the last step counts FLOPs, untimed
         gold_scorer=None,
         sampling={"max_new_tokens": args.max_new_tokens, "batch_size": args.prompts},
     )
     ends: list[float] = []  # as TRL's: wall time between the ends of consecutive steps
+    counter = FlopCounterMode(display=False)
+
+    def on_step(step: int, _metrics) -> None:
+        ends.append(time.perf_counter())
+        count_flops(counter, step, args.steps)
+
     trainer = RLTrainer(
-        args.policy,
-        args.reward,
-        prompts(args.prompts * args.steps),
-        config,
-        progress=False,
-        on_step=lambda *_: ends.append(time.perf_counter()),
+        args.policy, args.reward, prompts(args.prompts * (args.steps + 1)), config, progress=False, on_step=on_step
     )
     ends.append(time.perf_counter())
     trainer.train()
-    return [b - a for a, b in zip(ends, ends[1:])]
+    return [b - a for a, b in zip(ends, ends[1:])][: args.steps], counter.get_total_flops()
+
+
+def count_flops(counter: FlopCounterMode, step: int, timed_steps: int) -> None:
+    """Enter ``counter`` after the last timed step, leave it after the one step it counts."""
+    if step == timed_steps:
+        counter.__enter__()
+    elif step == timed_steps + 1:
+        counter.__exit__(None, None, None)
 
 
 def run_trl(args) -> list[float]:
     import warnings
 
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     warnings.filterwarnings("ignore")
@@ -101,7 +116,7 @@ def run_trl(args) -> list[float]:
         num_iterations=1,
         beta=0.05,
         learning_rate=1e-5,
-        max_steps=args.steps,
+        max_steps=args.steps + 1,  # the last step counts FLOPs, untimed
         temperature=1.0,
         logging_steps=10**9,
         save_strategy="no",
@@ -112,18 +127,23 @@ def run_trl(args) -> list[float]:
         seed=0,
     )
     ends: list[float] = []
+    counter = FlopCounterMode(display=False)
+
+    class CountFlops(TrainerCallback):
+        def on_step_end(self, _args, state, *_, **__):
+            count_flops(counter, state.global_step, args.steps)
 
     trainer = Trainer(
         model=args.policy,
         reward_funcs=reward_model,
         args=config,
-        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts(args.prompts * args.steps)]),
+        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts(args.prompts * (args.steps + 1))]),
         processing_class=tokenizer,
         reward_processing_classes=reward_tokenizer,
-        callbacks=[trainer_step_times(ends)],
+        callbacks=[trainer_step_times(ends), CountFlops()],
     )
     trainer.train()
-    return [b - a for a, b in zip(ends, ends[1:])]
+    return [b - a for a, b in zip(ends, ends[1:])][: args.steps], counter.get_total_flops()
 
 
 def main() -> None:
@@ -141,8 +161,8 @@ def main() -> None:
     parser.add_argument("--reward", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trainer:
-        seconds = (run_ours if args.trainer == "ours" else run_trl)(args)
-        print(json.dumps({"trainer": args.trainer, "step_seconds": seconds}))
+        seconds, flops = (run_ours if args.trainer == "ours" else run_trl)(args)
+        print(json.dumps({"trainer": args.trainer, "step_seconds": seconds, "flops": flops}))
         return
 
     import torch
@@ -154,7 +174,7 @@ def main() -> None:
         f"{args.steps} steps ({args.warmup} left out); torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     for algorithm in args.algorithms:
-        results = {}
+        results, gflops = {}, {}
         runs = (("ours", "ours", []), ("trl", "trl", []), ("trl-gc", "trl", ["--trl-checkpointing"]))
         for name, trainer, extra in runs:
             command = [sys.executable, __file__, "--trainer", trainer, "--algorithm", algorithm, *extra]
@@ -170,13 +190,20 @@ def main() -> None:
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"{trainer} {algorithm} failed:\n{done.stderr[-4000:]}")
-            seconds = json.loads(done.stdout.strip().splitlines()[-1])["step_seconds"][args.warmup :]
-            results[name] = rollouts / statistics.median(seconds)
+            measured = json.loads(done.stdout.strip().splitlines()[-1])
+            results[name] = rollouts / statistics.median(measured["step_seconds"][args.warmup :])
+            gflops[name] = measured["flops"] / 1e9
         baseline = "GRPOTrainer" if algorithm == "grpo" else "RLOOTrainer"
         print(
             f"{algorithm:5} ours {results['ours']:5.1f} rollouts/s; TRL {baseline} {results['trl']:5.1f} with our "
             f"settings (gradient checkpointing off): {results['ours'] / results['trl']:.2f}x; "
             f"{results['trl-gc']:5.1f} with its default checkpointing on: {results['ours'] / results['trl-gc']:.2f}x",
+            flush=True,
+        )
+        print(
+            f"{'':5} matmul GFLOP per step: ours {gflops['ours']:.1f}, TRL {gflops['trl']:.1f} "
+            f"({gflops['trl'] / gflops['ours']:.2f}x ours), {gflops['trl-gc']:.1f} with checkpointing "
+            f"({gflops['trl-gc'] / gflops['ours']:.2f}x)",
             flush=True,
         )
 
