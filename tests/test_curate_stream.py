@@ -176,8 +176,13 @@ def test_each_prompts_group_is_the_first_seen_member_of_its_near_duplicate_chain
         assert index.add(ids[start : start + 5], sketch.signatures(prompts[start : start + 5])) == list(
             range(start, min(start + 5, len(prompts)))
         )
+    with pytest.raises(RuntimeError, match=r"groups before seal\(\)"):
+        index.groups()  # its files are still being written
     index.seal()
     assert index.groups().tolist() == [0, 1, 2, 3, 1, 5, 3, 1, 8]
+    assert list(index.prompt_ids()) == ids
+    with pytest.raises(RuntimeError, match=r"add after seal\(\)"):
+        index.add(ids[:1], sketch.signatures(prompts[:1]))
 
 
 def test_the_near_duplicate_rule_quarantines_later_copies_naming_the_kept_row(tmp_path):

@@ -101,6 +101,7 @@ class NearDuplicateIndex:
     def __init__(self, sketch: PromptSketch, signatures_path: Path):
         self.sketch = sketch
         self.count = 0
+        self.sealed = False
         self._index = CompactKeyMap(ID_BYTES)  # prompt id -> its index in order of first sight
         self._folder = signatures_path.parent
         self._path = signatures_path
@@ -113,6 +114,8 @@ class NearDuplicateIndex:
 
     def add(self, prompt_ids: list[str], signatures: np.ndarray) -> list[int]:
         """Each prompt's index; new prompts' signatures are kept (a prompt id always has the same signature)."""
+        if self.sealed:
+            raise RuntimeError("NearDuplicateIndex.add after seal(): the index is complete")
         keys = [bytes.fromhex(prompt_id) for prompt_id in prompt_ids]
         indices, new_rows = self._index.setdefault_many(keys, lambda _, n: self.count + n)
         if new_rows:
@@ -130,9 +133,15 @@ class NearDuplicateIndex:
         for file in (self._file, self._ids, *self._bands):
             file.close()
         del self._index
+        self.sealed = True
+
+    def _require_sealed(self, what: str) -> None:
+        if not self.sealed:  # before seal() the files may be partly written: the answer would be silently wrong
+            raise RuntimeError(f"NearDuplicateIndex.{what} before seal(): the index files are not complete")
 
     def prompt_ids(self) -> Iterator[str]:
         """Every distinct prompt id (hex), in order of first sight (after :meth:`seal`)."""
+        self._require_sealed("prompt_ids")
         if self.count == 0:  # an empty file cannot be mapped
             return iter(())
         raw = np.memmap(self._folder / "prompt_ids.bin", dtype=np.uint8, mode="r", shape=(self.count, ID_BYTES))
@@ -141,6 +150,7 @@ class NearDuplicateIndex:
     def groups(self) -> np.ndarray:
         """Each prompt's group: the index of the first-seen prompt of its near-duplicate component (after
         :meth:`seal`)."""
+        self._require_sealed("groups")
         n = self.count
         if n == 0:
             return np.zeros(0, dtype=np.int64)

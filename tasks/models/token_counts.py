@@ -59,9 +59,6 @@ class TokenCounter:
     def count(self, texts: list[str]) -> list[int]:
         if not self.fast:
             return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        if len(self._by_piece) + len(self._by_mapped_piece) > CACHE_LIMIT:
-            self._by_piece.clear()
-            self._by_mapped_piece.clear()
         return [self._count(text) for text in texts]
 
     def prompt_lengths(self, prompts: list[Messages]) -> list[int]:
@@ -73,6 +70,9 @@ class TokenCounter:
         return [n + 1 for n in self.count(completion_texts(self.tokenizer, completions))]
 
     def _count(self, text: str) -> int:
+        if len(self._by_piece) + len(self._by_mapped_piece) > CACHE_LIMIT:  # checked per text: one batch can be big
+            self._by_piece.clear()
+            self._by_mapped_piece.clear()
         if text.isascii():
             self.texts_by_pattern += 1
             count_gap = self._ascii_gap
