@@ -13,7 +13,11 @@ One more step after the timed ones runs under torch's FlopCounterMode and gives 
 are left out). Its ratio, TRL's FLOPs over ours, is about the speed ratio that exact computation reaches when both run
 their FLOPs equally fast: past it, a trainer must run its matmuls faster per FLOP, not do fewer.
 
+``--system-words N`` puts a system message of N words before every prompt, as real GRPO set-ups carry instructions
+and few-shot context; the k completions of a prompt share its tokens.
+
     .venv/bin/python bench/rl_speed.py [--algorithms rloo grpo] [--steps 8] [--prompts 8] [--k 4] [--max-new-tokens 32]
+        [--system-words 0]
 """
 
 from __future__ import annotations
@@ -37,9 +41,13 @@ apply_defaults()
 SAMPLE = Path(__file__).resolve().parents[1] / "creditflow" / "data" / "sample_preferences.jsonl"
 
 
-def prompts(n: int) -> list[list[dict]]:
+def prompts(n: int, system_words: int = 0) -> list[list[dict]]:
     rows = [json.loads(line) for line in open(SAMPLE)]
-    return [[{"role": "user", "content": row["prompt"]}] for row in rows[:n]]
+    system = []
+    if system_words:  # the same words for every prompt, from the sample's answers
+        words = " ".join(row["chosen"] for row in rows).split()
+        system = [{"role": "system", "content": " ".join(words[:system_words])}]
+    return [[*system, {"role": "user", "content": row["prompt"]}] for row in rows[:n]]
 
 
 def build_models(folder: Path) -> tuple[Path, Path]:
@@ -79,7 +87,12 @@ def run_ours(args) -> list[float]:
         count_flops(counter, step, args.steps)
 
     trainer = RLTrainer(
-        args.policy, args.reward, prompts(args.prompts * (args.steps + 1)), config, progress=False, on_step=on_step
+        args.policy,
+        args.reward,
+        prompts(args.prompts * (args.steps + 1), args.system_words),
+        config,
+        progress=False,
+        on_step=on_step,
     )
     ends.append(time.perf_counter())
     trainer.train()
@@ -137,7 +150,9 @@ def run_trl(args) -> list[float]:
         model=args.policy,
         reward_funcs=reward_model,
         args=config,
-        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts(args.prompts * (args.steps + 1))]),
+        train_dataset=Dataset.from_list(
+            [{"prompt": p} for p in prompts(args.prompts * (args.steps + 1), args.system_words)]
+        ),
         processing_class=tokenizer,
         reward_processing_classes=reward_tokenizer,
         callbacks=[trainer_step_times(ends), CountFlops()],
@@ -154,6 +169,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--system-words", type=int, default=0)
     parser.add_argument("--trainer", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--trl-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--algorithm", choices=["rloo", "grpo"], help=argparse.SUPPRESS)
@@ -166,12 +182,19 @@ def main() -> None:
         return
 
     import torch
+    from transformers import AutoTokenizer
+
+    from creditflow.tasks.models.tokenization import encode_prompts
 
     policy, reward = build_models(Path(tempfile.mkdtemp(prefix="bench-rl-")))
     rollouts = args.prompts * args.k
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    sample = prompts(args.prompts * args.steps, args.system_words)
+    prompt_tokens = statistics.mean(map(len, encode_prompts(tokenizer, sample)))
     print(
-        f"tiny Llama (4 layers, hidden 256), {args.prompts} prompts x k={args.k}, {args.max_new_tokens} new tokens, "
-        f"{args.steps} steps ({args.warmup} left out); torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"tiny Llama (4 layers, hidden 256), {args.prompts} prompts x k={args.k} (prompts of {prompt_tokens:.0f} "
+        f"tokens on average), {args.max_new_tokens} new tokens, {args.steps} steps ({args.warmup} left out); "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     for algorithm in args.algorithms:
         results, gflops = {}, {}
@@ -186,6 +209,8 @@ def main() -> None:
                 str(args.k),
                 "--max-new-tokens",
                 str(args.max_new_tokens),
+                "--system-words",
+                str(args.system_words),
             ]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
