@@ -15,7 +15,7 @@ from __future__ import annotations
 import string
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from creditflow.tasks.config_base import (
     PRECISION_MODES,
@@ -360,9 +360,9 @@ class RolloutSampling(SamplingConfig):
     backend: Literal["hf"] = Field(
         "hf", description="hf only: rollouts come from the policy being trained (on Ray actors with compute: ray)."
     )
-    temperature: float = Field(1.0, ge=0, allow_inf_nan=False, description="1: sample from the policy itself.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int = Field(0, ge=0, description="0: sample from the whole vocabulary (the policy itself).")
+    temperature: float = Field(1.0, ge=0, allow_inf_nan=False, description="1 only: sample from the policy itself.")
+    top_p: float = Field(1.0, gt=0, le=1, description="1 only: the whole nucleus.")
+    top_k: int = Field(0, ge=0, description="0 only: sample from the whole vocabulary (the policy itself).")
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per rollout.")
     batch_size: int = Field(
         16,
@@ -371,6 +371,20 @@ class RolloutSampling(SamplingConfig):
         "(rl.batch_size / compute.workers keeps every worker busy).",
     )
     max_prompts: int | None = Field(None, ge=1, description="First N train-split prompts to train on.")
+
+    @field_validator("temperature", "top_p", "top_k")
+    @classmethod
+    def _from_the_policy_itself(cls, value: float, info: ValidationInfo) -> float:
+        # The ratio, the KL and the entropy use the policy's own probabilities (T = 1, the whole vocabulary): a
+        # tempered or truncated sampler would make every rollout off-policy, and T = 0 makes the k samples of a
+        # prompt identical, so group advantages are all 0.
+        neutral = 0 if info.field_name == "top_k" else 1
+        if value != neutral:
+            raise ValueError(
+                f"online RL samples from the policy itself: {info.field_name} must be {neutral} (got {value}), "
+                "as the policy gradient's log-probs are the untempered policy's"
+            )
+        return value
 
 
 class RewardFunction(StrictConfig):
@@ -429,7 +443,7 @@ class RLConfig(TrainingConfig):
     samples_per_prompt: int = Field(1, ge=1, description="Rollouts per prompt (k); RLOO needs k >= 2.")
     ppo_epochs: int = Field(2, ge=1, description="Passes over each iteration's rollouts.")
     minibatches: int = Field(2, ge=1, description="Optimizer steps per pass.")
-    clip_range: float = Field(0.2, gt=0, allow_inf_nan=False, description="Ratio clip epsilon (below 1).")
+    clip_range: float = Field(0.2, gt=0, lt=1, allow_inf_nan=False, description="Ratio clip epsilon (below 1).")
     clip_range_high: float | None = Field(
         None, gt=0, allow_inf_nan=False, description="Ratio clip above 1 (DAPO's clip-higher: 0.28); null: clip_range."
     )
@@ -518,6 +532,9 @@ class RLConfig(TrainingConfig):
             raise ValueError("rl.reward_source 'function' and rl.credit_function go together")
         if self.reward_model_weight == 0 and "abc" in self.reward_source:
             raise ValueError(f"rl.reward_source {self.reward_source!r} spreads the RM's score: reward_model_weight > 0")
+        if self.kl_target is not None and self.kl_coef == 0:
+            # The adaptive controller scales the coefficient: from 0 it stays 0, and the target would do nothing.
+            raise ValueError("rl.kl_target needs rl.kl_coef > 0 (the controller adapts kl_coef by a factor)")
         rollouts = self.batch_size * self.samples_per_prompt
         if rollouts < self.minibatches * self.grad_accum:
             raise ValueError(

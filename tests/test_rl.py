@@ -284,6 +284,14 @@ def test_bad_configs_are_clear():
         RLConfig(reward_model_weight=0.0, reward_source="abc", reward_functions=["test_rl:good_word_reward"])
     with pytest.raises(ValueError, match="expected 'package.module:function'"):
         RLConfig(reward_functions=["no_colon"])
+    # Rollouts come from the policy itself: its log-probs are the untempered, untruncated policy's.
+    for knob, value, neutral in (("temperature", 0.7, 1), ("temperature", 0.0, 1), ("top_p", 0.9, 1), ("top_k", 5, 0)):
+        with pytest.raises(ValueError, match=rf"sampling\.{knob}\n.*{knob} must be {neutral} \(got {value}\)"):
+            RLConfig(sampling={knob: value})
+    with pytest.raises(ValueError, match=r"rl.kl_target needs rl.kl_coef > 0"):
+        RLConfig(kl_target=6.0, kl_coef=0.0)
+    with pytest.raises(ValueError, match=r"clip_range\n.*less than 1"):
+        RLConfig(clip_range=1.5)
     spec = RLConfig(reward_functions=["test_rl:good_word_reward", {"function": "m:f", "weight": 2.0}])
     assert [(f.function, f.weight) for f in spec.reward_functions] == [("test_rl:good_word_reward", 1.0), ("m:f", 2.0)]
 
@@ -575,8 +583,13 @@ def test_abc_rollouts_the_reward_model_cannot_see_get_the_sparse_reward_counted_
     assert history[0]["abc_fallback_fraction"] == 1.0
     assert "8 of 8 rollouts got the sparse reward" in caplog.text
     rewards, _ = _scored(trainer, trainer.rewards, trainer._rollouts(1))
-    assert rewards.fallbacks == len(rewards.scores) and all(not c.any() for c in rewards.credit)
-    assert all(rewards.token_rewards(i)[-1] == s for i, s in enumerate(rewards.scores))
+    assert rewards.fallbacks == len(rewards.scores)
+    # Each one's credit is its whole reward on its last token: it sums to the reward, as spread credit does (GRPO
+    # normalizes the credit over the group), and PPO's and RLOO's token rewards hold it once.
+    for i, score in enumerate(rewards.scores):
+        assert not rewards.credit[i][:-1].any() and rewards.credit[i][-1] == pytest.approx(score, abs=1e-6)
+        assert rewards.token_rewards(i)[-1] == pytest.approx(score, abs=1e-6)
+        assert float(rewards.token_rewards(i).sum()) == pytest.approx(score, abs=1e-6)
 
 
 def test_abc_refuses_a_reward_model_whose_template_rewrites_the_response(model_dir, reward_dir, tmp_path):

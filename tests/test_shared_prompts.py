@@ -130,6 +130,25 @@ def test_final_states_are_each_rows_last_token(lm64):
         torch.testing.assert_close(final_states(lm64.base_model, groups), last, rtol=0, atol=1e-10)
 
 
+def test_sampling_ignores_the_checkpoints_own_sampling_defaults(tiny_lm_dir, tiny_lm):
+    """A generation_config.json with a repetition penalty and a minimum length (as hub checkpoints ship) changes
+    nothing: the samples are the SamplingConfig's alone (RL rollouts must come from the policy itself)."""
+    tokenizer = load_tokenizer(str(tiny_lm_dir))
+    prompts = [[{"role": "user", "content": t}] for t in ("the quick brown fox", "a helpful", "the lazy dog jumps")]
+    sampling = SamplingConfig(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8, seed=5, batch_size=3)
+    plain = sample_token_ids(tiny_lm, tokenizer, prompts, 4, sampling, progress=False)
+    shipped = tiny_lm.generation_config
+    tiny_lm.generation_config = copy.deepcopy(shipped)
+    tiny_lm.generation_config.repetition_penalty = 5.0
+    tiny_lm.generation_config.min_new_tokens = 8
+    try:
+        with_defaults = sample_token_ids(tiny_lm, tokenizer, prompts, 4, sampling, progress=False)
+        assert tiny_lm.generation_config.repetition_penalty == 5.0  # put back after sampling
+    finally:
+        tiny_lm.generation_config = shipped
+    assert [r.completions for r in with_defaults] == [r.completions for r in plain]
+
+
 def test_sampling_k_per_prompt_gives_generates_own_samples(tiny_lm_dir, tiny_lm):
     """One prefill per prompt, then generate(): the same tokens as generate(num_return_sequences=k)."""
     tokenizer = load_tokenizer(str(tiny_lm_dir))

@@ -179,6 +179,9 @@ class TokenRewards:
             texts = [assistant(rollouts[i].text) for i in sparse]
             for i, value in zip(sparse, score_pairs(self.rm, self.rm_tokenizer, prompts, texts, self.max_length, 16)):
                 raw[i] = value
+                if self.abc:  # its credit is its reward on the last token, so it still sums to it (GRPO reads it)
+                    out.credit[i][-1] += weight * value
+                    out.spread[i] = weight * value
         values = [float(v) if v is not None else math.nan for v in raw]  # every row is scored by now
         out.parts["reward_model"] = values
         out.scores = [s + weight * v for s, v in zip(out.scores, values)]

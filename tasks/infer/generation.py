@@ -11,12 +11,15 @@ samples the same tokens whichever process runs it, and :func:`generate` can spre
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from creditflow.tasks.config_base import ComputeConfig, SamplingConfig
 from creditflow.tasks.data.schema import Messages
@@ -141,13 +144,14 @@ def _sample_shard(model, tokenizer, prompts: list[Messages], k: int, sampling: S
         for start in tqdm(range(0, len(texts), step), desc="sampling", disable=not progress, leave=False):
             batch = tokenizer(texts[start : start + step], return_tensors="pt", padding=True, add_special_tokens=False)
             batch = batch.to(device)
-            output = model.generate(
-                **_shared_prompts(model, batch, k),
-                **decoding,
-                max_new_tokens=sampling.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                use_cache=True,
-            )
+            with _only_special_tokens(model):
+                output = model.generate(
+                    **_shared_prompts(model, batch, k),
+                    **decoding,
+                    max_new_tokens=sampling.max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    use_cache=True,
+                )
             width = batch["input_ids"].shape[1]
             for row, ids in enumerate(batch["input_ids"].tolist()):
                 prompt_ids = ids[width - int(batch["attention_mask"][row].sum()) :]
@@ -156,6 +160,23 @@ def _sample_shard(model, tokenizer, prompts: list[Messages], k: int, sampling: S
     finally:
         tokenizer.padding_side = side
     return results
+
+
+@contextmanager
+def _only_special_tokens(model) -> Iterator[None]:
+    """generate() fills every setting a call leaves out from the model's generation_config.json, and checkpoints
+    ship sampling defaults there (a repetition penalty, min_new_tokens, ...). Those would change what is sampled
+    past what the SamplingConfig says (and make RL rollouts come from another distribution than the policy's), so
+    during the call the model keeps only its special token ids."""
+    owner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model's transformers model
+    saved = owner.generation_config
+    owner.generation_config = GenerationConfig(
+        bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id
+    )
+    try:
+        yield
+    finally:
+        owner.generation_config = saved
 
 
 def _shared_prompts(model, batch, k: int) -> dict:

@@ -59,8 +59,9 @@ and experiments/scripts/rlhf_*.py, read at commit 0a08591):
   stopped), whatever the reward model's tokenization of the text.
 - Truncation. The official code right-aligns a truncated attention map onto the response. Here the reward model
   sees the conversation cut from the left (the response is kept); response tokens it could not see get no
-  attention share, and a response it sees no token of (empty, or truncated away) gets the sparse reward; the share
-  of such rollouts is logged as ``abc_fallback_fraction`` and warned about.
+  attention share, and a response it sees no token of (empty, or truncated away) gets the sparse reward (its
+  credit is then r on its last token, so it still sums to r); the share of such rollouts is logged as
+  ``abc_fallback_fraction`` and warned about.
 - Trainer. The official code uses TRL 0.7.4's PPOTrainer (adaptive KL from 0.2 towards 6, gamma 1, lam 0.95,
   vf_coef 0.1, no reward whitening); the defaults here are a fixed kl_coef 0.05 (``kl_target`` turns the same
   adaptive controller on), gamma 1, lam 0.95, vf_coef 0.1, and the same clip ranges (0.2).
