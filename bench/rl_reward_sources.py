@@ -32,9 +32,8 @@ RL_SETTINGS = dict(  # LoRA PPO on SmolLM2: equal for every source, only reward_
     minibatches=2,
     kl_coef=0.05,
     lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-    # top_k 50: what the recorded table used (transformers' implicit default before rl.top_k existed; rl now samples
-    # the whole vocabulary by default).
-    sampling={"max_new_tokens": 24, "batch_size": 16, "temperature": 1.0, "top_p": 1.0, "top_k": 50},
+    # T = 1 over the whole vocabulary, the only rollouts rl accepts (the recorded table sampled with top_k 50).
+    sampling={"max_new_tokens": 24, "batch_size": 16},
     contrastive_template="guideline",  # the preset the recorded table used
     gold_scorer="vader",
 )
