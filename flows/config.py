@@ -128,8 +128,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         path = Path(path)
         try:
-            data = parse_yaml(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+            data = parse_yaml(path.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(f"{path}: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
@@ -164,17 +164,25 @@ _TYPE_NAMES = {
 
 def _describe(error: dict[str, Any]) -> str:
     """One pydantic error as ``key.path: message``, in the words of the old hand-written checks."""
-    loc = [part for part in error["loc"] if not (isinstance(part, str) and part.startswith("function-"))]
-    # Union members show up as extra loc parts ("str", "list[str]", "SourceConfig"); drop them.
-    loc = [part for part in loc if not (isinstance(part, str) and (part[:1].isupper() or "[" in part or part == "str"))]
-    where = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(loc)) or "config"
     kind, value = error["type"], error.get("input")
+    loc = list(error["loc"])
+    # An unknown key ends the loc as the user wrote it, even "Seed": only the parts before it can be union members.
+    unknown = [loc.pop()] if kind == "extra_forbidden" else []
+    loc = [part for part in loc if not _union_member(part)] + unknown
+    where = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(loc)) or "config"
     if kind == "extra_forbidden":
         return f"{where}: unknown key (known: {', '.join(_known_keys(loc[:-1]))})"
     if kind in _TYPE_NAMES:
         return f"{where}: expected {_TYPE_NAMES[kind]}, got {type(value).__name__} {value!r}"
     message = error["msg"].removeprefix("Value error, ")
     return message if not loc or message.startswith(where) else f"{where}: {message}"
+
+
+def _union_member(part: Any) -> bool:
+    """A loc part pydantic adds for a union member or validator ("str", "list[str]", "SourceConfig", "function-...")."""
+    return isinstance(part, str) and (
+        part[:1].isupper() or part == "str" or "[" in part or part.startswith("function-")
+    )
 
 
 def _known_keys(loc: list[Any]) -> list[str]:
@@ -203,8 +211,11 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
     files = [(s, "path") for s in (sources if isinstance(sources, list) else []) if isinstance(s, dict)]
     benchmarks = curate.get("decontaminate") if isinstance(curate, dict) else None
     files += [(benchmarks, i) for i in range(len(benchmarks))] if isinstance(benchmarks, list) else []
-    for holder, key in [*files, (data.get("audit"), "probe"), (data.get("evaluate"), "lm_eval_include_path")]:
-        path = holder[key] if isinstance(holder, list) else holder.get(key) if isinstance(holder, dict) else None
+    # A section that is not a mapping is left as it is, for validate() to name.
+    sections = [(data.get("audit"), "probe"), (data.get("evaluate"), "lm_eval_include_path")]
+    files += [(section, key) for section, key in sections if isinstance(section, dict)]
+    for holder, key in files:
+        path = holder[key] if isinstance(holder, list) else holder.get(key)
         if isinstance(path, str) and not Path(path).expanduser().is_absolute():
             holder[key] = str((base / path).resolve())
     # A model key also takes hub ids (org/name) and named models: only ./ or ../ marks a relative folder.

@@ -171,12 +171,21 @@ def _unused_token_sources(cfg: PipelineConfig) -> set[str]:
 
 def _rl_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     """The reference, and the source file of each user reward or credit function (an edit to it changes the
-    rewards)."""
+    rewards) and of a plugin gold scorer (it scores the logged rollouts)."""
     specs = {f"rl.reward_functions[{i}]": spec.function for i, spec in enumerate(cfg.rl.reward_functions)}
     if cfg.rl.credit_function:
         specs["rl.credit_function"] = cfg.rl.credit_function
     functions = {spec: _module_source_digest(key, spec) for key, spec in specs.items()}
-    return {**_reference_inputs(cfg), **({"reward_functions": functions} if functions else {})}
+    return {
+        **_reference_inputs(cfg),
+        **({"reward_functions": functions} if functions else {}),
+        **_gold_scorer_inputs("rl.gold_scorer", cfg.rl.gold_scorer),
+    }
+
+
+def _gold_scorer_inputs(key: str, spec: str | None) -> dict[str, str]:
+    """A plugin gold scorer's source file; the built-in 'vader' is code the stage already hashes."""
+    return {} if spec in (None, "vader") else {"gold_scorer": _module_source_digest(key, spec)}
 
 
 def _module_source_digest(key: str, spec: str) -> str:
@@ -196,8 +205,9 @@ def _token_rewards_inputs(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def _evaluate_inputs(cfg: PipelineConfig) -> dict[str, Any]:
-    """The judge model, and for capability checks the harness's version and the user's task files."""
-    inputs: dict[str, Any] = {}
+    """The judge model, a plugin gold scorer's source, and for capability checks the harness's version and the user's
+    task files."""
+    inputs: dict[str, Any] = _gold_scorer_inputs("evaluate.gold_scorer", cfg.evaluate.gold_scorer)
     if cfg.evaluate.judge:
         inputs["judge"] = _model_digest("evaluate.judge", cfg.evaluate.judge)
     if cfg.evaluate.lm_eval_tasks:

@@ -187,7 +187,10 @@ class ArtifactStore:
         """
         grant_umask_permissions(writer.dir)
         outputs = {}
-        for path in sorted(p for p in writer.dir.rglob("*") if p.is_file()):
+        for path in sorted(writer.dir.rglob("*")):
+            _fsync_path(path)  # on disk (a subfolder: its entries) before the manifest vouches for it
+            if not path.is_file():
+                continue
             rel = str(path.relative_to(writer.dir))
             outputs[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         for name, rows in writer.row_counts.items():
@@ -214,6 +217,7 @@ class ArtifactStore:
             handle.flush()
             os.fsync(handle.fileno())
         os.rename(tmp_manifest, writer.dir / MANIFEST)
+        _fsync_path(writer.dir)
 
         final = self.path(stage, fingerprint)
         with self.lock(stage, fingerprint):
@@ -227,6 +231,7 @@ class ArtifactStore:
                 shutil.rmtree(trash, ignore_errors=True)
             else:
                 os.rename(writer.dir, final)
+            _fsync_path(final.parent)  # the rename itself survives a crash
         return manifest
 
     def sweep_stale_tmp(self, stage: str) -> int:
@@ -240,6 +245,20 @@ class ArtifactStore:
         for trash in (self.root / stage).glob(".trash-*"):
             shutil.rmtree(trash, ignore_errors=True)
         return removed
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file's bytes, or a folder's entries, to disk. A folder is best effort: Windows cannot open one, and
+    some file systems refuse to sync one."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
 
 
 def _pid_alive(pid: int) -> bool:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,8 @@ class ShardResults:
     def write(self, index: int, inputs: Any, rows: list) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self._path(index)
-        tmp = path.with_name(f".tmp-{path.name}")
+        # Two runs of one fingerprint may finish the same shard at once: each writes its own file, the last rename wins.
+        tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
         with open(tmp, "w", encoding="utf-8") as handle:
             json.dump({"inputs": sha256_json(inputs), "rows": rows}, handle)
             handle.flush()

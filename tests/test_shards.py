@@ -58,6 +58,21 @@ def test_finished_shards_are_reused_and_a_changed_or_corrupted_shard_is_recomput
     assert files[0].stat().st_mtime_ns == stamps[0] and files[1].stat().st_mtime_ns != stamps[1]
 
 
+def test_two_runs_finishing_one_shard_at_once_each_write_their_own_temporary_file(tmp_path):
+    store = ShardResults(tmp_path, "samples")
+
+    class FinishedMeanwhile:
+        """Shard inputs whose hashing (inside our write) lets another run of the fingerprint write the shard."""
+
+        def __str__(self):
+            store.write(0, "inputs", ["theirs"])
+            return "inputs"
+
+    store.write(0, FinishedMeanwhile(), ["ours"])
+    assert store.read(0, "inputs") == ["ours"]  # the last rename wins, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["samples-00000.json"]
+
+
 def test_resumable_map_computes_only_missing_shards(tmp_path):
     store = ShardResults(tmp_path, "squares")
     store.write(1, [3, 4], [9, 16])

@@ -1,6 +1,7 @@
 """Artifact store, catalog, fingerprints and config: no Prefect server needed."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -58,6 +59,27 @@ def test_publish_is_atomic_and_manifest_describes_outputs(tmp_path):
     assert store.load("curate", "a" * 24) == manifest
     assert store.read_table(manifest, "pairs").column("x").to_pylist() == [1, 2]
     assert not list((tmp_path / "curate").glob(".tmp-*"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names each fsynced fd through /proc")
+def test_publish_syncs_outputs_and_folders_to_disk(tmp_path, monkeypatch):
+    """After an OS crash a manifest must not vouch for outputs still in the page cache: publish fsyncs every output
+    and folder before the manifest goes in, and the stage folder after the rename."""
+    synced, fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    store = ArtifactStore(tmp_path)
+    writer = store.writer("policy", "a" * 24)
+    writer.write_table("train_log", pa.table({"x": [1]}))
+    (writer.dir / "model").mkdir()
+    (writer.dir / "model" / "model.safetensors").write_bytes(b"weights")
+    manifest = store.publish(writer, stage="policy", fingerprint="a" * 24, inputs={}, config={}, code_version="v")
+    assert store.file(manifest, "model/model.safetensors").read_bytes() == b"weights"
+    assert {"train_log.parquet", "model", "model.safetensors", writer.dir.name, "policy"} <= set(synced)
 
 
 def test_digest_depends_on_content_only(tmp_path):
@@ -245,6 +267,61 @@ def test_config_errors_name_the_key_and_paths_resolve_against_the_file(tmp_path)
     config.write_text("- not a mapping\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(config)
+
+
+def test_an_unknown_capitalised_key_is_named_with_its_sections_known_keys(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("policy: {Seed: 1}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: policy\.Seed: unknown key \(known: batch_size, .*seed"):
+        load_config(config)
+
+
+def test_a_section_given_as_a_list_is_a_config_error(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("audit: [x]\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: audit: expected a mapping, got list"):
+        load_config(config)
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_bytes(b"experiment: caf\xe9\n")  # Latin-1
+    with pytest.raises(ConfigError, match=r"c\.yaml: 'utf-8' codec can't decode"):
+        load_config(config)
+
+
+def test_a_plugin_gold_scorers_source_is_in_the_evaluate_and_rl_fingerprints(tmp_path, tiny_lm_dir, monkeypatch):
+    """The gold scorer writes the gold scores of evaluate's generations and rl's logged rollouts."""
+    from creditflow.flows.registry import STAGES
+
+    (tmp_path / "my_gold.py").write_text("def score(prompts, completions):\n    return [1.0] * len(completions)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    store = ArtifactStore(tmp_path / "artifacts")
+    upstream = {stage: publish_artifact(store, stage, "0" * 24, {}) for stage in STAGES}
+
+    def fingerprint(stage, scorer):
+        cfg = load_config(None, {"reference_model": str(tiny_lm_dir), f"{stage}.gold_scorer": scorer})
+        return plan_stage(stage, cfg, upstream).fingerprint
+
+    before = {stage: fingerprint(stage, "my_gold:score") for stage in ("evaluate", "rl")}
+    (tmp_path / "my_gold.py").write_text("def score(prompts, completions):\n    return [0.5] * len(completions)\n")
+    for stage, old in before.items():
+        assert fingerprint(stage, "my_gold:score") != old
+    default = load_config(None, {"reference_model": str(tiny_lm_dir)})  # gold_scorer: vader, the stage's own code
+    assert not any("gold_scorer" in plan_stage(stage, default, upstream).inputs for stage in before)
+
+
+def test_model_fingerprint_covers_the_generation_config(tmp_path):
+    """Sampled answers end at its EOS ids."""
+    from creditflow.tasks.models.resolve import model_fingerprint
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    without = model_fingerprint(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    with_eos_2 = model_fingerprint(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    assert len({without, with_eos_2, model_fingerprint(tmp_path)}) == 3
 
 
 def test_code_version_is_the_source_as_first_hashed_in_this_process(tmp_path, monkeypatch):

