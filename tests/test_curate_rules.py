@@ -201,6 +201,25 @@ def test_score_rule_quarantines_nan_and_infinite_scores(tmp_path):
     ]
 
 
+def test_score_rule_quarantines_integers_beyond_float_range(tmp_path):
+    path = tmp_path / "huge.jsonl"
+    lines = [json.dumps(r) for r in GOOD]
+    lines.append(
+        '{"prompt": "Q1?", "chosen": "a", "rejected": "b", "score_chosen": ' + "9" * 400 + ', "score_rejected": 0}'
+    )
+    lines.append(
+        '{"prompt": "Q2?", "chosen": "a", "rejected": "b", "score_chosen": 1, "score_rejected": -' + "9" * 400 + "}"
+    )
+    path.write_text("\n".join(lines) + "\n")
+    result = curate(CurateConfig(sources=[SourceConfig(path=str(path))]), progress=False)
+    assert_accounted(result)
+    only_counts(result, score=2)
+    assert [(q["source_row"], q["field"], q["reason"]) for q in quarantined(result)] == [
+        ("line 4", "score_chosen", "score_chosen is inf"),
+        ("line 5", "score_rejected", "score_rejected is -inf"),
+    ]
+
+
 def test_lone_surrogates_are_a_named_row_problem_and_quarantine_cleanly(tmp_path):
     path = tmp_path / "surrogate.jsonl"
     bad = '{"prompt": "Q?", "chosen": "bad \\ud800 text", "rejected": "No.", "score_chosen": 1, "score_rejected": 0}'

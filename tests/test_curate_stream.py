@@ -16,7 +16,7 @@ import pytest
 from creditflow.tasks.configs import CurateConfig, CurateRules, SourceConfig
 from creditflow.tasks.data.formats import MalformedInputError
 from creditflow.tasks.data.schema import ID_BYTES
-from creditflow.tasks.data.similarity import NearDuplicateIndex, PromptSketch, words
+from creditflow.tasks.data.similarity import NUM_PERM, NearDuplicateIndex, PromptSketch, words
 from creditflow.tasks.models.tiny import build_tiny_tokenizer
 from creditflow.tasks.recipes import curate as curate_module
 from creditflow.tasks.recipes.curate import curate
@@ -183,6 +183,25 @@ def test_each_prompts_group_is_the_first_seen_member_of_its_near_duplicate_chain
     assert list(index.prompt_ids()) == ids
     with pytest.raises(RuntimeError, match=r"add after seal\(\)"):
         index.add(ids[:1], sketch.signatures(prompts[:1]))
+
+
+@pytest.mark.parametrize("order", ["ABC", "ACB"])
+def test_near_duplicates_in_one_bucket_link_whatever_lies_between_them(tmp_path, order):
+    """A, B and C share band 0's key; A and C agree on most positions, B on few with either. Sorted by key, B can
+    sit between A and C: they must still be compared."""
+    sketch = PromptSketch(0.8)
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 2**32, (2, NUM_PERM), dtype=np.uint32)
+    b[: sketch.rows] = a[: sketch.rows]  # band 0 alike, the rest unlike
+    c = a.copy()
+    c[np.arange(1, sketch.bands) * sketch.rows] ^= 1  # one position off in every other band: no other key shared
+    assert np.mean(a == c) >= sketch.threshold > max(np.mean(a == b), np.mean(b == c))
+    signatures = {"A": a, "B": b, "C": c}
+    index = NearDuplicateIndex(sketch, tmp_path / "signatures.bin")
+    index.add([f"{i:0{2 * ID_BYTES}x}" for i in range(3)], np.stack([signatures[name] for name in order]))
+    index.seal()
+    group = dict(zip(order, index.groups().tolist()))
+    assert group == {"A": 0, "B": order.index("B"), "C": 0}
 
 
 def test_the_near_duplicate_rule_quarantines_later_copies_naming_the_kept_row(tmp_path):

@@ -829,3 +829,82 @@ def test_row_total_counts_what_read_rows_yields(tmp_path):
     gzipped = tmp_path / "d.jsonl.gz"
     gzipped.write_bytes(_compress("gzip", path.read_bytes()))
     assert row_total(SourceConfig(path=str(gzipped))) is None  # unknown without decompressing it
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Edge cases of the file formats
+
+
+def test_a_zstd_file_cut_inside_its_last_frame_is_damaged_data(tmp_path):
+    import zstandard
+
+    frames = [
+        zstandard.ZstdCompressor().compress("".join(json.dumps(row) + "\n" for row in rows).encode())
+        for rows in (EXPLICIT_ROWS, [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(500)])
+    ]
+    whole = tmp_path / "whole.jsonl.zst"
+    whole.write_bytes(b"".join(frames))
+    assert len(load(SourceConfig(path=str(whole)))) == 502  # every frame is read
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(b"".join(frames)[:-20])
+    with pytest.raises(
+        MalformedInputError, match=r"cut.jsonl.zst: line \d+: damaged zstd data \(.*ends inside a frame"
+    ):
+        list(read_rows(SourceConfig(path=str(cut)))[1])
+
+
+def test_csv_cells_holding_json_lists_that_are_not_messages_stay_text(tmp_path):
+    path = tmp_path / "lists.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["prompt", "chosen", "rejected"])
+        writer.writerow(["Who is listed?", '[{"name": "ann"}, {"name": "bob"}]', json.dumps([A("Nobody.")])])
+        writer.writerow(["Q?", json.dumps([A("Fine."), {"role": "assistant"}]), "No."])  # one message short: text
+    assert load(SourceConfig(path=str(path))) == [
+        ("row 1", [U("Who is listed?")], [A('[{"name": "ann"}, {"name": "bob"}]')], [A("Nobody.")], None, None),
+        ("row 2", [U("Q?")], [A(json.dumps([A("Fine."), {"role": "assistant"}]))], [A("No.")], None, None),
+    ]
+
+
+def test_a_csv_starting_with_a_byte_order_mark_keeps_every_cell_text(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeffchosen,prompt,rejected\n4,What is 2+2?,5\n".encode())
+    columns, rows = read_rows(SourceConfig(path=str(path)))
+    assert columns == ["chosen", "prompt", "rejected"]
+    assert list(rows) == [("row 1", {"chosen": "4", "prompt": "What is 2+2?", "rejected": "5"})]
+
+
+def test_a_csv_row_longer_than_a_megabyte_is_read(tmp_path):
+    path = tmp_path / "long.csv"
+    answer = "word " * 600_000  # 3 MB
+    path.write_text(f"prompt,chosen,rejected\nshort?,fine,no\nlong?,{answer},no\nlast?,yes,no\n")
+    assert [row["chosen"] for _, row in read_rows(SourceConfig(path=str(path)))[1]] == ["fine", answer, "yes"]
+
+
+def test_a_byte_order_mark_starting_a_jsonl_or_json_file_is_skipped(tmp_path):
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(row) + "\n" for row in EXPLICIT_ROWS).encode())
+    as_json = tmp_path / "bom.json"
+    as_json.write_bytes(b"\xef\xbb\xbf" + json.dumps(EXPLICIT_ROWS).encode())
+    for path in (jsonl, as_json):
+        assert [row[1:4] for row in load(SourceConfig(path=str(path)))] == EXPLICIT_EXPECTED, path.name
+
+
+def test_an_integer_too_long_to_read_is_invalid_json_naming_file_and_line(tmp_path):
+    path = tmp_path / "long_int.jsonl"
+    bad = '{"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": ' + "9" * 5000 + "}"
+    path.write_text(json.dumps(EXPLICIT_ROWS[0]) + "\n" + bad + "\n")
+    with pytest.raises(MalformedInputError, match=r"long_int.jsonl: line 2: invalid JSON \(an integer of too many"):
+        list(read_rows(SourceConfig(path=str(path)))[1])
+
+
+def test_json_shard_errors_name_the_shard(tmp_path):
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "0.json").write_text(json.dumps(EXPLICIT_ROWS))
+    (part / "1.json").write_text('[\n{"prompt": "p", "chosen": \n]')
+    with pytest.raises(MalformedInputError, match=r"part: 1.json line 3: invalid JSON"):
+        list(read_rows(SourceConfig(path=str(part)))[1])
+    (part / "1.json").write_text(json.dumps(EXPLICIT_ROWS[0]))
+    with pytest.raises(MalformedInputError, match=r"part: 1.json: a .json file must hold a list"):
+        list(read_rows(SourceConfig(path=str(part)))[1])

@@ -17,6 +17,7 @@ as a ``MalformedInputError`` naming the line/row (strict) or quarantines.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -188,4 +189,7 @@ def _score(row: dict[str, Any], field: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RowProblem(field, f"expected a number, got {type(value).__name__}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float range: infinite, as JSON reads 1e400
+        return math.inf if value > 0 else -math.inf

@@ -14,6 +14,7 @@ File-level damage (unparseable JSON, a missing column, an unreadable or truncate
 from __future__ import annotations
 
 import bz2
+import codecs
 import csv
 import glob
 import gzip
@@ -40,6 +41,10 @@ COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zstd")
 SCORE_COLUMNS = ("score_chosen", "score_rejected")  # the only CSV cells read as numbers
 BUILTIN = {"sample": "sample_preferences.jsonl"}
 TABLE_BATCH_ROWS = 4096
+# pyarrow parses a CSV a block at a time and refuses a row longer than a block: its default, 1 MiB, is less than
+# one long answer can take. A block's rows still become Python objects TABLE_BATCH_ROWS at a time.
+CSV_BLOCK_BYTES = 64 << 20
+ZSTD_READ_BYTES = 1 << 16  # compressed bytes decompressed at a time
 
 _MAGIC = {
     b"\x1f\x8b": "gzip",
@@ -111,8 +116,51 @@ def open_binary(path: Path, kind: str | None) -> IO[bytes]:
     if kind == "xz":
         return lzma.open(path, "rb")
     if kind == "zstd":
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        return io.BufferedReader(_ZstdFrames(path))
     return open(path, "rb")
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of every frame of a zstd file. zstandard's ``stream_reader`` stops without a word
+    where a truncated file ends inside a frame; this raises ``ZstdError`` there, as gzip, bz2 and lzma do."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "rb")
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame = self._decompressor.decompressobj()
+        self._in_frame = False  # some of the current frame was read, not yet its end
+        self._pending = memoryview(b"")  # decompressed, not yet returned
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            chunk = self._file.read(ZSTD_READ_BYTES)
+            if not chunk:
+                if self._in_frame:
+                    raise zstandard.ZstdError("the file ends inside a frame (truncated)")
+                return 0
+            self._pending = memoryview(self._decompress(chunk))
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        output = []
+        while chunk:
+            output.append(self._frame.decompress(chunk))
+            self._in_frame = not self._frame.eof
+            if self._in_frame:
+                break
+            chunk = self._frame.unused_data  # the next frame's start
+            self._frame = self._decompressor.decompressobj()  # one object decodes one frame
+        return b"".join(output)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -277,14 +325,20 @@ def _decode_line(raw: bytes, label: str, location: str) -> str:
         ) from None
 
 
-def _parse_json(text: str, label: str, location: str | None) -> Any:
+def _parse_json(text: str, label: str, location: str | None, prefix: str = "") -> Any:
+    """``location`` names a JSONL line; None for a whole .json file, whose errors name the line in it after
+    ``prefix`` (the shard) where they can."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        where = location or f"line {exc.lineno}"
-        raise MalformedInputError(label, where, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+        line = location or f"{prefix}line {exc.lineno}"
+        raise MalformedInputError(label, line, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except ValueError:  # plain, without a position: an integer longer than Python converts
+        problem = "invalid JSON (an integer of too many digits to convert)"
+        raise MalformedInputError(label, location or prefix.strip() or None, None, problem) from None
     except RecursionError:
-        raise MalformedInputError(label, location, None, "JSON nested too deeply to be a preference row") from None
+        problem = "JSON nested too deeply to be a preference row"
+        raise MalformedInputError(label, location or prefix.strip() or None, None, problem) from None
 
 
 def _jsonl_rows(path: Path, kind: str | None, label: str, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -301,6 +355,8 @@ def _jsonl_rows(path: Path, kind: str | None, label: str, prefix: str) -> Iterat
                 return
             number += 1
             location = f"{prefix}line {number}"
+            if number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # Windows tools start UTF-8 text with one
             line = _decode_line(raw, label, location)
             if not line.strip():
                 continue
@@ -316,17 +372,17 @@ def _json_rows(path: Path, kind: str | None, label: str, prefix: str) -> Iterato
             raw = handle.read()
     except _DAMAGED as exc:
         raise MalformedInputError(label, prefix.strip() or None, None, f"damaged {kind} data ({exc})") from None
+    raw = raw.removeprefix(codecs.BOM_UTF8)  # Windows tools start UTF-8 text with one
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         problem = f"not UTF-8 text (byte {raw[exc.start]:#04x})"
         raise MalformedInputError(label, f"{prefix}line {line}", None, problem) from None
-    data = _parse_json(text, label, None)
+    data = _parse_json(text, label, None, prefix)
     if not isinstance(data, list):
-        raise MalformedInputError(
-            label, None, None, "a .json file must hold a list of row objects (use .jsonl for one object per line)"
-        )
+        problem = "a .json file must hold a list of row objects (use .jsonl for one object per line)"
+        raise MalformedInputError(label, prefix.strip() or None, None, problem)
     for number, row in enumerate(data, start=1):
         if not isinstance(row, dict):
             problem = f"expected an object, got {type(row).__name__}"
@@ -348,8 +404,8 @@ def _csv_rows(path: Path, kind: str | None, label: str, prefix: str):
     """Every cell as text (bytes here, decoded per cell so a bad byte is named by row and field), except the score
     columns, which are numbers: type inference would read an answer "4" as an int."""
     where = prefix.strip() or None
-    try:
-        with io.TextIOWrapper(open_binary(path, kind), encoding="utf-8", errors="replace", newline="") as text:
+    try:  # utf-8-sig: pyarrow drops a byte order mark, so the names must match without it
+        with io.TextIOWrapper(open_binary(path, kind), encoding="utf-8-sig", errors="replace", newline="") as text:
             header = next(csv.reader(text), None)
     except _DAMAGED as exc:
         raise MalformedInputError(label, where, None, f"damaged {kind} data ({exc})") from None
@@ -359,6 +415,7 @@ def _csv_rows(path: Path, kind: str | None, label: str, prefix: str):
     try:
         reader = pacsv.open_csv(
             handle,
+            read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
             parse_options=pacsv.ParseOptions(newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(column_types={name: pa.binary() for name in header}),
         )
@@ -381,12 +438,13 @@ def _batch_rows(
                 raise MalformedInputError(label, f"{prefix}after row {number}", None, f"unreadable ({exc})") from None
             if batch is None:
                 return
-            for row in batch.to_pylist():
-                number += 1
-                location = f"{prefix}row {number}"
-                if csv_cells:
-                    row = {k: _csv_cell(v, label, location, k) for k, v in row.items()}
-                yield location, row
+            for start in range(0, batch.num_rows, TABLE_BATCH_ROWS):  # a CSV block's batch can hold millions
+                for row in batch.slice(start, TABLE_BATCH_ROWS).to_pylist():
+                    number += 1
+                    location = f"{prefix}row {number}"
+                    if csv_cells:
+                        row = {k: _csv_cell(v, label, location, k) for k, v in row.items()}
+                    yield location, row
     finally:
         if close is not None:
             close.close()
@@ -394,7 +452,7 @@ def _batch_rows(
 
 def _csv_cell(value: Any, label: str, location: str, field: str) -> Any:
     """One CSV cell as text, a score as a number; CSV cannot hold lists, so a cell that is a JSON list of messages
-    is decoded."""
+    (objects with a role and content) is decoded. Any other JSON stays text: it may be the answer itself."""
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
@@ -410,11 +468,13 @@ def _csv_cell(value: Any, label: str, location: str, field: str) -> Any:
             return value  # not a number: the format's score check names it
     if isinstance(value, str) and value.lstrip().startswith("[{"):
         try:
-            return json.loads(value)
-        except json.JSONDecodeError:
+            decoded = json.loads(value)
+        except ValueError:
             return value
         except RecursionError:
             raise MalformedInputError(label, location, field, "JSON nested too deeply to be a preference row") from None
+        if all(isinstance(item, dict) and "role" in item and "content" in item for item in decoded):
+            return decoded  # non-empty: it starts with "[{"
     return value
 
 

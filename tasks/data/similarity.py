@@ -34,6 +34,7 @@ from creditflow.tasks.data.schema import ID_BYTES
 NUM_PERM = 128
 _PERM_CHUNK = 16
 _PAIR_CHUNK = 4096
+MAX_BUCKET_PAIRS_WINDOW = 64  # how many bucket neighbours each prompt is compared with (NearDuplicateIndex.groups)
 _MIX = tuple(np.uint64(m) for m in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9))  # odd 64-bit mixers
 SHINGLE_WORDS = 3
 _WORD = re.compile(r"\w+")
@@ -149,28 +150,39 @@ class NearDuplicateIndex:
 
     def groups(self) -> np.ndarray:
         """Each prompt's group: the index of the first-seen prompt of its near-duplicate component (after
-        :meth:`seal`)."""
+        :meth:`seal`).
+
+        Every pair of prompts in a band's bucket is compared (or already linked through near-duplicates between
+        them), so the groups do not depend on the order prompts came in. The bound: in a bucket of more than
+        ``MAX_BUCKET_PAIRS_WINDOW + 1`` prompts, each is compared with the next ``MAX_BUCKET_PAIRS_WINDOW`` only (in
+        order of first sight), which keeps the work linear in the prompts; such a bucket is in practice one
+        template's prompts, linked through those comparisons."""
         self._require_sealed("groups")
         n = self.count
         if n == 0:
             return np.zeros(0, dtype=np.int64)
         signatures = np.memmap(self._path, dtype=np.uint32, mode="r", shape=(n, NUM_PERM))
-        left, right = [], []
+        left, right = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
         for band in range(self.sketch.bands):
             keys = np.fromfile(self._band_path(band), dtype=np.uint64)
-            order = np.argsort(keys, kind="stable")
-            same = keys[order[1:]] == keys[order[:-1]]  # neighbours in one bucket: a chain through it
-            left.append(order[:-1][same])
-            right.append(order[1:][same])
+            order = np.argsort(keys, kind="stable")  # a bucket's prompts side by side, in order of first sight
+            keys = keys[order]
+            chained = np.zeros(n, dtype=bool)  # sorted position i is a near-duplicate of position i + 1
+            unchained = None  # how many positions before each are not chained to their next
+            for offset in range(1, MAX_BUCKET_PAIRS_WINDOW + 1):
+                start = np.flatnonzero(keys[offset:] == keys[:-offset])  # equal ends of a sorted run: one bucket
+                if len(start) == 0:
+                    break  # no bucket has more than `offset` prompts
+                if offset > 1:  # a pair joined through a chain of near-duplicate neighbours is in one group already
+                    if unchained is None:
+                        unchained = np.concatenate([np.zeros(1, np.int32), np.cumsum(~chained, dtype=np.int32)])
+                    start = start[unchained[start + offset] > unchained[start]]
+                start = start[self._similar(signatures, order[start], order[start + offset])]
+                if offset == 1:
+                    chained[start] = True
+                left.append(order[start])
+                right.append(order[start + offset])
         a, b = np.concatenate(left), np.concatenate(right)
-        if len(a):
-            agree = np.concatenate(  # a chunk of candidate pairs' signatures in memory at a time
-                [
-                    np.mean(signatures[a[i : i + _PAIR_CHUNK]] == signatures[b[i : i + _PAIR_CHUNK]], axis=1)
-                    for i in range(0, len(a), _PAIR_CHUNK)
-                ]
-            )
-            a, b = a[agree >= self.sketch.threshold], b[agree >= self.sketch.threshold]
         group = np.arange(n, dtype=np.int64)  # a prompt with no near-duplicate is its own group
         # The components of the linked prompts only: a graph over all n would cost several n-sized arrays.
         linked, ends = np.unique(np.concatenate([a, b]), return_inverse=True)  # linked is sorted
@@ -181,6 +193,13 @@ class NearDuplicateIndex:
         np.minimum.at(first, labels, linked)
         group[linked] = first[labels]
         return group
+
+    def _similar(self, signatures: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Whether each pair's signatures agree on at least ``threshold`` of their positions."""
+        agree = [np.zeros(0)]
+        for i in range(0, len(a), _PAIR_CHUNK):  # a chunk of pairs' signatures in memory at a time
+            agree.append(np.mean(signatures[a[i : i + _PAIR_CHUNK]] == signatures[b[i : i + _PAIR_CHUNK]], axis=1))
+        return np.concatenate(agree) >= self.sketch.threshold
 
 
 @dataclass(frozen=True)
