@@ -204,6 +204,19 @@ def test_near_duplicates_in_one_bucket_link_whatever_lies_between_them(tmp_path,
     assert group == {"A": 0, "B": order.index("B"), "C": 0}
 
 
+def test_a_bad_first_row_does_not_set_a_json_files_format(tmp_path):
+    """JSON has no header: the keys most of the first rows share are the columns, so a first row without its
+    prompt is the one row quarantined (or named), not the reason every row is read in another format."""
+    rows = [{"chosen": "a", "rejected": "b"}] + [_row(f"Question {i}?", "yes", "no") for i in range(3)]
+    path = _write_jsonl(tmp_path / "first_bad.jsonl", rows)
+    lenient = CurateConfig(sources=[SourceConfig(path=str(path))], rules=CurateRules(strict_schema=False))
+    result = curate(lenient, progress=False)
+    assert result.pairs.column("source_row").to_pylist() == ["line 2", "line 3", "line 4"]
+    assert [(q["source_row"], q["field"]) for q in result.quarantine.to_pylist()] == [("line 1", "prompt")]
+    with pytest.raises(MalformedInputError, match=r"line 1.*prompt"):
+        curate(CurateConfig(sources=[SourceConfig(path=str(path))]), progress=False)
+
+
 def test_the_near_duplicate_rule_quarantines_later_copies_naming_the_kept_row(tmp_path):
     rows = [_row(NEAR[0], "a", "b"), _row("An unrelated question about trains?", "c", "d")]
     rows += [_row(NEAR[1], "e", "f"), _row(NEAR[0], "g", "h"), _row(NEAR[2], "i", "j")]

@@ -282,3 +282,6 @@ def test_reward_bench_reports_accuracy_per_subset_for_any_reward_model(offline_h
     bad = ["rewards", "bench", str(tmp_path / "bad.jsonl"), "--model", "acme/tiny-rm", "-w", str(tmp_path / "ws")]
     result = cli.invoke(app, bad)
     assert result.exit_code != 0 and "bad.jsonl line 2, field 'chosen'" in result.output
+    _bench_file(tmp_path / "bad.jsonl", [rows[0], {"prompt": "Why?", "chosen": "Yes."}, rows[1]])
+    result = cli.invoke(app, bad)
+    assert result.exit_code != 0 and "bad.jsonl line 2: no field 'rejected'" in result.output

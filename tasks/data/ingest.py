@@ -23,6 +23,8 @@ import io
 import json
 import lzma
 import os
+from collections import Counter
+from itertools import chain, islice
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
@@ -41,6 +43,7 @@ COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zstd")
 SCORE_COLUMNS = ("score_chosen", "score_rejected")  # the only CSV cells read as numbers
 BUILTIN = {"sample": "sample_preferences.jsonl"}
 TABLE_BATCH_ROWS = 4096
+COLUMN_SAMPLE_ROWS = 100  # JSON rows whose keys stand for the columns: one bad row cannot set the file's format
 # pyarrow parses a CSV a block at a time and refuses a row longer than a block: its default, 1 MiB, is less than
 # one long answer can take. A block's rows still become Python objects TABLE_BATCH_ROWS at a time.
 CSV_BLOCK_BYTES = 64 << 20
@@ -272,10 +275,9 @@ def read_rows(source: SourceConfig) -> tuple[list[str], Iterator[tuple[str, dict
     rows = _limited(chained(), source.limit)
     if columns is not None:
         return columns, rows
-    first = next(rows, None)  # JSON: the first row's keys stand for the columns
-    if first is None:
-        return [], iter(())
-    return list(first[1]), _chain(first, rows)
+    head = list(islice(rows, COLUMN_SAMPLE_ROWS))  # JSON: the keys most of the first rows have are the columns
+    keys = Counter(key for _, row in head for key in row)
+    return [key for key, count in keys.items() if 2 * count > len(head)], chain(head, rows)
 
 
 def shard_rows(
@@ -302,11 +304,6 @@ def shard_rows(
         problem = f"columns {sorted(columns)} differ from the first shard's {sorted(first_columns)}"
         raise MalformedInputError(label, where, None, problem)
     return columns, rows
-
-
-def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    yield first
-    yield from rest
 
 
 def _limited(rows: Iterator[Any], limit: int | None) -> Iterator[Any]:

@@ -51,6 +51,9 @@ def read_bench(source: SourceConfig) -> list[BenchRow]:
     out = []
     for location, row in rows:
         where = f"{source.label} {location}"
+        lacking = [key for key in ("prompt", "chosen", "rejected") if key not in row]
+        if lacking:  # a JSON row lacking what most rows have
+            raise ValueError(f"{where}: no field {lacking[0]!r}")
         prompt = _messages(row["prompt"], "user", f"{where}, field 'prompt'")
         chosen, rejected = (_messages(row[k], "assistant", f"{where}, field {k!r}") for k in ("chosen", "rejected"))
         out.append(BenchRow(prompt, chosen, rejected, str(row.get("subset") or "all")))
