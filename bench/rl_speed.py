@@ -60,7 +60,7 @@ def build_models(folder: Path) -> tuple[Path, Path]:
     return policy, reward
 
 
-def run_ours(args) -> list[float]:
+def run_ours(args) -> tuple[list[float], int]:
     from creditflow.tasks.configs import RLConfig
     from creditflow.tasks.recipes.rl import RLTrainer
 
@@ -107,7 +107,7 @@ def count_flops(counter: FlopCounterMode, step: int, timed_steps: int) -> None:
         counter.__exit__(None, None, None)
 
 
-def run_trl(args) -> list[float]:
+def run_trl(args) -> tuple[list[float], int]:
     import warnings
 
     from datasets import Dataset
